@@ -115,6 +115,126 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
         click.echo(f"order        {list(plan.order)}")
 
 
+@main.command()
+@model_options
+@click.option("--window", "windows", multiple=True, help=f"Probe only these windows (repeatable). {WINDOW_CONVENTION}.")
+@click.option("--min-width", default=2, show_default=True, type=int, help="Smallest window width j-i.")
+@click.option("--max-width", default=None, type=int, help="Largest window width (default: all).")
+@click.option("--probes", default=None, help="Comma list of probes (default: all). See --list-probes.")
+@click.option("--list-probes", is_flag=True, help="List the probes and exit.")
+@click.option("--iterations", default=4, show_default=True, type=int, help="Iterates z_1..z_n of the block map.")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(), help="Prompt file (.txt: one per line; .jsonl: text field).")
+@click.option("--families", default=None, help="Comma list of shipped prompt families (default: all).")
+@click.option("--prompts-per-family", default=8, show_default=True, type=int, help="Prompts taken from each family.")
+@click.option("--max-tokens", default=48, show_default=True, type=int, help="Tokens kept per prompt.")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per batch.")
+@click.option("--kl-positions", default=4, show_default=True, type=int, help="Positions per prompt where logits are compared.")
+@click.option("--debiased-cka", is_flag=True, help="Use the debiased CKA estimator (Davari et al. 2022).")
+@click.option("--jacobian", type=click.Choice(["top", "all", "none"]), default="top", show_default=True, help="Windows that get the Jacobian spectrum: the top by score, all, or none.")
+@click.option("--jacobian-top", default=10, show_default=True, type=int, help="How many top windows get the Jacobian spectrum.")
+@click.option("--top-k", default=10, show_default=True, type=int, help="Windows in the short list, the table and the curves.")
+@click.option("--overlap", default=None, help="Two prompt families, e.g. math,reasoning: report their top-k overlap.")
+@click.option("--score-config", default=None, type=click.Path(), help="JSON overriding the score constants and class thresholds.")
+@click.option("--stats-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Arithmetic of the statistics.")
+@click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
+@click.option("--out", default=None, type=click.Path(), help="Run folder (default: runs/rank-<model>-<time>).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@handle_errors
+def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min_width: int, max_width: int | None,
+         probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
+         prompts_per_family: int, max_tokens: int, batch_size: int, kl_positions: int, debiased_cka: bool,
+         jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
+         stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool) -> None:
+    """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
+
+    Writes windows.csv/json (one row per window, every metric), summary.json, heatmaps (PNG) and
+    repeat-count curves of the top windows; prints the short list. Ctrl-C keeps finished windows;
+    continue with --resume --out DIR.
+    """
+    import datetime
+    import re
+    from pathlib import Path
+
+    from .models import load_model
+    from .probes import PROBES, ScoreConfig, select_probes
+    from .prompts import load_prompts
+    from .rank import RankSettings, rank_windows
+
+    if list_probes:
+        for name, probe in PROBES.items():
+            click.echo(f"{name:15s} {probe.description}")
+        click.echo(f"{'jacobian':15s} leading singular values of dT_B/dz by JVP/VJP power iteration (on --jacobian windows)")
+        return
+    settings = RankSettings(
+        windows=list(windows) or None, min_width=min_width, max_width=max_width,
+        probes=select_probes(_split(probes)) if probes else None, iterations=iterations, max_tokens=max_tokens,
+        batch_size=batch_size, kl_positions=kl_positions, debiased_cka=debiased_cka, jacobian=jacobian,
+        jacobian_top=jacobian_top, top_k=top_k, overlap_families=tuple(_split(overlap)), stats_dtype=stats_dtype, seed=seed,
+    )
+    settings.validate()
+    config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
+    prompts = load_prompts(families=_split(families) or None, path=prompts_file, limit_per_family=prompts_per_family)
+    if windows:
+        from .plan import Window
+
+        [Window.parse(w) for w in windows]
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
+        out = str(Path("runs") / f"rank-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn)
+    try:
+        result = rank_windows(
+            loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
+            progress=not no_progress, model_info={**loaded.info, "path": loaded.path},
+        )
+    except KeyboardInterrupt:
+        click.echo(f"rys-forge: interrupted; finished windows are kept. Continue with: rys-forge rank ... --resume --out {out}", err=True)
+        raise SystemExit(130) from None
+    _print_top(result, top_k)
+    timings = result.summary["timings"]
+    click.echo(
+        f"{result.summary['windows']} windows, {result.summary['prompts']['tokens']} prompt tokens; "
+        f"base pass {timings['base_pass_s']:.1f}s, windows {timings['windows_s']:.1f}s, "
+        f"jacobian {timings['jacobian_s']:.1f}s, total {timings['total_s']:.1f}s"
+    )
+    click.echo(f"classes: {result.summary['classes']}")
+    if "family_overlap" in result.summary:
+        fo = result.summary["family_overlap"]
+        click.echo(
+            f"top-{fo['k']} overlap {fo['families'][0]} vs {fo['families'][1]}: {fo['overlap']} "
+            f"(chance {fo['expected_by_chance']:.2f}, hypergeometric p={fo['p_value']:.2g})"
+        )
+    click.echo(f"run folder: {result.out_dir}")
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _print_top(result, top_k: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"top {top_k} windows by Score(B) (i:j = layers i..j-1)")
+    columns = [("window", "window"), ("score", "score"), ("class", "class"), ("CKA(x_i,x_j)", "cka_plateau"),
+               ("delta_0", "delta_0"), ("r_0", "r_0"), ("D_dec", "d_dec"), ("D_KL", "d_kl"), ("sigma_1(J)", "jac_sv_1")]
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+    for row in result.top(top_k):
+        table.add_row(*[_fmt(row.get(key)) for _, key in columns])
+    Console().print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.4g}"
+    return str(value)
+
+
 def _short_type(layer_type: str) -> str:
     return "F" if layer_type.startswith("full") else "S" if layer_type.startswith("sliding") else layer_type
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from rys_forge.errors import TaskError
+from .errors import TaskError
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -59,6 +59,7 @@ __all__ = [
     "CACHE_DIR_ENV",
     "DATA_DIR",
     "LOCAL_TASKS",
+    "LOCAL_TASK_NAMES",
     "OFFLINE_ENV_VARS",
     "SUITE_GROUP",
     "TEMPLATE_DIR",

@@ -1,0 +1,211 @@
+"""One cached base pass over a prompt set, and the block map `T_B` replayed from the cache.
+
+The base model runs once; forward pre-hooks record the residual stream entering every decoder layer
+(`x_0..x_{L-1}`), the stream entering the final norm (`x_L`), and the exact keyword arguments each
+layer received (attention masks per attention type, rotary position embeddings, position ids). The
+block map `T_B` for `B=[i,j)` then applies layers `i..j-1` to any `[B, T, d]` state with those same
+arguments, which is exactly what the repeated model does on a second visit (no KV cache involved).
+
+Statistics pool the valid tokens only: padding and special tokens (BOS, whose residual is the same for
+every prompt and often orders of magnitude larger) are excluded. Logits are only materialised at a
+fixed random subsample of positions (`kl_positions` per prompt): gemma's vocabulary has 262k entries,
+and the LM head over every token would cost ~30 decoder layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import ArchSpec, get_path, spec_for_model
+from .errors import PromptError
+
+
+@dataclass
+class CachedBatch:
+    """One padded batch of the base pass.
+
+    Attributes:
+        input_ids: `[B, T]` token ids (right-padded).
+        valid: `[B, T]` bool, True for tokens that enter statistics.
+        hidden: `L+1` tensors `[B, T, d]`: `hidden[l]` is `x_l`, the stream entering layer `l`
+            (`hidden[L]` enters the final norm).
+        layer_kwargs: per layer, the keyword arguments the base pass gave it.
+        kl_index: `[K, 2]` (row, position) pairs where logits are compared.
+        base_logprobs: `[K, V]` float32 log-probabilities of the base model at `kl_index`.
+        families: prompt family of each row.
+    """
+
+    input_ids: torch.Tensor
+    valid: torch.Tensor
+    hidden: list[torch.Tensor]
+    layer_kwargs: list[dict[str, Any]]
+    kl_index: torch.Tensor
+    base_logprobs: torch.Tensor | None
+    families: list[str]
+
+
+@dataclass
+class ActivationCache:
+    """The residual stream of a base pass, with everything needed to replay any block of layers."""
+
+    model: nn.Module
+    spec: ArchSpec
+    batches: list[CachedBatch]
+    num_layers: int
+    tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return get_path(self.model, self.spec.layers_path)
+
+    def pooled(self, layer: int) -> torch.Tensor:
+        """`x_layer` over all valid tokens: `[N, d]`."""
+        return torch.cat([b.hidden[layer][b.valid] for b in self.batches])
+
+    def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Pool per-batch states `[B, T, d]` (in batch order) to `[N, d]` over valid tokens."""
+        return torch.cat([s[b.valid] for s, b in zip(states, self.batches)])
+
+    def block(self, batch: CachedBatch, start: int, end: int, z: torch.Tensor) -> torch.Tensor:
+        """Apply base layers `start..end-1` to `z` (`[B, T, d]`) with the batch's base-pass arguments."""
+        layers = self.layers
+        for k in range(start, end):
+            out = layers[k](z, **batch.layer_kwargs[k])
+            z = out[0] if isinstance(out, tuple) else out
+        return z
+
+    def logprobs_from(self, batch: CachedBatch, start: int, z: torch.Tensor) -> torch.Tensor:
+        """Run layers `start..L-1` from `z` (the stream entering layer `start`), then the head at the
+        batch's KL positions; returns `[K, V]` float32 log-probabilities."""
+        z = self.block(batch, start, self.num_layers, z)
+        rows, cols = batch.kl_index[:, 0], batch.kl_index[:, 1]
+        return head_logprobs(self.model, self.spec, z[rows, cols])
+
+
+def head_logprobs(model: nn.Module, spec: ArchSpec, x_last: torch.Tensor) -> torch.Tensor:
+    """Final norm, LM head and (where the config has one) logit soft-capping on `[K, d]` states."""
+    logits = model.lm_head(get_path(model, spec.final_norm_path)(x_last)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _kl_positions(valid: torch.Tensor, per_row: int, generator: torch.Generator) -> torch.Tensor:
+    picks = []
+    for row in range(valid.shape[0]):
+        positions = valid[row].nonzero().flatten().cpu()
+        if per_row <= 0 or positions.numel() == 0:
+            continue
+        chosen = positions[torch.randperm(positions.numel(), generator=generator)[:per_row]]
+        picks.extend((row, int(p)) for p in chosen.sort().values)
+    return torch.tensor(picks, dtype=torch.long).reshape(-1, 2)
+
+
+@torch.no_grad()
+def cache_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    families: Sequence[str] | None = None,
+    max_tokens: int = 64,
+    batch_size: int = 16,
+    kl_positions: int = 4,
+    seed: int = 0,
+) -> ActivationCache:
+    """Run the base model once over `texts` and cache the residual stream and layer arguments.
+
+    Args:
+        model: a `*ForCausalLM` from the architecture table, without a plan applied.
+        tokenizer: its tokenizer.
+        texts: prompts; each is truncated to `max_tokens` tokens.
+        families: family label per prompt (for per-family analyses).
+        max_tokens: truncation length per prompt.
+        batch_size: prompts per padded batch (prompts are sorted by length to limit padding).
+        kl_positions: random valid positions per prompt where logits are compared (0: no KL).
+        seed: seed of the position subsample.
+
+    Raises:
+        PromptError: no prompt has a valid (non-special) token.
+    """
+    import time
+
+    if not texts:
+        raise PromptError("no prompts to probe with")
+    spec = spec_for_model(model)
+    layers = get_path(model, spec.layers_path)
+    num_layers = len(layers)
+    device = next(model.parameters()).device
+    families = list(families) if families is not None else ["prompts"] * len(texts)
+    encoded = tokenizer(
+        list(texts), truncation=True, max_length=max_tokens, return_special_tokens_mask=True, add_special_tokens=True
+    )
+    order = sorted(range(len(texts)), key=lambda k: len(encoded["input_ids"][k]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[CachedBatch] = []
+    started = time.perf_counter()
+
+    captured: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            rest["past_key_values"] = None
+            rest["use_cache"] = False
+            captured[index] = (hidden.detach(), rest)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, layer in enumerate(layers)]
+    norm = get_path(model, spec.final_norm_path)
+    handles.append(norm.register_forward_pre_hook(lambda m, args: captured.__setitem__(num_layers, (args[0].detach(), {}))))
+    try:
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            length = max(len(encoded["input_ids"][k]) for k in rows)
+            ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            valid = torch.zeros((len(rows), length), dtype=torch.bool)
+            for r, k in enumerate(rows):
+                seq = encoded["input_ids"][k]
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+                valid[r, : len(seq)] = ~torch.tensor(encoded["special_tokens_mask"][k], dtype=torch.bool)
+            captured.clear()
+            # The decoder alone: no full-vocabulary logits for every token.
+            get_path(model, spec.layers_path.rsplit(".", 1)[0])(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            )
+            kl_index = _kl_positions(valid, kl_positions, generator).to(device)
+            hidden = [captured[k][0] for k in range(num_layers + 1)]
+            base = None
+            if kl_index.numel():
+                base = head_logprobs(model, spec, hidden[num_layers][kl_index[:, 0], kl_index[:, 1]])
+            batches.append(
+                CachedBatch(
+                    input_ids=ids,
+                    valid=valid.to(device),
+                    hidden=hidden,
+                    layer_kwargs=[captured[k][1] for k in range(num_layers)],
+                    kl_index=kl_index,
+                    base_logprobs=base,
+                    families=[families[k] for k in rows],
+                )
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    cache = ActivationCache(model=model, spec=spec, batches=batches, num_layers=num_layers)
+    cache.tokens = int(sum(b.valid.sum() for b in batches))
+    if cache.tokens == 0:
+        raise PromptError("the prompts contain no tokens besides special tokens")
+    cache.timings["base_pass_s"] = time.perf_counter() - started
+    return cache

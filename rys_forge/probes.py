@@ -1,0 +1,371 @@
+"""Per-window probes from the seeds, a registry to pick them by name, and the RYS score.
+
+For a window `B=[i,j)` the trajectory is `z_0 = x_i`, `z_{n+1} = T_B(z_n)` (`z_1` is the cached `x_j`,
+free). Every probe reads a `Trajectory` and returns flat, named numbers; `rys-forge rank --probes`
+picks a subset (`list_probes()` names them). The score is
+
+    Score(B) = P * A * S * D
+    P = exp(-alpha * (1 - CKA(x_i, x_j)))                  plateau
+    A = delta_0 / (delta_0 + c)                           activity
+    S = exp(-beta * max(0, r_0 - 1))                      stability
+    D = exp(-gamma * D_dec - eta * D_KL)                  decoder tolerance
+
+with constants in `ScoreConfig` (JSON-overridable). The defaults are priors chosen from the seeds'
+Goldilocks conditions and the scale of these quantities on the built-in models, not fitted to any
+benchmark; `rys-forge calibrate` (sweep + validate) is the way to fit them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import metrics
+from .activations import ActivationCache
+from .errors import UsageError
+
+Numbers = dict[str, float]
+
+
+@dataclass
+class ScoreConfig:
+    """Constants of `Score(B)` and of the window classes. Override any subset from a JSON file.
+
+    Attributes:
+        alpha: plateau sharpness on `1 - CKA(x_i, x_j)`.
+        c: activity half-saturation on `delta_0` (A = 1/2 at delta_0 = c).
+        beta: stability penalty per unit of `r_0` above 1.
+        gamma: decoder-tolerance weight on `D_dec = 1 - CKA(z_2, x_j)`.
+        eta: weight on `D_KL` (nats per token).
+        plateau_max: windows with `1 - CKA(x_i, x_j)` above this are off the plateau (class `off-plateau`).
+        inert_cka: inert if `1 - CKA(x_i, x_j)` is below this ...
+        inert_delta: ... and `delta_0` is below this.
+        epsilon: refinement requires `r_0 <= 1 + epsilon`.
+        kl_max: fragile when `D_KL` exceeds this.
+    """
+
+    alpha: float = 5.0
+    c: float = 0.1
+    beta: float = 3.0
+    gamma: float = 5.0
+    eta: float = 0.5
+    plateau_max: float = 0.25
+    inert_cka: float = 0.01
+    inert_delta: float = 0.02
+    epsilon: float = 0.1
+    kl_max: float = 1.5
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ScoreConfig":
+        """Defaults overridden by the keys of a JSON object; unknown keys are an error."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"score config not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"score config {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"score config {path} must be a JSON object")
+        data = data.get("score", data)  # accept the calibrate output as well
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"_comment", "fitted_on"})
+        if unknown:
+            raise UsageError(f"score config {path}: unknown key '{unknown[0]}'; allowed: {', '.join(sorted(known))}")
+        values = {}
+        for key in known & set(data):
+            try:
+                values[key] = float(data[key])
+            except (TypeError, ValueError):
+                raise UsageError(f"score config {path}: '{key}' must be a number, got {data[key]!r}") from None
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class ProbeSettings:
+    """Knobs of the probes (not of the score)."""
+
+    iterations: int = 4
+    debiased_cka: bool = False
+    mmd_samples: int = 512
+    jacobian_k: int = 3
+    jacobian_iters: int = 12
+    stats_dtype: torch.dtype = torch.float64
+    seed: int = 0
+
+
+class Trajectory:
+    """`z_0..z_n` of one window on the cached prompts, computed lazily, pooled over selected tokens.
+
+    `restricted(family)` gives a view on one prompt family's tokens that shares the iterates (and the
+    per-position KL) with its parent, so per-family scores cost only the extra statistics.
+    """
+
+    def __init__(self, cache: ActivationCache, start: int, end: int, settings: ProbeSettings):
+        self.cache, self.start, self.end, self.settings = cache, start, end, settings
+        batches = cache.batches
+        self._states: list[list[torch.Tensor]] = [[b.hidden[start] for b in batches], [b.hidden[end] for b in batches]]
+        self._kl: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        self.selection = [b.valid for b in batches]
+        self.kl_keep = [torch.ones(b.kl_index.shape[0], dtype=torch.bool) for b in batches]
+        self._pooled: dict[int, torch.Tensor] = {}
+        self._cka: torch.Tensor | None = None
+
+    def restricted(self, family: str) -> "Trajectory":
+        """A view on the tokens of one prompt family (iterates shared)."""
+        view = Trajectory.__new__(Trajectory)
+        view.__dict__.update(self.__dict__)
+        view._pooled, view._cka, view._parent = {}, None, self
+        view.selection, view.kl_keep = [], []
+        for batch in self.cache.batches:
+            rows = torch.tensor([f == family for f in batch.families], device=batch.valid.device)
+            view.selection.append(batch.valid & rows[:, None])
+            view.kl_keep.append(rows[batch.kl_index[:, 0]].cpu() if batch.kl_index.numel() else torch.zeros(0, dtype=torch.bool))
+        return view
+
+    def states(self, n: int) -> list[torch.Tensor]:
+        """Per-batch `z_n` (`[B, T, d]` each), shared between views."""
+        while len(self._states) <= n:
+            previous = self._states[-1]
+            self._states.append(
+                [self.cache.block(b, self.start, self.end, z) for b, z in zip(self.cache.batches, previous)]
+            )
+        return self._states[n]
+
+    def z(self, n: int) -> torch.Tensor:
+        """`z_n` pooled over the selected tokens: `[N, d]`."""
+        if n not in self._pooled:
+            self._pooled[n] = torch.cat([s[m] for s, m in zip(self.states(n), self.selection)])
+        return self._pooled[n]
+
+    def cka(self) -> torch.Tensor:
+        """`[n+1, n+1]` CKA matrix between `z_0..z_n` (n = settings.iterations), computed once."""
+        if self._cka is None:
+            zs = [self.z(n) for n in range(self.settings.iterations + 1)]
+            self._cka = metrics.cka_matrix(zs, debiased=self.settings.debiased_cka, dtype=self.settings.stats_dtype)
+        return self._cka
+
+    def kl_per_position(self, visits: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(p_base || p_RYS) and top-1 agreement at the selected KL positions, for `visits` passes
+        through the block (2 = RYS). The tail pass runs once per trajectory; views reuse it."""
+        owner = getattr(self, "_parent", self)
+        cache_key = f"_kl_{visits}"
+        if not hasattr(owner, cache_key):
+            kls, agree = [], []
+            for batch, z in zip(self.cache.batches, self.states(visits)):
+                if batch.base_logprobs is None or not batch.kl_index.numel():
+                    kls.append(torch.zeros(0))
+                    agree.append(torch.zeros(0, dtype=torch.bool))
+                    continue
+                rys = self.cache.logprobs_from(batch, self.end, z)
+                base = batch.base_logprobs
+                kls.append((base.exp() * (base - rys)).sum(-1).cpu())
+                agree.append((base.argmax(-1) == rys.argmax(-1)).cpu())
+            setattr(owner, cache_key, (kls, agree))
+        kls, agree = getattr(owner, cache_key)
+        keep = self.kl_keep
+        return torch.cat([k[m] for k, m in zip(kls, keep)]), torch.cat([a[m] for a, m in zip(agree, keep)])
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A named probe: `fn(trajectory) -> {metric: value}`."""
+
+    name: str
+    fn: Callable[[Trajectory], Numbers]
+    description: str
+
+
+PROBES: dict[str, Probe] = {}
+
+
+def register_probe(name: str, description: str) -> Callable[[Callable[[Trajectory], Numbers]], Callable]:
+    """Decorator: add a probe to the registry under `name`."""
+
+    def wrap(fn: Callable[[Trajectory], Numbers]) -> Callable[[Trajectory], Numbers]:
+        PROBES[name] = Probe(name, fn, description)
+        return fn
+
+    return wrap
+
+
+def list_probes() -> list[str]:
+    """Registered probe names (including `jacobian`, which `rank` runs on a shortlist)."""
+    return list(PROBES) + ["jacobian"]
+
+
+def select_probes(names: list[str] | None) -> list[str]:
+    """Validate a probe subset (None = all)."""
+    if not names:
+        return list_probes()
+    unknown = [n for n in names if n not in list_probes()]
+    if unknown:
+        raise UsageError(f"unknown probe '{unknown[0]}'; available probes: {', '.join(list_probes())}")
+    return list(dict.fromkeys(names))
+
+
+@register_probe("update", "delta_n = ||z_{n+1}-z_n|| / ||z_n|| and r_n = delta_{n+1}/delta_n")
+def probe_update(t: Trajectory) -> Numbers:
+    n_max = t.settings.iterations
+    dtype = t.settings.stats_dtype
+    deltas = [metrics.relative_step(t.z(n), t.z(n + 1), dtype=dtype) for n in range(n_max)]
+    out = {f"delta_{n}": d for n, d in enumerate(deltas)}
+    out.update({f"r_{n}": _div(deltas[n + 1], deltas[n]) for n in range(n_max - 1)})
+    return out
+
+
+@register_probe("cka", "centred linear CKA: plateau CKA(x_i,x_j), CKA(z_{n+1},z_n), 1-CKA(z_n,z_0)")
+def probe_cka(t: Trajectory) -> Numbers:
+    m = t.cka()
+    n_max = t.settings.iterations
+    out = {"cka_plateau": float(m[0, 1])}
+    out.update({f"cka_step_{n}": float(m[n, n + 1]) for n in range(n_max)})
+    out.update({f"cka_drift_{n}": 1.0 - float(m[n, 0]) for n in range(1, n_max + 1)})
+    return out
+
+
+@register_probe("n2_fit", "least-squares fit of 1-CKA(z_n,z_0) = a n^2 + b n + c, and R^2 of pure a n^2")
+def probe_n2_fit(t: Trajectory) -> Numbers:
+    m = t.cka()
+    drift = [1.0 - float(m[n, 0]) for n in range(1, t.settings.iterations + 1)]
+    fit = metrics.quadratic_fit(drift)
+    return {"n2_a": fit.a, "n2_b": fit.b, "n2_c": fit.c, "n2_r2": fit.r2, "n2_a_pure": fit.a_pure, "n2_r2_pure": fit.r2_pure}
+
+
+@register_probe("residual_force", "rho = ||S_ij||/||x_i||, cos_phi = <x_i,S_ij>/(||x_i|| ||S_ij||), raw cosine")
+def probe_residual_force(t: Trajectory) -> Numbers:
+    force = metrics.residual_force(t.z(0), t.z(1), dtype=t.settings.stats_dtype)
+    return {"rho": force.rho, "cos_phi": force.cos_phi, "cos_raw": force.raw_cosine}
+
+
+@register_probe("stationarity", "second pass vs first: ||S1||/||S0|| and cos(S0, S1)")
+def probe_stationarity(t: Trajectory) -> Numbers:
+    stat = metrics.stationarity(t.z(0), t.z(1), t.z(2), dtype=t.settings.stats_dtype)
+    return {"stat_ratio": stat.norm_ratio, "stat_cos": stat.cosine}
+
+
+@register_probe("junction", "x_j against layer i's normal input x_i: RBF MMD^2 (median heuristic), Mahalanobis")
+def probe_junction(t: Trajectory) -> Numbers:
+    s = t.settings
+    mmd = metrics.mmd2_rbf(t.z(0), t.z(1), max_samples=s.mmd_samples, seed=s.seed, dtype=s.stats_dtype)
+    maha = metrics.mahalanobis_shift(t.z(0), t.z(1), seed=s.seed, dtype=s.stats_dtype)
+    return {
+        "mmd2": mmd.mmd2,
+        "mahalanobis": maha.mean_distance,
+        "mahalanobis_ref": maha.reference_mean_distance,
+    }
+
+
+@register_probe("decoder", "decoder tolerance D_dec = 1 - CKA(z_2, x_j)")
+def probe_decoder(t: Trajectory) -> Numbers:
+    return {"d_dec": 1.0 - float(t.cka()[2, 1])}
+
+
+@register_probe("kl", "D_KL = mean KL(p_base || p_RYS) of next-token distributions at sampled positions")
+def probe_kl(t: Trajectory) -> Numbers:
+    kl, agree = t.kl_per_position(2)
+    if not kl.numel():
+        return {}
+    return {"d_kl": float(kl.mean()), "d_kl_max": float(kl.max()), "top1_agree": float(agree.float().mean())}
+
+
+def jacobian_spectrum(
+    cache: ActivationCache, start: int, end: int, settings: ProbeSettings
+) -> Numbers:
+    """Leading singular values of `J_B = dT_B/dz` at `z_0 = x_i` on the cache's first batch.
+
+    Uses forward-mode AD (`torch.func.jvp`) and reverse-mode (`vjp`) only; run it with a math /
+    eager attention backend (fused attention kernels lack forward-mode AD).
+    """
+    batch = cache.batches[0]
+    z0 = batch.hidden[start]
+
+    def block(z: torch.Tensor) -> torch.Tensor:
+        return cache.block(batch, start, end, z)
+
+    spectrum = _with_math_attention(
+        lambda: metrics.top_singular_values(
+            block, z0, k=settings.jacobian_k, iters=settings.jacobian_iters, seed=settings.seed, tol=1e-4
+        )
+    )
+    out = {f"jac_sv_{n + 1}": float(v) for n, v in enumerate(spectrum.values)}
+    out["jac_iters"] = float(spectrum.iterations)
+    return out
+
+
+def _with_math_attention(fn: Callable[[], Any]) -> Any:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        return fn()
+    with sdpa_kernel(SDPBackend.MATH):
+        return fn()
+
+
+def score(row: dict[str, Any], config: ScoreConfig) -> Numbers:
+    """`P, A, S, D` and `score` from a window's metrics (NaN where an input probe was not run)."""
+    plateau = row.get("cka_plateau", math.nan)
+    delta_0, r_0 = row.get("delta_0", math.nan), row.get("r_0", math.nan)
+    d_dec, d_kl = row.get("d_dec", math.nan), row.get("d_kl", math.nan)
+    p = math.exp(-config.alpha * (1.0 - plateau))
+    a = delta_0 / (delta_0 + config.c)
+    s = math.exp(-config.beta * max(0.0, r_0 - 1.0)) if not math.isnan(r_0) else math.nan
+    d = math.exp(-config.gamma * d_dec - config.eta * d_kl)
+    return {"P": p, "A": a, "S": s, "D": d, "score": p * a * s * d}
+
+
+def classify(row: dict[str, Any], config: ScoreConfig) -> str:
+    """The seeds' classes: `inert`, `refinement`, `fragile` (for high-CKA windows), else `off-plateau`."""
+    drift = 1.0 - row.get("cka_plateau", math.nan)
+    delta_0, r_0 = row.get("delta_0", math.nan), row.get("r_0", math.nan)
+    d_kl = row.get("d_kl", 0.0)
+    if math.isnan(drift) or math.isnan(delta_0):
+        return "unknown"
+    if drift < config.inert_cka and delta_0 < config.inert_delta:
+        return "inert"
+    if drift > config.plateau_max:
+        return "off-plateau"
+    if (not math.isnan(r_0) and r_0 > 1.0 + config.epsilon) or d_kl > config.kl_max:
+        return "fragile"
+    return "refinement"
+
+
+SCORE_PROBES = ("update", "cka", "decoder", "kl")
+
+
+def probe_window(
+    cache: ActivationCache,
+    start: int,
+    end: int,
+    probes: list[str],
+    settings: ProbeSettings,
+    families: tuple[str, ...] = (),
+) -> Numbers:
+    """Run the selected per-window probes on `[start, end)`; returns one flat row of metrics.
+
+    For each of `families`, the score's inputs are also computed on that family's tokens alone and
+    stored as `<metric>@<family>`.
+    """
+    trajectory = Trajectory(cache, start, end, settings)
+    row: Numbers = {}
+    with torch.no_grad():
+        for name in probes:
+            if name in PROBES:
+                row.update(PROBES[name].fn(trajectory))
+        for family in families:
+            view = trajectory.restricted(family)
+            for name in SCORE_PROBES:
+                row.update({f"{k}@{family}": v for k, v in PROBES[name].fn(view).items()})
+    return row
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b not in (0.0,) and not math.isnan(b) else math.nan

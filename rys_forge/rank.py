@@ -1,0 +1,480 @@
+"""`rank`: one cached activation pass, every window probed, scored, classified, saved and plotted.
+
+Run folder (`--out`, default `runs/rank-<model>-<time>`):
+
+* `windows.jsonl`: one line per finished window, appended as it finishes (the resume log);
+* `windows.csv`, `windows.json`: the final table, one row per window with every metric;
+* `summary.json`: model, prompts, settings, score constants, library versions, timings, top-k,
+  self-check, layer CKA matrix, family overlap;
+* PNG heatmaps over i x j (score, KL, plateau CKA, delta_0, r_0), the layer CKA matrix, and
+  repeat-count curves of the top-k windows.
+
+An interrupted run keeps every finished window; `--resume` continues it after checking that the
+settings are the same. Final files are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import metrics, plots
+from .activations import ActivationCache, cache_activations
+from .architectures import spec_for_model
+from .errors import UsageError
+from .plan import WINDOW_CONVENTION, Window, all_windows
+from .probes import (
+    ProbeSettings,
+    ScoreConfig,
+    Trajectory,
+    classify,
+    jacobian_spectrum,
+    probe_window,
+    score,
+    select_probes,
+)
+from .prompts import Prompt
+
+HEATMAPS = {
+    "score": ("Score(B) = P*A*S*D", False, None),
+    "d_kl": ("D_KL: mean KL(base || RYS), nats/token", True, None),
+    "cka_plateau": ("plateau CKA(x_i, x_j)", False, None),
+    "delta_0": ("delta_0 = ||x_j - x_i|| / ||x_i||", True, None),
+    "r_0": ("r_0 = delta_1 / delta_0 (<1: contracting)", False, 1.0),
+}
+
+
+@dataclass
+class RankSettings:
+    """Everything that determines a rank run's numbers (stored in the run folder, checked on resume)."""
+
+    windows: list[str] | None = None
+    min_width: int = 2
+    max_width: int | None = None
+    probes: list[str] | None = None
+    iterations: int = 4
+    max_tokens: int = 48
+    batch_size: int = 16
+    kl_positions: int = 4
+    debiased_cka: bool = False
+    mmd_samples: int = 512
+    jacobian: str = "top"
+    jacobian_top: int = 10
+    jacobian_prompts: int = 2
+    jacobian_tokens: int = 24
+    jacobian_k: int = 3
+    jacobian_iters: int = 12
+    top_k: int = 10
+    overlap_families: tuple[str, ...] = ()
+    stats_dtype: str = "float64"
+    seed: int = 0
+
+    def probe_settings(self) -> ProbeSettings:
+        return ProbeSettings(
+            iterations=self.iterations,
+            debiased_cka=self.debiased_cka,
+            mmd_samples=self.mmd_samples,
+            jacobian_k=self.jacobian_k,
+            jacobian_iters=self.jacobian_iters,
+            stats_dtype={"float64": torch.float64, "float32": torch.float32}[self.stats_dtype],
+            seed=self.seed,
+        )
+
+    def validate(self) -> None:
+        if not 2 <= self.iterations <= 8:
+            raise UsageError(f"--iterations {self.iterations} is out of range; allowed 2..8 (z_2 is needed for r_0)")
+        if self.jacobian not in ("top", "all", "none"):
+            raise UsageError(f"--jacobian {self.jacobian!r}: choose top, all or none")
+        if self.stats_dtype not in ("float64", "float32"):
+            raise UsageError(f"--stats-dtype {self.stats_dtype!r}: choose float64 or float32")
+        for name in ("max_tokens", "batch_size", "top_k", "jacobian_prompts", "jacobian_tokens", "jacobian_k"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.overlap_families and len(self.overlap_families) != 2:
+            raise UsageError("--overlap takes exactly two prompt families, e.g. math,reasoning")
+
+
+@dataclass
+class RankResult:
+    """The ranked windows of one run (`rows` sorted by score, best first) and the run's summary."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+
+    def top(self, k: int = 10) -> list[dict[str, Any]]:
+        return self.rows[:k]
+
+    def to_dataframe(self) -> Any:
+        """The table as a pandas DataFrame (pandas comes with lm-eval)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+
+def select_windows(num_layers: int, settings: RankSettings) -> list[Window]:
+    """The windows a run probes: an explicit list, or every window within the width filters."""
+    if settings.windows:
+        chosen = sorted({Window.parse(w) for w in settings.windows})
+        for window in chosen:
+            window.validate(num_layers)
+        return chosen
+    windows = all_windows(num_layers, settings.min_width, settings.max_width)
+    if not windows:
+        raise UsageError(f"no window matches the width filters ({WINDOW_CONVENTION})")
+    return windows
+
+
+def _prompt_digest(prompts: Sequence[Prompt]) -> str:
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(f"{prompt.id}\x00{prompt.family}\x00{prompt.text}\x01".encode())
+    return digest.hexdigest()[:16]
+
+
+class RunFolder:
+    """A rank run's folder: settings fingerprint, append-only window log, atomic final files."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool):
+        self.path = Path(path)
+        self.log = self.path / "windows.jsonl"
+        settings_file = self.path / "run.json"
+        if self.path.exists() and any(self.path.iterdir()):
+            if not resume:
+                raise UsageError(f"run folder {self.path} already exists; pass --resume to continue it or choose another --out")
+            if not settings_file.exists():
+                raise UsageError(f"{self.path} is not a rank run folder (no run.json); choose another --out")
+            stored = json.loads(settings_file.read_text())
+            if stored != json.loads(json.dumps(fingerprint)):
+                changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != json.loads(json.dumps(fingerprint)).get(k))
+                raise UsageError(f"cannot resume {self.path}: settings differ from the original run ({', '.join(changed)})")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_atomic(settings_file, json.dumps(fingerprint, indent=2))
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """Rows already in the log, by window (later records update earlier ones; a torn last line is ignored)."""
+        rows: dict[str, dict[str, Any]] = {}
+        if not self.log.exists():
+            return rows
+        for line in self.log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows.setdefault(record["window"], {}).update(record)
+        return rows
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.log.open("a") as handle:
+            handle.write(json.dumps(_jsonable(record)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write a file via a temporary sibling and `os.replace`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def rank_windows(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    settings: RankSettings | None = None,
+    score_config: ScoreConfig | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_info: dict[str, Any] | None = None,
+) -> RankResult:
+    """Probe and score every selected window of `model` from one cached activation pass.
+
+    Args:
+        model: a loaded `*ForCausalLM` (no plan applied); eager attention for exact Jacobians.
+        tokenizer: its tokenizer.
+        prompts: the probe prompts (`rys_forge.prompts.load_prompts`).
+        settings: windows, probes and budgets (`RankSettings`).
+        score_config: constants of the score and classes.
+        out_dir: run folder; None keeps everything in memory.
+        resume: continue an interrupted run in `out_dir`.
+        progress: show a progress bar.
+        model_info: provenance stored in the summary (source, path, ...).
+
+    Returns:
+        A `RankResult` whose rows are sorted by score (best first).
+
+    Raises:
+        UsageError: bad windows, probes, settings, or a resume with different settings.
+    """
+    settings = settings or RankSettings()
+    score_config = score_config or ScoreConfig()
+    settings.validate()
+    probes = select_probes(settings.probes)
+    spec = spec_for_model(model)
+    num_layers = len(__import__("rys_forge.architectures", fromlist=["get_path"]).get_path(model, spec.layers_path))
+    windows = select_windows(num_layers, settings)
+    families = sorted({p.family for p in prompts})
+    for family in settings.overlap_families:
+        if family not in families:
+            raise UsageError(f"--overlap family '{family}' is not among the prompt families: {', '.join(families)}")
+    fingerprint = {
+        "model": (model_info or {}).get("source", type(model).__name__),
+        "num_layers": num_layers,
+        "prompts": {"count": len(prompts), "sha256": _prompt_digest(prompts)},
+        "settings": asdict(settings),
+        "windows": [str(w) for w in windows],
+    }
+    folder = RunFolder(Path(out_dir), fingerprint, resume) if out_dir is not None else None
+    done = folder.finished() if folder else {}
+    probe_settings = settings.probe_settings()
+    started = time.perf_counter()
+
+    cache = cache_activations(
+        model,
+        tokenizer,
+        [p.text for p in prompts],
+        [p.family for p in prompts],
+        max_tokens=settings.max_tokens,
+        batch_size=settings.batch_size,
+        kl_positions=settings.kl_positions if "kl" in probes else 0,
+        seed=settings.seed,
+    )
+    self_check = _self_check(cache, windows[0])
+    todo = [w for w in windows if str(w) not in done or "delta_0" not in done[str(w)] and "cka_plateau" not in done[str(w)]]
+    window_started = time.perf_counter()
+    with _progress(progress, len(windows), len(windows) - len(todo), "probing windows") as advance:
+        for window in todo:
+            t0 = time.perf_counter()
+            row = probe_window(cache, window.start, window.end, probes, probe_settings, settings.overlap_families)
+            record = {"window": str(window), "i": window.start, "j": window.end, "width": window.width, **row}
+            record["probe_s"] = time.perf_counter() - t0
+            done[str(window)] = record
+            if folder:
+                folder.append(record)
+            advance()
+    window_seconds = time.perf_counter() - window_started
+
+    rows = [_finish_row(done[str(w)], score_config) for w in windows]
+    rows.sort(key=lambda r: -_num(r.get("score")) if not math.isnan(_num(r.get("score"))) else math.inf)
+
+    jac_seconds = 0.0
+    if "jacobian" in probes and settings.jacobian != "none":
+        targets = rows if settings.jacobian == "all" else rows[: settings.jacobian_top]
+        targets = [r for r in targets if "jac_sv_1" not in r]
+        if targets:
+            t0 = time.perf_counter()
+            small = cache_activations(
+                model, tokenizer, [p.text for p in prompts[:: max(1, len(prompts) // settings.jacobian_prompts)]][: settings.jacobian_prompts],
+                max_tokens=settings.jacobian_tokens, batch_size=settings.jacobian_prompts, kl_positions=0, seed=settings.seed,
+            )
+            with _progress(progress, len(targets), 0, "jacobian spectra") as advance:
+                for row in targets:
+                    values = jacobian_spectrum(small, row["i"], row["j"], probe_settings)
+                    row.update(values)
+                    if folder:
+                        folder.append({"window": row["window"], **values})
+                    advance()
+            jac_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    curves = _repeat_curves(cache, rows[: settings.top_k], probe_settings, "kl" in probes)
+    curve_seconds = time.perf_counter() - t0
+    layer_cka = metrics.cka_matrix([cache.pooled(l) for l in range(num_layers + 1)], dtype=probe_settings.stats_dtype)
+    summary = {
+        "model": model_info or {},
+        "architecture": {"model_type": model.config.model_type, "num_layers": num_layers},
+        "convention": WINDOW_CONVENTION.replace("L", str(num_layers)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prompts": {
+            "count": len(prompts),
+            "families": {f: sum(p.family == f for p in prompts) for f in families},
+            "tokens": cache.tokens,
+            "sha256": _prompt_digest(prompts),
+        },
+        "settings": asdict(settings),
+        "probes": probes,
+        "score_config": score_config.to_dict(),
+        "windows": len(rows),
+        "top_k": [_brief(r) for r in rows[: settings.top_k]],
+        "classes": {c: sum(r["class"] == c for r in rows) for c in sorted({r["class"] for r in rows})},
+        "self_check": self_check,
+        "repeat_curves": curves,
+        "layer_cka": layer_cka.tolist(),
+        "timings": {
+            "base_pass_s": cache.timings["base_pass_s"],
+            "windows_s": window_seconds,
+            "windows_probed_this_session": len(todo),
+            "per_window_s": window_seconds / max(1, len(todo)),
+            "jacobian_s": jac_seconds,
+            "repeat_curves_s": curve_seconds,
+            "total_s": time.perf_counter() - started,
+        },
+        "versions": _versions(),
+    }
+    if settings.overlap_families:
+        summary["family_overlap"] = family_overlap(rows, settings.overlap_families, score_config, settings.top_k)
+    result = RankResult(rows=rows, summary=summary, out_dir=Path(out_dir) if out_dir else None)
+    if folder:
+        write_outputs(result, num_layers)
+    return result
+
+
+def _self_check(cache: ActivationCache, window: Window) -> dict[str, float]:
+    """`z_1 = T_B(x_i)` must reproduce the cached `x_j`: checks the replayed block map."""
+    batch = cache.batches[0]
+    with torch.no_grad():
+        z1 = cache.block(batch, window.start, window.end, batch.hidden[window.start])
+    target = batch.hidden[window.end][batch.valid]
+    diff = (z1[batch.valid] - target).abs().max().item()
+    return {"window": str(window), "max_abs_diff": diff, "relative": diff / max(target.abs().max().item(), 1e-30)}
+
+
+def _finish_row(record: dict[str, Any], config: ScoreConfig) -> dict[str, Any]:
+    row = {k: (math.nan if v is None else v) for k, v in record.items()}
+    row.update(score(row, config))
+    row["class"] = classify(row, config)
+    return row
+
+
+def _brief(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("window", "score", "class", "cka_plateau", "delta_0", "r_0", "d_dec", "d_kl", "jac_sv_1")
+    return {k: row.get(k) for k in keys if k in row}
+
+
+def family_overlap(rows: list[dict[str, Any]], families: Sequence[str], config: ScoreConfig, k: int) -> dict[str, Any]:
+    """Top-k overlap of the score computed on two prompt families alone (the seeds' task stability)."""
+    from scipy.stats import hypergeom
+
+    tops = []
+    for family in families:
+        scored = []
+        for row in rows:
+            values = {m: _num(row.get(f"{m}@{family}")) for m in ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl")}
+            scored.append((score(values, config)["score"], row["window"]))
+        scored = [s for s in scored if not math.isnan(s[0])]
+        tops.append([w for _, w in sorted(scored, reverse=True)[:k]])
+    overlap = len(set(tops[0]) & set(tops[1]))
+    n = len(rows)
+    return {
+        "families": list(families),
+        "k": k,
+        "top_k": {families[0]: tops[0], families[1]: tops[1]},
+        "overlap": overlap,
+        "expected_by_chance": k * k / n if n else math.nan,
+        "p_value": float(hypergeom.sf(overlap - 1, n, k, k)) if n else math.nan,
+    }
+
+
+def _repeat_curves(
+    cache: ActivationCache, rows: list[dict[str, Any]], settings: ProbeSettings, with_kl: bool
+) -> dict[str, dict[str, list[float]]]:
+    """For the top windows: 1-CKA(z_n, z_0), delta_n and KL after 1..n+1 visits."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    with torch.no_grad():
+        for row in rows:
+            t = Trajectory(cache, row["i"], row["j"], settings)
+            m = t.cka()
+            n_max = settings.iterations
+            curve = {
+                "cka_drift": [1.0 - float(m[n, 0]) for n in range(1, n_max + 1)],
+                "delta": [metrics.relative_step(t.z(n), t.z(n + 1), dtype=settings.stats_dtype) for n in range(n_max)],
+                "n2_a_pure": [metrics.quadratic_fit([1.0 - float(m[n, 0]) for n in range(1, n_max + 1)]).a_pure],
+            }
+            if with_kl:
+                curve["kl"] = [0.0] + [float(t.kl_per_position(v)[0].mean()) for v in range(2, n_max + 1)]
+            curves[row["window"]] = curve
+    return curves
+
+
+def write_outputs(result: RankResult, num_layers: int) -> None:
+    """Table (CSV, JSON), summary and figures into the run folder, each written atomically."""
+    out = result.out_dir
+    assert out is not None
+    columns: list[str] = []
+    for row in result.rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    write_atomic(out / "windows.csv", buffer.getvalue())
+    write_atomic(out / "windows.json", json.dumps(_jsonable(result.rows), indent=1))
+    write_atomic(out / "summary.json", json.dumps(_jsonable(result.summary), indent=2))
+    top = [r["window"] for r in result.summary["top_k"]]
+    name = result.summary["model"].get("source", "")
+    for metric, (title, log, centre) in HEATMAPS.items():
+        if any(metric in r and not math.isnan(_num(r[metric])) for r in result.rows):
+            plots.window_heatmap(
+                result.rows, metric, num_layers, out / f"heatmap_{metric}.png", f"{name}: {title}", log=log,
+                highlight=top if metric == "score" else (), centre=centre,
+            )
+    import numpy as np
+
+    plots.layer_cka_heatmap(np.array(result.summary["layer_cka"], dtype=float), out / "layer_cka.png", f"{name}: CKA(x_a, x_b)")
+    if result.summary["repeat_curves"]:
+        plots.repeat_curves(result.summary["repeat_curves"], out / "repeat_curves.png", f"{name}: top windows")
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"rys-forge": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+class _progress:
+    """A rich progress bar with ETA (or nothing), used as `with _progress(...) as advance:`."""
+
+    def __init__(self, enabled: bool, total: int, completed: int, label: str):
+        self.enabled, self.total, self.completed, self.label = enabled, total, completed, label
+        self.bar: Any = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), transient=False,
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total, completed=self.completed)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
