@@ -209,6 +209,65 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     click.echo(f"run folder: {result.out_dir}")
 
 
+@main.command()
+@model_options
+@click.option("--window", "windows", multiple=True, required=True, help=f"Window to repeat (repeatable). {WINDOW_CONVENTION}.")
+@click.option("--repeats", default=2, show_default=True, type=int, help="Visits of each window's block.")
+@click.option("--format", "fmt", type=click.Choice(["layerlist", "mergekit"]), default="layerlist", show_default=True,
+              help="layerlist: weights stored once + modeling_rys.py (trust_remote_code); mergekit: passthrough recipe, duplicated weights.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (after the new build verified).")
+@click.option("--recipes-dir", default="recipes", show_default=True, type=click.Path(), help="Where mergekit recipes are kept too.")
+@click.option("--no-verify", is_flag=True, help="Skip verification (the folder then cannot be published).")
+@handle_errors
+def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, fmt: str, out: str,
+          force: bool, recipes_dir: str, no_verify: bool) -> None:
+    """Export a RYS checkpoint of --model with --window repeated, then verify it.
+
+    The export lands in --out only if verification passes.
+    """
+    from .plan import Window
+    from .surgery.build import build as run_build
+
+    [Window.parse(w) for w in windows]
+    result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,
+                       device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None, verify=not no_verify)
+    click.echo(f"built {result.format} export of {model_name}: {result.plan.describe()}")
+    click.echo(f"order: {list(result.plan.order)}")
+    if result.verification:
+        _print_verification(result.verification)
+    click.echo("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    click.echo(f"export: {result.path}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--model", "-m", "model_name", default=None, help="Base model (default: the one recorded at build time).")
+@click.option("--dtype", default="float32", show_default=True, help="dtype of both models; thresholds follow it.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@handle_errors
+def verify(folder: str, model_name: str | None, dtype: str, device: str) -> None:
+    """Check that an export computes exactly what the in-memory repeat of its base computes.
+
+    Writes FOLDER/verification.json; exits 1 if any threshold fails.
+    """
+    from .verify import verify as run_verify
+
+    report = run_verify(folder, model_name, dtype=dtype, device=device)
+    _print_verification(report.to_dict())
+    click.echo(f"verified: {folder}")
+
+
+def _print_verification(report: dict) -> None:
+    m = report["metrics"]
+    click.echo(
+        f"verification {'PASSED' if report['passed'] else 'FAILED'} ({report['format']}, {m['tokens']} tokens): "
+        f"KL mean {m['kl_mean']:.2e} max {m['kl_max']:.2e}, max|dlogit| {m['max_abs_diff']:.2e}, "
+        f"top-1 {m['top1_agreement']:.4f}, cache gap {m['cache_max_abs_diff']:.2e}, "
+        f"generate cache==no-cache {m['generate_cache_equals_no_cache']}, bytes ratio {m['bytes_ratio']:.3f}"
+    )
+
+
 def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 

@@ -1,0 +1,57 @@
+"""Weight-tied layer-list export: base weights stored once, the plan in config.json, and a
+self-contained `modeling_rys.py` that runs the plan (`trust_remote_code=True`).
+
+Folder layout::
+
+    config.json          base config, plan view of the per-layer fields, `rys` block, `auto_map`
+    model.safetensors    the base weights under their base names (size ~ the base model's)
+    modeling_rys.py      RysForCausalLM (needs transformers + torch only)
+    tokenizer files, generation_config.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..architectures import arch_spec, layer_config
+from ..plan import LayerPlan
+from ..repeat import remap_layer_fields
+
+TEMPLATE = Path(__file__).with_name("modeling_rys.py")
+
+
+def render_modeling(model: nn.Module) -> str:
+    """`modeling_rys.py` for this model's class and layer path."""
+    spec = arch_spec(model.config.model_type)
+    text = TEMPLATE.read_text()
+    text = text.replace('_BASE_CLASS = "LlamaForCausalLM"', f'_BASE_CLASS = "{type(model).__name__}"', 1)
+    return text.replace('_LAYERS_PATH = "model.layers"', f'_LAYERS_PATH = "{spec.layers_path}"', 1)
+
+
+def layerlist_config(model: nn.Module, plan: LayerPlan, rys_block: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the export: the base config with the plan's per-layer fields and the `rys` block."""
+    spec = arch_spec(model.config.model_type)
+    base = model.config.to_dict()
+    cfg = layer_config(model.config, spec)
+    plan_fields = remap_layer_fields(cfg, spec, plan.order)
+    base_fields = {name: getattr(cfg, name) for name in plan_fields}
+    target = base if not spec.config_path else base[spec.config_path]
+    target.update(plan_fields)
+    base["architectures"] = ["RysForCausalLM"]
+    base["auto_map"] = {"AutoModelForCausalLM": "modeling_rys.RysForCausalLM"}
+    base["rys"] = {**rys_block, "format": "layerlist", "plan": plan.to_dict(), "base_fields": base_fields}
+    return base
+
+
+def export_layerlist(model: nn.Module, tokenizer: Any, plan: LayerPlan, folder: Path, rys_block: dict[str, Any]) -> None:
+    """Write a layer-list export of `model` (no plan applied) into an existing empty `folder`."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    config = layerlist_config(model, plan, rys_block)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "modeling_rys.py").write_text(render_modeling(model))

@@ -1,0 +1,461 @@
+"""Export a LayerPlan as a mergekit passthrough merge: a plain duplicated-weights checkpoint.
+
+The plan's explicit order becomes mergekit `slices` (maximal runs of consecutive base layers; mergekit's
+`layer_range: [a, b]` is half-open like rys-forge's `i:j`), written as a recipe YAML and run through
+mergekit's Python API. What stock mergekit 0.1.5 gets wrong, and what is fixed here:
+
+* it sets `num_hidden_layers` to the new visit count but leaves `layer_types` (gemma2, gemma3, qwen2,
+  qwen3 under transformers 5) at the base length. `run_merge` then dies in `cfg_out.save_pretrained`
+  (transformers validates "num_hidden_layers (9) must be equal to the number of layer_types (6)")
+  *after* the weights are written, with no config.json and no tokenizer in the folder. `max_window_layers`
+  is not remapped either. Here mergekit's output config is patched through the plan while `run_merge`
+  runs (so it finishes and copies the tokenizer), and config.json is then rewritten from the base's own
+  config.json with every per-layer field of the architecture table remapped by `remap_layer_fields`,
+  plus an `rys` block recording the plan;
+* tied embeddings: mergekit's architecture definitions mark `lm_head.weight` optional, so a base that
+  stores no lm_head gets none; this is checked after the merge, and `tie_word_embeddings` comes from the
+  base config;
+* the folder is built in a temporary sibling and renamed into place only when complete.
+
+Usage::
+
+    plan = LayerPlan.from_windows(["6:10"], 18)
+    export = export_mergekit("/path/to/base", plan, Path("out/gemma-rys-6-10"), recipes_dir=Path("recipes"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..architectures import ArchSpec, arch_spec, layer_config
+from ..errors import ModelLoadError, RysForgeError, UsageError, WindowError
+from ..plan import LayerPlan
+from ..repeat import remap_layer_fields
+
+RECIPE_FILENAME = "rys_recipe.yml"
+WINDOW_CONVENTION_LINE = "i:j = layers i..j-1, 0-based, half-open"
+
+# Files copied from the base when mergekit did not (mergekit copies most of these itself).
+SIDECAR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+# mergekit's own dtype names.
+_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+_PATCH_LOCK = threading.Lock()
+
+
+class MergekitExportError(RysForgeError):
+    """mergekit failed, or its output is not the checkpoint the plan describes."""
+
+
+@dataclass(frozen=True)
+class MergekitExport:
+    """Result of `export_mergekit`.
+
+    Attributes:
+        path: the finished output folder.
+        recipe_path: the recipe under `recipes_dir` when one was given, else the copy in `path`.
+        slices: mergekit `layer_range`s in order, half-open `(a, b)`.
+        seconds: wall time of the whole export.
+    """
+
+    path: Path
+    recipe_path: Path
+    slices: tuple[tuple[int, int], ...]
+    seconds: float
+
+
+def plan_to_slices(order: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive increasing base indices, as half-open `(a, b)` layer ranges.
+
+    RYS `i:j` on `L` layers (`[0..j-1] + [i..L-1]`) gives `[(0, j), (i, L)]`.
+    """
+    if not order:
+        raise WindowError("a plan must visit at least one layer")
+    slices: list[tuple[int, int]] = []
+    start = prev = int(order[0])
+    for k in order[1:]:
+        k = int(k)
+        if k == prev + 1:
+            prev = k
+            continue
+        slices.append((start, prev + 1))
+        start = prev = k
+    slices.append((start, prev + 1))
+    return slices
+
+
+def _rys_version(explicit: str | None) -> str:
+    if explicit is not None:
+        return explicit
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rys-forge")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def _yaml_str(text: str) -> str:
+    """A YAML double-quoted scalar (JSON string syntax is valid YAML)."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def recipe_yaml(
+    model_path: str,
+    plan: LayerPlan,
+    dtype: str,
+    rys_version: str,
+    base_label: str | None = None,
+) -> str:
+    """The passthrough recipe text for `plan` (deterministic; the same text goes to every copy).
+
+    Args:
+        model_path: what mergekit reads (a local folder).
+        plan: the layer plan.
+        dtype: mergekit dtype name (`float32`, `bfloat16`, `float16`).
+        rys_version: rys-forge version recorded in the header.
+        base_label: the base as the user named it (defaults to `model_path`).
+    """
+    model = _yaml_str(model_path)
+    lines = [
+        "# rys-forge mergekit passthrough recipe (Repeat Your Self: a window of layers runs again)",
+        f"# plan: {plan.describe()}",
+        f"# window convention: {WINDOW_CONVENTION_LINE}; mergekit's layer_range [a, b] is half-open too",
+        f"# layer order (base layer index of each visit): [{', '.join(str(k) for k in plan.order)}]",
+        f"# base model: {base_label if base_label is not None else model_path}",
+        f"# rys-forge version: {rys_version}",
+        "# rebuild with: rys-forge build --format mergekit (stock mergekit-yaml leaves per-layer config",
+        "# fields such as layer_types at the base length; rys-forge remaps them from the plan)",
+        "slices:",
+    ]
+    for a, b in plan_to_slices(plan.order):
+        lines += [
+            "  - sources:",
+            f"      - model: {model}",
+            f"        layer_range: [{a}, {b}]",
+        ]
+    lines += ["merge_method: passthrough", f"dtype: {dtype}", ""]
+    return "\n".join(lines)
+
+
+def default_recipe_name(base: str | Path, plan: LayerPlan) -> str:
+    """`<base name>-rys-<i>-<j>[_<i>-<j>...][-x<n>]`, or `<base name>-rys-order-<hash>` for explicit orders."""
+    name = Path(str(base).rstrip("/")).name or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    if plan.windows:
+        tag = "_".join(f"{w.start}-{w.end}" for w in plan.windows)
+        if plan.repeats != 2:
+            tag += f"-x{plan.repeats}"
+    else:
+        tag = "order-" + hashlib.sha256(json.dumps(list(plan.order)).encode()).hexdigest()[:8]
+    return f"{name}-rys-{tag}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0].strip() if text else ''}".rstrip(": ")
+
+
+def _resolve_base(base: str | Path) -> Path:
+    """A local folder holding the base's config and weights (built-ins/GGUF via the conversion cache,
+    hub ids via a snapshot download)."""
+    from ..models import resolve_source
+
+    source, _info = resolve_source(str(base))
+    path = Path(source).expanduser()
+    if not path.is_dir():  # a hub id
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(
+                snapshot_download(
+                    source,
+                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+                )
+            )
+        except Exception as exc:  # hub errors are long and varied
+            raise ModelLoadError(f"could not download '{source}' for mergekit: {_first_line(exc)}") from None
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {path} has no config.json")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"model folder {path} holds no *.safetensors (or pytorch_model*.bin) weights")
+    return path.resolve()
+
+
+def _dtype_name(dtype: str | None, config: Any) -> str:
+    from ..models import parse_dtype
+
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    name = str(parse_dtype(dtype)).replace("torch.", "")
+    return _DTYPE_NAMES[name]
+
+
+def _safetensors_sizes(folder: Path) -> dict[str, int]:
+    """Tensor name -> data bytes, read from the safetensors headers only."""
+    sizes: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                start, end = meta["data_offsets"]
+                sizes[name] = end - start
+    return sizes
+
+
+def _config_section(data: dict, dotted: str) -> dict:
+    section = data
+    for part in filter(None, dotted.split(".")):
+        section = section.setdefault(part, {})
+    return section
+
+
+def _ties_embeddings(config: Any, spec: ArchSpec) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(layer_config(config, spec), "tie_word_embeddings", False))
+
+
+@contextmanager
+def _mergekit_out_config_fixed(spec: ArchSpec, new_fields: dict[str, Any]) -> Iterator[None]:
+    """While `run_merge` runs, give the config it builds the plan's per-layer fields.
+
+    mergekit 0.1.5 builds its output config in `mergekit.merge._model_out_config` (base config with
+    `num_hidden_layers` = sum of slice lengths) and saves it after writing the weights; transformers'
+    validation then rejects the base-length `layer_types`. The wrapper applies the remapped fields
+    to that config object. config.json is rewritten afterwards anyway; this only lets `run_merge`
+    finish (it copies the tokenizer after saving the config).
+    """
+    import mergekit.merge as mk_merge
+
+    original = getattr(mk_merge, "_model_out_config", None)
+    if original is None:  # a mergekit without this hook: run as is
+        yield
+        return
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        cfg = original(*args, **kwargs)
+        target = layer_config(cfg, spec)
+        for name, value in new_fields.items():
+            object.__setattr__(target, name, value)
+        return cfg
+
+    with _PATCH_LOCK:
+        mk_merge._model_out_config = patched
+        try:
+            yield
+        finally:
+            mk_merge._model_out_config = original
+
+
+def _write_config(
+    base_dir: Path,
+    out_dir: Path,
+    spec: ArchSpec,
+    new_fields: dict[str, Any],
+    dtype: str,
+    plan: LayerPlan,
+    version: str,
+) -> None:
+    """config.json = the base's config.json, per-layer fields remapped, dtype set, `rys` block added."""
+    data = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    _config_section(data, spec.config_path).update(new_fields)
+    data.pop("torch_dtype", None)
+    data["dtype"] = dtype
+    data["rys"] = {
+        "plan": plan.to_dict(),
+        "format": "mergekit",
+        "rys_forge_version": version,
+        "recipe": RECIPE_FILENAME,
+    }
+    (out_dir / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _check_output(
+    base_dir: Path, out_dir: Path, spec: ArchSpec, plan: LayerPlan, new_fields: dict[str, Any], ties: bool
+) -> None:
+    """The folder holds one layer per visit, keeps the embedding tie, and its config validates."""
+    from transformers import AutoConfig
+
+    out_sizes = _safetensors_sizes(out_dir)
+    if not out_sizes:
+        raise MergekitExportError(f"mergekit wrote no safetensors weights into {out_dir}")
+    layer_key = re.compile(rf"^{re.escape(spec.layers_path)}\.(\d+)\.")
+    visits = {int(m[1]) for name in out_sizes if (m := layer_key.match(name))}
+    if visits != set(range(len(plan.order))):
+        raise MergekitExportError(
+            f"mergekit wrote {len(visits)} layers under '{spec.layers_path}', the plan has {len(plan.order)} visits"
+        )
+    base_names = set(_safetensors_sizes(base_dir)) if any(base_dir.glob("*.safetensors")) else None
+    if ties and base_names is not None:
+        extra = sorted(n for n in out_sizes if not layer_key.match(n) and n not in base_names)
+        if extra:
+            raise MergekitExportError(
+                f"mergekit wrote tensors the tied base does not have ({', '.join(extra)}); the embedding tie would break"
+            )
+    try:
+        config = AutoConfig.from_pretrained(out_dir)
+    except Exception as exc:
+        raise MergekitExportError(f"the exported config.json does not load: {_first_line(exc)}") from None
+    cfg = layer_config(config, spec)
+    for name, value in new_fields.items():
+        if getattr(cfg, name, None) != value:
+            raise MergekitExportError(f"exported config.{name} is {getattr(cfg, name, None)!r}, expected {value!r}")
+    if _ties_embeddings(config, spec) != ties:
+        raise MergekitExportError("exported config changed tie_word_embeddings")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_mergekit(
+    base: str | Path,
+    plan: LayerPlan,
+    out_dir: str | Path,
+    *,
+    recipe_name: str | None = None,
+    recipes_dir: str | Path | None = None,
+    dtype: str | None = None,
+    rys_version: str | None = None,
+    quiet: bool = True,
+) -> MergekitExport:
+    """Build the duplicated-weights checkpoint of `plan` with mergekit's passthrough merge.
+
+    Args:
+        base: local model folder (safetensors), built-in short name, `.gguf` file or hub id.
+        plan: the layer plan (its `num_layers` must equal the base's layer count).
+        out_dir: the folder to create; must not exist.
+        recipe_name: file stem of the recipe under `recipes_dir` (default `default_recipe_name`).
+        recipes_dir: also write the recipe to `recipes_dir/<recipe_name>.yml` (after success).
+        dtype: output dtype (`float32`, `bfloat16`, `float16`); default the base config's dtype.
+        rys_version: version recorded in the recipe and config (default: the installed rys-forge).
+        quiet: hide mergekit's progress bars.
+
+    Returns:
+        MergekitExport(path, recipe_path, slices, seconds).
+
+    Raises:
+        UsageError: out_dir exists; the architecture is not supported (by rys-forge or mergekit).
+        WindowError: the plan was made for another layer count.
+        ModelLoadError: the base is missing or unreadable.
+        MergekitExportError: mergekit failed or wrote something other than the plan.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() or out_dir.is_symlink():
+        raise UsageError(f"output folder {out_dir} already exists; remove it or choose another")
+    version = _rys_version(rys_version)
+
+    from transformers import AutoConfig
+
+    base_dir = _resolve_base(base)
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the config of '{base}': {_first_line(exc)}") from None
+    spec = arch_spec(config.model_type)
+    cfg = layer_config(config, spec)
+    if cfg.num_hidden_layers != plan.num_layers:
+        raise WindowError(f"plan is for {plan.num_layers} layers but '{base}' has {cfg.num_hidden_layers}")
+    new_fields = remap_layer_fields(cfg, spec, plan.order)
+    ties = _ties_embeddings(config, spec)
+    dtype_name = _dtype_name(dtype, config)
+    slices = tuple(plan_to_slices(plan.order))
+    text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base))
+
+    import yaml
+    from mergekit.architecture import get_architecture_info
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    try:
+        merge_config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    except Exception as exc:
+        raise MergekitExportError(f"mergekit rejected the recipe: {_first_line(exc)}") from None
+    options = MergeOptions(
+        device="cpu",
+        cuda=False,
+        copy_tokenizer=True,
+        clone_tensors=True,  # a repeated layer is the same tensor twice; safetensors needs copies
+        lazy_unpickle=False,
+        write_model_card=False,  # rys-forge writes its own card
+        trust_remote_code=False,
+        quiet=quiet,
+    )
+    architectures = ", ".join(getattr(config, "architectures", None) or ["?"])
+    try:
+        arch_info = get_architecture_info(merge_config, options)
+    except Exception as exc:
+        raise UsageError(
+            f"mergekit cannot handle model type '{config.model_type}' ({architectures}): {_first_line(exc)};"
+            " use the layer-list format instead"
+        ) from None
+    if not any(module.architecture.num_layers_config_key() for module in arch_info.modules.values()):
+        raise UsageError(
+            f"mergekit has no layer definition for model type '{config.model_type}' ({architectures});"
+            " use the layer-list format instead"
+        )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished folder should read like any other
+        try:
+            with _mergekit_out_config_fixed(spec, new_fields):
+                run_merge(merge_config, str(tmp), options=options, config_source=text)
+        except Exception as exc:
+            raise MergekitExportError(f"mergekit passthrough merge failed: {_first_line(exc)}") from None
+        _write_config(base_dir, tmp, spec, new_fields, dtype_name, plan, version)
+        for name in SIDECAR_FILES:
+            if (base_dir / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(base_dir / name, tmp / name)
+        (tmp / RECIPE_FILENAME).write_text(text, encoding="utf-8")
+        _check_output(base_dir, tmp, spec, plan, new_fields, ties)
+        if out_dir.exists() or out_dir.is_symlink():
+            raise UsageError(f"output folder {out_dir} appeared while exporting; not replacing it")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    recipe_path = out_dir / RECIPE_FILENAME
+    if recipes_dir is not None:
+        recipe_path = Path(recipes_dir).expanduser() / f"{recipe_name or default_recipe_name(base, plan)}.yml"
+        _write_text_atomic(recipe_path, text)
+    return MergekitExport(
+        path=out_dir, recipe_path=recipe_path, slices=slices, seconds=time.perf_counter() - started
+    )

@@ -1,0 +1,298 @@
+"""Verification: an exported checkpoint must compute exactly what the in-memory repeat of its base does.
+
+On a prompt set, with the same device and dtype: KL(in-memory repeat || reloaded export) per token
+(mean, max), max abs logit difference, top-1 agreement; the export's incremental decoding with the KV
+cache against its full forward; greedy generation with the cache equal to generation without it and to
+the in-memory repeat's; and the stored weight bytes against the base's. The report, with a sha256 of
+every file of the export, goes to `verification.json`; `publish` refuses folders whose files no longer
+match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RysForgeError, VerificationError
+from .models import load_model, parse_device, parse_dtype
+from .plan import LayerPlan
+from .repeat import repeated
+
+REPORT = "verification.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Per dtype: the in-memory repeat and a correct export share every weight, so fp32 differences are
+# float round-off only (different kernels or memory layouts after reloading).
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "float32": {"kl_mean": 1e-6, "kl_max": 1e-4, "max_abs_rel": 1e-4, "top1": 0.999, "cache_rel": 1e-4},
+    "bfloat16": {"kl_mean": 2e-3, "kl_max": 0.1, "max_abs_rel": 0.05, "top1": 0.97, "cache_rel": 0.05},
+    "float16": {"kl_mean": 2e-4, "kl_max": 0.02, "max_abs_rel": 0.01, "top1": 0.99, "cache_rel": 0.01},
+}
+DEFAULT_TEXTS = [
+    "The capital of France is",
+    "Question: If a train travels 60 miles in 1.5 hours, what is its average speed? Answer:",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Les trois plus grandes villes d'Allemagne sont",
+    "A syllogism: all men are mortal; Socrates is a man; therefore",
+    "Photosynthesis converts light energy into chemical energy. In plants, it takes place in",
+]
+LONG_TEXT = (
+    "In the residual stream of a transformer, every layer adds its update to the running state, and the "
+    "final layers read out a distribution over the next token from it. "
+)
+
+
+@dataclass
+class VerificationReport:
+    """Numbers and verdict of one verification."""
+
+    passed: bool
+    format: str
+    plan: dict[str, Any]
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+    failures: list[str]
+    files: dict[str, str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "format": self.format,
+            "plan": self.plan,
+            "metrics": self.metrics,
+            "thresholds": self.thresholds,
+            "failures": self.failures,
+            "files": self.files,
+            "settings": self.settings,
+        }
+
+
+def read_rys_config(folder: Path) -> dict[str, Any]:
+    """The export's config.json, which must carry an `rys` block."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise VerificationError(f"{folder} has no config.json; is it a rys-forge export?")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise VerificationError(f"{config_file} is not valid JSON: {exc.msg}") from None
+    if not isinstance(config.get("rys"), dict):
+        raise VerificationError(f"{config_file} has no 'rys' block; not a rys-forge export")
+    return config
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file of an export except the reports and card written after verification."""
+    hashes = {}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in (REPORT, "README.md", "eval.json") and "__pycache__" not in rel:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            hashes[rel] = digest.hexdigest()
+    return hashes
+
+
+def weight_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files of a model folder (0 for a hub id)."""
+    path = Path(folder)
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+
+def _batch(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+
+
+def _incremental_gap(model: Any, ids: torch.Tensor, steps: int = 8) -> tuple[float, float]:
+    """Max abs difference between cached incremental decoding and the full forward; and the logit scale."""
+    full = model(ids, use_cache=False).logits.float()
+    prefix = ids.shape[1] - steps
+    out = model(ids[:, :prefix], use_cache=True)
+    pieces, cache = [out.logits.float()], out.past_key_values
+    for t in range(prefix, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        pieces.append(out.logits.float())
+    return (torch.cat(pieces, 1) - full).abs().max().item(), full.abs().max().item()
+
+
+@torch.no_grad()
+def verify(
+    path: str | Path,
+    base: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    texts: list[str] | None = None,
+    max_new_tokens: int = 16,
+    write_report: bool = True,
+) -> VerificationReport:
+    """Compare a reloaded export with the in-memory repeat of its base; write `verification.json`.
+
+    Args:
+        path: export folder (layerlist or mergekit format).
+        base: base model (default: the one recorded at build time in `config.rys.base_model`).
+        dtype: dtype of both models; thresholds follow it.
+        device: where both run.
+        texts: prompts (default: a small mixed set plus one prompt longer than the sliding window).
+        max_new_tokens: greedy generation length for the cache checks.
+        write_report: write `verification.json` into the folder.
+
+    Raises:
+        VerificationError: the folder is not a valid export, does not load, or fails a threshold
+            (the report is written first).
+    """
+    started = time.perf_counter()
+    folder = Path(path)
+    config = read_rys_config(folder)
+    rys = config["rys"]
+    fmt = rys.get("format", "unknown")
+    try:
+        plan = LayerPlan.from_dict(rys["plan"])
+    except (RysForgeError, KeyError, TypeError) as exc:
+        raise VerificationError(f"the plan stored in {folder}/config.json is invalid: {exc}") from None
+    text_cfg = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    if text_cfg.get("num_hidden_layers") != len(plan.order):
+        raise VerificationError(
+            f"config.num_hidden_layers={text_cfg.get('num_hidden_layers')} but the stored plan has {len(plan.order)} visits"
+        )
+    for name, values in text_cfg.items():
+        if name == "layer_types" and isinstance(values, list) and len(values) != len(plan.order):
+            raise VerificationError(f"config.layer_types has {len(values)} entries for {len(plan.order)} visits")
+    base = base or rys.get("base_model")
+    if not base:
+        raise VerificationError("the export does not record its base model; pass --model BASE")
+    torch_dtype = parse_dtype(dtype)
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
+    torch_device = parse_device(device)
+    base_loaded = load_model(base, dtype=torch_dtype, device=torch_device)
+    if base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers != plan.num_layers:
+        raise VerificationError(
+            f"base {base} has {base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers} layers"
+            f" but the plan was made for {plan.num_layers}"
+        )
+    try:
+        from transformers import AutoModelForCausalLM
+
+        export = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch_dtype, trust_remote_code=(fmt == "layerlist"), attn_implementation="eager"
+        ).to(torch_device).eval()
+    except Exception as exc:  # a truncated or edited file surfaces here in many forms
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise VerificationError(f"export {folder} does not load: {type(exc).__name__}: {first}") from None
+    tokenizer = base_loaded.tokenizer
+    model = base_loaded.model
+    window = int(getattr(model.config.get_text_config(decoder=True), "sliding_window", None) or 0)
+    long_ids = tokenizer(LONG_TEXT * (2 + (window + 32) // 20), return_tensors="pt").input_ids[:, : max(64, window + 32)]
+    long_ids = long_ids.to(torch_device)
+    texts = texts or DEFAULT_TEXTS
+    ids, mask = _batch(tokenizer, texts, torch_device)
+
+    with repeated(model, plan):
+        ref = _logits(model, ids, mask)
+        ref_long = model(long_ids, use_cache=False).logits.float()
+        # One prompt at a time: no padding, so generation is exact for every architecture.
+        short = [tokenizer(t, return_tensors="pt").input_ids.to(torch_device) for t in texts[:3]]
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        ref_gen = [model.generate(input_ids=s, **gen_kwargs) for s in short]
+    got = _logits(export, ids, mask)
+    got_long = export(long_ids, use_cache=False).logits.float()
+    valid = mask.bool()
+    ref_tokens = torch.cat([ref[valid], ref_long[0]])
+    got_tokens = torch.cat([got[valid], got_long[0]])
+    ref_lp, got_lp = torch.log_softmax(ref_tokens, -1), torch.log_softmax(got_tokens, -1)
+    kl = (ref_lp.exp() * (ref_lp - got_lp)).sum(-1).clamp_min(0.0)
+    scale = ref_tokens.abs().max().item()
+    cache_gap, cache_scale = _incremental_gap(export, long_ids)
+    gen_cache = [export.generate(input_ids=s, use_cache=True, **gen_kwargs) for s in short]
+    gen_nocache = [export.generate(input_ids=s, use_cache=False, **gen_kwargs) for s in short]
+    export_bytes, base_bytes = weight_bytes(folder), weight_bytes(base_loaded.path)
+    metrics = {
+        "tokens": int(kl.numel()),
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "max_abs_diff": (ref_tokens - got_tokens).abs().max().item(),
+        "logit_scale": scale,
+        "top1_agreement": (ref_tokens.argmax(-1) == got_tokens.argmax(-1)).float().mean().item(),
+        "cache_max_abs_diff": cache_gap,
+        "generate_cache_equals_no_cache": all(torch.equal(a, b) for a, b in zip(gen_cache, gen_nocache)),
+        "generate_equals_in_memory": all(torch.equal(a, b) for a, b in zip(gen_cache, ref_gen)),
+        "long_prompt_tokens": int(long_ids.shape[1]),
+        "export_weight_bytes": export_bytes,
+        "base_weight_bytes": base_bytes,
+        "bytes_ratio": export_bytes / base_bytes if base_bytes else float("nan"),
+        "seconds": 0.0,
+    }
+    limits = THRESHOLDS[dtype_name]
+    failures = []
+    if metrics["kl_mean"] > limits["kl_mean"]:
+        failures.append(f"mean KL {metrics['kl_mean']:.3g} > {limits['kl_mean']:g}")
+    if metrics["kl_max"] > limits["kl_max"]:
+        failures.append(f"max KL {metrics['kl_max']:.3g} > {limits['kl_max']:g}")
+    if metrics["max_abs_diff"] > limits["max_abs_rel"] * max(scale, 1.0):
+        failures.append(f"max abs logit diff {metrics['max_abs_diff']:.3g} > {limits['max_abs_rel']:g} x logit scale {scale:.3g}")
+    if metrics["top1_agreement"] < limits["top1"]:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits['top1']}")
+    if cache_gap > limits["cache_rel"] * max(cache_scale, 1.0):
+        failures.append(f"KV-cache decoding differs from the full forward by {cache_gap:.3g}")
+    if not metrics["generate_cache_equals_no_cache"]:
+        failures.append("greedy generation with the KV cache differs from generation without it")
+    if not metrics["generate_equals_in_memory"] and dtype_name == "float32":
+        failures.append("greedy generation differs from the in-memory repeat's")
+    if fmt == "layerlist" and base_bytes and metrics["bytes_ratio"] > 1.01:
+        failures.append(f"layer-list export stores {metrics['bytes_ratio']:.3f}x the base's weight bytes (expected ~1)")
+    metrics["seconds"] = time.perf_counter() - started
+    report = VerificationReport(
+        passed=not failures,
+        format=fmt,
+        plan=plan.to_dict(),
+        metrics=metrics,
+        thresholds=limits,
+        failures=failures,
+        files=file_hashes(folder),
+        settings={"base": base, "dtype": dtype_name, "device": str(torch_device), "prompts": len(texts)},
+    )
+    if write_report:
+        tmp = folder / f".{REPORT}.tmp"
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        os.replace(tmp, folder / REPORT)
+    if failures:
+        raise VerificationError(f"verification of {folder} failed: {'; '.join(failures)}")
+    return report
+
+
+def check_verified(folder: str | Path) -> dict[str, Any]:
+    """The folder's passing verification report, if every file still matches it.
+
+    Raises:
+        VerificationError: no report, a failed report, or files added, missing or changed since.
+    """
+    folder = Path(folder)
+    report_file = folder / REPORT
+    if not report_file.is_file():
+        raise VerificationError(f"{folder} has no {REPORT}; run `rys-forge verify {folder}` first")
+    report = json.loads(report_file.read_text())
+    if not report.get("passed"):
+        raise VerificationError(f"{folder} failed verification: {'; '.join(report.get('failures', []))}")
+    current = file_hashes(folder)
+    recorded = report.get("files", {})
+    changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
+    if changed:
+        raise VerificationError(f"{folder} changed since verification ({', '.join(changed[:5])}); verify again")
+    return report
