@@ -187,6 +187,7 @@ def verify(
             f"base {base} has {base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers} layers"
             f" but the plan was made for {plan.num_layers}"
         )
+    _check_layer_fields(text_cfg, base_loaded.model, plan)
     try:
         from transformers import AutoModelForCausalLM
 
@@ -275,6 +276,20 @@ def verify(
     if failures:
         raise VerificationError(f"verification of {folder} failed: {'; '.join(failures)}")
     return report
+
+
+def _check_layer_fields(export_cfg: dict[str, Any], base_model: Any, plan: LayerPlan) -> None:
+    """The export's per-layer config fields must be the base's, remapped through its stored plan."""
+    from .architectures import arch_spec, layer_config
+    from .repeat import remap_layer_fields
+
+    spec = arch_spec(base_model.config.model_type)
+    expected = remap_layer_fields(layer_config(base_model.config, spec), spec, plan.order)
+    for name, value in expected.items():
+        if name in export_cfg and export_cfg[name] != value:
+            raise VerificationError(
+                f"config.{name} does not follow the stored plan (expected {value!r}, found {export_cfg[name]!r})"
+            )
 
 
 def check_verified(folder: str | Path) -> dict[str, Any]:

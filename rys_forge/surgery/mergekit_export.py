@@ -177,8 +177,17 @@ def default_recipe_name(base: str | Path, plan: LayerPlan) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0].strip() if text else ''}".rstrip(": ")
+    """`Type: first line of the message`, plus the first line of a chained cause (transformers'
+    config validation puts the useful text there)."""
+
+    def line(e: BaseException) -> str:
+        text = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
+        return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+    head, cause = line(exc), exc.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in head:
+        head += f" ({line(cause)})"
+    return head
 
 
 def _resolve_base(base: str | Path) -> Path:
@@ -238,7 +247,8 @@ def _config_section(data: dict, dotted: str) -> dict:
 
 
 def _ties_embeddings(config: Any, spec: ArchSpec) -> bool:
-    return bool(getattr(config, "tie_word_embeddings", False) or getattr(layer_config(config, spec), "tie_word_embeddings", False))
+    top = getattr(config, "tie_word_embeddings", False)
+    return bool(top or getattr(layer_config(config, spec), "tie_word_embeddings", False))
 
 
 @contextmanager
@@ -316,7 +326,8 @@ def _check_output(
         extra = sorted(n for n in out_sizes if not layer_key.match(n) and n not in base_names)
         if extra:
             raise MergekitExportError(
-                f"mergekit wrote tensors the tied base does not have ({', '.join(extra)}); the embedding tie would break"
+                f"mergekit wrote tensors the tied base does not have ({', '.join(extra)});"
+                " the embedding tie would break"
             )
     try:
         config = AutoConfig.from_pretrained(out_dir)
