@@ -54,6 +54,10 @@ def visit_copy(module: nn.Module, layer_idx: int) -> nn.Module:
     clone._buffers = dict(module._buffers)
     clone._modules = dict(module._modules)
     clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for name, value in module.__dict__.items():
+        if "hooks" in name and isinstance(value, dict):
+            # Hooks present now fire on every visit; a hook added to one visit stays on that visit.
+            clone.__dict__[name] = type(value)(value)
     if "_hf_hook" in module.__dict__:
         _rehook(module, clone)
     if "layer_idx" in module.__dict__:

@@ -149,3 +149,16 @@ def test_apply_twice_refused_and_restore_after_error(tiny_model_dirs):
         with repeated(model, LayerPlan.from_windows(["1:4"], 6)):
             raise RuntimeError("boom")
     assert len(model.model.layers) == 6 and model.config.num_hidden_layers == 6
+
+
+def test_hooks_are_per_visit(tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs["llama"])).model
+    calls = {"base": 0, "visit": 0}
+    handle = model.model.layers[2].register_forward_pre_hook(lambda *a: calls.__setitem__("base", calls["base"] + 1))
+    with torch.no_grad(), repeated(model, LayerPlan.from_windows(["2:5"], 6)):
+        visit = model.model.layers[5].register_forward_pre_hook(lambda *a: calls.__setitem__("visit", calls["visit"] + 1))
+        model(_prompt(5, model.config.vocab_size))
+        visit.remove()
+    handle.remove()
+    assert calls == {"base": 2, "visit": 1}  # a base hook fires on both visits; a visit's hook on its own
+    assert not model.model.layers[2]._forward_pre_hooks

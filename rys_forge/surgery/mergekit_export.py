@@ -220,7 +220,11 @@ def _dtype_name(dtype: str | None, config: Any) -> str:
     from ..models import parse_dtype
 
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        try:
+            dtype = parse_dtype(stored)
+        except UsageError:  # e.g. float64 or "auto" in the base config: not the user's choice
+            dtype = "float32"
     name = str(parse_dtype(dtype)).replace("torch.", "")
     return _DTYPE_NAMES[name]
 
@@ -362,6 +366,7 @@ def export_mergekit(
     recipes_dir: str | Path | None = None,
     dtype: str | None = None,
     rys_version: str | None = None,
+    base_label: str | None = None,
     quiet: bool = True,
 ) -> MergekitExport:
     """Build the duplicated-weights checkpoint of `plan` with mergekit's passthrough merge.
@@ -374,6 +379,8 @@ def export_mergekit(
         recipes_dir: also write the recipe to `recipes_dir/<recipe_name>.yml` (after success).
         dtype: output dtype (`float32`, `bfloat16`, `float16`); default the base config's dtype.
         rys_version: version recorded in the recipe and config (default: the installed rys-forge).
+        base_label: how the recipe header names the base (default `str(base)`; pass the user's
+            spec, e.g. `gemma-3-270m`, when `base` is a resolved cache folder).
         quiet: hide mergekit's progress bars.
 
     Returns:
@@ -406,7 +413,7 @@ def export_mergekit(
     ties = _ties_embeddings(config, spec)
     dtype_name = _dtype_name(dtype, config)
     slices = tuple(plan_to_slices(plan.order))
-    text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base))
+    text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base) if base_label is None else base_label)
 
     import yaml
     from mergekit.architecture import get_architecture_info

@@ -31,6 +31,9 @@ def _visit_copy(module, layer_idx):
     clone._buffers = dict(module._buffers)
     clone._modules = dict(module._modules)
     clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for name, value in module.__dict__.items():
+        if "hooks" in name and isinstance(value, dict):
+            clone.__dict__[name] = type(value)(value)
     if "layer_idx" in module.__dict__:
         clone.layer_idx = layer_idx
     for name, child in module._modules.items():

@@ -1,0 +1,230 @@
+"""rank: probes against independent references, and the run folder (resume, errors, outputs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from rys_forge import probes as probes_module
+from rys_forge.activations import ActivationCache, CachedBatch, cache_activations
+from rys_forge.architectures import ArchSpec
+from rys_forge.cli import main
+from rys_forge.errors import UsageError
+from rys_forge.models import load_model
+from rys_forge.plan import LayerPlan
+from rys_forge.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window
+from rys_forge.prompts import Prompt, load_prompts
+from rys_forge.rank import RankSettings, rank_windows
+from rys_forge.repeat import repeated
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog while the farmer watches.",
+    "def add(a, b):\n    return a + b  # adds two numbers",
+    "2 + 2 = 4, 3 * 7 = 21, and 10 / 4 = 2.5 in decimal arithmetic.",
+    "Le renard brun rapide saute par-dessus le chien paresseux.",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_model_dirs):
+    return load_model(str(tiny_model_dirs["gemma3_text"]))
+
+
+@pytest.fixture(scope="module")
+def cache(gemma):
+    return cache_activations(gemma.model, gemma.tokenizer, TEXTS, ["a", "b", "a", "b"], max_tokens=20, batch_size=3, kl_positions=5)
+
+
+def _capture_inputs(model, ids, mask, positions):
+    """Residual stream entering the given visit positions of the (repeated) model."""
+    seen = {}
+    hooks = [
+        model.model.layers[p].register_forward_pre_hook(lambda m, a, k, p=p: seen.__setitem__(p, (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+        for p in positions
+    ]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out.logits
+
+
+@pytest.mark.parametrize("repeats", [2, 3])
+def test_iterates_equal_manual_forward_through_repeated_model(gemma, cache, repeats):
+    i, j = 2, 5
+    batch = cache.batches[0]
+    mask = (batch.input_ids != gemma.tokenizer.pad_token_id).long()
+    plan = LayerPlan.from_windows([f"{i}:{j}"], 8, repeats)
+    # In the repeated model, visit position j + (n-1)(j-i) receives z_n.
+    positions = [j + (n - 1) * (j - i) for n in range(1, repeats + 1)]
+    with repeated(gemma.model, plan):
+        seen, logits = _capture_inputs(gemma.model, batch.input_ids, mask, positions)
+    t = Trajectory(cache, i, j, ProbeSettings())
+    with torch.no_grad():
+        for n, p in enumerate(positions, start=1):
+            assert (t.states(n)[0] - seen[p])[batch.valid].abs().max().item() <= 1e-5
+        assert torch.equal(t.states(1)[0], batch.hidden[j])  # z_1 is the cached x_j
+        if repeats == 2:
+            # KL probe against torch.distributions on the repeated model's own logits.
+            rows, cols = batch.kl_index[:, 0], batch.kl_index[:, 1]
+            base_logits = gemma.model(input_ids=batch.input_ids, attention_mask=mask).logits[rows, cols]
+            kl_ref = torch.distributions.kl_divergence(
+                torch.distributions.Categorical(logits=base_logits), torch.distributions.Categorical(logits=logits[rows, cols])
+            )
+            kl_probe, _ = t.kl_per_position(2)
+            assert torch.allclose(kl_probe[: kl_ref.numel()], kl_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_residual_force_closed_form_matches_raw_cosine(cache):
+    row = probe_window(cache, 1, 4, ["residual_force"], ProbeSettings())
+    x_i = cache.pooled(1).double()
+    x_j = cache.pooled(4).double()
+    raw = (x_i * x_j).sum() / (x_i.norm() * x_j.norm())
+    closed = (1 + row["rho"] * row["cos_phi"]) / math.sqrt(1 + row["rho"] ** 2 + 2 * row["rho"] * row["cos_phi"])
+    assert abs(closed - raw.item()) <= 1e-9
+    assert abs(row["cos_raw"] - raw.item()) <= 1e-9
+    assert abs(row["rho"] - ((x_j - x_i).norm() / x_i.norm()).item()) <= 1e-9
+
+
+def test_score_and_delta_definitions(cache):
+    row = probe_window(cache, 2, 6, ["update", "cka", "decoder", "kl"], ProbeSettings())
+    t = Trajectory(cache, 2, 6, ProbeSettings())
+    with torch.no_grad():
+        z = [t.z(n).double() for n in range(4)]
+    d0 = ((z[1] - z[0]).norm() / z[0].norm()).item()
+    d1 = ((z[2] - z[1]).norm() / z[1].norm()).item()
+    assert row["delta_0"] == pytest.approx(d0, rel=1e-9) and row["r_0"] == pytest.approx(d1 / d0, rel=1e-9)
+    config = probes_module.ScoreConfig()
+    s = probes_module.score(row, config)
+    expected = (
+        math.exp(-config.alpha * (1 - row["cka_plateau"])) * d0 / (d0 + config.c)
+        * math.exp(-config.beta * max(0.0, d1 / d0 - 1)) * math.exp(-config.gamma * row["d_dec"] - config.eta * row["d_kl"])
+    )
+    assert s["score"] == pytest.approx(expected, rel=1e-9)
+
+
+class _LinearResidual(nn.Module):
+    def __init__(self, a: torch.Tensor, eps: float):
+        super().__init__()
+        self.a, self.eps = a, eps
+
+    def forward(self, z, **_):
+        return z + self.eps * z @ self.a.T
+
+
+def test_n2_law_on_near_linear_residual_block():
+    """T(z) = z + eps A z: 1-CKA(z_n, z_0) ~ n^2 (1-CKA(z_1, z_0)) to first order in eps."""
+    gen = torch.Generator().manual_seed(0)
+    d, n_tokens = 16, 400
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    x0 = torch.randn(1, n_tokens, d, generator=gen, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2.0, d, dtype=torch.float64))
+    layer = _LinearResidual(a, eps=0.01)
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([layer])
+    batch = CachedBatch(
+        input_ids=torch.zeros(1, n_tokens, dtype=torch.long), valid=torch.ones(1, n_tokens, dtype=torch.bool),
+        hidden=[x0, layer(x0)], layer_kwargs=[{}], kl_index=torch.zeros(0, 2, dtype=torch.long), base_logprobs=None, families=["x"],
+    )
+    cache = ActivationCache(model=model, spec=ArchSpec(), batches=[batch], num_layers=1)
+    row = probe_window(cache, 0, 1, ["cka", "n2_fit"], ProbeSettings())
+    assert row["n2_r2_pure"] > 0.995
+    assert row["n2_a_pure"] == pytest.approx(row["cka_drift_1"], rel=0.05)
+    assert row["cka_drift_2"] / row["cka_drift_1"] == pytest.approx(4.0, rel=0.05)
+
+
+def test_jacobian_top_singular_value_matches_explicit_jacobian(tiny_model_dirs):
+    loaded = load_model(str(tiny_model_dirs["llama"]))
+    small = cache_activations(loaded.model, loaded.tokenizer, TEXTS[:1], max_tokens=6, kl_positions=0)
+    settings = ProbeSettings(jacobian_k=2, jacobian_iters=300)
+    values = jacobian_spectrum(small, 1, 3, settings)
+    batch = small.batches[0]
+    z0 = batch.hidden[1].detach()
+    jac = torch.autograd.functional.jacobian(lambda z: small.block(batch, 1, 3, z), z0)
+    reference = torch.linalg.svdvals(jac.reshape(z0.numel(), z0.numel()).double())
+    assert values["jac_sv_1"] == pytest.approx(reference[0].item(), rel=1e-3)
+    assert values["jac_sv_2"] == pytest.approx(reference[1].item(), rel=1e-2)
+
+
+def _prompts():
+    return [Prompt(f"p{k}", fam, text) for k, (fam, text) in enumerate(zip(["a", "b", "a", "b"], TEXTS))]
+
+
+def test_rank_run_folder_resume_and_outputs(gemma, tmp_path, monkeypatch):
+    settings = RankSettings(max_tokens=16, jacobian_top=2, jacobian_iters=3, top_k=3, overlap_families=("a", "b"))
+    full = rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "full", progress=False)
+    assert len(full.rows) == 28  # 8 layers, width >= 2
+    for row in full.rows:
+        for key in ("score", "cka_plateau", "delta_0", "r_0", "d_dec", "d_kl", "mmd2", "mahalanobis", "n2_a"):
+            assert not math.isnan(row[key]), (row["window"], key)
+    assert full.summary["self_check"]["max_abs_diff"] == 0.0
+    assert "jac_sv_1" in full.rows[0] and "jac_sv_1" not in full.rows[-1]
+    assert [r["score"] for r in full.rows] == sorted((r["score"] for r in full.rows), reverse=True)
+    files = {p.name for p in (tmp_path / "full").iterdir()}
+    assert {"windows.csv", "windows.json", "summary.json", "heatmap_score.png", "heatmap_d_kl.png", "layer_cka.png", "repeat_curves.png"} <= files
+    assert full.summary["family_overlap"]["k"] == 3
+
+    # Interrupt after 5 windows, then resume: the same table.
+    real = probes_module.probe_window
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("rys_forge.rank.probe_window", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "part", progress=False)
+    log = (tmp_path / "part" / "windows.jsonl").read_text().splitlines()
+    assert len(log) == 5 and not (tmp_path / "part" / "summary.json").exists()
+    with (tmp_path / "part" / "windows.jsonl").open("a") as handle:
+        handle.write('{"window": "7:8", "torn')  # a torn last line must be ignored
+    monkeypatch.setattr("rys_forge.rank.probe_window", real)
+    with pytest.raises(UsageError, match="--resume"):
+        rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "part", progress=False)
+    other = RankSettings(**{**settings.__dict__, "max_tokens": 17})
+    with pytest.raises(UsageError, match="settings differ"):
+        rank_windows(gemma.model, gemma.tokenizer, _prompts(), other, out_dir=tmp_path / "part", resume=True, progress=False)
+    resumed = rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "part", resume=True, progress=False)
+    assert resumed.summary["timings"]["windows_probed_this_session"] == 23
+    by_window = {r["window"]: r for r in full.rows}
+    for row in resumed.rows:
+        assert row["score"] == pytest.approx(by_window[row["window"]]["score"], rel=1e-9, abs=1e-12)
+
+
+def _one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+
+
+def test_rank_cli_errors(tiny_model_dirs, tmp_path):
+    model = str(tiny_model_dirs["llama"])
+    run = lambda *args: CliRunner().invoke(main, ["rank", "--model", model, "--out", str(tmp_path / "r"), *args])  # noqa: E731
+    _one_line_error(run("--probes", "cka,nope"), "unknown probe 'nope'")
+    _one_line_error(run("--max-width", "9"), "--max-width 9 is out of range; allowed 2..6")
+    _one_line_error(run("--window", "4:9"), "ends past the model's 6 layers")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    _one_line_error(run("--prompts", str(empty)), "empty.txt")
+
+
+def test_rank_cli_runs_and_prints_table(tiny_model_dirs, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        main, ["rank", "--model", str(tiny_model_dirs["qwen3"]), "--out", str(out), "--prompts-per-family", "2",
+               "--max-tokens", "12", "--jacobian", "none", "--no-progress", "--top-k", "3", "--overlap", "math,code"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "top 3 windows" in result.output and "overlap math vs code" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["windows"] == 15 and len(summary["top_k"]) == 3
