@@ -625,7 +625,8 @@ def _compare(
     notes: list[str] = []
     groups = base.get("groups") or {}
     members = {m for subtasks in groups.values() for m in subtasks}
-    for task, base_entry in base["results"].items():
+    for task in _ordered_names(base["results"], groups):
+        base_entry = base["results"][task]
         rys_entry = rys["results"].get(task)
         if rys_entry is None:
             notes.append(f"{task}: missing from the RYS results")
@@ -661,6 +662,26 @@ def _compare(
                 _paired_test(row, task, metric, filt, base, rys, info, paired_items, notes, n_resamples, seed)
             rows.append(row)
     return rows, paired_items, notes
+
+
+def _ordered_names(results: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """Result names with every group directly followed by its members (lm-eval lists groups last)."""
+    members = {m for subtasks in groups.values() for m in subtasks}
+    ordered: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in ordered or name not in results:
+            return
+        ordered.append(name)
+        for member in groups.get(name, ()):
+            visit(member)
+
+    for name in results:
+        if name not in members:
+            visit(name)
+    for name in results:  # members of groups that are not in the results themselves
+        visit(name)
+    return ordered
 
 
 def _paired_test(
@@ -774,6 +795,10 @@ def _check_batch_size(batch_size: int | str) -> int | str:
     raise UsageError(f"bad batch size {batch_size!r}; use a positive integer, 'auto' or 'auto:N'")
 
 
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
 def _read_target_config(target: str) -> tuple[str, dict[str, Any]]:
     """Resolve an export target and read its config (a local folder's config.json, else the hub config).
 
@@ -874,6 +899,8 @@ def evaluate(
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    windows = [windows] if isinstance(windows, str) else list(windows)
     if (target is None) == (model is None):
         raise UsageError("give either an exported folder TARGET or --model M with --window i:j (not both)")
     if model is not None and not windows:
@@ -882,9 +909,9 @@ def evaluate(
         raise UsageError("--window applies to --model only; an export's plan is stored in its config")
     if model is not None and base is not None:
         raise UsageError("--base applies to an exported TARGET; with --model the base is the model itself")
-    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+    if limit is not None and not _is_count(limit, 1):
         raise UsageError(f"--limit must be a positive integer (items per task), got {limit!r}")
-    if num_fewshot is not None and (isinstance(num_fewshot, bool) or int(num_fewshot) != num_fewshot or num_fewshot < 0):
+    if num_fewshot is not None and not _is_count(num_fewshot, 0):
         raise UsageError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
     if bootstrap_iters < 0 or n_resamples < 1:
         raise UsageError("bootstrap_iters must be >= 0 and n_resamples >= 1")
@@ -896,10 +923,14 @@ def evaluate(
     # Tasks first: a typo fails in a second, before any model is loaded. lm-eval's built-in registry is
     # indexed (several seconds) only when a name is not a local / include-path task.
     t0 = time.perf_counter()
+    manager = task_manager(include_path, include_defaults=False)
     try:
-        manager = task_manager(include_path, include_defaults=False)
         names = resolve_tasks(tasks, manager)
     except TaskError:
+        requested = [part.strip() for item in tasks for part in str(item).split(",") if part.strip()]
+        known = set(manager.all_tasks)
+        if all(name in known for name in requested):
+            raise  # a known name with a problem (missing data file): lm-eval's registry will not help
         manager = task_manager(include_path, include_defaults=True)
         names = resolve_tasks(tasks, manager)
     timings["tasks"] = time.perf_counter() - t0
@@ -917,12 +948,17 @@ def evaluate(
             export_info = {k: v for k, v in block.items() if k != "plan"}
             if isinstance(block.get("plan"), dict):
                 plan = LayerPlan.from_dict(block["plan"])
-        base_source = base or (block or {}).get("base_model")
+        recorded = (block or {}).get("base_model")
+        base_source = base or recorded
         if not base_source:
             raise UsageError(
                 f"no base model for {target}: its config records none (rys.base_model); pass --base M"
             )
         base_source = str(base_source)
+        if base is None and not Path(base_source).expanduser().exists():
+            beside = Path(target_folder) / base_source  # a relative path recorded relative to the export
+            if not Path(base_source).is_absolute() and (beside / "config.json").is_file():
+                base_source = str(beside)
         rys_label = target
     else:
         base_source = str(model)
@@ -983,8 +1019,8 @@ def evaluate(
         with repeated(loaded.model, plan):
             rys_run = _run_lm_eval(loaded.model, loaded.tokenizer, manager, names, **run_kwargs)
         timings["rys_eval"] = time.perf_counter() - t0
-        _free(holder)
         del loaded
+        _free(holder)
     else:
         if base_run is None:
             _say(progress, f"loading the base model {base_source}")

@@ -145,3 +145,20 @@ def test_build_refuses_existing_out_and_cli_reports(tiny_model_dirs, tmp_path):
     assert bad.exit_code == 2 and "ends past the model's 6 layers" in bad.output
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3"])
+def test_both_formats_agree_and_mergekit_grows(layerlist_exports, tiny_model_dirs, tmp_path, model_type):
+    from transformers import AutoModelForCausalLM
+
+    merged = build(str(tiny_model_dirs[model_type]), ["2:5"], tmp_path / "mk", format="mergekit", recipes_dir=tmp_path / "recipes")
+    assert merged.verification["passed"] and merged.verification["format"] == "mergekit"
+    assert (tmp_path / "mk" / "rys_recipe.yml").exists() and list((tmp_path / "recipes").glob("*.yml"))
+    plan = merged.plan
+    expected = 1 + plan.extra_layers / plan.num_layers  # the repeated layers' share (embeddings make it a bit less)
+    assert 1.0 < merged.verification["metrics"]["bytes_ratio"] <= expected
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mk", attn_implementation="eager").eval()
+    b = AutoModelForCausalLM.from_pretrained(layerlist_exports[model_type].path, trust_remote_code=True, attn_implementation="eager").eval()
+    ids = torch.randint(4, 300, (2, 3 * SLIDING_WINDOW), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max().item() <= 1e-5

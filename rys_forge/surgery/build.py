@@ -111,10 +111,12 @@ def build(
             target.mkdir()
             export_layerlist(loaded.model, loaded.tokenizer, plan, target, block)
         else:
-            from .mergekit_export import export_mergekit
+            from .mergekit_export import default_recipe_name, export_mergekit
 
-            name = f"{Path(loaded.source).name.replace('.gguf', '')}-rys-{'_'.join(str(w).replace(':', '-') for w in plan.windows) or 'plan'}"
-            export_mergekit(loaded.path, plan, target, recipe_name=name, recipes_dir=Path(recipes_dir) if recipes_dir else None)
+            export_mergekit(
+                loaded.path, plan, target, recipe_name=default_recipe_name(loaded.source, plan),
+                recipes_dir=Path(recipes_dir) if recipes_dir else None, base_label=loaded.source,
+            )
             config_file = target / "config.json"
             config = json.loads(config_file.read_text())
             config.setdefault("rys", {}).update({k: v for k, v in block.items() if k != "format"})
