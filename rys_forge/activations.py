@@ -36,7 +36,9 @@ class CachedBatch:
             (`hidden[L]` enters the final norm).
         layer_kwargs: per layer, the keyword arguments the base pass gave it.
         kl_index: `[K, 2]` (row, position) pairs where logits are compared.
-        base_logprobs: `[K, V]` float32 log-probabilities of the base model at `kl_index`.
+        base_logits: `[K, V]` float32 logits of the base model at `kl_index`.
+        base_probs: `[K, V]` their softmax.
+        base_top1: `[K]` the base model's argmax token.
         families: prompt family of each row.
     """
 
@@ -45,7 +47,9 @@ class CachedBatch:
     hidden: list[torch.Tensor]
     layer_kwargs: list[dict[str, Any]]
     kl_index: torch.Tensor
-    base_logprobs: torch.Tensor | None
+    base_logits: torch.Tensor | None
+    base_probs: torch.Tensor | None
+    base_top1: torch.Tensor | None
     families: list[str]
 
 
@@ -59,6 +63,7 @@ class ActivationCache:
     num_layers: int
     tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-layer statistics shared by windows
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -80,21 +85,34 @@ class ActivationCache:
             z = out[0] if isinstance(out, tuple) else out
         return z
 
-    def logprobs_from(self, batch: CachedBatch, start: int, z: torch.Tensor) -> torch.Tensor:
+    def logits_from(self, batch: CachedBatch, start: int, z: torch.Tensor) -> torch.Tensor:
         """Run layers `start..L-1` from `z` (the stream entering layer `start`), then the head at the
-        batch's KL positions; returns `[K, V]` float32 log-probabilities."""
+        batch's KL positions; returns `[K, V]` float32 logits."""
         z = self.block(batch, start, self.num_layers, z)
         rows, cols = batch.kl_index[:, 0], batch.kl_index[:, 1]
-        return head_logprobs(self.model, self.spec, z[rows, cols])
+        return head_logits(self.model, self.spec, z[rows, cols])
+
+    @staticmethod
+    def kl_to_base(batch: CachedBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position KL(p_base || softmax(logits)) and top-1 agreement.
+
+        With `u = logits - base_logits`, `KL = log <p, exp(u)> - <p, u>`: two dot products over the
+        vocabulary, no log-softmax of the RYS logits, and no cancellation between large terms (u is
+        small where the models agree), so float32 stays accurate for tiny KLs.
+        """
+        shift = logits - batch.base_logits
+        p = batch.base_probs.unsqueeze(1)
+        kl = torch.log(torch.bmm(p, shift.exp().unsqueeze(2)).flatten()) - torch.bmm(p, shift.unsqueeze(2)).flatten()
+        return kl.clamp_min(0.0), logits.argmax(-1) == batch.base_top1
 
 
-def head_logprobs(model: nn.Module, spec: ArchSpec, x_last: torch.Tensor) -> torch.Tensor:
+def head_logits(model: nn.Module, spec: ArchSpec, x_last: torch.Tensor) -> torch.Tensor:
     """Final norm, LM head and (where the config has one) logit soft-capping on `[K, d]` states."""
     logits = model.lm_head(get_path(model, spec.final_norm_path)(x_last)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1)
+    return logits
 
 
 def _kl_positions(valid: torch.Tensor, per_row: int, generator: torch.Generator) -> torch.Tensor:
@@ -186,9 +204,11 @@ def cache_activations(
             )
             kl_index = _kl_positions(valid, kl_positions, generator).to(device)
             hidden = [captured[k][0] for k in range(num_layers + 1)]
-            base = None
+            logits = probs = top1 = None
             if kl_index.numel():
-                base = head_logprobs(model, spec, hidden[num_layers][kl_index[:, 0], kl_index[:, 1]])
+                logits = head_logits(model, spec, hidden[num_layers][kl_index[:, 0], kl_index[:, 1]])
+                probs = torch.softmax(logits, dim=-1)
+                top1 = logits.argmax(-1)
             batches.append(
                 CachedBatch(
                     input_ids=ids,
@@ -196,7 +216,9 @@ def cache_activations(
                     hidden=hidden,
                     layer_kwargs=[captured[k][1] for k in range(num_layers)],
                     kl_index=kl_index,
-                    base_logprobs=base,
+                    base_logits=logits,
+                    base_probs=probs,
+                    base_top1=top1,
                     families=[families[k] for k in rows],
                 )
             )

@@ -131,7 +131,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--kl-positions", default=4, show_default=True, type=int, help="Positions per prompt where logits are compared.")
 @click.option("--debiased-cka", is_flag=True, help="Use the debiased CKA estimator (Davari et al. 2022).")
 @click.option("--jacobian", type=click.Choice(["top", "all", "none"]), default="top", show_default=True, help="Windows that get the Jacobian spectrum: the top by score, all, or none.")
-@click.option("--jacobian-top", default=10, show_default=True, type=int, help="How many top windows get the Jacobian spectrum.")
+@click.option("--jacobian-top", default=5, show_default=True, type=int, help="How many top windows get the Jacobian spectrum.")
 @click.option("--top-k", default=10, show_default=True, type=int, help="Windows in the short list, the table and the curves.")
 @click.option("--overlap", default=None, help="Two prompt families, e.g. math,reasoning: report their top-k overlap.")
 @click.option("--score-config", default=None, type=click.Path(), help="JSON overriding the score constants and class thresholds.")
@@ -256,6 +256,48 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str) -> None
     report = run_verify(folder, model_name, dtype=dtype, device=device)
     _print_verification(report.to_dict())
     click.echo(f"verified: {folder}")
+
+
+@main.command(name="eval")
+@click.argument("target", required=False)
+@click.option("--model", "-m", "model_name", default=None, help="Evaluate the in-memory repeat of this model (with --window) instead of an export.")
+@click.option("--window", "windows", multiple=True, help=f"With --model: window(s) to repeat. {WINDOW_CONVENTION}.")
+@click.option("--repeats", default=2, show_default=True, type=int, help="With --model: visits of each window's block.")
+@click.option("--base", default=None, help="Base model of TARGET (default: the one recorded at build time).")
+@click.option("--tasks", required=True, help="Comma list of tasks: local (rys_arc_easy, rys_piqa, ..., rys_suite) or lm-eval registry names.")
+@click.option("--limit", default=None, type=int, help="Items per task (default: all).")
+@click.option("--num-fewshot", default=None, type=int, help="Few-shot examples (default: the task's).")
+@click.option("--include-path", default=None, type=click.Path(), help="Extra folder of lm-eval task YAMLs.")
+@click.option("--batch-size", default="1", show_default=True, help="Batch size (N, auto or auto:N).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
+@click.option("--out", default=None, type=click.Path(), help="Folder for eval.json (an export folder gets one anyway).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of lm-eval and the bootstrap.")
+@handle_errors
+def eval_command(target: str | None, model_name: str | None, windows: tuple[str, ...], repeats: int, base: str | None,
+                 tasks: str, limit: int | None, num_fewshot: int | None, include_path: str | None, batch_size: str,
+                 device: str, dtype: str, out: str | None, seed: int) -> None:
+    """Evaluate TARGET (an export folder) or --model M --window i:j against its base with lm-eval.
+
+    Prints base, RYS, delta and standard errors per task and metric, with a paired test per task
+    (McNemar's exact test for accuracies, a paired bootstrap otherwise); saves eval.json.
+    Offline by default: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set unless you set them yourself.
+    """
+    from .errors import UsageError
+    from .evaluate import evaluate, format_table
+
+    if bool(target) == bool(model_name):
+        raise UsageError("give either TARGET (an export folder) or --model M --window i:j")
+    if model_name and not windows:
+        raise UsageError("--model needs at least one --window i:j")
+    report = evaluate(
+        target, model=model_name, windows=list(windows), repeats=repeats, base=base, tasks=_split(tasks), limit=limit,
+        num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size, device=device, dtype=dtype,
+        out=out, seed=seed, progress=True,
+    )
+    click.echo(format_table(report))
+    for path in report.saved_to:
+        click.echo(f"saved: {path}")
 
 
 def _print_verification(report: dict) -> None:

@@ -41,3 +41,11 @@ class VerificationError(RysForgeError):
 
 class TaskError(UsageError):
     """An evaluation task is unknown or its data is missing."""
+
+
+class EvaluationError(RysForgeError):
+    """lm-eval failed while running a model on the tasks (out of memory, a model error, ...)."""
+
+
+class MergekitExportError(RysForgeError):
+    """mergekit failed, or its output is not the checkpoint the plan describes."""

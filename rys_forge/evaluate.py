@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from . import stats
-from .errors import ModelLoadError, RysForgeError, TaskError, UsageError
+from .errors import EvaluationError, ModelLoadError, RysForgeError, TaskError, UsageError
 from .local_tasks import offline_env, resolve_tasks, task_data_files, task_manager
 from .models import BUILTIN_MODELS, cache_dir, load_model, parse_device, parse_dtype, resolve_source
 from .plan import LayerPlan
@@ -89,8 +89,6 @@ _IDENTITY_SKIP = frozenset({EVAL_FILE})
 _LOG = logging.getLogger("rys_forge.evaluate")
 
 
-class EvaluationError(RysForgeError):
-    """lm-eval failed while running a model on the tasks (out of memory, a model error, ...)."""
 
 
 # --------------------------------------------------------------------------- report
@@ -1114,7 +1112,7 @@ def evaluate(
         destinations.append(_report_path(out))
     if target_folder is not None and Path(target_folder).is_dir() and not _is_builtin_cache(target, target_folder):
         destinations.append(Path(target_folder) / EVAL_FILE)
-    destinations = list(dict.fromkeys(p.resolve() if p.exists() else p for p in destinations))
+    destinations = list(dict.fromkeys(p.resolve() for p in destinations))
     if destinations:
         text = report._json_text()
         _atomic_write_texts({path: text for path in destinations})
@@ -1124,8 +1122,8 @@ def evaluate(
 
 
 def _is_builtin_cache(target: str, folder: str) -> bool:
-    """A target that resolved into rys-forge's cache (a built-in or a converted GGUF) is not an export
-    folder the user owns: no eval.json is written there."""
+    """Whether the target resolved to another folder than the one named (a built-in or a converted GGUF
+    in rys-forge's cache): that is not an export folder the user owns, so no eval.json is written there."""
     return Path(target).expanduser().resolve() != Path(folder).resolve()
 
 

@@ -19,7 +19,7 @@ The shipped YAMLs are therefore templates (their ``data_files`` are relative to 
 
 ``include`` is lm-eval's own inheritance mechanism: every key comes from the template (whose
 ``!function`` references keep resolving next to the template) and only ``dataset_kwargs`` is replaced by the
-absolute version. The folder lives in the user cache (``$RYS_FORGE_CACHE_DIR``, else
+absolute version. The folder lives in the user cache (``$RYS_FORGE_CACHE``, else
 ``$XDG_CACHE_HOME/rys-forge``, else ``~/.cache/rys-forge``; the system temp folder if that is not
 writable), under a name derived from its content, so it works from any working directory, from a
 read-only installed wheel, and is rebuilt automatically whenever the package moves or its templates change.
@@ -90,7 +90,7 @@ TEMPLATE_DIR: Path = Path(__file__).resolve().parent / "lm_eval_tasks"
 #: Folder of the shipped JSONL data.
 DATA_DIR: Path = TEMPLATE_DIR / "data"
 #: Environment variable that overrides the cache root of the materialised task folder.
-CACHE_DIR_ENV = "RYS_FORGE_CACHE_DIR"
+CACHE_DIR_ENV = "RYS_FORGE_CACHE"  # the one cache variable of rys-forge (models.cache_dir)
 #: Variables :func:`offline_env` sets to ``1`` when the user has not set them.
 OFFLINE_ENV_VARS: tuple[str, ...] = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
@@ -117,11 +117,9 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
     """Return the folder that holds materialised task folders (not created here)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "rys-forge"
+    from .models import cache_dir as rys_cache_dir
+
+    return rys_cache_dir()
 
 
 def _absolute_data_path(relative: str, data_dir: Path | None) -> str:
@@ -235,7 +233,7 @@ def local_task_dir(
     Args:
         data_dir: Folder to read the JSONL files from instead of the shipped ``lm_eval_tasks/data``
             (same file names). Mostly for tests and for users with their own copies of the data.
-        cache_dir: Root folder for the materialised folders. Defaults to ``$RYS_FORGE_CACHE_DIR``, else
+        cache_dir: Root folder for the materialised folders. Defaults to ``$RYS_FORGE_CACHE``, else
             ``$XDG_CACHE_HOME/rys-forge``, else ``~/.cache/rys-forge``; when that is not writable, a
             ``rys-forge-<user>`` folder in the system temp folder.
 

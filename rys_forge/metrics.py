@@ -47,6 +47,7 @@ import torch
 __all__ = [
     "DEFAULT_DTYPE",
     "JacobianSpectrum",
+    "MahalanobisReference",
     "MahalanobisShift",
     "MMDResult",
     "QuadraticFit",
@@ -59,6 +60,7 @@ __all__ = [
     "kl_from_logits",
     "ledoit_wolf_shrinkage",
     "linear_cka",
+    "mahalanobis_reference",
     "mahalanobis_shift",
     "mmd2_rbf",
     "quadratic_fit",
@@ -752,6 +754,7 @@ def mahalanobis_shift(
     generator: torch.Generator | None = None,
     seed: int = 0,
     dtype: torch.dtype = DEFAULT_DTYPE,
+    reference: "MahalanobisReference | None" = None,
 ) -> MahalanobisShift:
     """Mean Mahalanobis distance of the rows of ``y`` from the mean of ``x``.
 
@@ -787,19 +790,52 @@ def mahalanobis_shift(
     gen = _make_generator(generator, seed)
     xs = _subsample(xm, max_samples, gen)
     ys = _subsample(ym, max_samples, gen)
-    sc = shrunk_covariance(xs, shrinkage=shrinkage, dtype=dtype)
-    chol, info = torch.linalg.cholesky_ex(sc.covariance)
-    if int(info.item()) != 0:
-        return MahalanobisShift(_NAN, _NAN, sc.shrinkage, xs.shape[0], ys.shape[0])
-    dist_y = _mahalanobis_rows(chol, sc.mean, ys)
-    dist_x = _mahalanobis_rows(chol, sc.mean, xs)
+    ref = reference if reference is not None else mahalanobis_reference(xs, shrinkage=shrinkage, dtype=dtype)
+    if ref.cholesky is None:
+        return MahalanobisShift(_NAN, _NAN, ref.shrinkage, ref.n, ys.shape[0])
+    dist_y = _mahalanobis_rows(ref.cholesky, ref.mean, ys)
     return MahalanobisShift(
         mean_distance=dist_y.mean().item(),
-        reference_mean_distance=dist_x.mean().item(),
-        shrinkage=sc.shrinkage,
-        n_x=xs.shape[0],
+        reference_mean_distance=ref.reference_mean_distance,
+        shrinkage=ref.shrinkage,
+        n_x=ref.n,
         n_y=ys.shape[0],
     )
+
+
+@dataclass(frozen=True)
+class MahalanobisReference:
+    """The reference side of :func:`mahalanobis_shift`, reusable across many ``y`` samples.
+
+    Attributes:
+        mean: ``[d]`` mean of the reference sample.
+        cholesky: ``[d, d]`` lower Cholesky factor of its shrunk covariance (None if not PD).
+        shrinkage: Ledoit-Wolf shrinkage used.
+        reference_mean_distance: Mean distance of the reference rows themselves.
+        n: Reference rows used.
+    """
+
+    mean: torch.Tensor
+    cholesky: torch.Tensor | None
+    shrinkage: float
+    reference_mean_distance: float
+    n: int
+
+
+def mahalanobis_reference(
+    x: torch.Tensor, *, shrinkage: float | None = None, dtype: torch.dtype = DEFAULT_DTYPE
+) -> MahalanobisReference:
+    """Mean, shrunk-covariance Cholesky factor and in-sample mean distance of ``x: [N, d]``.
+
+    Computing this once per reference layer saves a ``d^3`` factorisation per window.
+    """
+    xm = _as_matrix(x, "x", dtype, min_rows=2)
+    sc = shrunk_covariance(xm, shrinkage=shrinkage, dtype=dtype)
+    chol, info = torch.linalg.cholesky_ex(sc.covariance)
+    if int(info.item()) != 0:
+        return MahalanobisReference(sc.mean, None, sc.shrinkage, _NAN, xm.shape[0])
+    ref_distance = _mahalanobis_rows(chol, sc.mean, xm).mean().item()
+    return MahalanobisReference(sc.mean, chol, sc.shrinkage, ref_distance, xm.shape[0])
 
 
 # --------------------------------------------------------------------------------------------

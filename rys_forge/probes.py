@@ -161,14 +161,13 @@ class Trajectory:
         if not hasattr(owner, cache_key):
             kls, agree = [], []
             for batch, z in zip(self.cache.batches, self.states(visits)):
-                if batch.base_logprobs is None or not batch.kl_index.numel():
+                if batch.base_probs is None or not batch.kl_index.numel():
                     kls.append(torch.zeros(0))
                     agree.append(torch.zeros(0, dtype=torch.bool))
                     continue
-                rys = self.cache.logprobs_from(batch, self.end, z)
-                base = batch.base_logprobs
-                kls.append((base.exp() * (base - rys)).sum(-1).cpu())
-                agree.append((base.argmax(-1) == rys.argmax(-1)).cpu())
+                kl, same = self.cache.kl_to_base(batch, self.cache.logits_from(batch, self.end, z))
+                kls.append(kl.cpu())
+                agree.append(same.cpu())
             setattr(owner, cache_key, (kls, agree))
         kls, agree = getattr(owner, cache_key)
         keep = self.kl_keep
@@ -256,7 +255,13 @@ def probe_stationarity(t: Trajectory) -> Numbers:
 def probe_junction(t: Trajectory) -> Numbers:
     s = t.settings
     mmd = metrics.mmd2_rbf(t.z(0), t.z(1), max_samples=s.mmd_samples, seed=s.seed, dtype=s.stats_dtype)
-    maha = metrics.mahalanobis_shift(t.z(0), t.z(1), seed=s.seed, dtype=s.stats_dtype)
+    memo = t.cache.memo
+    if memo.get("mahalanobis_start") != t.start:  # one factorisation per start layer (windows come grouped by i)
+        memo["mahalanobis_start"] = t.start
+        memo["mahalanobis_reference"] = metrics.mahalanobis_reference(t.z(0), dtype=s.stats_dtype)
+    maha = metrics.mahalanobis_shift(
+        t.z(0), t.z(1), seed=s.seed, dtype=s.stats_dtype, reference=memo["mahalanobis_reference"]
+    )
     return {
         "mmd2": mmd.mmd2,
         "mahalanobis": maha.mean_distance,

@@ -73,11 +73,11 @@ class RankSettings:
     debiased_cka: bool = False
     mmd_samples: int = 512
     jacobian: str = "top"
-    jacobian_top: int = 10
+    jacobian_top: int = 5
     jacobian_prompts: int = 2
     jacobian_tokens: int = 24
     jacobian_k: int = 3
-    jacobian_iters: int = 12
+    jacobian_iters: int = 8
     top_k: int = 10
     overlap_families: tuple[str, ...] = ()
     stats_dtype: str = "float64"

@@ -32,14 +32,13 @@ MODEL_TYPES = ["llama", "gemma3_text"]  # plain attention, and 5:1 sliding/full 
 
 @pytest.fixture(scope="module")
 def isolated(tmp_path_factory):
-    """Both rys-forge caches (models.cache_dir: RYS_FORGE_CACHE; local_tasks: RYS_FORGE_CACHE_DIR) in tmp,
+    """Both rys-forge caches (models.cache_dir: RYS_FORGE_CACHE; local_tasks: RYS_FORGE_CACHE) in tmp,
     and one torch thread (the machine's cores are shared; oversubscription is much slower)."""
     root = tmp_path_factory.mktemp("eval_cache")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RYS_FORGE_CACHE", str(root / "rys-cache"))
-        mp.setenv(CACHE_DIR_ENV, str(root / "tasks-cache"))
         yield root
     torch.set_num_threads(threads)
 
@@ -175,6 +174,25 @@ def test_export_folder_target(reports, tiny_model_dirs, tmp_path):
     assert (export / EVAL_FILE).is_file() and (out / EVAL_FILE).is_file()
     assert json.loads((export / EVAL_FILE).read_text()) == json.loads((out / EVAL_FILE).read_text())
     in_memory = reports["llama"][0]
+    for task, metric in [("rys_arc_easy", "acc"), ("rys_arc_easy", "acc_norm"), ("rys_lambada_openai", "acc")]:
+        assert report.items[task]["none"][metric] == in_memory.items[task]["none"][metric]
+    assert report.items["rys_lambada_openai"]["none"]["perplexity"]["rys"] == pytest.approx(
+        in_memory.items["rys_lambada_openai"]["none"]["perplexity"]["rys"], abs=1e-3
+    )
+
+
+def test_layerlist_export_target(reports, tiny_model_dirs, tmp_path):
+    """A real layer-list export (rys_forge.surgery.build; trust_remote_code), its base taken from the
+    export's recorded rys.base_model: the RYS items are those of the in-memory repeat."""
+    from rys_forge.surgery.build import build
+
+    base_dir = tiny_model_dirs["gemma3_text"]
+    export = build(str(base_dir), [WINDOW], tmp_path / "export", verify=False).path
+    assert json.loads((export / "config.json").read_text())["rys"]["format"] == "layerlist"
+    report = evaluate(str(export), tasks=TASKS, limit=LIMIT, progress=False)
+    assert report.base_cache_reused and report.settings["base"] == str(base_dir)
+    assert report.saved_to == [str(export / EVAL_FILE)]
+    in_memory = reports["gemma3_text"][0]
     for task, metric in [("rys_arc_easy", "acc"), ("rys_arc_easy", "acc_norm"), ("rys_lambada_openai", "acc")]:
         assert report.items[task]["none"][metric] == in_memory.items[task]["none"][metric]
     assert report.items["rys_lambada_openai"]["none"]["perplexity"]["rys"] == pytest.approx(

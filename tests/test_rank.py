@@ -131,7 +131,7 @@ def test_n2_law_on_near_linear_residual_block():
     model.model.layers = nn.ModuleList([layer])
     batch = CachedBatch(
         input_ids=torch.zeros(1, n_tokens, dtype=torch.long), valid=torch.ones(1, n_tokens, dtype=torch.bool),
-        hidden=[x0, layer(x0)], layer_kwargs=[{}], kl_index=torch.zeros(0, 2, dtype=torch.long), base_logprobs=None, families=["x"],
+        hidden=[x0, layer(x0)], layer_kwargs=[{}], kl_index=torch.zeros(0, 2, dtype=torch.long), base_logits=None, base_probs=None, base_top1=None, families=["x"],
     )
     cache = ActivationCache(model=model, spec=ArchSpec(), batches=[batch], num_layers=1)
     row = probe_window(cache, 0, 1, ["cka", "n2_fit"], ProbeSettings())

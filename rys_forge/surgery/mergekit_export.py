@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..architectures import ArchSpec, arch_spec, layer_config
-from ..errors import ModelLoadError, RysForgeError, UsageError, WindowError
+from ..errors import MergekitExportError, ModelLoadError, RysForgeError, UsageError, WindowError
 from ..plan import LayerPlan
 from ..repeat import remap_layer_fields
 
@@ -68,8 +68,6 @@ _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float1
 _PATCH_LOCK = threading.Lock()
 
 
-class MergekitExportError(RysForgeError):
-    """mergekit failed, or its output is not the checkpoint the plan describes."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,215 @@
+"""Benchmark: `rank` against the naive yardstick (one full forward per window with the plan applied).
+
+Model: random-init Llama-3-8B-shaped (32 layers, hidden 4096, MLP 14336, 32 heads / 8 KV heads,
+vocab 128256), bf16, on one GPU; probe set 32 prompts x 256 random tokens. Measures, in one process:
+
+  (a) naive: for every window of width >= 2 (496), apply the plan in memory and run one full forward
+      of all prompts, KL(base || RYS) over every position (the brute-force probe a user would write);
+  (b) rank: the full probe suite (`rank_windows`: every metric, iterates n up to 4, Jacobian spectrum
+      on the top windows' token subsample).
+
+Prints a table (times, the (b)/(a) ratio, the achieved matmul throughput of the layer passes against
+the measured bf16 peak) and writes JSON to $OUT (or ./bench_out). Usage on the GPU machine:
+
+    PYTHONPATH=. python bench/rank_bench.py [--layers 32] [--windows all|N] [--profile]
+
+With `--tiny` it runs on CPU with a 4-layer toy config (a smoke test of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class SyntheticTokenizer:
+    """Stands in for a tokenizer: prompt `str(k)` maps to a fixed random sequence of token ids."""
+
+    pad_token_id = 0
+
+    def __init__(self, vocab: int, length: int, count: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.sequences = torch.randint(1, vocab, (count, length), generator=gen).tolist()
+
+    def __call__(self, texts, **_):
+        ids = [self.sequences[int(t)] for t in texts]
+        return {"input_ids": ids, "special_tokens_mask": [[0] * len(s) for s in ids]}
+
+
+def build_model(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.tiny:
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512)
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                             max_position_embeddings=8192, rope_theta=500000.0)
+    config._attn_implementation = args.attn
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if not args.tiny else torch.float32)
+    return model.eval()
+
+
+def matmul_peak(device: str) -> float:
+    """Measured bf16 matmul TFLOP/s (8192^3, median of 10 after warm-up)."""
+    if device == "cpu":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * 8192**3 / times[len(times) // 2] / 1e12
+
+
+def sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def layer_flops(config, tokens: int, seq: int) -> float:
+    """Matmul FLOPs of one decoder layer over `tokens` tokens (sequences of length `seq`)."""
+    h, m = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    proj = 2 * tokens * (h * h * 2 + h * kv * 2 + 3 * h * m)
+    attn = 2 * 2 * tokens * seq * h / 2  # QK^T and PV, causal half
+    return proj + attn
+
+
+@torch.no_grad()
+def naive_sweep(model, ids, windows, device):
+    """(a): one full forward per window with the plan applied, KL over all positions."""
+    from rys_forge.plan import LayerPlan
+    from rys_forge.repeat import repeated
+
+    L = model.config.num_hidden_layers
+    chunks = ids.split(8)
+    base = [torch.log_softmax(model(c).logits.float(), -1) for c in chunks]
+    sync(device)
+    start = time.perf_counter()
+    kls = {}
+    for w in windows:
+        with repeated(model, LayerPlan.from_windows([w], L)):
+            total = 0.0
+            for c, lp in zip(chunks, base):
+                lq = torch.log_softmax(model(c).logits.float(), -1)
+                total += (lp.exp() * (lp - lq)).sum(-1).mean().item() / len(chunks)
+        kls[str(w)] = total
+    sync(device)
+    return time.perf_counter() - start, kls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--windows", default="all", help="all, or the first N windows (both (a) and (b))")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--stats-dtype", default="float32")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of (b) on the first 8 windows")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if args.tiny:
+        args.prompts, args.seq = 4, 16
+
+    from rys_forge.plan import all_windows
+    from rys_forge.prompts import Prompt
+    from rys_forge.rank import RankSettings, rank_windows
+
+    model = build_model(args)
+    L = model.config.num_hidden_layers
+    windows = all_windows(L)
+    if args.windows != "all":
+        windows = windows[: int(args.windows)]
+    tokenizer = SyntheticTokenizer(model.config.vocab_size, args.seq, args.prompts)
+    prompts = [Prompt(str(k), "synthetic", str(k)) for k in range(args.prompts)]
+    ids = torch.tensor(tokenizer.sequences, device=args.device)
+    peak = matmul_peak(args.device)
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "peak_bf16_tflops": peak,
+               "layers": L, "windows": len(windows), "tokens": args.prompts * args.seq, "attn": args.attn}
+
+    # Plain forward throughput (the reference point the issue quotes: ~63% of peak).
+    with torch.no_grad():
+        for _ in range(2):
+            model.model(ids)
+        sync(args.device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model.model(ids)
+        sync(args.device)
+        fwd = (time.perf_counter() - t0) / 3
+    fwd_flops = L * layer_flops(model.config, ids.numel(), args.seq)
+    results["forward_s"] = fwd
+    results["forward_tflops"] = fwd_flops / fwd / 1e12
+
+    if not args.skip_naive:
+        naive_s, _ = naive_sweep(model, ids, windows, args.device)
+        results["naive_s"] = naive_s
+
+    settings = RankSettings(windows=[str(w) for w in windows], max_tokens=args.seq, batch_size=args.prompts,
+                            kl_positions=16, stats_dtype=args.stats_dtype, jacobian="top", jacobian_top=10,
+                            jacobian_prompts=1, jacobian_tokens=64, jacobian_iters=8)
+    sync(args.device)
+    t0 = time.perf_counter()
+    result = rank_windows(model, tokenizer, prompts, settings, progress=False)
+    sync(args.device)
+    rank_s = time.perf_counter() - t0
+    results["rank_s"] = rank_s
+    results["rank_timings"] = result.summary["timings"]
+    # Layer passes of the probe loop: z_2..z_n (n-1 applications of the block) + the tail for KL.
+    n = settings.iterations
+    passes = sum((n - 1) * w.width + (L - w.end) for w in windows)
+    probe_flops = passes * layer_flops(model.config, ids.numel(), args.seq)
+    results["probe_layer_passes"] = passes
+    results["probe_tflops"] = probe_flops / result.summary["timings"]["windows_s"] / 1e12
+    results["rank_over_naive"] = rank_s / results["naive_s"] if "naive_s" in results else None
+
+    if args.profile and args.device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        few = RankSettings(**{**settings.__dict__, "windows": [str(w) for w in windows[:8]], "jacobian": "none"})
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            rank_windows(model, tokenizer, prompts, few, progress=False)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        results["profile"] = table
+        print(table)
+
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rank_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    pct = lambda v: f"{100 * v / peak:.0f}%" if peak == peak else "-"  # noqa: E731
+    print(f"\n{'measure':44s} {'value':>12s}")
+    print(f"{'device':44s} {results['device']:>12s}")
+    print(f"{'measured bf16 matmul peak (TFLOP/s)':44s} {peak:12.1f}")
+    print(f"{'plain forward, %d tokens (s)' % ids.numel():44s} {fwd:12.3f}  ({results['forward_tflops']:.0f} TFLOP/s, {pct(results['forward_tflops'])})")
+    if "naive_s" in results:
+        print(f"{'(a) naive sweep, %d windows (s)' % len(windows):44s} {results['naive_s']:12.1f}")
+    print(f"{'(b) rank, all probes (s)' :44s} {rank_s:12.1f}")
+    t = result.summary["timings"]
+    print(f"{'    base pass / windows / jacobian / curves':44s} {t['base_pass_s']:.1f} / {t['windows_s']:.1f} / {t['jacobian_s']:.1f} / {t['repeat_curves_s']:.1f}")
+    print(f"{'    probe layer passes: achieved TFLOP/s':44s} {results['probe_tflops']:12.0f}  ({pct(results['probe_tflops'])} of peak)")
+    if results["rank_over_naive"]:
+        print(f"{'(b) / (a)':44s} {results['rank_over_naive']:12.2f}  (target <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
