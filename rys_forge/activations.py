@@ -40,6 +40,7 @@ class CachedBatch:
         base_probs: `[K, V]` their softmax.
         base_top1: `[K]` the base model's argmax token.
         families: prompt family of each row.
+        deep: whether the deeper iterates `z_3..z_n` are computed on this batch.
     """
 
     input_ids: torch.Tensor
@@ -51,6 +52,7 @@ class CachedBatch:
     base_probs: torch.Tensor | None
     base_top1: torch.Tensor | None
     families: list[str]
+    deep: bool = True
 
 
 @dataclass
@@ -115,12 +117,15 @@ def head_logits(model: nn.Module, spec: ArchSpec, x_last: torch.Tensor) -> torch
     return logits
 
 
-def _kl_positions(valid: torch.Tensor, per_row: int, generator: torch.Generator) -> torch.Tensor:
+def _kl_positions(valid: torch.Tensor, per_row: int, prompt_ids: list[int], seed: int) -> torch.Tensor:
+    """`per_row` random valid positions of each row, a function of (seed, prompt index) only, so
+    they do not depend on how prompts were batched."""
     picks = []
-    for row in range(valid.shape[0]):
+    for row, prompt in enumerate(prompt_ids):
         positions = valid[row].nonzero().flatten().cpu()
         if per_row <= 0 or positions.numel() == 0:
             continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + prompt)
         chosen = positions[torch.randperm(positions.numel(), generator=generator)[:per_row]]
         picks.extend((row, int(p)) for p in chosen.sort().values)
     return torch.tensor(picks, dtype=torch.long).reshape(-1, 2)
@@ -136,6 +141,7 @@ def cache_activations(
     batch_size: int = 16,
     kl_positions: int = 4,
     seed: int = 0,
+    deep_fraction: float = 1.0,
 ) -> ActivationCache:
     """Run the base model once over `texts` and cache the residual stream and layer arguments.
 
@@ -148,6 +154,8 @@ def cache_activations(
         batch_size: prompts per padded batch (prompts are sorted by length to limit padding).
         kl_positions: random valid positions per prompt where logits are compared (0: no KL).
         seed: seed of the position subsample.
+        deep_fraction: share of the prompts (spread evenly over lengths) whose batches also get the
+            deeper iterates `z_3..z_n`; they are batched separately from the others.
 
     Raises:
         PromptError: no prompt has a valid (non-special) token.
@@ -164,9 +172,12 @@ def cache_activations(
     encoded = tokenizer(
         list(texts), truncation=True, max_length=max_tokens, return_special_tokens_mask=True, add_special_tokens=True
     )
-    order = sorted(range(len(texts)), key=lambda k: len(encoded["input_ids"][k]))
+    by_length = sorted(range(len(texts)), key=lambda k: len(encoded["input_ids"][k]))
+    if not 0.0 < deep_fraction <= 1.0:
+        raise PromptError(f"deep fraction must be in (0, 1], got {deep_fraction}")
+    is_deep = [int((r + 1) * deep_fraction) > int(r * deep_fraction) for r in range(len(by_length))]
+    groups = [[k for k, d in zip(by_length, is_deep) if d], [k for k, d in zip(by_length, is_deep) if not d]]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = torch.Generator().manual_seed(seed)
     batches: list[CachedBatch] = []
     started = time.perf_counter()
 
@@ -186,8 +197,8 @@ def cache_activations(
     norm = get_path(model, spec.final_norm_path)
     handles.append(norm.register_forward_pre_hook(lambda m, args: captured.__setitem__(num_layers, (args[0].detach(), {}))))
     try:
-        for first in range(0, len(order), batch_size):
-            rows = order[first : first + batch_size]
+        chunks = [(group[f : f + batch_size], deep) for group, deep in zip(groups, (True, False)) for f in range(0, len(group), batch_size)]
+        for rows, deep in chunks:
             length = max(len(encoded["input_ids"][k]) for k in rows)
             ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -202,7 +213,7 @@ def cache_activations(
             get_path(model, spec.layers_path.rsplit(".", 1)[0])(
                 input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
             )
-            kl_index = _kl_positions(valid, kl_positions, generator).to(device)
+            kl_index = _kl_positions(valid, kl_positions, rows, seed).to(device)
             hidden = [captured[k][0] for k in range(num_layers + 1)]
             logits = probs = top1 = None
             if kl_index.numel():
@@ -220,6 +231,7 @@ def cache_activations(
                     base_probs=probs,
                     base_top1=top1,
                     families=[families[k] for k in rows],
+                    deep=deep,
                 )
             )
     finally:

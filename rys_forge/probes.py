@@ -105,25 +105,29 @@ class ProbeSettings:
 class Trajectory:
     """`z_0..z_n` of one window on the cached prompts, computed lazily, pooled over selected tokens.
 
-    `restricted(family)` gives a view on one prompt family's tokens that shares the iterates (and the
-    per-position KL) with its parent, so per-family scores cost only the extra statistics.
+    `z_0..z_2` (every input of the score) cover all prompts. The deeper iterates `z_3..z_n` (for
+    `delta_{n>=2}`, `r_{n>=1}`, the n^2 fit and the repeat curves) cover the cache's *deep* batches
+    only (`rank --deep-fraction`); statistics that mix iterates use one token set throughout:
+    `deep=True` pools every `z_n` over the deep batches. `restricted(family)` gives a view on one
+    prompt family's tokens that shares the iterates (and the per-position KL) with its parent.
     """
 
     def __init__(self, cache: ActivationCache, start: int, end: int, settings: ProbeSettings):
         self.cache, self.start, self.end, self.settings = cache, start, end, settings
         batches = cache.batches
-        self._states: list[list[torch.Tensor]] = [[b.hidden[start] for b in batches], [b.hidden[end] for b in batches]]
-        self._kl: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
+        self._states: list[list[torch.Tensor | None]] = [[b.hidden[start] for b in batches], [b.hidden[end] for b in batches]]
+        self.all_deep = all(b.deep for b in batches)
         self.selection = [b.valid for b in batches]
         self.kl_keep = [torch.ones(b.kl_index.shape[0], dtype=torch.bool) for b in batches]
-        self._pooled: dict[int, torch.Tensor] = {}
-        self._cka: torch.Tensor | None = None
+        self._pooled: dict[tuple[int, bool], torch.Tensor] = {}
+        self._cka: dict[bool, torch.Tensor] = {}
+        self._kl: dict[tuple[int, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def restricted(self, family: str) -> "Trajectory":
-        """A view on the tokens of one prompt family (iterates shared)."""
+        """A view on the tokens of one prompt family (iterates and KL shared with this trajectory)."""
         view = Trajectory.__new__(Trajectory)
         view.__dict__.update(self.__dict__)
-        view._pooled, view._cka, view._parent = {}, None, self
+        view._pooled, view._cka = {}, {}
         view.selection, view.kl_keep = [], []
         for batch in self.cache.batches:
             rows = torch.tensor([f == family for f in batch.families], device=batch.valid.device)
@@ -131,46 +135,53 @@ class Trajectory:
             view.kl_keep.append(rows[batch.kl_index[:, 0]].cpu() if batch.kl_index.numel() else torch.zeros(0, dtype=torch.bool))
         return view
 
-    def states(self, n: int) -> list[torch.Tensor]:
-        """Per-batch `z_n` (`[B, T, d]` each), shared between views."""
+    def _deep(self, n: int, deep: bool) -> bool:
+        return (deep or n >= 3) and not self.all_deep
+
+    def states(self, n: int) -> list[torch.Tensor | None]:
+        """Per-batch `z_n` (`[B, T, d]` each; None for non-deep batches when n >= 3)."""
         while len(self._states) <= n:
-            previous = self._states[-1]
-            self._states.append(
-                [self.cache.block(b, self.start, self.end, z) for b, z in zip(self.cache.batches, previous)]
-            )
+            step = len(self._states)
+            self._states.append([
+                self.cache.block(b, self.start, self.end, z) if z is not None and (step <= 2 or b.deep) else None
+                for b, z in zip(self.cache.batches, self._states[-1])
+            ])
         return self._states[n]
 
-    def z(self, n: int) -> torch.Tensor:
-        """`z_n` pooled over the selected tokens: `[N, d]`."""
-        if n not in self._pooled:
-            self._pooled[n] = torch.cat([s[m] for s, m in zip(self.states(n), self.selection)])
-        return self._pooled[n]
+    def z(self, n: int, deep: bool = False) -> torch.Tensor:
+        """`z_n` pooled over the selected tokens (of the deep batches if `deep` or n >= 3): `[N, d]`."""
+        key = (n, self._deep(n, deep))
+        if key not in self._pooled:
+            use = [not key[1] or b.deep for b in self.cache.batches]
+            self._pooled[key] = torch.cat([s[m] for s, m, u in zip(self.states(n), self.selection, use) if u])
+        return self._pooled[key]
 
-    def cka(self) -> torch.Tensor:
-        """`[n+1, n+1]` CKA matrix between `z_0..z_n` (n = settings.iterations), computed once."""
-        if self._cka is None:
-            zs = [self.z(n) for n in range(self.settings.iterations + 1)]
-            self._cka = metrics.cka_matrix(zs, debiased=self.settings.debiased_cka, dtype=self.settings.stats_dtype)
-        return self._cka
+    def cka(self, deep: bool = False) -> torch.Tensor:
+        """CKA matrix between `z_0..z_2` (all prompts) or, with `deep`, `z_0..z_n` (deep batches)."""
+        deep = self._deep(0, deep) or (deep and self.all_deep)
+        if deep not in self._cka:
+            top = self.settings.iterations if deep else 2
+            zs = [self.z(n, deep=deep) for n in range(top + 1)]
+            self._cka[deep] = metrics.cka_matrix(zs, debiased=self.settings.debiased_cka, dtype=self.settings.stats_dtype)
+        return self._cka[deep]
 
-    def kl_per_position(self, visits: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-        """KL(p_base || p_RYS) and top-1 agreement at the selected KL positions, for `visits` passes
-        through the block (2 = RYS). The tail pass runs once per trajectory; views reuse it."""
-        owner = getattr(self, "_parent", self)
-        cache_key = f"_kl_{visits}"
-        if not hasattr(owner, cache_key):
+    def kl_per_position(self, visits: int = 2, deep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(p_base || p_RYS) and top-1 agreement at the selected KL positions after `visits` passes
+        through the block (2 = RYS). Each tail pass runs once per trajectory; views reuse it."""
+        deep = self._deep(visits, deep)
+        if (visits, deep) not in self._kl:
             kls, agree = [], []
             for batch, z in zip(self.cache.batches, self.states(visits)):
-                if batch.base_probs is None or not batch.kl_index.numel():
+                if z is None or (deep and not batch.deep) or batch.base_probs is None or not batch.kl_index.numel():
                     kls.append(torch.zeros(0))
                     agree.append(torch.zeros(0, dtype=torch.bool))
                     continue
                 kl, same = self.cache.kl_to_base(batch, self.cache.logits_from(batch, self.end, z))
                 kls.append(kl.cpu())
                 agree.append(same.cpu())
-            setattr(owner, cache_key, (kls, agree))
-        kls, agree = getattr(owner, cache_key)
-        keep = self.kl_keep
+            self._kl[(visits, deep)] = (kls, agree)
+        kls, agree = self._kl[(visits, deep)]
+        keep = [m if k.numel() else k.bool() for k, m in zip(kls, self.kl_keep)]
         return torch.cat([k[m] for k, m in zip(kls, keep)]), torch.cat([a[m] for a, m in zip(agree, keep)])
 
 
@@ -213,27 +224,29 @@ def select_probes(names: list[str] | None) -> list[str]:
 
 @register_probe("update", "delta_n = ||z_{n+1}-z_n|| / ||z_n|| and r_n = delta_{n+1}/delta_n")
 def probe_update(t: Trajectory) -> Numbers:
-    n_max = t.settings.iterations
-    dtype = t.settings.stats_dtype
-    deltas = [metrics.relative_step(t.z(n), t.z(n + 1), dtype=dtype) for n in range(n_max)]
-    out = {f"delta_{n}": d for n, d in enumerate(deltas)}
-    out.update({f"r_{n}": _div(deltas[n + 1], deltas[n]) for n in range(n_max - 1)})
+    n_max, dtype = t.settings.iterations, t.settings.stats_dtype
+    full = [metrics.relative_step(t.z(n), t.z(n + 1), dtype=dtype) for n in (0, 1)]
+    deep = [metrics.relative_step(t.z(n, deep=True), t.z(n + 1, deep=True), dtype=dtype) for n in range(n_max)]
+    out = {"delta_0": full[0], "delta_1": full[1], "r_0": _div(full[1], full[0])}
+    out.update({f"delta_{n}": deep[n] for n in range(2, n_max)})
+    out.update({f"r_{n}": _div(deep[n + 1], deep[n]) for n in range(1, n_max - 1)})
     return out
 
 
 @register_probe("cka", "centred linear CKA: plateau CKA(x_i,x_j), CKA(z_{n+1},z_n), 1-CKA(z_n,z_0)")
 def probe_cka(t: Trajectory) -> Numbers:
-    m = t.cka()
+    m, md = t.cka(), t.cka(deep=True)
     n_max = t.settings.iterations
-    out = {"cka_plateau": float(m[0, 1])}
-    out.update({f"cka_step_{n}": float(m[n, n + 1]) for n in range(n_max)})
-    out.update({f"cka_drift_{n}": 1.0 - float(m[n, 0]) for n in range(1, n_max + 1)})
+    out = {"cka_plateau": float(m[0, 1]), "cka_step_0": float(m[0, 1]), "cka_step_1": float(m[1, 2])}
+    out.update({f"cka_step_{n}": float(md[n, n + 1]) for n in range(2, n_max)})
+    out.update({"cka_drift_1": 1.0 - float(m[1, 0]), "cka_drift_2": 1.0 - float(m[2, 0])})
+    out.update({f"cka_drift_{n}": 1.0 - float(md[n, 0]) for n in range(3, n_max + 1)})
     return out
 
 
 @register_probe("n2_fit", "least-squares fit of 1-CKA(z_n,z_0) = a n^2 + b n + c, and R^2 of pure a n^2")
 def probe_n2_fit(t: Trajectory) -> Numbers:
-    m = t.cka()
+    m = t.cka(deep=True)  # one token set for every n
     drift = [1.0 - float(m[n, 0]) for n in range(1, t.settings.iterations + 1)]
     fit = metrics.quadratic_fit(drift)
     return {"n2_a": fit.a, "n2_b": fit.b, "n2_c": fit.c, "n2_r2": fit.r2, "n2_a_pure": fit.a_pure, "n2_r2_pure": fit.r2_pure}
@@ -343,9 +356,6 @@ def classify(row: dict[str, Any], config: ScoreConfig) -> str:
     return "refinement"
 
 
-SCORE_PROBES = ("update", "cka", "decoder", "kl")
-
-
 def probe_window(
     cache: ActivationCache,
     start: int,
@@ -366,10 +376,21 @@ def probe_window(
             if name in PROBES:
                 row.update(PROBES[name].fn(trajectory))
         for family in families:
-            view = trajectory.restricted(family)
-            for name in SCORE_PROBES:
-                row.update({f"{k}@{family}": v for k, v in PROBES[name].fn(view).items()})
+            row.update({f"{k}@{family}": v for k, v in score_inputs(trajectory.restricted(family)).items()})
     return row
+
+
+def score_inputs(t: Trajectory) -> Numbers:
+    """Only what `score` reads (all on `z_0..z_2`): plateau CKA, delta_0, r_0, D_dec, D_KL."""
+    dtype = t.settings.stats_dtype
+    d0 = metrics.relative_step(t.z(0), t.z(1), dtype=dtype)
+    d1 = metrics.relative_step(t.z(1), t.z(2), dtype=dtype)
+    m = t.cka()
+    out = {"cka_plateau": float(m[0, 1]), "delta_0": d0, "r_0": _div(d1, d0), "d_dec": 1.0 - float(m[2, 1])}
+    kl, _ = t.kl_per_position(2)
+    if kl.numel():
+        out["d_kl"] = float(kl.mean())
+    return out
 
 
 def _div(a: float, b: float) -> float:

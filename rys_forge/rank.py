@@ -70,6 +70,7 @@ class RankSettings:
     max_tokens: int = 48
     batch_size: int = 16
     kl_positions: int = 4
+    deep_fraction: float = 0.5
     debiased_cka: bool = False
     mmd_samples: int = 512
     jacobian: str = "top"
@@ -104,6 +105,8 @@ class RankSettings:
         for name in ("max_tokens", "batch_size", "top_k", "jacobian_prompts", "jacobian_tokens", "jacobian_k"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.deep_fraction <= 1.0:
+            raise UsageError(f"--deep-fraction {self.deep_fraction} is out of range; allowed (0, 1]")
         if self.overlap_families and len(self.overlap_families) != 2:
             raise UsageError("--overlap takes exactly two prompt families, e.g. math,reasoning")
 
@@ -269,6 +272,7 @@ def rank_windows(
         batch_size=settings.batch_size,
         kl_positions=settings.kl_positions if "kl" in probes else 0,
         seed=settings.seed,
+        deep_fraction=settings.deep_fraction,
     )
     self_check = _self_check(cache, windows[0])
     todo = [w for w in windows if str(w) not in done or "delta_0" not in done[str(w)] and "cka_plateau" not in done[str(w)]]
@@ -320,6 +324,7 @@ def rank_windows(
             "count": len(prompts),
             "families": {f: sum(p.family == f for p in prompts) for f in families},
             "tokens": cache.tokens,
+            "deep_tokens": int(sum(b.valid.sum() for b in cache.batches if b.deep)),
             "sha256": _prompt_digest(prompts),
         },
         "settings": asdict(settings),
@@ -403,16 +408,18 @@ def _repeat_curves(
     curves: dict[str, dict[str, list[float]]] = {}
     with torch.no_grad():
         for row in rows:
+            # One token set (the deep batches) for every point of a curve.
             t = Trajectory(cache, row["i"], row["j"], settings)
-            m = t.cka()
+            m = t.cka(deep=True)
             n_max = settings.iterations
+            drift = [1.0 - float(m[n, 0]) for n in range(1, n_max + 1)]
             curve = {
-                "cka_drift": [1.0 - float(m[n, 0]) for n in range(1, n_max + 1)],
-                "delta": [metrics.relative_step(t.z(n), t.z(n + 1), dtype=settings.stats_dtype) for n in range(n_max)],
-                "n2_a_pure": [metrics.quadratic_fit([1.0 - float(m[n, 0]) for n in range(1, n_max + 1)]).a_pure],
+                "cka_drift": drift,
+                "delta": [metrics.relative_step(t.z(n, True), t.z(n + 1, True), dtype=settings.stats_dtype) for n in range(n_max)],
+                "n2_a_pure": [metrics.quadratic_fit(drift).a_pure],
             }
             if with_kl:
-                curve["kl"] = [0.0] + [float(t.kl_per_position(v)[0].mean()) for v in range(2, n_max + 1)]
+                curve["kl"] = [0.0] + [float(t.kl_per_position(v, deep=True)[0].mean()) for v in range(2, n_max + 1)]
             curves[row["window"]] = curve
     return curves
 

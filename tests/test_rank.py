@@ -228,3 +228,18 @@ def test_rank_cli_runs_and_prints_table(tiny_model_dirs, tmp_path):
     assert "top 3 windows" in result.output and "overlap math vs code" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["windows"] == 15 and len(summary["top_k"]) == 3
+
+
+def test_deep_fraction_leaves_score_inputs_unchanged(gemma):
+    """The deeper iterates use a subset of prompts; every input of the score uses all of them."""
+    texts = TEXTS * 2
+    full = cache_activations(gemma.model, gemma.tokenizer, texts, max_tokens=16, batch_size=2, kl_positions=3)
+    half = cache_activations(gemma.model, gemma.tokenizer, texts, max_tokens=16, batch_size=2, kl_positions=3, deep_fraction=0.5)
+    assert sum(b.deep for b in half.batches) < len(half.batches) == len(full.batches)
+    names = ["update", "cka", "decoder", "kl", "n2_fit"]
+    a = probe_window(full, 2, 5, names, ProbeSettings())
+    b = probe_window(half, 2, 5, names, ProbeSettings())
+    for key in ("cka_plateau", "delta_0", "delta_1", "r_0", "d_dec", "cka_drift_2"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+    assert b["d_kl"] == pytest.approx(a["d_kl"], rel=1e-4)  # same positions, other batch order
+    assert b["delta_3"] != a["delta_3"]  # deeper iterates: the subset
