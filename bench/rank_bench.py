@@ -175,9 +175,10 @@ def main() -> None:
     rank_s = time.perf_counter() - t0
     results["rank_s"] = rank_s
     results["rank_timings"] = result.summary["timings"]
-    # Layer passes of the probe loop: z_2..z_n (n-1 applications of the block) + the tail for KL.
+    # Layer passes of the probe loop, in full-batch units: z_2 on every prompt, z_3..z_n on the deep
+    # fraction of prompts, and the tail (layers j..L-1) from z_2 for the KL.
     n = settings.iterations
-    passes = sum((n - 1) * w.width + (L - w.end) for w in windows)
+    passes = sum(w.width * (1 + (n - 2) * settings.deep_fraction) + (L - w.end) for w in windows)
     probe_flops = passes * layer_flops(model.config, ids.numel(), args.seq)
     results["probe_layer_passes"] = passes
     results["probe_tflops"] = probe_flops / result.summary["timings"]["windows_s"] / 1e12
