@@ -301,6 +301,41 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
         click.echo(f"saved: {path}")
 
 
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--rank-run", default=None, type=click.Path(), help="Rank run folder: adds the window's probe metrics and score heatmap.")
+@click.option("--repo-id", default=None, help="Hub repo id the card will live at (for load snippets).")
+@handle_errors
+def card(folder: str, rank_run: str | None, repo_id: str | None) -> None:
+    """Write or refresh FOLDER/README.md, the model card of an export (nothing else is touched)."""
+    from .publish import write_card
+
+    click.echo(f"wrote {write_card(folder, rank_run, repo_id=repo_id)}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--repo-id", required=True, help="Hub repository, owner/name.")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", default=None, help="Branch to push to (created if missing).")
+@click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; upload nothing.")
+@click.option("--exist-ok", is_flag=True, help="Allow pushing into a repository that already has files.")
+@click.option("--rank-run", default=None, type=click.Path(), help="Rank run folder for the card's probe metrics and heatmap.")
+@handle_errors
+def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_run: bool, exist_ok: bool,
+            rank_run: str | None) -> None:
+    """Push a verified export with a generated model card to the Hugging Face Hub.
+
+    Refuses folders without a passing verification.json or whose files changed since. The token comes
+    from `hf auth login` or HF_TOKEN (never printed); HF_ENDPOINT selects another Hub.
+    """
+    from .publish import format_result
+    from .publish import publish as run_publish
+
+    click.echo(format_result(run_publish(folder, repo_id, private=private, revision=revision, dry_run=dry_run,
+                                         exist_ok=exist_ok, rank_run=rank_run)))
+
+
 def _print_verification(report: dict) -> None:
     m = report["metrics"]
     click.echo(

@@ -225,12 +225,13 @@ def _safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def count_parameters(folder: str | Path, plan: LayerPlan) -> ParameterCount | None:
+def count_parameters(folder: str | Path, plan: LayerPlan, *, per_visit: bool | None = None) -> ParameterCount | None:
     """Unique and effective parameter counts of an export from its safetensors headers (no model load).
 
     Layer tensors are found by name (`...layers.<n>....`). A layer-list export stores base layers (indices
     `0..L-1`); a mergekit export stores one copy per visit (indices `0..len(order)-1`), mapped back to base
-    layers through the plan. Returns None when the folder has no safetensors files.
+    layers through the plan. `per_visit` says which (default: guessed from the largest layer index).
+    Returns None when the folder has no safetensors files.
     """
     shapes = _safetensors_shapes(Path(folder))
     if not shapes:
@@ -245,7 +246,9 @@ def count_parameters(folder: str | Path, plan: LayerPlan) -> ParameterCount | No
         else:
             other += numel
     visits = len(plan.order)
-    if per_index and max(per_index) + 1 == visits and visits != plan.num_layers:
+    if per_visit is None:
+        per_visit = bool(per_index) and max(per_index) + 1 == visits and visits != plan.num_layers
+    if per_visit:
         # One stored copy per visit (mergekit passthrough): base layer k is the first visit of k.
         per_base = {}
         for v, k in enumerate(plan.order):
@@ -667,7 +670,7 @@ def _render(
         summary=summary,
         base_section=_base_section(base, plan.num_layers),
         plan_section=_plan_section(plan, fmt),
-        size_section=_size_section(count_parameters(folder, plan), plan, report.get("metrics", {})),
+        size_section=_size_section(count_parameters(folder, plan, per_visit=fmt == "mergekit"), plan, report.get("metrics", {})),
         load_section=_load_section(fmt, repo, folder, base, _display_recipe(folder, base)),
         verification_section=verification_section,
         eval_section=_eval_section(folder, plan),
@@ -697,9 +700,12 @@ def write_card(
 
 def _write_text(folder: Path, text: str) -> Path:
     path = folder / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{CARD_FILE}.tmp")  # a leftover would count as an added file for verification
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -931,7 +937,8 @@ def publish(
     files = {rel: path for rel, path in _upload_files(folder).items() if rel not in rendered.assets}
     files.update(rendered.assets)
     notes: list[str] = []
-    source = str(read_rys_config(folder)["rys"].get("base_model") or "")
+    rys = read_rys_config(folder)["rys"]
+    source = str(rys.get("base_model") or "")
     if source.startswith(("/", "~", ".")) or Path(source).is_absolute():
         notes.append(f"config.json, {REPORT} (and a mergekit recipe) record the local base path {source}; they are"
                      " uploaded as they are (verified files), the card shows only the folder name")
@@ -977,7 +984,7 @@ def publish(
         repo_url = api.create_repo(repo_id, private=private, exist_ok=exist_ok or existed, repo_type="model")
         if revision and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-    plan = LayerPlan.from_dict(read_rys_config(folder)["rys"]["plan"])
+    plan = LayerPlan.from_dict(rys["plan"])
     with tempfile.TemporaryDirectory(prefix="rys-publish-") as tmp, _hub_errors(f"upload to {repo_id}", endpoint):
         staging = Path(tmp)
         _stage(files, staging)

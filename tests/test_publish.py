@@ -209,7 +209,8 @@ def test_card_parameter_counts_match_independent_references(raw_exports, tiny_mo
 
     plan = LayerPlan.from_windows(["2:5"], 6)
     layerlist = count_parameters(raw_exports["layerlist"], plan)
-    mergekit = count_parameters(raw_exports["mergekit"], plan)
+    mergekit = count_parameters(raw_exports["mergekit"], plan)  # per-visit storage guessed from the indices
+    assert count_parameters(raw_exports["mergekit"], plan, per_visit=True) == mergekit
     assert layerlist.unique == mergekit.unique == stored(tiny_model_dirs["llama"])
     assert layerlist.effective == mergekit.effective == stored(raw_exports["mergekit"])
     assert layerlist.extra_layer_fraction == pytest.approx(3 / 6)
@@ -540,3 +541,20 @@ def test_publish_refuses_unverified_and_tampered_folders(export, raw_exports, tm
 def test_publish_rejects_bad_repo_id(export):
     with pytest.raises(UsageError, match="owner/name"):
         publish(export, "no-namespace", dry_run=True)
+
+
+def test_cli_card_and_publish_dry_run(export, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from rys_forge.cli import main
+
+    result = CliRunner().invoke(main, ["card", str(export)])
+    assert result.exit_code == 0, result.output
+    assert (export / "README.md").exists() and "wrote" in result.output
+    result = CliRunner().invoke(main, ["publish", str(export), "--repo-id", "someone/tiny-rys", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors" in result.output
+    (export / "modeling_rys.py").write_text("# tampered\n")
+    result = CliRunner().invoke(main, ["publish", str(export), "--repo-id", "someone/tiny-rys", "--dry-run"])
+    assert result.exit_code == 1
+    assert "changed since verification" in result.output.strip().splitlines()[-1]
