@@ -228,7 +228,7 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
     The export lands in --out only if verification passes.
     """
     from .plan import Window
-    from .surgery.build import build as run_build
+    from .surgery.builder import build as run_build
 
     [Window.parse(w) for w in windows]
     result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,

@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 from .architectures import ArchSpec, get_path, layer_config, set_path, spec_for_model
 from .errors import UsageError, WindowError
 from .plan import LayerPlan
+from .surgery.modeling_rys import visit_copy as _template_visit_copy
 
 _STATE_ATTR = "_rys_forge_original"
 
@@ -38,44 +38,33 @@ class _SavedState:
     config_fields: dict[str, Any]
 
 
-def _contains_layer_idx(module: nn.Module) -> bool:
-    return any("layer_idx" in m.__dict__ for m in module.modules())
-
-
 def visit_copy(module: nn.Module, layer_idx: int) -> nn.Module:
     """Shallow copy of `module` for one visit: parameters shared, `layer_idx` set on every copied
     submodule that has one (the attention module, and the layer itself where it keeps one).
 
-    Only the path to modules that carry a `layer_idx` is copied; everything else (MLP, norms) is
-    the same object as in the base layer.
+    Only the path to modules that carry a `layer_idx` is copied; everything else (MLP, norms) is the
+    same object as in the base layer. Hooks present on the base layer fire on every visit; a hook
+    added to one visit stays on it. The copying itself is the exported `modeling_rys.py`'s (one
+    implementation for the in-memory repeat and the layer-list checkpoint); accelerate hooks are
+    re-attached here, since a copied hooked `forward` would still be bound to the original module.
     """
-    clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._modules = dict(module._modules)
-    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    for name, value in module.__dict__.items():
-        if "hooks" in name and isinstance(value, dict):
-            # Hooks present now fire on every visit; a hook added to one visit stays on that visit.
-            clone.__dict__[name] = type(value)(value)
-    if "_hf_hook" in module.__dict__:
-        _rehook(module, clone)
-    if "layer_idx" in module.__dict__:
-        clone.layer_idx = layer_idx
-    for name, child in module._modules.items():
-        if child is not None and _contains_layer_idx(child):
-            clone._modules[name] = visit_copy(child, layer_idx)
+    clone = _template_visit_copy(module, layer_idx)
+    _rehook_tree(module, clone)
     return clone
 
 
-def _rehook(original: nn.Module, clone: nn.Module) -> None:
-    """Give a copied module its own accelerate hook: the copied `forward` is bound to the original."""
-    from accelerate.hooks import add_hook_to_module
+def _rehook_tree(original: nn.Module, clone: nn.Module) -> None:
+    if clone is original:
+        return
+    if "_hf_hook" in original.__dict__:
+        from accelerate.hooks import add_hook_to_module
 
-    clone.__dict__.pop("forward", None)
-    clone.__dict__.pop("_old_forward", None)
-    clone.__dict__.pop("_hf_hook", None)
-    add_hook_to_module(clone, original._hf_hook)
+        for name in ("forward", "_old_forward", "_hf_hook"):
+            clone.__dict__.pop(name, None)
+        add_hook_to_module(clone, original._hf_hook)
+    for name, child in original._modules.items():
+        if child is not None:
+            _rehook_tree(child, clone._modules[name])
 
 
 def remap_layer_fields(cfg: Any, spec: ArchSpec, order: tuple[int, ...]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from rys_forge.cli import main
 from rys_forge.errors import UsageError, VerificationError
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
-from rys_forge.surgery.build import build
+from rys_forge.surgery.builder import build
 from rys_forge.verify import check_verified, verify, weight_bytes
 from test_repeat import materialised_reference
 from tiny import MODEL_TYPES, SLIDING_WINDOW

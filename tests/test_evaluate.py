@@ -184,7 +184,7 @@ def test_export_folder_target(reports, tiny_model_dirs, tmp_path):
 def test_layerlist_export_target(reports, tiny_model_dirs, tmp_path):
     """A real layer-list export (rys_forge.surgery.build; trust_remote_code), its base taken from the
     export's recorded rys.base_model: the RYS items are those of the in-memory repeat."""
-    from rys_forge.surgery.build import build
+    from rys_forge.surgery.builder import build
 
     base_dir = tiny_model_dirs["gemma3_text"]
     export = build(str(base_dir), [WINDOW], tmp_path / "export", verify=False).path

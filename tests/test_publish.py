@@ -39,7 +39,7 @@ from rys_forge.publish import (
     write_card,
 )
 from rys_forge.plan import LayerPlan
-from rys_forge.surgery.build import build
+from rys_forge.surgery.builder import build
 from rys_forge.verify import REPORT, check_verified, file_hashes
 
 GOLDEN = Path(__file__).parent / "golden" / "model_card_llama_2-5.md"

@@ -25,7 +25,8 @@ def _get(root, dotted):
     return root
 
 
-def _visit_copy(module, layer_idx):
+def visit_copy(module, layer_idx):
+    """Shallow copy of a layer for one visit: parameters shared, own hook dicts, own `layer_idx`."""
     clone = copy.copy(module)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
@@ -38,7 +39,7 @@ def _visit_copy(module, layer_idx):
         clone.layer_idx = layer_idx
     for name, child in module._modules.items():
         if child is not None and any("layer_idx" in m.__dict__ for m in child.modules()):
-            clone._modules[name] = _visit_copy(child, layer_idx)
+            clone._modules[name] = visit_copy(child, layer_idx)
     return clone
 
 
@@ -55,7 +56,7 @@ class VisitList(nn.ModuleList):
 
     def _rebuild(self):
         base = list(self._modules.values())
-        self.__dict__["_visits"] = [_visit_copy(base[k], p) for p, k in enumerate(self._order)]
+        self.__dict__["_visits"] = [visit_copy(base[k], p) for p, k in enumerate(self._order)]
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
