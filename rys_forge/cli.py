@@ -336,6 +336,77 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
                                          exist_ok=exist_ok, rank_run=rank_run)))
 
 
+@main.command()
+@model_options
+@click.option("--tasks", required=True, help="Comma list of tasks (local rys_* tasks, or lm-eval names when online).")
+@click.option("--window", "windows", multiple=True, help=f"Sweep only these windows (repeatable). {WINDOW_CONVENTION}.")
+@click.option("--min-width", default=2, show_default=True, type=int, help="Smallest window width j-i.")
+@click.option("--max-width", default=None, type=int, help="Largest window width (default: all).")
+@click.option("--repeats", default="2", show_default=True, help="Visits of the block, e.g. 2 or 2,3,4 (with a Perf(n) fit).")
+@click.option("--limit", default=None, type=int, help="Items per task.")
+@click.option("--num-fewshot", default=None, type=int, help="Few-shot examples (default: the task's).")
+@click.option("--batch-size", default="1", show_default=True, help="lm-eval batch size.")
+@click.option("--out", default=None, type=click.Path(), help="Run folder (default: runs/sweep-<model>-<time>).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@handle_errors
+def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[str, ...], min_width: int,
+          max_width: int | None, repeats: str, limit: int | None, num_fewshot: int | None, batch_size: str,
+          out: str | None, resume: bool, no_progress: bool) -> None:
+    """Brute force, Ng-style: evaluate every window in memory on the tasks (deltas, z-scores, heatmaps).
+
+    The yardstick `validate` compares a rank run against. Resumable (--resume --out DIR).
+    """
+    import datetime
+    import re
+    from pathlib import Path
+
+    from .models import load_model
+    from .sweep import sweep_windows
+
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
+        out = str(Path("runs") / f"sweep-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    loaded = load_model(model_name, dtype=dtype, device=device)
+    try:
+        result = sweep_windows(
+            loaded.model, loaded.tokenizer, tasks=_split(tasks), windows=list(windows) or None, min_width=min_width,
+            max_width=max_width, repeats=repeats, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+            out_dir=out, resume=resume, progress=not no_progress, model_info={**loaded.info, "path": loaded.path},
+        )
+    except KeyboardInterrupt:
+        click.echo(f"rys-forge: interrupted; finished windows are kept. Continue with: rys-forge sweep ... --resume --out {out}", err=True)
+        raise SystemExit(130) from None
+    best = result.summary.get("best")
+    click.echo(f"{len(result.rows)} rows; best: {best}")
+    flagged = sum(bool(r.get("single_task_verdict")) for r in result.rows)
+    if flagged:
+        click.echo(f"{flagged} windows move mostly one task (single_task_verdict): read them as calibration shifts, not reasoning")
+    click.echo(f"run folder: {result.out_dir}")
+
+
+@main.command()
+@click.argument("rank_run", type=click.Path())
+@click.argument("sweep_run", type=click.Path())
+@click.option("--out", default=None, type=click.Path(), help="Where validation.json and plots go (default: SWEEP_RUN/validation).")
+@click.option("--top-fraction", default=0.1, show_default=True, type=float, help="Top share of windows by score (the seeds' decile).")
+@click.option("--permutations", default=10000, show_default=True, type=int, help="Draws for the CKA-matched baseline.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the permutation test.")
+@handle_errors
+def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float, permutations: int, seed: int) -> None:
+    """Does the ranking find the benchmark-positive windows? Correlations, enrichment, evaluations-to-best.
+
+    Says so plainly when it does not.
+    """
+    from pathlib import Path
+
+    from .validate import validate_runs
+
+    report = validate_runs(rank_run, sweep_run, out_dir=out or str(Path(sweep_run) / "validation"),
+                           top_fraction=top_fraction, n_permutations=permutations, seed=seed)
+    click.echo(report.format_text())
+
+
 def _print_verification(report: dict) -> None:
     m = report["metrics"]
     click.echo(
