@@ -34,7 +34,7 @@ from torch import nn
 
 from . import metrics, plots
 from .activations import ActivationCache, cache_activations
-from .architectures import spec_for_model
+from .architectures import get_path, spec_for_model
 from .errors import UsageError
 from .plan import WINDOW_CONVENTION, Window, all_windows
 from .probes import (
@@ -245,7 +245,7 @@ def rank_windows(
     settings.validate()
     probes = select_probes(settings.probes)
     spec = spec_for_model(model)
-    num_layers = len(__import__("rys_forge.architectures", fromlist=["get_path"]).get_path(model, spec.layers_path))
+    num_layers = len(get_path(model, spec.layers_path))
     windows = select_windows(num_layers, settings)
     families = sorted({p.family for p in prompts})
     for family in settings.overlap_families:
@@ -275,7 +275,7 @@ def rank_windows(
         deep_fraction=settings.deep_fraction,
     )
     self_check = _self_check(cache, windows[0])
-    todo = [w for w in windows if str(w) not in done or "delta_0" not in done[str(w)] and "cka_plateau" not in done[str(w)]]
+    todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
     window_started = time.perf_counter()
     with _progress(progress, len(windows), len(windows) - len(todo), "probing windows") as advance:
         for window in todo:
