@@ -37,6 +37,7 @@ class CachedBatch:
         layer_kwargs: per layer, the keyword arguments the base pass gave it.
         kl_index: `[K, 2]` (row, position) pairs where logits are compared.
         base_logits: `[K, V]` float32 logits of the base model at `kl_index`.
+        base_logprobs: `[K, V]` their log-softmax.
         base_probs: `[K, V]` their softmax.
         base_top1: `[K]` the base model's argmax token.
         families: prompt family of each row.
@@ -49,6 +50,7 @@ class CachedBatch:
     layer_kwargs: list[dict[str, Any]]
     kl_index: torch.Tensor
     base_logits: torch.Tensor | None
+    base_logprobs: torch.Tensor | None
     base_probs: torch.Tensor | None
     base_top1: torch.Tensor | None
     families: list[str]
@@ -98,13 +100,14 @@ class ActivationCache:
     def kl_to_base(batch: CachedBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position KL(p_base || softmax(logits)) and top-1 agreement.
 
-        With `u = logits - base_logits`, `KL = log <p, exp(u)> - <p, u>`: two dot products over the
-        vocabulary, no log-softmax of the RYS logits, and no cancellation between large terms (u is
-        small where the models agree), so float32 stays accurate for tiny KLs.
+        With `u = logits - base_logits`, `KL = log <p, exp(u)> - <p, u>
+        = logsumexp(u + log p) - <p, u>`: no log-softmax of the RYS logits, no cancellation between
+        large terms (u is small where the models agree, so float32 stays accurate for tiny KLs), and
+        no overflow where they disagree wildly (logsumexp subtracts its maximum).
         """
         shift = logits - batch.base_logits
-        p = batch.base_probs.unsqueeze(1)
-        kl = torch.log(torch.bmm(p, shift.exp().unsqueeze(2)).flatten()) - torch.bmm(p, shift.unsqueeze(2)).flatten()
+        kl = torch.logsumexp(shift + batch.base_logprobs, dim=-1)
+        kl -= torch.bmm(batch.base_probs.unsqueeze(1), shift.unsqueeze(2)).flatten()
         return kl.clamp_min(0.0), logits.argmax(-1) == batch.base_top1
 
 
@@ -215,10 +218,11 @@ def cache_activations(
             )
             kl_index = _kl_positions(valid, kl_positions, rows, seed).to(device)
             hidden = [captured[k][0] for k in range(num_layers + 1)]
-            logits = probs = top1 = None
+            logits = logprobs = probs = top1 = None
             if kl_index.numel():
                 logits = head_logits(model, spec, hidden[num_layers][kl_index[:, 0], kl_index[:, 1]])
-                probs = torch.softmax(logits, dim=-1)
+                logprobs = torch.log_softmax(logits, dim=-1)
+                probs = logprobs.exp()
                 top1 = logits.argmax(-1)
             batches.append(
                 CachedBatch(
@@ -228,6 +232,7 @@ def cache_activations(
                     layer_kwargs=[captured[k][1] for k in range(num_layers)],
                     kl_index=kl_index,
                     base_logits=logits,
+                    base_logprobs=logprobs,
                     base_probs=probs,
                     base_top1=top1,
                     families=[families[k] for k in rows],

@@ -80,6 +80,14 @@ def test_iterates_equal_manual_forward_through_repeated_model(gemma, cache, repe
             )
             kl_probe, _ = t.kl_per_position(2)
             assert torch.allclose(kl_probe[: kl_ref.numel()], kl_ref, atol=1e-6, rtol=1e-4)
+            # Wildly different distributions must not overflow (exp of large logit gaps).
+            far = batch.base_logits[: 2] + 200.0 * torch.eye(2, batch.base_logits.shape[1])
+            kl_far, _ = cache.kl_to_base(batch, torch.cat([far, batch.base_logits[2:]]))
+            ref_far = torch.distributions.kl_divergence(  # float64: float32 underflows to inf here
+                torch.distributions.Categorical(logits=batch.base_logits[:2].double()),
+                torch.distributions.Categorical(logits=far.double()),
+            ).float()
+            assert torch.isfinite(kl_far).all() and torch.allclose(kl_far[:2], ref_far, rtol=1e-4)
 
 
 def test_residual_force_closed_form_matches_raw_cosine(cache):
@@ -131,7 +139,7 @@ def test_n2_law_on_near_linear_residual_block():
     model.model.layers = nn.ModuleList([layer])
     batch = CachedBatch(
         input_ids=torch.zeros(1, n_tokens, dtype=torch.long), valid=torch.ones(1, n_tokens, dtype=torch.bool),
-        hidden=[x0, layer(x0)], layer_kwargs=[{}], kl_index=torch.zeros(0, 2, dtype=torch.long), base_logits=None, base_probs=None, base_top1=None, families=["x"],
+        hidden=[x0, layer(x0)], layer_kwargs=[{}], kl_index=torch.zeros(0, 2, dtype=torch.long), base_logits=None, base_logprobs=None, base_probs=None, base_top1=None, families=["x"],
     )
     cache = ActivationCache(model=model, spec=ArchSpec(), batches=[batch], num_layers=1)
     row = probe_window(cache, 0, 1, ["cka", "n2_fit"], ProbeSettings())
