@@ -339,3 +339,19 @@ def test_report_save_is_atomic_and_json_clean(tmp_path):
     assert data["rows"][0]["rys"] is None  # NaN is not valid JSON
     assert [p.name for p in path.parent.iterdir()] == [EVAL_FILE]
     assert report.save(tmp_path / "named.json") == tmp_path / "named.json"
+
+
+def test_mergekit_export_scores_equal_layerlist(reports, tiny_model_dirs, tmp_path):
+    """Both real export formats of one plan evaluate in lm-eval's HFLM with identical per-item scores."""
+    from rys_forge.surgery.builder import build
+
+    base_dir = tiny_model_dirs["gemma3_text"]
+    merged = build(str(base_dir), [WINDOW], tmp_path / "mk", format="mergekit", verify=False).path
+    layered = build(str(base_dir), [WINDOW], tmp_path / "ll", verify=False).path
+    a = evaluate(str(merged), tasks=TASKS, limit=LIMIT, progress=False)
+    b = evaluate(str(layered), tasks=TASKS, limit=LIMIT, progress=False)
+    for task, metric in [("rys_arc_easy", "acc"), ("rys_arc_easy", "acc_norm"), ("rys_lambada_openai", "acc")]:
+        assert a.items[task]["none"][metric] == b.items[task]["none"][metric]
+    assert [(r["task"], r["metric"]) for r in a.rows] == [(r["task"], r["metric"]) for r in b.rows]
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra["rys"] == pytest.approx(rb["rys"], rel=1e-6), (ra["task"], ra["metric"])
