@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
+from .evaluate import _json_safe  # one JSON sanitiser for eval, sweep and validate outputs
 from .errors import UsageError
 from .rank import write_atomic
 from .sweep import read_sweep
@@ -147,18 +148,6 @@ def _f(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def _finite(value: Any) -> bool:
