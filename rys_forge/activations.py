@@ -77,10 +77,6 @@ class ActivationCache:
         """`x_layer` over all valid tokens: `[N, d]`."""
         return torch.cat([b.hidden[layer][b.valid] for b in self.batches])
 
-    def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Pool per-batch states `[B, T, d]` (in batch order) to `[N, d]` over valid tokens."""
-        return torch.cat([s[b.valid] for s, b in zip(states, self.batches)])
-
     def block(self, batch: CachedBatch, start: int, end: int, z: torch.Tensor) -> torch.Tensor:
         """Apply base layers `start..end-1` to `z` (`[B, T, d]`) with the batch's base-pass arguments."""
         layers = self.layers

@@ -89,10 +89,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
     from .plan import LayerPlan
 
     plan = None
-    if windows:  # parse before the (slow) model load so typos fail fast
-        from .plan import Window
-
-        [Window.parse(w) for w in windows]
+    _check_windows(windows)
     loaded = load_model(model_name, dtype=dtype, device=device)
     facts = describe_model(loaded.model)
     if windows:
@@ -177,10 +174,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     settings.validate()
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
     prompts = load_prompts(families=_split(families) or None, path=prompts_file, limit_per_family=prompts_per_family)
-    if windows:
-        from .plan import Window
-
-        [Window.parse(w) for w in windows]
+    _check_windows(windows)
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
         out = str(Path("runs") / f"rank-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -227,10 +221,9 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
 
     The export lands in --out only if verification passes.
     """
-    from .plan import Window
     from .surgery.builder import build as run_build
 
-    [Window.parse(w) for w in windows]
+    _check_windows(windows)
     result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,
                        device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None, verify=not no_verify)
     click.echo(f"built {result.format} export of {model_name}: {result.plan.describe()}")
@@ -415,6 +408,14 @@ def _print_verification(report: dict) -> None:
         f"top-1 {m['top1_agreement']:.4f}, cache gap {m['cache_max_abs_diff']:.2e}, "
         f"generate cache==no-cache {m['generate_cache_equals_no_cache']}, bytes ratio {m['bytes_ratio']:.3f}"
     )
+
+
+def _check_windows(windows: tuple[str, ...]) -> None:
+    """Parse i:j windows before any (slow) model load, so a typo fails fast with one line."""
+    from .plan import Window
+
+    for window in windows:
+        Window.parse(window)
 
 
 def _split(text: str | None) -> list[str]:

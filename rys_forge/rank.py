@@ -36,6 +36,7 @@ from . import metrics, plots
 from .activations import ActivationCache, cache_activations
 from .architectures import get_path, spec_for_model
 from .errors import UsageError
+from .evaluate import _json_safe  # one JSON sanitiser (non-finite floats -> null) for every output
 from .plan import WINDOW_CONVENTION, Window, all_windows
 from .probes import (
     ProbeSettings,
@@ -162,8 +163,9 @@ class RunFolder:
             if not settings_file.exists():
                 raise UsageError(f"{self.path} is not a rank run folder (no run.json); choose another --out")
             stored = json.loads(settings_file.read_text())
-            if stored != json.loads(json.dumps(fingerprint)):
-                changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != json.loads(json.dumps(fingerprint)).get(k))
+            current = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
+            if stored != current:
+                changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
                 raise UsageError(f"cannot resume {self.path}: settings differ from the original run ({', '.join(changed)})")
         else:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,7 @@ class RunFolder:
 
     def append(self, record: dict[str, Any]) -> None:
         with self.log.open("a") as handle:
-            handle.write(json.dumps(_jsonable(record)) + "\n")
+            handle.write(json.dumps(_json_safe(record)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -194,16 +196,6 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(text.encode() if isinstance(text, str) else text)
     os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _num(value: Any) -> float:
@@ -437,8 +429,8 @@ def write_outputs(result: RankResult, num_layers: int) -> None:
     for row in result.rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     write_atomic(out / "windows.csv", buffer.getvalue())
-    write_atomic(out / "windows.json", json.dumps(_jsonable(result.rows), indent=1))
-    write_atomic(out / "summary.json", json.dumps(_jsonable(result.summary), indent=2))
+    write_atomic(out / "windows.json", json.dumps(_json_safe(result.rows), indent=1))
+    write_atomic(out / "summary.json", json.dumps(_json_safe(result.summary), indent=2))
     top = [r["window"] for r in result.summary["top_k"]]
     name = result.summary["model"].get("source", "")
     for metric, (title, log, centre) in HEATMAPS.items():

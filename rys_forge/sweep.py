@@ -54,7 +54,7 @@ from . import evaluate as _ev
 from .errors import TaskError, UsageError
 from .local_tasks import resolve_tasks, task_manager
 from .plan import WINDOW_CONVENTION, LayerPlan, Window, all_windows
-from .rank import RunFolder, _jsonable, _progress, write_atomic
+from .rank import RunFolder, _progress, write_atomic
 
 __all__ = [
     "SINGLE_TASK_MIN_Z",
@@ -610,7 +610,7 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
     out = result.out_dir
     assert out is not None
     tasks = list(result.summary["tasks"])
-    write_atomic(out / "sweep.json", json.dumps(_jsonable(_ev._json_safe({"rows": result.rows})), indent=1))
+    write_atomic(out / "sweep.json", json.dumps(_ev._json_safe({"rows": result.rows}), indent=1))
     columns = ["window", "i", "j", "width", "repeats", "combined_z", "mean_delta", "single_task_verdict",
                "dominant_task", "dominant_share", "seconds"]
     for task in tasks:
