@@ -14,7 +14,8 @@ and the LM head over every token would cost ~30 decoder layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,11 +80,7 @@ class ActivationCache:
 
     def block(self, batch: CachedBatch, start: int, end: int, z: torch.Tensor) -> torch.Tensor:
         """Apply base layers `start..end-1` to `z` (`[B, T, d]`) with the batch's base-pass arguments."""
-        layers = self.layers
-        for k in range(start, end):
-            out = layers[k](z, **batch.layer_kwargs[k])
-            z = out[0] if isinstance(out, tuple) else out
-        return z
+        return replay_layers(self.layers, batch.layer_kwargs, start, end, z)
 
     def logits_from(self, batch: CachedBatch, start: int, z: torch.Tensor) -> torch.Tensor:
         """Run layers `start..L-1` from `z` (the stream entering layer `start`), then the head at the
@@ -105,6 +102,50 @@ class ActivationCache:
         kl = torch.logsumexp(shift + batch.base_logprobs, dim=-1)
         kl -= torch.bmm(batch.base_probs.unsqueeze(1), shift.unsqueeze(2)).flatten()
         return kl.clamp_min(0.0), logits.argmax(-1) == batch.base_top1
+
+
+def replay_layers(
+    layers: Sequence[nn.Module], layer_kwargs: Sequence[dict[str, Any]], start: int, end: int, z: torch.Tensor
+) -> torch.Tensor:
+    """Apply `layers[start:end]` to `z`, each with the keyword arguments the base pass gave it."""
+    for k in range(start, end):
+        out = layers[k](z, **layer_kwargs[k])
+        z = out[0] if isinstance(out, tuple) else out
+    return z
+
+
+@contextmanager
+def capture_layer_inputs(model: nn.Module, spec: ArchSpec) -> Iterator[dict[int, tuple[torch.Tensor, dict[str, Any]]]]:
+    """While active, every forward fills the yielded dict: `k -> (x_k, kwargs of layer k)` for each decoder
+    layer (with the KV cache switched off in the kwargs, so they can be replayed), and `L -> (x_L, {})`
+    for the stream entering the final norm."""
+    layers = get_path(model, spec.layers_path)
+    num_layers = len(layers)
+    captured: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            rest["past_key_values"] = None
+            rest["use_cache"] = False
+            captured[index] = (hidden.detach(), rest)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, layer in enumerate(layers)]
+    norm = get_path(model, spec.final_norm_path)
+    handles.append(norm.register_forward_pre_hook(lambda m, args: captured.__setitem__(num_layers, (args[0].detach(), {}))))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_decoder(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """The decoder stack alone (embeddings, layers, final norm): no full-vocabulary logits for every token."""
+    get_path(model, spec.layers_path.rsplit(".", 1)[0])(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
 def head_logits(model: nn.Module, spec: ArchSpec, x_last: torch.Tensor) -> torch.Tensor:
@@ -180,22 +221,7 @@ def cache_activations(
     batches: list[CachedBatch] = []
     started = time.perf_counter()
 
-    captured: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
-
-    def make_hook(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            rest["past_key_values"] = None
-            rest["use_cache"] = False
-            captured[index] = (hidden.detach(), rest)
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, layer in enumerate(layers)]
-    norm = get_path(model, spec.final_norm_path)
-    handles.append(norm.register_forward_pre_hook(lambda m, args: captured.__setitem__(num_layers, (args[0].detach(), {}))))
-    try:
+    with capture_layer_inputs(model, spec) as captured:
         chunks = [(group[f : f + batch_size], deep) for group, deep in zip(groups, (True, False)) for f in range(0, len(group), batch_size)]
         for rows, deep in chunks:
             length = max(len(encoded["input_ids"][k]) for k in rows)
@@ -209,9 +235,7 @@ def cache_activations(
                 valid[r, : len(seq)] = ~torch.tensor(encoded["special_tokens_mask"][k], dtype=torch.bool)
             captured.clear()
             # The decoder alone: no full-vocabulary logits for every token.
-            get_path(model, spec.layers_path.rsplit(".", 1)[0])(
-                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-            )
+            run_decoder(model, spec, ids.to(device), mask.to(device))
             kl_index = _kl_positions(valid, kl_positions, rows, seed).to(device)
             hidden = [captured[k][0] for k in range(num_layers + 1)]
             logits = logprobs = probs = top1 = None
@@ -235,9 +259,6 @@ def cache_activations(
                     deep=deep,
                 )
             )
-    finally:
-        for handle in handles:
-            handle.remove()
     cache = ActivationCache(model=model, spec=spec, batches=batches, num_layers=num_layers)
     cache.tokens = int(sum(b.valid.sum() for b in batches))
     if cache.tokens == 0:

@@ -342,13 +342,22 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 @click.option("--out", default=None, type=click.Path(), help="Run folder (default: runs/sweep-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "cached", "lm-eval"]),
+              help="cached: one base pass, each window replayed from the cached stream (loglikelihood tasks);"
+              " lm-eval: one full lm-eval run per window (any task); auto: cached when the tasks allow.")
+@click.option("--batch-tokens", default=16384, show_default=True, type=int, help="Padded tokens per batch (cached engine).")
+@click.option("--attn", "attn_implementation", default="eager", show_default=True, type=click.Choice(["eager", "sdpa"]),
+              help="Attention kernels (sdpa is faster on GPU).")
 @handle_errors
 def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[str, ...], min_width: int,
           max_width: int | None, repeats: str, limit: int | None, num_fewshot: int | None, batch_size: str,
-          out: str | None, resume: bool, no_progress: bool) -> None:
+          out: str | None, resume: bool, no_progress: bool, engine: str, batch_tokens: int,
+          attn_implementation: str) -> None:
     """Brute force, Ng-style: evaluate every window in memory on the tasks (deltas, z-scores, heatmaps).
 
-    The yardstick `validate` compares a rank run against. Resumable (--resume --out DIR).
+    The yardstick `validate` compares a rank run against. Resumable (--resume --out DIR). With
+    loglikelihood tasks (all the local rys_* tasks but rys_gsm8k) the cached engine runs the base once
+    and replays each window from the cached residual stream at its end.
     """
     import datetime
     import re
@@ -360,12 +369,13 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
         out = str(Path("runs") / f"sweep-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    loaded = load_model(model_name, dtype=dtype, device=device)
+    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation)
     try:
         result = sweep_windows(
             loaded.model, loaded.tokenizer, tasks=_split(tasks), windows=list(windows) or None, min_width=min_width,
             max_width=max_width, repeats=repeats, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
             out_dir=out, resume=resume, progress=not no_progress, model_info={**loaded.info, "path": loaded.path},
+            engine=engine, batch_tokens=batch_tokens,
         )
     except KeyboardInterrupt:
         click.echo(f"rys-forge: interrupted; finished windows are kept. Continue with: rys-forge sweep ... --resume --out {out}", err=True)

@@ -519,15 +519,22 @@ def _run_lm_eval(
     seed: int,
     bootstrap_iters: int,
     progress: bool,
+    lm: Any = None,
+    task_objects: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """One lm-eval run of an already-loaded model; returns the normalised run (see :func:`_normalise`)."""
+    """One lm-eval run of an already-loaded model; returns the normalised run (see :func:`_normalise`).
+
+    ``lm`` replaces the default ``HFLM`` around ``model`` (the sweep's cached engine); ``task_objects``
+    are already-loaded tasks (else they are loaded from ``names``)."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
     with _lm_eval_environment(progress):
-        task_objects = _load_task_objects(manager, names)
+        if task_objects is None:
+            task_objects = _load_task_objects(manager, names)
         try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
+            if lm is None:
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
             results = evaluator.simple_evaluate(
                 model=lm,
                 tasks=task_objects,

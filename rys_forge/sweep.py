@@ -71,6 +71,8 @@ __all__ = [
 SWEEP_LOG = "sweep.jsonl"
 BASE_FILE = "base.json"
 SWEEP_FORMAT = 1
+#: Sweep engines (see :func:`sweep_windows`).
+ENGINES = ("auto", "cached", "lm-eval")
 #: One task's share of |sum z| above which a window's verdict rests on a single task.
 SINGLE_TASK_SHARE = 0.7
 #: ... provided that task really moved (|z| at least this).
@@ -403,6 +405,8 @@ def sweep_windows(
     include_path: Any = None,
     bootstrap_iters: int = 1000,
     model_info: dict[str, Any] | None = None,
+    engine: str = "auto",
+    batch_tokens: int = 16384,
 ) -> SweepResult:
     """Evaluate the base once, then every window's in-memory repeat, on lm-eval tasks.
 
@@ -422,6 +426,10 @@ def sweep_windows(
         include_path: extra folder(s) of lm-eval task YAMLs.
         bootstrap_iters: lm-eval's stderr bootstrap iterations (non-mean metrics).
         model_info: provenance (``source``, ``path``, ...) stored in the summary and the fingerprint.
+        engine: ``cached`` (one base pass, each window replayed from the cached stream at its end; see
+            :mod:`rys_forge.sweep_engine`), ``lm-eval`` (one full lm-eval run per window, any task type),
+            or ``auto`` (``cached`` when every task is a loglikelihood task).
+        batch_tokens: padded tokens per forward batch of the cached engine.
 
     Returns:
         A :class:`SweepResult` (also written to ``out_dir``).
@@ -440,7 +448,25 @@ def sweep_windows(
     batch_size = _ev._check_batch_size(batch_size)
     num_layers = _ev._num_layers(model)
     chosen = _select(num_layers, windows, min_width, max_width)
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if not _ev._is_count(batch_tokens, 1):
+        raise UsageError(f"--batch-tokens must be a positive integer, got {batch_tokens!r}")
     manager, names = _resolve(tasks, include_path)
+    task_objects = None
+    if engine != "lm-eval":
+        from .sweep_engine import CACHED_OUTPUT_TYPES, check_cached_tasks, leaf_tasks
+
+        with _ev._lm_eval_environment(False):
+            task_objects = _ev._load_task_objects(manager, names)
+        if engine == "cached":
+            check_cached_tasks(task_objects)
+        else:
+            engine = "cached" if all(
+                getattr(t, "OUTPUT_TYPE", None) in CACHED_OUTPUT_TYPES for t in leaf_tasks(task_objects)
+            ) else "lm-eval"
+            if engine == "lm-eval":
+                task_objects = None
     info = dict(model_info or {})
     source = info.get("source") or info.get("path") or type(model).__name__
     fingerprint = {
@@ -457,6 +483,7 @@ def sweep_windows(
         "windows": [str(w) for w in chosen],
         "repeats": repeat_list,
         "lm_eval": _ev._lm_eval_version(),
+        "engine": engine,
     }
     folder = _SweepFolder(Path(out_dir), fingerprint, resume) if out_dir is not None else None
     done = folder.finished() if folder else {}
@@ -474,24 +501,39 @@ def sweep_windows(
         except (OSError, ValueError, KeyError, TypeError):
             base_run = None
     base_reused = base_run is not None
+    plan_items = [(w, r) for r in repeat_list for w in chosen]
+    todo = [(w, r) for w, r in plan_items if f"{w}x{r}" not in done]
+    lm = None
+    if engine == "cached" and (todo or base_run is None):
+        from .sweep_engine import capturing_lm
+
+        lm = capturing_lm(model, tokenizer, batch_tokens=batch_tokens)
+        _ev._say(progress, f"base pass and activation cache over {', '.join(names)}")
+        t0 = time.perf_counter()
+        fresh = _evaluate_once(model, tokenizer, manager, names, lm=lm, task_objects=task_objects, **run_kwargs)
+        base_seconds = time.perf_counter() - t0
+        base_run = base_run or fresh
     if base_run is None:
         _ev._say(progress, f"evaluating the base model on {', '.join(names)}")
         t0 = time.perf_counter()
         base_run = _evaluate_once(model, tokenizer, manager, names, **run_kwargs)
         base_seconds = time.perf_counter() - t0
-        if base_file is not None:
-            write_atomic(base_file, json.dumps(_ev._json_safe({"run": base_run, "seconds": base_seconds})))
+    if not base_reused and base_file is not None:
+        write_atomic(base_file, json.dumps(_ev._json_safe({"run": base_run, "seconds": base_seconds})))
     base_rows, _, _ = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
     reported = [t for t in _reported_tasks(base_rows, base_run.get("groups")) if pick_metric(base_rows, t) is not None]
     if not reported:
         raise _ev.EvaluationError(f"lm-eval produced no usable metric for {', '.join(names)}")
     base = _base_summary(base_run, reported)
 
-    plan_items = [(w, r) for r in repeat_list for w in chosen]
-    todo = [(w, r) for w, r in plan_items if f"{w}x{r}" not in done]
     sweep_started = time.perf_counter()
     with _progress(progress, len(plan_items), len(plan_items) - len(todo), "evaluating windows") as advance:
-        for window, n_visits in todo:
+        if lm is not None:
+            _cached_windows(lm, task_objects, todo, base_run, base, reported, limit, seed, folder, done, advance)
+            todo_lm_eval: list[tuple[Window, int]] = []
+        else:
+            todo_lm_eval = todo
+        for window, n_visits in todo_lm_eval:
             from .repeat import repeated
 
             plan = LayerPlan.from_windows([window], num_layers, n_visits)
@@ -551,6 +593,45 @@ def sweep_windows(
     if folder:
         write_outputs(result, num_layers)
     return result
+
+
+def _cached_windows(
+    lm: Any, task_objects: Any, todo: Sequence[tuple[Window, int]], base_run: dict[str, Any], base: dict[str, Any],
+    reported: Sequence[str], limit: int | None, seed: int, folder: _SweepFolder | None, done: dict[str, Any],
+    advance: Any,
+) -> None:
+    """Every (window, visits) in ``todo`` through the cached engine, scored with lm-eval's task code."""
+    from .sweep_engine import leaf_tasks, score_window
+
+    keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported if t in base}
+    # The base run reduced to the kept metric of each reported task (what a window run holds).
+    trimmed = {
+        "results": {t: {k: v for k, v in base_run["results"][t].items() if k in (keep[t], keep[t].replace(",", "_stderr,", 1))}
+                    for t in keep},
+        "groups": {},
+        "metric_info": {t: (base_run.get("metric_info") or {}).get(t) or {} for t in keep},
+        "items": {t: {keep[t].split(",", 1)[1]: {d: {**rec, "values": {keep[t].split(",", 1)[0]: rec["values"].get(keep[t].split(",", 1)[0])}}
+                                                for d, rec in ((base_run["items"].get(t) or {}).get(keep[t].split(",", 1)[1]) or {}).items()}}
+                  for t in keep},
+    }
+    tasks = leaf_tasks(task_objects)
+    clock = [time.perf_counter()]
+
+    def finish(index: int, run: Any) -> None:
+        window, n_visits = todo[index]
+        rys_run = score_window(tasks, lm.instances, run, limit, keep, base_run["items"])
+        now = time.perf_counter()
+        record = _window_record(window, n_visits, trimmed, rys_run, reported, seed, now - clock[0])
+        clock[0] = now
+        done[record["key"]] = record
+        if folder:
+            folder.append(_ev._json_safe(record))
+        advance()
+
+    try:
+        lm.engine.run([(w.start, w.end, n) for w, n in todo], on_done=finish)
+    finally:
+        lm.engine.release()
 
 
 def _restore(record: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,7 @@ def _counting(monkeypatch, fail_at: int | None = None) -> list[bool]:
 
 def _run(loaded, out, **kwargs):
     kwargs.setdefault("windows", WINDOWS)
+    kwargs.setdefault("engine", "lm-eval")  # one lm-eval run per window (the cached engine: test_sweep_engine)
     return sweep_windows(
         loaded.model, loaded.tokenizer, tasks=[TASK], limit=LIMIT, out_dir=out, progress=False,
         model_info={"source": loaded.source}, **kwargs,

@@ -1,0 +1,378 @@
+"""The cached engine behind `sweep`: lm-eval's loglikelihood requests for every window from one base pass.
+
+A window's repeat `[i, j)` leaves layers `0..j-1` of the base pass untouched: the repeated model's
+stream after the first visit of the block *is* the base `x_j`. So the engine runs the base model once
+over every request (lm-eval's own token encoding, captured from ``HFLM``), caches `x_0..x_L` with each
+layer's arguments (masks, rotary embeddings), and for a window with `n` visits replays the block
+`n-1` more times from the cached `x_j`, then layers `j..L-1`: `L - i + (n-2)(j-i)` layer passes instead
+of `L + (n-1)(j-i)` for a full forward. The LM head (262k rows on gemma) runs only at continuation
+positions, in float32, where lm-eval's ``HFLM`` runs it at every position.
+
+Requests are scored with lm-eval's own task code (``apply_filters``, ``process_results``,
+``aggregation``, ``stderr_for_metric``), so a window's metrics are what ``simple_evaluate`` reports for
+the same loglikelihoods (tested). Only loglikelihood-type tasks (``multiple_choice``,
+``loglikelihood``) qualify; generation tasks need the ``lm-eval`` engine (one full run per window).
+
+Memory: the cache holds `(L+1) * tokens * hidden` activations. When that exceeds ``max_cache_bytes``,
+requests form several cache groups, each captured again for every group of windows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .activations import capture_layer_inputs, head_logits, replay_layers, run_decoder
+from .architectures import get_path, spec_for_model
+from .errors import TaskError
+
+__all__ = ["CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "capturing_lm", "check_cached_tasks", "leaf_tasks", "score_window"]
+
+#: lm-eval output types the cached engine can answer.
+CACHED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
+
+
+@dataclass
+class WindowRun:
+    """Per-request results of one run: summed continuation log-likelihood and greedy exact match."""
+
+    loglikelihood: np.ndarray  # float64 [N]
+    is_greedy: np.ndarray  # bool [N]
+
+    def as_responses(self) -> list[tuple[float, bool]]:
+        return [(float(a), bool(b)) for a, b in zip(self.loglikelihood, self.is_greedy)]
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [K] row of each continuation position
+    cols: torch.Tensor  # [K] position whose logits predict the target
+    targets: torch.Tensor  # [K] continuation token
+    owner: torch.Tensor  # [K] request index (0..N-1) of each position
+    hidden: list[torch.Tensor] | None = None
+    layer_kwargs: list[dict[str, Any]] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+class LoglikelihoodEngine:
+    """Continuation log-likelihoods of lm-eval token requests under the base model and any window repeat.
+
+    Args:
+        model: a ``*ForCausalLM`` from the architecture table, without a plan applied.
+        requests: ``(context_tokens, continuation_tokens)`` per request, as ``HFLM`` encodes them.
+        max_length: ``HFLM.max_length`` (inputs are left-truncated to it, as ``HFLM`` does).
+        pad_id: padding token id (right padding; causal attention never sees it).
+        batch_tokens: padded tokens per forward batch.
+        max_cache_bytes: activation cache budget (None: 60% of free GPU memory, or 8 GiB on CPU).
+        head_chunk: continuation positions per LM-head call (bounds the `[K, V]` float32 logits).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        max_length: int,
+        pad_id: int = 0,
+        batch_tokens: int = 16384,
+        max_cache_bytes: int | None = None,
+        head_chunk: int = 2048,
+    ):
+        self.model = model
+        self.spec = spec_for_model(model)
+        self.layers = get_path(model, self.spec.layers_path)
+        self.num_layers = len(self.layers)
+        self.device = next(model.parameters()).device
+        self.n_requests = len(requests)
+        self.head_chunk = head_chunk
+        inputs: list[list[int]] = []
+        conts: list[list[int]] = []
+        for context, continuation in requests:
+            if not continuation:
+                raise TaskError("an lm-eval request has an empty continuation")
+            full = (list(context) + list(continuation))[-(max_length + 1) :]
+            inputs.append(full[:-1])
+            conts.append(list(continuation))
+        order = sorted(range(len(inputs)), key=lambda k: -len(inputs[k]))
+        self.total_tokens = sum(len(x) for x in inputs)
+        batches: list[list[int]] = []
+        for k in order:
+            if batches and (len(batches[-1]) + 1) * len(inputs[batches[-1][0]]) <= max(batch_tokens, len(inputs[k])):
+                batches[-1].append(k)
+            else:
+                batches.append([k])
+        hidden_size = int(model.config.get_text_config().hidden_size)
+        width = next(model.parameters()).element_size()
+        per_token = (self.num_layers + 1) * hidden_size * width
+        if max_cache_bytes is None:
+            if self.device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(self.device)
+                max_cache_bytes = int(0.6 * free)
+            else:
+                max_cache_bytes = 8 << 30
+        # Consecutive batches form cache groups whose activations fit the budget.
+        self.batches: list[_Batch] = []
+        self._bounds = [0]
+        used = 0
+        for batch in batches:
+            size = len(batch) * len(inputs[batch[0]]) * per_token
+            if used and used + size > max_cache_bytes:
+                self._bounds.append(len(self.batches))
+                used = 0
+            self.batches.append(self._make_batch(batch, inputs, conts, pad_id))
+            used += size
+        self._bounds.append(len(self.batches))
+        self.cache_bytes = sum(b.input_ids.numel() for b in self.batches) * per_token
+
+    @property
+    def groups(self) -> list[list[_Batch]]:
+        """Batches cached together (one group when everything fits: captured once and kept)."""
+        b = self._bounds
+        return [self.batches[b[k] : b[k + 1]] for k in range(len(b) - 1)]
+
+    def _make_batch(self, batch: list[int], inputs: list[list[int]], conts: list[list[int]], pad_id: int) -> _Batch:
+        length = len(inputs[batch[0]])
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        rows, cols, targets, owner = [], [], [], []
+        for r, k in enumerate(batch):
+            seq, cont = inputs[k], conts[k]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            for offset, token in enumerate(cont):
+                rows.append(r)
+                cols.append(len(seq) - len(cont) + offset)
+                targets.append(token)
+                owner.append(k)
+
+        def to(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        return _Batch(ids.to(self.device), mask.to(self.device), to(rows), to(cols), to(targets), to(owner))
+
+    @torch.no_grad()
+    def _capture(self, batch: _Batch) -> None:
+        with capture_layer_inputs(self.model, self.spec) as captured:
+            run_decoder(self.model, self.spec, batch.input_ids, batch.attention_mask)
+            batch.hidden = [captured[k][0] for k in range(self.num_layers + 1)]
+            batch.layer_kwargs = [captured[k][1] for k in range(self.num_layers)]
+
+    def _release(self, batches: Sequence[_Batch]) -> None:
+        for batch in batches:
+            batch.hidden = batch.layer_kwargs = None
+
+    @torch.no_grad()
+    def _score(self, batch: _Batch, z: torch.Tensor, ll: torch.Tensor, misses: torch.Tensor) -> None:
+        for f in range(0, batch.rows.numel(), self.head_chunk):
+            rows, cols = batch.rows[f : f + self.head_chunk], batch.cols[f : f + self.head_chunk]
+            targets, owner = batch.targets[f : f + self.head_chunk], batch.owner[f : f + self.head_chunk]
+            logits = head_logits(self.model, self.spec, z[rows, cols])
+            token_ll = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            ll.index_add_(0, owner, token_ll.double())
+            misses.index_add_(0, owner, (logits.argmax(-1) != targets).int())
+
+    @torch.no_grad()
+    def run(
+        self,
+        windows: Sequence[tuple[int, int, int] | None],
+        on_done: Callable[[int, WindowRun], None] | None = None,
+        group_size: int = 16,
+    ) -> list[WindowRun]:
+        """Results for each entry of ``windows``: ``None`` is the base model, ``(i, j, visits)`` the
+        repeat of layers ``i..j-1`` ``visits`` times. ``on_done(index, run)`` is called as each finishes
+        (in groups of ``group_size`` windows when the cache needs several groups)."""
+        for w in windows:
+            if w is not None:
+                i, j, n = w
+                if not (0 <= i < j <= self.num_layers and n >= 1):
+                    raise ValueError(f"bad window {w} for {self.num_layers} layers")
+        results: list[WindowRun | None] = [None] * len(windows)
+        groups = self.groups
+        step = len(windows) if len(groups) == 1 else max(1, group_size)
+        for start in range(0, len(windows), max(step, 1)):
+            todo = range(start, min(start + step, len(windows)))
+            acc = {k: self._accumulators() for k in todo}
+            for group in groups:
+                for batch in group:
+                    if batch.hidden is None:
+                        self._capture(batch)
+                for k in todo:
+                    for batch in group:
+                        self._window_on_batch(batch, windows[k], *acc[k])
+                    if len(groups) == 1:  # everything cached: each window is final right away
+                        results[k] = self._finish(*acc.pop(k))
+                        if on_done:
+                            on_done(k, results[k])
+                if len(groups) > 1:
+                    self._release(group)
+            for k in list(acc):
+                results[k] = self._finish(*acc.pop(k))
+                if on_done:
+                    on_done(k, results[k])
+        return results  # type: ignore[return-value]
+
+    def _accumulators(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.zeros(self.n_requests, dtype=torch.float64, device=self.device),
+            torch.zeros(self.n_requests, dtype=torch.int32, device=self.device),
+        )
+
+    def _window_on_batch(self, batch: _Batch, window: tuple[int, int, int] | None, ll, misses) -> None:
+        assert batch.hidden is not None and batch.layer_kwargs is not None
+        if window is None:
+            z = batch.hidden[self.num_layers]
+        else:
+            i, j, visits = window
+            z = batch.hidden[j]
+            for _ in range(visits - 1):
+                z = replay_layers(self.layers, batch.layer_kwargs, i, j, z)
+            z = replay_layers(self.layers, batch.layer_kwargs, j, self.num_layers, z)
+        self._score(batch, z, ll, misses)
+
+    @staticmethod
+    def _finish(ll: torch.Tensor, misses: torch.Tensor) -> WindowRun:
+        return WindowRun(ll.cpu().numpy(), (misses == 0).cpu().numpy())
+
+    def release(self) -> None:
+        """Drop every cached activation."""
+        self._release(self.batches)
+
+
+# --------------------------------------------------------------------------- lm-eval side
+
+
+def check_cached_tasks(task_objects: Sequence[Any]) -> None:
+    """Raise :class:`TaskError` unless every task is answered by loglikelihood requests alone."""
+    bad = [t.task_name for t in leaf_tasks(task_objects) if getattr(t, "OUTPUT_TYPE", None) not in CACHED_OUTPUT_TYPES]
+    if bad:
+        raise TaskError(
+            f"the cached sweep engine handles loglikelihood tasks only; {', '.join(bad)} need --engine lm-eval"
+        )
+
+
+def leaf_tasks(task_objects: Sequence[Any]) -> list[Any]:
+    """The tasks inside lm-eval's top-level Task / Group objects."""
+    out: list[Any] = []
+    for obj in task_objects:
+        out.extend(obj.get_all_tasks() if hasattr(obj, "get_all_tasks") else [obj])
+    return out
+
+
+def capturing_lm(model: nn.Module, tokenizer: Any, **engine_kwargs: Any) -> Any:
+    """An lm-eval ``HFLM`` whose loglikelihood requests are answered by a :class:`LoglikelihoodEngine`
+    (the base model); afterwards ``lm.engine`` holds the engine and ``lm.instances`` the requests, in
+    the engine's order. Token encoding, truncation and everything else stay ``HFLM``'s."""
+    from lm_eval.models.huggingface import HFLM
+
+    class _CapturingLM(HFLM):
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            self.instances = list(requests)
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, override_bs: Any = None):
+            pad = self.tokenizer.pad_token_id
+            self.engine = LoglikelihoodEngine(
+                self.model,
+                [(context, continuation) for _, context, continuation in requests],
+                max_length=self.max_length,
+                pad_id=pad if pad is not None else 0,
+                **engine_kwargs,
+            )
+            (base,) = self.engine.run([None])
+            return base.as_responses()
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            raise TaskError("the cached sweep engine does not answer loglikelihood_rolling (use --engine lm-eval)")
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            raise TaskError("the cached sweep engine does not generate (use --engine lm-eval)")
+
+    lm = _CapturingLM(pretrained=model, tokenizer=tokenizer, batch_size=1, backend="causal")
+    lm.engine, lm.instances = None, []
+    return lm
+
+
+def score_window(
+    tasks: Sequence[Any],
+    instances: Sequence[Any],
+    run: WindowRun,
+    limit: int | None,
+    keep: dict[str, str],
+    base_items: dict[str, dict[str, dict[str, Any]]],
+) -> dict[str, Any]:
+    """Score one run's per-request results with lm-eval's task code; a normalised run (the shape
+    :func:`rys_forge.evaluate._normalise` makes) holding the kept metric of each task.
+
+    Args:
+        tasks: leaf task objects (the ones the base run's instances belong to).
+        instances: the base run's lm-eval instances, in the order the engine's requests were made.
+        run: the engine's results for those instances.
+        limit: the base run's ``limit`` (the same documents).
+        keep: task -> ``"metric,filter"`` to report.
+        base_items: the base run's ``items`` (document hashes are copied from there).
+    """
+    from lm_eval.api.metrics import mean, stderr_for_metric
+
+    by_task: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+    for index, inst in enumerate(instances):
+        by_task[inst.task_name].append((inst, index))
+    results: dict[str, dict[str, Any]] = {}
+    items: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in tasks:
+        name = task.task_name
+        if name not in keep:
+            continue
+        metric, filt = keep[name].split(",", 1)
+        pairs = by_task.get(name) or []
+        for inst, index in pairs:
+            inst.resps = [(float(run.loglikelihood[index]), bool(run.is_greedy[index]))]
+            inst.filtered_resps = {}
+        task.apply_filters()
+        per_doc: dict[int, list[Any]] = defaultdict(list)
+        for inst, _ in pairs:
+            per_doc[inst.doc_id].append(inst)
+        values: list[Any] = []
+        per_item: dict[str, dict[str, Any]] = {}
+        base_task_items = (base_items.get(name) or {}).get(filt) or {}
+        for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1):
+            requests = sorted(per_doc[doc_id], key=lambda x: x.idx)
+            metrics = task.process_results(doc, [req.filtered_resps[filt] for req in requests])
+            if metric not in metrics:
+                continue
+            value = metrics[metric]
+            values.append(value)
+            known = base_task_items.get(str(doc_id)) or {}
+            per_item[str(doc_id)] = {
+                "doc_hash": known.get("doc_hash"),
+                "prompt_hash": known.get("prompt_hash"),
+                "values": {metric: _plain(value)},
+            }
+        aggregate = task.aggregation().get(metric, mean)
+        stderr_fn = stderr_for_metric(metric=aggregate, bootstrap_iters=1000)
+        results[name] = {
+            f"{metric},{filt}": _plain(aggregate(values)),
+            f"{metric}_stderr,{filt}": _plain(stderr_fn(values)) if stderr_fn and len(values) > 1 else "N/A",
+        }
+        items[name] = {filt: per_item}
+    return {"results": results, "items": items}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value

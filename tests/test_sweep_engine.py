@@ -1,0 +1,154 @@
+"""The cached sweep engine against independent references.
+
+Per-request log-likelihoods are checked against a separate model whose layer list materialises the repeat
+(own weights, one unpadded sequence at a time, full-vocabulary log-softmax); sweep rows from the cached
+engine against the same sweep through lm-eval's ``HFLM`` (one full run per window).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rys_forge.models import load_model
+from rys_forge.plan import LayerPlan, Window
+from rys_forge.sweep_engine import LoglikelihoodEngine
+from test_repeat import materialised_reference
+
+pytest.importorskip("lm_eval")
+
+from rys_forge import sweep as sweep_mod  # noqa: E402
+from rys_forge import sweep_engine  # noqa: E402
+from rys_forge.errors import TaskError  # noqa: E402
+from rys_forge.sweep import sweep_windows  # noqa: E402
+
+MAX_LENGTH = 20
+
+
+def _requests(vocab: int, seed: int = 3) -> list[tuple[list[int], list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for ctx_len, cont_len in [(5, 1), (12, 3), (3, 4), (9, 2), (24, 2), (1, 1), (15, 5), (7, 1)]:
+        tokens = torch.randint(4, vocab, (ctx_len + cont_len,), generator=g).tolist()
+        out.append((tokens[:ctx_len], tokens[ctx_len:]))
+    return out
+
+
+def _reference(model, requests, order=None) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of continuation log-probs and greedy match, one sequence at a time, on a materialised model."""
+    ref = materialised_reference(model, order) if order is not None else model
+    lls, greedy = [], []
+    with torch.no_grad():
+        for ctx, cont in requests:
+            full = (ctx + cont)[-(MAX_LENGTH + 1) :]
+            inp = torch.tensor([full[:-1]])
+            logprobs = torch.log_softmax(ref(inp).logits[0].double(), dim=-1)[-len(cont) :]
+            target = torch.tensor(cont)
+            lls.append(float(logprobs.gather(1, target[:, None]).sum()))
+            greedy.append(bool((logprobs.argmax(-1) == target).all()))
+    return np.array(lls), np.array(greedy)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_engine_matches_materialised_repeat(tiny_model_dirs, model_type, monkeypatch, tmp_path):
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path))
+    loaded = load_model(str(tiny_model_dirs[model_type]))
+    model = loaded.model
+    n = model.config.num_hidden_layers
+    requests = _requests(model.config.vocab_size)
+    windows = [None, (1, 3, 2), (0, 2, 2), (2, n, 2), (1, 4, 3)]
+    # a small batch budget (several padded batches) and a cache budget that forces several groups
+    for cache_bytes in (None, 4096):
+        engine = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=40, max_cache_bytes=cache_bytes)
+        assert (len(engine.groups) > 1) == (cache_bytes is not None)
+        done: list[int] = []
+        runs = engine.run(windows, on_done=lambda k, run: done.append(k), group_size=2)
+        assert sorted(done) == list(range(len(windows)))
+        for window, run in zip(windows, runs):
+            order = None
+            if window is not None:
+                i, j, visits = window
+                order = LayerPlan.from_windows([Window(i, j)], n, visits).order
+            ll, greedy = _reference(model, requests, order)
+            np.testing.assert_allclose(run.loglikelihood, ll, rtol=1e-5, atol=1e-4)
+            assert (run.is_greedy == greedy).all()
+    # a repeat that changes nothing is not what is being measured: windows really move the numbers
+    assert np.abs(runs[1].loglikelihood - runs[0].loglikelihood).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RYS_FORGE_CACHE", str(root / "rys-cache"))
+        yield load_model(str(tiny_model_dirs["gemma3_text"]))
+    torch.set_num_threads(threads)
+
+
+TASKS = ["rys_arc_easy", "rys_lambada_openai"]
+WINDOWS = ["1:3", "0:4", "2:6", "3:6"]
+
+
+def _sweep(loaded, out, engine, **kwargs):
+    kwargs.setdefault("windows", WINDOWS)
+    return sweep_windows(
+        loaded.model, loaded.tokenizer, tasks=TASKS, limit=6, out_dir=out, progress=False, engine=engine,
+        model_info={"source": loaded.source}, **kwargs,
+    )
+
+
+def test_cached_sweep_equals_lm_eval_sweep(loaded, tmp_path):
+    cached = _sweep(loaded, tmp_path / "cached", "auto", repeats="2,3")
+    assert cached.summary["settings"]["engine"] == "cached"
+    reference = _sweep(loaded, tmp_path / "lm_eval", "lm-eval", repeats="2,3")
+    assert cached.summary["metrics"] == reference.summary["metrics"] == {"rys_arc_easy": "acc_norm", "rys_lambada_openai": "acc"}
+    for task in TASKS:
+        assert cached.base[task]["items"] == reference.base[task]["items"]
+    moved = 0
+    for a, b in zip(cached.rows, reference.rows):
+        assert (a["window"], a["repeats"]) == (b["window"], b["repeats"])
+        for task in TASKS:
+            ta, tb = a["tasks"][task], b["tasks"][task]
+            assert ta["items"] == tb["items"]
+            for key in ("rys", "delta", "rys_stderr", "p_value", "z"):
+                assert ta[key] == pytest.approx(tb[key], abs=1e-12), (a["window"], task, key)
+            moved += ta["delta"] != 0
+        assert a["combined_z"] == pytest.approx(b["combined_z"], abs=1e-12) or (np.isnan(a["combined_z"]) and np.isnan(b["combined_z"]))
+    assert moved > 0  # the comparison is not between two all-zero tables
+
+
+def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    calls = []
+    original = sweep_engine.score_window
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_engine, "score_window", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(loaded, out, "cached")
+    assert len((out / "sweep.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(sweep_engine, "score_window", original)
+    resumed = _sweep(loaded, out, "cached", resume=True)
+    assert resumed.summary["timings"]["windows_evaluated_this_session"] == 2
+    fresh = _sweep(loaded, tmp_path / "fresh", "cached")
+    for a, b in zip(resumed.rows, fresh.rows):
+        assert a["tasks"] == b["tasks"]
+    keys = [json.loads(line)["key"] for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert sorted(keys) == sorted(f"{w}x2" for w in WINDOWS)
+
+
+def test_cached_engine_refuses_generation_tasks(loaded, tmp_path):
+    with pytest.raises(TaskError, match="loglikelihood tasks only"):
+        sweep_windows(loaded.model, loaded.tokenizer, tasks=["rys_gsm8k"], limit=2, windows=["1:3"], engine="cached",
+                      progress=False)
+    assert sweep_mod.ENGINES == ("auto", "cached", "lm-eval")
