@@ -601,7 +601,7 @@ def _cached_windows(
     advance: Any,
 ) -> None:
     """Every (window, visits) in ``todo`` through the cached engine, scored with lm-eval's task code."""
-    from .sweep_engine import leaf_tasks, score_window
+    from .sweep_engine import WindowScorer, leaf_tasks
 
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported if t in base}
     # The base run reduced to the kept metric of each reported task (what a window run holds).
@@ -614,12 +614,12 @@ def _cached_windows(
                                                 for d, rec in ((base_run["items"].get(t) or {}).get(keep[t].split(",", 1)[1]) or {}).items()}}
                   for t in keep},
     }
-    tasks = leaf_tasks(task_objects)
+    scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
     clock = [time.perf_counter()]
 
     def finish(index: int, run: Any) -> None:
         window, n_visits = todo[index]
-        rys_run = score_window(tasks, lm.instances, run, limit, keep, base_run["items"])
+        rys_run = scorer(run)
         now = time.perf_counter()
         record = _window_record(window, n_visits, trimmed, rys_run, reported, seed, now - clock[0])
         clock[0] = now

@@ -33,7 +33,7 @@ from .activations import capture_layer_inputs, head_logits, replay_layers, run_d
 from .architectures import get_path, spec_for_model
 from .errors import TaskError
 
-__all__ = ["CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "capturing_lm", "check_cached_tasks", "leaf_tasks", "score_window"]
+__all__ = ["CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "capturing_lm", "check_cached_tasks", "leaf_tasks", "WindowScorer"]
 
 #: lm-eval output types the cached engine can answer.
 CACHED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
@@ -304,69 +304,106 @@ def capturing_lm(model: nn.Module, tokenizer: Any, **engine_kwargs: Any) -> Any:
     return lm
 
 
-def score_window(
-    tasks: Sequence[Any],
-    instances: Sequence[Any],
-    run: WindowRun,
-    limit: int | None,
-    keep: dict[str, str],
-    base_items: dict[str, dict[str, dict[str, Any]]],
-) -> dict[str, Any]:
-    """Score one run's per-request results with lm-eval's task code; a normalised run (the shape
+class WindowScorer:
+    """Scores runs of the engine with lm-eval's task code (``apply_filters``, ``process_results``,
+    ``aggregation``, ``stderr_for_metric``); the result is a normalised run (the shape
     :func:`rys_forge.evaluate._normalise` makes) holding the kept metric of each task.
+
+    The documents are read once and the tasks' per-document accessors (``doc_to_choice``,
+    ``doc_to_target``, ``doc_to_text``, jinja templates compiled on every call) are memoised for
+    those documents: per window only ``process_results`` on fresh log-likelihoods runs.
 
     Args:
         tasks: leaf task objects (the ones the base run's instances belong to).
         instances: the base run's lm-eval instances, in the order the engine's requests were made.
-        run: the engine's results for those instances.
         limit: the base run's ``limit`` (the same documents).
         keep: task -> ``"metric,filter"`` to report.
         base_items: the base run's ``items`` (document hashes are copied from there).
     """
-    from lm_eval.api.metrics import mean, stderr_for_metric
 
-    by_task: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-    for index, inst in enumerate(instances):
-        by_task[inst.task_name].append((inst, index))
-    results: dict[str, dict[str, Any]] = {}
-    items: dict[str, dict[str, dict[str, Any]]] = {}
-    for task in tasks:
-        name = task.task_name
-        if name not in keep:
-            continue
-        metric, filt = keep[name].split(",", 1)
-        pairs = by_task.get(name) or []
-        for inst, index in pairs:
-            inst.resps = [(float(run.loglikelihood[index]), bool(run.is_greedy[index]))]
-            inst.filtered_resps = {}
-        task.apply_filters()
-        per_doc: dict[int, list[Any]] = defaultdict(list)
-        for inst, _ in pairs:
-            per_doc[inst.doc_id].append(inst)
-        values: list[Any] = []
-        per_item: dict[str, dict[str, Any]] = {}
-        base_task_items = (base_items.get(name) or {}).get(filt) or {}
-        for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1):
-            requests = sorted(per_doc[doc_id], key=lambda x: x.idx)
-            metrics = task.process_results(doc, [req.filtered_resps[filt] for req in requests])
-            if metric not in metrics:
+    def __init__(
+        self,
+        tasks: Sequence[Any],
+        instances: Sequence[Any],
+        limit: int | None,
+        keep: dict[str, str],
+        base_items: dict[str, dict[str, dict[str, Any]]],
+    ):
+        self.keep = keep
+        self.base_items = base_items
+        by_task: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+        for index, inst in enumerate(instances):
+            by_task[inst.task_name].append((inst, index))
+        self.plans: list[tuple[Any, list[tuple[Any, int]], list[tuple[int, Any, list[Any]]]]] = []
+        for task in tasks:
+            if task.task_name not in keep:
                 continue
-            value = metrics[metric]
-            values.append(value)
-            known = base_task_items.get(str(doc_id)) or {}
-            per_item[str(doc_id)] = {
-                "doc_hash": known.get("doc_hash"),
-                "prompt_hash": known.get("prompt_hash"),
-                "values": {metric: _plain(value)},
+            pairs = by_task.get(task.task_name) or []
+            per_doc: dict[int, list[Any]] = defaultdict(list)
+            for inst, _ in pairs:
+                per_doc[inst.doc_id].append(inst)
+            docs = [
+                (doc_id, doc, sorted(per_doc[doc_id], key=lambda x: x.idx))
+                for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1)
+            ]
+            for name in ("doc_to_choice", "doc_to_target", "doc_to_text"):
+                _memoise(task, name)
+            self.plans.append((task, pairs, docs))
+
+    def __call__(self, run: WindowRun) -> dict[str, Any]:
+        from lm_eval.api.metrics import mean, stderr_for_metric
+
+        results: dict[str, dict[str, Any]] = {}
+        items: dict[str, dict[str, dict[str, Any]]] = {}
+        for task, pairs, docs in self.plans:
+            name = task.task_name
+            metric, filt = self.keep[name].split(",", 1)
+            for inst, index in pairs:
+                inst.resps = [(float(run.loglikelihood[index]), bool(run.is_greedy[index]))]
+                inst.filtered_resps = {}
+            task.apply_filters()
+            values: list[Any] = []
+            per_item: dict[str, dict[str, Any]] = {}
+            base_task_items = (self.base_items.get(name) or {}).get(filt) or {}
+            for doc_id, doc, requests in docs:
+                metrics = task.process_results(doc, [req.filtered_resps[filt] for req in requests])
+                if metric not in metrics:
+                    continue
+                value = metrics[metric]
+                values.append(value)
+                known = base_task_items.get(str(doc_id)) or {}
+                per_item[str(doc_id)] = {
+                    "doc_hash": known.get("doc_hash"),
+                    "prompt_hash": known.get("prompt_hash"),
+                    "values": {metric: _plain(value)},
+                }
+            aggregate = task.aggregation().get(metric, mean)
+            stderr_fn = stderr_for_metric(metric=aggregate, bootstrap_iters=1000)
+            results[name] = {
+                f"{metric},{filt}": _plain(aggregate(values)),
+                f"{metric}_stderr,{filt}": _plain(stderr_fn(values)) if stderr_fn and len(values) > 1 else "N/A",
             }
-        aggregate = task.aggregation().get(metric, mean)
-        stderr_fn = stderr_for_metric(metric=aggregate, bootstrap_iters=1000)
-        results[name] = {
-            f"{metric},{filt}": _plain(aggregate(values)),
-            f"{metric}_stderr,{filt}": _plain(stderr_fn(values)) if stderr_fn and len(values) > 1 else "N/A",
-        }
-        items[name] = {filt: per_item}
-    return {"results": results, "items": items}
+            items[name] = {filt: per_item}
+        return {"results": results, "items": items}
+
+
+def _memoise(task: Any, name: str) -> None:
+    """Shadow ``task.<name>(doc)`` with a cache keyed by the document object (kept alive by the scorer)."""
+    original = getattr(task, name, None)
+    if original is None or getattr(original, "_rys_memoised", False):
+        return
+    cache: dict[int, Any] = {}
+
+    def memoised(doc: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return original(doc, *args, **kwargs)
+        key = id(doc)
+        if key not in cache:
+            cache[key] = original(doc)
+        return cache[key]
+
+    memoised._rys_memoised = True  # type: ignore[attr-defined]
+    setattr(task, name, memoised)
 
 
 def _plain(value: Any) -> Any:

@@ -125,19 +125,19 @@ def test_cached_sweep_equals_lm_eval_sweep(loaded, tmp_path):
 def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     calls = []
-    original = sweep_engine.score_window
+    original = sweep_engine.WindowScorer.__call__
 
-    def interrupting(*args, **kwargs):
+    def interrupting(self, run):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(*args, **kwargs)
+        return original(self, run)
 
-    monkeypatch.setattr(sweep_engine, "score_window", interrupting)
+    monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", interrupting)
     with pytest.raises(KeyboardInterrupt):
         _sweep(loaded, out, "cached")
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 2
-    monkeypatch.setattr(sweep_engine, "score_window", original)
+    monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", original)
     resumed = _sweep(loaded, out, "cached", resume=True)
     assert resumed.summary["timings"]["windows_evaluated_this_session"] == 2
     fresh = _sweep(loaded, tmp_path / "fresh", "cached")
