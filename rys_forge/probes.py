@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import metrics
@@ -60,6 +61,7 @@ class ScoreConfig:
     inert_delta: float = 0.02
     epsilon: float = 0.1
     kl_max: float = 1.5
+    fitted_on: dict[str, Any] | None = None  # set by `rys-forge calibrate`: the model the constants were fitted on
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ScoreConfig":
@@ -74,11 +76,14 @@ class ScoreConfig:
             raise UsageError(f"score config {path} must be a JSON object")
         data = data.get("score", data)  # accept the calibrate output as well
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"_comment", "fitted_on"})
+        unknown = sorted(set(data) - known - {"_comment"})
         if unknown:
             raise UsageError(f"score config {path}: unknown key '{unknown[0]}'; allowed: {', '.join(sorted(known))}")
-        values = {}
-        for key in known & set(data):
+        values: dict[str, Any] = {}
+        fitted = data.get("fitted_on")
+        if fitted is not None:
+            values["fitted_on"] = fitted if isinstance(fitted, dict) else {"source": str(fitted)}
+        for key in (known - {"fitted_on"}) & set(data):
             try:
                 values[key] = float(data[key])
             except (TypeError, ValueError):
@@ -328,16 +333,32 @@ def _with_math_attention(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+#: The rank-row columns `Score(B)` is computed from.
+SCORE_INPUTS = ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl")
+
+
+def score_terms(
+    cka_plateau: Any, delta_0: Any, r_0: Any, d_dec: Any, d_kl: Any, alpha: float, c: float, beta: float, gamma: float,
+    eta: float,
+) -> dict[str, np.ndarray]:
+    """`P = exp(-alpha (1 - CKA(x_i, x_j)))`, `A = delta_0 / (delta_0 + c)`, `S = exp(-beta max(0, r_0 - 1))`,
+    `D = exp(-gamma D_dec - eta D_KL)` and `score = P A S D`, elementwise on scalars or arrays (NaN in, NaN out)."""
+    plateau, delta_0, r_0, d_dec, d_kl = (np.asarray(v, dtype=np.float64) for v in (cka_plateau, delta_0, r_0, d_dec, d_kl))
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(-alpha * (1.0 - plateau))
+        a = delta_0 / (delta_0 + c)
+        s = np.where(np.isnan(r_0), np.nan, np.exp(-beta * np.maximum(0.0, np.nan_to_num(r_0) - 1.0)))
+        d = np.exp(-gamma * d_dec - eta * d_kl)
+    return {"P": p, "A": a, "S": s, "D": d, "score": p * a * s * d}
+
+
 def score(row: dict[str, Any], config: ScoreConfig) -> Numbers:
     """`P, A, S, D` and `score` from a window's metrics (NaN where an input probe was not run)."""
-    plateau = row.get("cka_plateau", math.nan)
-    delta_0, r_0 = row.get("delta_0", math.nan), row.get("r_0", math.nan)
-    d_dec, d_kl = row.get("d_dec", math.nan), row.get("d_kl", math.nan)
-    p = math.exp(-config.alpha * (1.0 - plateau))
-    a = delta_0 / (delta_0 + config.c)
-    s = math.exp(-config.beta * max(0.0, r_0 - 1.0)) if not math.isnan(r_0) else math.nan
-    d = math.exp(-config.gamma * d_dec - config.eta * d_kl)
-    return {"P": p, "A": a, "S": s, "D": d, "score": p * a * s * d}
+    terms = score_terms(
+        *(row.get(k, math.nan) for k in SCORE_INPUTS),
+        alpha=config.alpha, c=config.c, beta=config.beta, gamma=config.gamma, eta=config.eta,
+    )
+    return {k: float(v) for k, v in terms.items()}
 
 
 def classify(row: dict[str, Any], config: ScoreConfig) -> str:

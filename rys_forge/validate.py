@@ -402,6 +402,7 @@ def validate_runs(
     score_key: str = "score",
     cka_key: str = "cka_plateau",
     cka_bins: int = 10,
+    score_config: Any = None,
 ) -> ValidationReport:
     """Compare a rank run's score with a sweep run's benchmark outcomes (see the module docstring).
 
@@ -417,6 +418,8 @@ def validate_runs(
         score_key: the rank column that orders windows.
         cka_key: the rank column used for CKA matching.
         cka_bins: quantile bins of the matched-CKA test.
+        score_config: a :class:`rys_forge.probes.ScoreConfig` (e.g. from ``calibrate``) to re-score the rank
+            rows with, from their stored probe metrics; its ``fitted_on`` decides in- vs out-of-sample.
 
     Raises:
         UsageError: a folder is not a run of the right kind, no window is in both, or ``metric`` is unknown.
@@ -425,6 +428,11 @@ def validate_runs(
         raise UsageError(f"--top-fraction must be in (0, 1], got {top_fraction}")
     rank_dir, sweep_dir = Path(rank_dir), Path(sweep_dir)
     rank_rows, rank_summary = _read_rank(rank_dir)
+    if score_config is not None:
+        from .probes import score as _score
+
+        rank_rows = [{**r, **_score(r, score_config)} for r in rank_rows]
+        rank_summary = {**rank_summary, "score_config": score_config.to_dict()}
     sweep_rows, sweep_summary = read_sweep(sweep_dir)
     available = sorted({int(r["repeats"]) for r in sweep_rows if r.get("repeats") is not None})
     if not available:

@@ -1,0 +1,214 @@
+"""`calibrate`: fit the score's constants on one model's sweep, to freeze them and test on other models.
+
+The seeds' protocol: the constants of `Score(B) = P*A*S*D` (``alpha, c, beta, gamma, eta``; see
+:class:`rys_forge.probes.ScoreConfig`) are priors. ``calibrate`` fits them on a *calibration* model, for
+which both a rank run and a sweep run exist, by maximising the Spearman correlation between the score
+(recomputed from the rank run's stored probe metrics, no model needed) and a sweep outcome (default:
+``combined_z``). The search is a seeded log-uniform random search inside fixed bounds, started from
+the defaults and refined coordinate-wise. The class thresholds do not enter the score and are not fitted.
+
+The output JSON holds the fitted ``score`` block, with ``fitted_on`` naming the calibration model, so
+``rank --score-config`` / ``validate --score-config`` use it and ``validate`` reports whether it is
+validating on the calibration model itself (in-sample: not a test of the claim). To tell fitting from
+overfitting, a k-fold cross-validated Spearman (fit on k-1 folds of windows, measured on the held-out
+fold) is reported beside the in-sample one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as _st
+
+from .errors import UsageError
+from .evaluate import _json_safe
+from .probes import SCORE_INPUTS, ScoreConfig, score_terms
+from .rank import write_atomic
+from .sweep import _finite, read_sweep
+from .validate import _read_rank
+
+__all__ = ["BOUNDS", "CalibrationResult", "calibrate_score", "fit_constants"]
+
+CALIBRATION_FORMAT = 1
+#: Search bounds of the fitted constants (log-uniform).
+BOUNDS: dict[str, tuple[float, float]] = {
+    "alpha": (0.1, 100.0),
+    "c": (1e-3, 10.0),
+    "beta": (1e-2, 30.0),
+    "gamma": (1e-2, 30.0),
+    "eta": (1e-3, 10.0),
+}
+
+
+@dataclass
+class CalibrationResult:
+    """The fitted constants, the objective before and after, and the cross-validated objective."""
+
+    config: ScoreConfig
+    report: dict[str, Any]
+
+    def format_text(self) -> str:
+        r = self.report
+        fitted = ", ".join(f"{k}={r['score'][k]:.4g}" for k in BOUNDS)
+        cv = r["cross_validated"]
+        return (
+            f"fitted on {r['n_windows']} windows of {r['calibration_model']}: {fitted}\n"
+            f"Spearman(score, {r['target']}): defaults {r['default']['spearman']:.3f} -> fitted"
+            f" {r['fitted']['spearman']:.3f} (in-sample); {cv['folds']}-fold cross-validated"
+            f" {cv['mean_spearman']:.3f} (defaults on the same folds {cv['mean_default_spearman']:.3f})"
+        )
+
+
+def _spearman(score: np.ndarray, target_ranks: np.ndarray) -> float:
+    if not np.isfinite(score).all() or np.ptp(score) == 0.0:
+        return -math.inf
+    ranks = _st.rankdata(score)
+    value = np.corrcoef(ranks, target_ranks)[0, 1]
+    return float(value) if math.isfinite(value) else -math.inf
+
+
+def _scores(inputs: np.ndarray, params: dict[str, float]) -> np.ndarray:
+    return score_terms(*inputs, **params)["score"]
+
+
+def fit_constants(
+    inputs: np.ndarray, target: np.ndarray, *, start: dict[str, float], trials: int = 2000, seed: int = 0
+) -> tuple[dict[str, float], float]:
+    """Maximise Spearman(score(inputs; params), target) over ``BOUNDS``.
+
+    Args:
+        inputs: ``[5, n]`` rows of :data:`rys_forge.probes.SCORE_INPUTS`, all finite.
+        target: ``[n]`` outcome per window.
+        start: the first candidate (the defaults).
+        trials: random log-uniform candidates before the coordinate refinement.
+        seed: numpy seed.
+
+    Returns:
+        The best parameters and their Spearman correlation.
+    """
+    target_ranks = _st.rankdata(target)
+    rng = np.random.default_rng(seed)
+    best = {k: float(start[k]) for k in BOUNDS}
+    best_value = _spearman(_scores(inputs, best), target_ranks)
+    logs = {k: (math.log(lo), math.log(hi)) for k, (lo, hi) in BOUNDS.items()}
+    for _ in range(trials):
+        candidate = {k: math.exp(rng.uniform(*logs[k])) for k in BOUNDS}
+        value = _spearman(_scores(inputs, candidate), target_ranks)
+        if value > best_value:
+            best, best_value = candidate, value
+    for step in (2.0, 1.5, 1.2, 1.05):
+        improved = True
+        while improved:
+            improved = False
+            for key in BOUNDS:
+                for factor in (step, 1.0 / step):
+                    lo, hi = BOUNDS[key]
+                    candidate = {**best, key: min(hi, max(lo, best[key] * factor))}
+                    value = _spearman(_scores(inputs, candidate), target_ranks)
+                    if value > best_value + 1e-12:
+                        best, best_value, improved = candidate, value, True
+    return best, best_value
+
+
+def calibrate_score(
+    sweep_dir: str | Path,
+    rank_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    target: str = "combined_z",
+    repeats: int = 2,
+    trials: int = 2000,
+    folds: int = 5,
+    seed: int = 0,
+) -> CalibrationResult:
+    """Fit the score constants on a calibration model (its sweep and rank runs); write ``out`` (JSON).
+
+    Args:
+        sweep_dir: a ``rys-forge sweep`` run folder of the calibration model.
+        rank_dir: a ``rys-forge rank`` run folder of the same model (its probe metrics are re-scored).
+        out: where the score config goes (None: not written).
+        target: sweep column to correlate with: ``combined_z``, ``mean_delta`` or ``delta:<task>``.
+        repeats: which sweep rows (visits of the block).
+        trials: random candidates of the search (per fit; the cross-validation refits per fold).
+        folds: folds of the cross-validated Spearman (0 or 1: none).
+        seed: seed of the search and of the fold assignment.
+
+    Raises:
+        UsageError: bad folders, an unknown target, or fewer than 10 windows with every input.
+    """
+    if trials < 0 or folds < 0:
+        raise UsageError("--trials and --folds must be non-negative")
+    sweep_dir, rank_dir = Path(sweep_dir), Path(rank_dir)
+    rank_rows, rank_summary = _read_rank(rank_dir)
+    sweep_rows, sweep_summary = read_sweep(sweep_dir)
+    outcome = {r["window"]: r.get(target) for r in sweep_rows if r.get("repeats") == repeats}
+    if not outcome:
+        raise UsageError(f"{sweep_dir} has no sweep rows with repeats={repeats}")
+    if all(v is None for v in outcome.values()):
+        columns = sorted(k for k in sweep_rows[0] if k.startswith("delta:") or k in ("combined_z", "mean_delta"))
+        raise UsageError(f"unknown target {target!r}; the sweep has {', '.join(columns)}")
+    joined = [
+        r for r in rank_rows
+        if r.get("window") in outcome and _finite(outcome[r["window"]]) and all(_finite(r.get(k)) for k in SCORE_INPUTS)
+    ]
+    if len(joined) < 10:
+        raise UsageError(
+            f"only {len(joined)} windows have every score input ({', '.join(SCORE_INPUTS)}) and a finite {target}:"
+            " calibration needs at least 10"
+        )
+    inputs = np.array([[float(r[k]) for r in joined] for k in SCORE_INPUTS])
+    y = np.array([float(outcome[r["window"]]) for r in joined])
+    defaults = ScoreConfig()
+    start = {k: getattr(defaults, k) for k in BOUNDS}
+    best, best_value = fit_constants(inputs, y, start=start, trials=trials, seed=seed)
+    default_value = _spearman(_scores(inputs, start), _st.rankdata(y))
+
+    per_fold, per_fold_default = [], []
+    if folds >= 2:
+        assignment = np.random.default_rng(seed + 1).permutation(len(joined)) % folds
+        for fold in range(folds):
+            train, test = assignment != fold, assignment == fold
+            params, _ = fit_constants(inputs[:, train], y[train], start=start, trials=trials, seed=seed + 2 + fold)
+            per_fold.append(_spearman(_scores(inputs[:, test], params), _st.rankdata(y[test])))
+            per_fold_default.append(_spearman(_scores(inputs[:, test], start), _st.rankdata(y[test])))
+
+    model = rank_summary.get("model") or {}
+    fitted_on = {**(model if isinstance(model, dict) else {"source": str(model)}), "rank_run": str(rank_dir),
+                 "sweep_run": str(sweep_dir), "target": target}
+    config = replace(defaults, **best, fitted_on=fitted_on)
+    kendall = lambda params: float(_st.kendalltau(_scores(inputs, params), y)[0])  # noqa: E731
+    name = (model.get("source") if isinstance(model, dict) else None) or str(model) or str(rank_dir)
+    report = {
+        "rys_forge_calibration": CALIBRATION_FORMAT,
+        "score": config.to_dict(),
+        "calibration_model": name,
+        "target": target,
+        "repeats": repeats,
+        "objective": f"Spearman(score, {target}) over windows with every score input",
+        "n_windows": len(joined),
+        "default": {"params": start, "spearman": default_value, "kendall": kendall(start)},
+        "fitted": {"params": best, "spearman": best_value, "kendall": kendall(best)},
+        "cross_validated": {
+            "folds": folds if folds >= 2 else 0,
+            "per_fold_spearman": per_fold,
+            "mean_spearman": float(np.mean(per_fold)) if per_fold else math.nan,
+            "per_fold_default_spearman": per_fold_default,
+            "mean_default_spearman": float(np.mean(per_fold_default)) if per_fold_default else math.nan,
+        },
+        "search": {"trials": trials, "seed": seed, "bounds": {k: list(v) for k, v in BOUNDS.items()},
+                   "method": "log-uniform random search from the defaults, then coordinate refinement"},
+        "not_fitted": "plateau_max, inert_cka, inert_delta, epsilon, kl_max (class thresholds; not in the score)",
+        "sweep_metrics": sweep_summary.get("metrics"),
+        "warning": "validating on the calibration model itself is in-sample; freeze these constants and"
+        " validate on other models",
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps(_json_safe(report), indent=2))
+    return CalibrationResult(config=config, report=report)
