@@ -26,3 +26,19 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     yield
+
+
+@pytest.fixture(scope="module")
+def single_thread_loader(tmp_path_factory):
+    """``load(model_dir)``: a loaded model (RysForge cache in a temporary folder, torch on one thread) for
+    the module's tests; thread count and environment are restored afterwards."""
+    import torch
+
+    from rys_forge.models import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RYS_FORGE_CACHE", str(tmp_path_factory.mktemp("rys-cache")))
+        yield lambda model_dir: load_model(str(model_dir))
+    torch.set_num_threads(threads)

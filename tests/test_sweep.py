@@ -7,13 +7,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 
 from rys_forge import sweep as sweep_mod  # noqa: E402
 from rys_forge.errors import UsageError  # noqa: E402
-from rys_forge.models import load_model  # noqa: E402
 from rys_forge.repeat import applied_plan_active  # noqa: E402
 from rys_forge.sweep import combine_z, fit_repeat_curve, pick_metric, read_sweep, sweep_windows, task_z  # noqa: E402
 from rys_forge.validate import validate_runs  # noqa: E402
@@ -24,14 +22,8 @@ WINDOWS = ["1:3", "2:5", "3:6"]
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep_cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RYS_FORGE_CACHE", str(root / "rys-cache"))
-        yield load_model(str(tiny_model_dirs["llama"]))
-    torch.set_num_threads(threads)
+def loaded(tiny_model_dirs, single_thread_loader):
+    return single_thread_loader(tiny_model_dirs["llama"])
 
 
 def _counting(monkeypatch, fail_at: int | None = None) -> list[bool]:

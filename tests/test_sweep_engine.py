@@ -80,14 +80,8 @@ def test_engine_matches_materialised_repeat(tiny_model_dirs, model_type, monkeyp
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine_cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RYS_FORGE_CACHE", str(root / "rys-cache"))
-        yield load_model(str(tiny_model_dirs["gemma3_text"]))
-    torch.set_num_threads(threads)
+def loaded(tiny_model_dirs, single_thread_loader):
+    return single_thread_loader(tiny_model_dirs["gemma3_text"])
 
 
 TASKS = ["rys_arc_easy", "rys_lambada_openai"]
