@@ -4,9 +4,13 @@
 Self-contained: it needs transformers and torch only (no rys-forge). The base model's weights are
 stored once under their base names; `config.rys` holds the explicit execution order of base layers
 (`plan.layer_order`) and the base values of every per-layer config field. Each visit of a layer is a
-shallow copy of the base layer (parameters shared, own `layer_idx`), so every visit has its own
-KV-cache slot, while `config.num_hidden_layers` and per-layer fields such as `layer_types` follow the
-plan. Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+copy of the base layer (parameters shared, own `layer_idx`), so every visit has its own KV-cache slot,
+while `config.num_hidden_layers` and per-layer fields such as `layer_types` follow the plan. Load with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+
+Every visit's modules are named `<layers>.visits.<p>.<module>` (`p` = position in the execution order), so
+a PEFT adapter can target one visit: `PeftModel.from_pretrained(model, folder + "/heal")` applies the
+per-visit LoRA adapters `rys-forge heal` trains, while the base weights stay one shared tensor.
 """
 
 import copy
@@ -25,55 +29,63 @@ def _get(root, dotted):
     return root
 
 
-def visit_copy(module, layer_idx):
-    """Shallow copy of a layer for one visit: parameters shared, own hook dicts, own `layer_idx`."""
+def _skip_state(*args, **kwargs):
+    """A visit's modules store nothing: their parameters are the base layer's, saved under base names."""
+
+
+def visit_copy(module, layer_idx, deep=False):
+    """Shallow copy of a layer for one visit: parameters shared, own hook dicts, own `layer_idx`.
+
+    Shallow (`deep=False`): only the path to modules that carry a `layer_idx` is copied; everything else
+    (MLP, norms, linear layers) is the base layer's own object. Deep: every submodule is copied, sharing
+    the base module's parameter and buffer dicts (a tensor replaced in the base, by loading or `.to()`,
+    is the visit's too), so each visit has its own module objects that an adapter can wrap on its own;
+    deep copies leave themselves out of `state_dict` (the weights are saved once, under base names).
+    """
     clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
+    if deep:
+        clone._save_to_state_dict = _skip_state
+        clone._load_from_state_dict = _skip_state
+    else:
+        clone._parameters = dict(module._parameters)
+        clone._buffers = dict(module._buffers)
+        clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     clone._modules = dict(module._modules)
-    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     for name, value in module.__dict__.items():
         if "hooks" in name and isinstance(value, dict):
             clone.__dict__[name] = type(value)(value)
     if "layer_idx" in module.__dict__:
         clone.layer_idx = layer_idx
     for name, child in module._modules.items():
-        if child is not None and any("layer_idx" in m.__dict__ for m in child.modules()):
-            clone._modules[name] = visit_copy(child, layer_idx)
+        if child is not None and (deep or any("layer_idx" in m.__dict__ for m in child.modules())):
+            clone._modules[name] = visit_copy(child, layer_idx, deep)
     return clone
 
 
 class VisitList(nn.ModuleList):
-    """Registers the base layers (so weights keep their base names, stored once) but iterates,
-    indexes and counts the visits of the plan."""
+    """Registers the base layers (so weights keep their base names, stored once) but iterates, indexes
+    and counts the visits of the plan. The visits are registered too, as `visits.<p>` (deep copies that
+    share the base tensors and stay out of `state_dict`), so each visit's modules have a name of their
+    own: a PEFT adapter targeting `...layers.visits.<p>.<module>` applies to that visit only."""
 
     def __init__(self, base_layers, order):
         super().__init__()
         for index, layer in enumerate(base_layers):
             self.add_module(str(index), layer)
-        self._order = list(order)
-        self._rebuild()
-
-    def _rebuild(self):
-        base = list(self._modules.values())
-        self.__dict__["_visits"] = [visit_copy(base[k], p) for p, k in enumerate(self._order)]
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._rebuild()  # buffers may have been replaced by new tensors
-        return out
+        self.add_module("visits", nn.ModuleList(visit_copy(base_layers[k], p, deep=True) for p, k in enumerate(order)))
 
     def __iter__(self):
-        return iter(self.__dict__["_visits"])
+        return iter(self._modules["visits"])
 
     def __len__(self):
-        return len(self.__dict__["_visits"])
+        return len(self._modules["visits"])
 
     def __getitem__(self, idx):
-        return self.__dict__["_visits"][idx]
+        visits = self._modules["visits"]
+        return list(visits)[idx] if isinstance(idx, slice) else visits[idx]
 
     def base_layers(self):
-        return list(self._modules.values())
+        return [module for name, module in self._modules.items() if name != "visits"]
 
 
 _Base = getattr(transformers, _BASE_CLASS)
