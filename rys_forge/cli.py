@@ -58,12 +58,20 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def adapter_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--adapter, for the commands that load a base model."""
+    return click.option(
+        "--adapter", default=None,
+        help="PEFT adapter (folder or hub id) loaded on the base and merged in (merge_and_unload) first; recorded in the outputs.",
+    )(func)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rys-forge")
 def main() -> None:
     """rys-forge: find, build, verify, evaluate and publish RYS layer-repeat models.
 
-    Pipeline: info -> rank (probe every window) -> build (export a window) -> verify -> eval -> publish.
+    Pipeline: info -> rank (probe every window) -> build (export a window) -> [heal] -> verify -> eval -> publish.
     Windows are Python slices over decoder layers: i:j means layers i..j-1 (0-based, half-open).
     """
     _quiet_libraries()
@@ -82,19 +90,24 @@ def _quiet_libraries() -> None:
 @model_options
 @click.option("--window", "windows", multiple=True, help=f"Show the plan for a window ({WINDOW_CONVENTION}).")
 @click.option("--repeats", default=2, show_default=True, type=int, help="Visits of each window's block.")
+@adapter_option
 @handle_errors
-def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int) -> None:
+def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, adapter: str | None) -> None:
     """Print architecture, layer count, attention type per layer, parameters and window notation."""
     from .models import describe_model, load_model
     from .plan import LayerPlan
 
     plan = None
     _check_windows(windows)
-    loaded = load_model(model_name, dtype=dtype, device=device)
+    loaded = load_model(model_name, dtype=dtype, device=device, adapter=adapter)
     facts = describe_model(loaded.model)
     if windows:
         plan = LayerPlan.from_windows(windows, facts["num_layers"], repeats)
     click.echo(f"model        {model_name}  ({loaded.path})")
+    if loaded.info.get("adapter"):
+        from .adapters import describe_adapter
+
+        click.echo(f"adapter      {describe_adapter(loaded.info['adapter'])}, merged")
     click.echo(f"architecture {facts['architecture']} (model_type={facts['model_type']})")
     click.echo(
         f"layers       {facts['num_layers']}  hidden={facts['hidden_size']}  heads={facts['num_attention_heads']}"
@@ -139,12 +152,14 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--out", default=None, type=click.Path(), help="Run folder (default: runs/rank-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@adapter_option
 @handle_errors
 def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min_width: int, max_width: int | None,
          probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
          prompts_per_family: int, max_tokens: int, batch_size: int, kl_positions: int, deep_fraction: float, debiased_cka: bool,
          jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
-         stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool) -> None:
+         stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool,
+         adapter: str | None) -> None:
     """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
 
     Writes windows.csv/json (one row per window, every metric), summary.json, heatmaps (PNG) and
@@ -178,7 +193,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
         out = str(Path("runs") / f"rank-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn)
+    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter)
     try:
         result = rank_windows(
             loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
@@ -214,9 +229,10 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
 @click.option("--force", is_flag=True, help="Replace an existing output folder (after the new build verified).")
 @click.option("--recipes-dir", default="recipes", show_default=True, type=click.Path(), help="Where mergekit recipes are kept too.")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the folder then cannot be published).")
+@adapter_option
 @handle_errors
 def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, fmt: str, out: str,
-          force: bool, recipes_dir: str, no_verify: bool) -> None:
+          force: bool, recipes_dir: str, no_verify: bool, adapter: str | None) -> None:
     """Export a RYS checkpoint of --model with --window repeated, then verify it.
 
     The export lands in --out only if verification passes.
@@ -225,7 +241,8 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
 
     _check_windows(windows)
     result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,
-                       device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None, verify=not no_verify)
+                       device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None, verify=not no_verify,
+                       adapter=adapter)
     click.echo(f"built {result.format} export of {model_name}: {result.plan.describe()}")
     click.echo(f"order: {list(result.plan.order)}")
     if result.verification:
@@ -249,6 +266,8 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str) -> None
 
     report = run_verify(folder, model_name, dtype=dtype, device=device)
     _print_verification(report.to_dict())
+    if report.settings.get("heal_adapter"):
+        click.echo(f"healed: per-visit LoRA adapters in {report.settings['heal_adapter']}/ applied on both sides")
     click.echo(f"verified: {folder}")
 
 
@@ -267,14 +286,17 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str) -> None
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--out", default=None, type=click.Path(), help="Folder for eval.json (an export folder gets one anyway).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of lm-eval and the bootstrap.")
+@click.option("--adapter", default=None, help="With --model: PEFT adapter merged into the model first (an export records its own).")
+@click.option("--no-heal", is_flag=True, help="Ignore TARGET's heal adapter (evaluate the plain export only).")
 @handle_errors
 def eval_command(target: str | None, model_name: str | None, windows: tuple[str, ...], repeats: int, base: str | None,
                  tasks: str, limit: int | None, num_fewshot: int | None, include_path: str | None, batch_size: str,
-                 device: str, dtype: str, out: str | None, seed: int) -> None:
+                 device: str, dtype: str, out: str | None, seed: int, adapter: str | None, no_heal: bool) -> None:
     """Evaluate TARGET (an export folder) or --model M --window i:j against its base with lm-eval.
 
     Prints base, RYS, delta and standard errors per task and metric, with a paired test per task
     (McNemar's exact test for accuracies, a paired bootstrap otherwise); saves eval.json.
+    A healed TARGET (TARGET/heal from `rys-forge heal`) is evaluated before and after healing.
     Offline by default: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set unless you set them yourself.
     """
     from .errors import UsageError
@@ -287,11 +309,58 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
     report = evaluate(
         target, model=model_name, windows=list(windows), repeats=repeats, base=base, tasks=_split(tasks), limit=limit,
         num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size, device=device, dtype=dtype,
-        out=out, seed=seed, progress=True,
+        out=out, seed=seed, progress=True, adapter=adapter, heal=not no_heal,
     )
     click.echo(format_table(report))
     for path in report.saved_to:
         click.echo(f"saved: {path}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Training text: .txt (one text per line) or .jsonl (a \"text\" field per line).")
+@click.option("--rank", "lora_rank", default=8, show_default=True, type=int, help="LoRA rank r.")
+@click.option("--alpha", default=None, type=float, help="LoRA alpha (scaling alpha/r; default: alpha = r).")
+@click.option("--steps", default=100, show_default=True, type=int, help="Optimiser steps.")
+@click.option("--lr", default=2e-4, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--batch-size", default=4, show_default=True, type=int, help="Token blocks per step.")
+@click.option("--max-length", default=256, show_default=True, type=int, help="Tokens per block.")
+@click.option("--visits", type=click.Choice(["second", "all"]), default="second", show_default=True,
+              help="second: one adapter per repeated visit (2nd, 3rd, ...); all: one per visit of every repeated layer.")
+@click.option("--modules", default=None, help="Comma list of linear layers to adapt, e.g. q_proj,v_proj (default: every linear layer).")
+@click.option("--kl-weight", default=0.0, show_default=True, type=float, help="Weight of KL(unhealed || healed) added to the loss.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of LoRA initialisation and batch order.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@click.option("--dtype", default="float32", show_default=True, help="dtype of the export while training (LoRA weights stay float32).")
+@click.option("--force", is_flag=True, help="Replace an existing FOLDER/heal.")
+@click.option("--no-verify", is_flag=True, help="Skip verifying the healed folder (it then cannot be published).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@handle_errors
+def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int, lr: float, batch_size: int,
+         max_length: int, visits: str, modules: str | None, kl_weight: float, seed: int, device: str, dtype: str,
+         force: bool, no_verify: bool, no_progress: bool) -> None:
+    """Train per-visit LoRA adapters on a layer-list export (next-token loss on --data); save FOLDER/heal.
+
+    Each repeated visit gets its own adapter while the base weights stay frozen and shared. The result is a
+    standard PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(FOLDER,
+    trust_remote_code=True), FOLDER/heal). Settings and the loss curve go to FOLDER/heal/heal.json; the
+    folder is verified again afterwards.
+    """
+    from .heal import HealSettings
+    from .heal import heal as run_heal
+
+    settings = HealSettings(rank=lora_rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size,
+                            max_length=max_length, visits=visits, modules=tuple(_split(modules)) or None,
+                            kl_weight=kl_weight, seed=seed)
+    result = run_heal(folder, data, settings, device=device, dtype=dtype, force=force, verify=not no_verify,
+                      progress=not no_progress)
+    visits_text = ", ".join(f"{v['visit']}(layer {v['layer']})" for v in result.visits)
+    click.echo(f"adapted visits: {visits_text}; modules: {', '.join(result.modules)}")
+    click.echo(f"trainable parameters: {result.trainable_parameters:,}")
+    click.echo(f"loss on the data: {result.loss_before:.4f} -> {result.loss_after:.4f} ({settings.steps} steps)")
+    if result.verification:
+        _print_verification(result.verification)
+    click.echo(f"adapter: {result.path}")
 
 
 @main.command()

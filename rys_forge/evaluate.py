@@ -27,6 +27,12 @@ name: the name), the tasks (with a fingerprint of their configs and local data f
 dtype, device type, batch size, lm-eval version, seed and bootstrap iterations: evaluating several variants of
 one base runs the base once.
 
+Adapters: ``adapter=`` (with ``model``) merges a PEFT adapter into the model before both runs (its identity is
+part of the base-cache key); an export built with ``--adapter`` has its base loaded with the recorded adapter.
+A healed export (``DIR/heal``, see :mod:`rys_forge.heal`) is evaluated before and after healing: the export
+without and with its per-visit LoRA adapters (one load); the main rows compare base and healed, and
+``healing_rows`` compare unhealed and healed with the same paired tests.
+
 ``eval.json`` is written atomically (temporary file + ``os.replace``) into ``out`` and, for a local export
 folder, into the folder; nothing is written when anything fails.
 """
@@ -110,6 +116,8 @@ class EvalReport:
         items: paired per-item scores, ``{task: {filter: {"doc_ids": [...], metric: {"base": [...],
             "rys": [...]}}}}``, for metrics with scalar per-item values.
         saved_to: the ``eval.json`` files written.
+        healing_rows: for a healed export, unhealed vs healed per task and metric: the row layout above with
+            ``unhealed``/``healed`` (and their ``_stderr``) in place of ``base``/``rys``; else empty.
     """
 
     rows: list[dict[str, Any]]
@@ -118,6 +126,7 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
     items: dict[str, Any] = field(default_factory=dict)
     saved_to: list[str] = field(default_factory=list)
+    healing_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def base_cache_reused(self) -> bool:
@@ -143,6 +152,7 @@ class EvalReport:
                 "settings": self.settings,
                 "timings": self.timings,
                 "rows": self.rows,
+                **({"healing_rows": self.healing_rows} if self.healing_rows else {}),
                 "notes": self.notes,
                 "items": self.items,
             }
@@ -256,6 +266,23 @@ def format_table(report: EvalReport) -> str:
         f"; delta = rys - base; p: paired test on per-item results"
         + ("; base results reused from cache" if report.base_cache_reused else ""),
     ]
+    if settings.get("adapter"):
+        footer.append(f"adapter merged into the base: {settings['adapter'].get('path')}")
+    if settings.get("heal"):
+        footer.append(f"rys = healed (per-visit LoRA in {settings['heal'].get('adapter')}/); see the healing table")
+    if report.healing_rows:
+        out += ["", "healing (same tasks): unhealed vs healed; delta = healed - unhealed"]
+        heal_lines = [
+            [row["task"], row["metric"] if row["filter"] in ("none", None) else f"{row['metric']},{row['filter']}",
+             _fmt(row["unhealed"]), _fmt(row["healed"]),
+             "-" if row.get("delta") is None else ("+" if row["delta"] > 0 else "") + _fmt(row["delta"]),
+             _fmt_p(row.get("p_value"))]
+            for row in report.healing_rows
+        ]
+        heal_header = ["task", "metric", "unhealed", "healed", "delta", "p"]
+        heal_widths = [max(len(h), *(len(line[i]) for line in heal_lines)) for i, h in enumerate(heal_header)]
+        out.append("  ".join(c.ljust(w) for c, w in zip(heal_header, heal_widths)).rstrip())
+        out.extend("  ".join(c.ljust(w) for c, w in zip(line, heal_widths)).rstrip() for line in heal_lines)
     out.append("")
     out.extend(footer)
     out.extend(f"note: {note}" for note in report.notes)
@@ -360,9 +387,14 @@ def base_cache_key(
     seed: int,
     bootstrap_iters: int,
     attn_implementation: str | None,
+    adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The settings that determine a base model's lm-eval results (hashed into the cache file name)."""
-    return {
+    """The settings that determine a base model's lm-eval results (hashed into the cache file name).
+
+    ``adapter`` is the identity of a PEFT adapter merged into the base (``adapters.identity``); keys without
+    an adapter are unchanged, so earlier cache entries stay valid.
+    """
+    key = {
         "cache_format": CACHE_FORMAT,
         "base": base_identity(base),
         "tasks": list(tasks),
@@ -377,6 +409,9 @@ def base_cache_key(
         "bootstrap_iters": bootstrap_iters,
         "attn_implementation": attn_implementation,
     }
+    if adapter is not None:
+        key["adapter"] = adapter
+    return key
 
 
 def _cache_path(key: dict[str, Any]) -> Path:
@@ -864,6 +899,8 @@ def evaluate(
     n_resamples: int = 10000,
     attn_implementation: str | None = "eager",
     use_cache: bool = True,
+    adapter: str | None = None,
+    heal: bool = True,
 ) -> EvalReport:
     """Evaluate a RYS variant and its base with lm-eval and compare them item by item.
 
@@ -891,6 +928,9 @@ def evaluate(
         n_resamples: resamples of rys-forge's paired bootstrap test.
         attn_implementation: transformers attention backend for loading (``eager``: exact; ``sdpa``: faster).
         use_cache: reuse (and store) cached base results.
+        adapter: with ``model``: a PEFT adapter merged into the model before both runs.
+        heal: with a healed ``target`` (``DIR/heal``): evaluate it before and after healing (False: ignore
+            the heal adapter and evaluate the plain export).
 
     Returns:
         The report (also saved as ``eval.json`` where described above).
@@ -914,6 +954,8 @@ def evaluate(
         raise UsageError("--window applies to --model only; an export's plan is stored in its config")
     if model is not None and base is not None:
         raise UsageError("--base applies to an exported TARGET; with --model the base is the model itself")
+    if target is not None and adapter is not None:
+        raise UsageError("--adapter applies to --model; an export records the adapter its base was built with")
     if limit is not None and not _is_count(limit, 1):
         raise UsageError(f"--limit must be a positive integer (items per task), got {limit!r}")
     if num_fewshot is not None and not _is_count(num_fewshot, 0):
@@ -943,6 +985,8 @@ def evaluate(
     plan: LayerPlan | None = None
     export_info: dict[str, Any] = {}
     target_folder: str | None = None
+    adapter_rec: dict[str, Any] | None = None
+    heal_dir: Path | None = None
     if target is not None:
         target_folder, config = _read_target_config(target)
         block = config.get("rys") if isinstance(config.get("rys"), dict) else None
@@ -965,9 +1009,22 @@ def evaluate(
             if not Path(base_source).is_absolute() and (beside / "config.json").is_file():
                 base_source = str(beside)
         rys_label = target
+        if isinstance((block or {}).get("adapter"), dict):
+            from .adapters import check_adapter
+
+            adapter_rec = block["adapter"]
+            check_adapter(adapter_rec)
+        if heal and Path(target_folder).is_dir():
+            from .heal import heal_adapter_dir
+
+            heal_dir = heal_adapter_dir(target_folder)
     else:
         base_source = str(model)
         rys_label = f"{model} with {', '.join(str(w) for w in windows)} x{repeats} (in memory)"
+        if adapter is not None:
+            from .adapters import adapter_record
+
+            adapter_rec = adapter_record(adapter)
 
     key = base_cache_key(
         base_source,
@@ -981,6 +1038,7 @@ def evaluate(
         seed=seed,
         bootstrap_iters=bootstrap_iters,
         attn_implementation=attn_implementation,
+        adapter=_adapter_identity(adapter_rec),
     )
     cache_file = _cache_path(key)
     base_run = _read_cache(cache_file, key) if use_cache else None
@@ -995,15 +1053,19 @@ def evaluate(
     )
     holder: list[Any] = []
 
-    def load(source: str, trust: bool) -> Any:
+    def load(source: str, trust: bool, adapter_path: str | None = None) -> Any:
         return load_model(
-            source, dtype=torch_dtype, device=torch_device, trust_remote_code=trust, attn_implementation=attn_implementation
+            source, dtype=torch_dtype, device=torch_device, trust_remote_code=trust,
+            attn_implementation=attn_implementation, adapter=adapter_path,
         )
+
+    base_adapter_path = adapter_rec["path"] if adapter_rec else None
+    unhealed_run: dict[str, Any] | None = None
 
     if model is not None:
         _say(progress, f"loading {model}")
         t0 = time.perf_counter()
-        loaded = load(str(model), False)
+        loaded = load(str(model), False, base_adapter_path)
         holder.append(loaded)
         timings["base_load"] = time.perf_counter() - t0
         plan = LayerPlan.from_windows(list(windows), _num_layers(loaded.model), repeats)
@@ -1030,7 +1092,7 @@ def evaluate(
         if base_run is None:
             _say(progress, f"loading the base model {base_source}")
             t0 = time.perf_counter()
-            holder.append(load(base_source, False))
+            holder.append(load(base_source, False, base_adapter_path))
             timings["base_load"] = time.perf_counter() - t0
             base_layers = _num_layers(holder[0].model)
             if plan is not None and plan.num_layers != base_layers:
@@ -1058,15 +1120,28 @@ def evaluate(
         t0 = time.perf_counter()
         holder.append(load(str(target), True))
         timings["rys_load"] = time.perf_counter() - t0
-        _say(progress, f"evaluating {target} on {', '.join(names)}")
+        _say(progress, f"evaluating {target}{' before healing' if heal_dir else ''} on {', '.join(names)}")
         t0 = time.perf_counter()
         rys_run = _run_lm_eval(holder[0].model, holder[0].tokenizer, manager, names, **run_kwargs)
         timings["rys_eval"] = time.perf_counter() - t0
+        if heal_dir is not None:
+            unhealed_run = rys_run
+            _say(progress, f"evaluating {target} after healing (adapters in {heal_dir.name}/)")
+            t0 = time.perf_counter()
+            healed = _with_heal_adapter(holder[0].model, heal_dir)
+            rys_run = _run_lm_eval(healed, holder[0].tokenizer, manager, names, **run_kwargs)
+            timings["healed_eval"] = time.perf_counter() - t0
+            del healed
         _free(holder)
 
     rows, paired_items, notes = _compare(base_run, rys_run, n_resamples=n_resamples, seed=seed)
     if not rows:
         raise EvaluationError(f"lm-eval produced no metrics for {', '.join(names)}")
+    healing_rows: list[dict[str, Any]] = []
+    if unhealed_run is not None:
+        raw_rows, _, heal_notes = _compare(unhealed_run, rys_run, n_resamples=n_resamples, seed=seed)
+        healing_rows = [_healing_row(row) for row in raw_rows]
+        notes.extend(f"healing: {note}" for note in heal_notes)
     n_shot = rys_run.get("n_shot") or {}
     settings: dict[str, Any] = {
         "mode": "export" if target is not None else "in_memory",
@@ -1077,6 +1152,8 @@ def evaluate(
         "plan": plan.to_dict() if plan is not None else None,
         "plan_description": plan.describe() if plan is not None else None,
         "export": export_info or None,
+        "adapter": adapter_rec,
+        "heal": _heal_settings(heal_dir) if heal_dir is not None else None,
         "tasks_requested": [str(t) for t in tasks],
         "tasks": list(names),
         "limit": limit,
@@ -1113,6 +1190,7 @@ def evaluate(
         timings={k: round(v, 3) for k, v in timings.items()},
         notes=notes,
         items=_json_safe(paired_items),
+        healing_rows=_json_safe(healing_rows),
     )
     destinations: list[Path] = []
     if out is not None:
@@ -1126,6 +1204,38 @@ def evaluate(
         report.saved_to.extend(str(p) for p in destinations)
         _say(progress, "wrote " + ", ".join(report.saved_to))
     return report
+
+
+def _adapter_identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    from .adapters import identity
+
+    return identity(record)
+
+
+def _with_heal_adapter(model: Any, heal_dir: Path) -> Any:
+    """The loaded export with its per-visit LoRA adapters (peft injects them into the model's own modules,
+    so the returned transformers model runs them; lm-eval's HFLM takes it as is)."""
+    from .adapters import adapter_record, apply_adapter
+
+    return apply_adapter(model, adapter_record(heal_dir)).get_base_model().eval()
+
+
+def _healing_row(row: dict[str, Any]) -> dict[str, Any]:
+    names = {"base": "unhealed", "rys": "healed", "base_stderr": "unhealed_stderr", "rys_stderr": "healed_stderr"}
+    return {names.get(key, key): value for key, value in row.items()}
+
+
+def _heal_settings(heal_dir: Path) -> dict[str, Any]:
+    """What heal.json says about the adapters (settings, data, visits, loss before/after), without the curve."""
+    from .heal import HEAL_FILE
+
+    try:
+        record = json.loads((heal_dir / HEAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"adapter": heal_dir.name}
+    loss = {k: v for k, v in (record.get("loss") or {}).items() if k != "curve"}
+    return {"adapter": heal_dir.name, "settings": record.get("settings"), "data": record.get("data"),
+            "visits": (record.get("adapter") or {}).get("visits"), "loss": loss}
 
 
 def _is_builtin_cache(target: str, folder: str) -> bool:

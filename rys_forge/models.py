@@ -241,6 +241,7 @@ def load_model(
     device: str | torch.device | None = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str | None = "eager",
+    adapter: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for probing, building or evaluating.
 
@@ -251,9 +252,11 @@ def load_model(
         trust_remote_code: allow the folder's own modelling code (rys-forge layer-list exports).
         attn_implementation: transformers attention backend; `eager` (default) is exact and supports
             forward-mode AD, `sdpa` is faster on GPUs.
+        adapter: a PEFT adapter (folder or hub id) applied to the model and merged into its weights
+            (`merge_and_unload`); recorded in `info["adapter"]` (see `rys_forge.adapters`).
 
     Raises:
-        ModelLoadError: not found, unreadable, or the built-in's package is missing.
+        ModelLoadError: not found, unreadable, the built-in's package is missing, or the adapter does not fit.
         UnsupportedArchitectureError: the model type is not in the architecture table.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -278,6 +281,10 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.to(torch_device)
     model.eval()
+    if adapter:
+        from .adapters import merge_adapter
+
+        model, info["adapter"] = merge_adapter(model, adapter)
     info.setdefault("source", source)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=folder, info=info)
 

@@ -6,7 +6,9 @@ The card (`README.md` of the export) is rendered from `rys_forge/templates/model
 the base, the explicit layer plan, unique vs effective parameters (read from the safetensors headers, no model
 load), the extra compute per token, how to load the model, the verification table, the `eval.json` table with
 deltas, standard errors and p-values, and, given a `rank` run folder, the window's probe metrics and score heatmap.
-The output is deterministic: the only date in it is the export's recorded `created`.
+The output is deterministic: the only date in it is the export's recorded `created`. A PEFT adapter merged into the
+base at build time (`rys.adapter`) is named in the base section; a healed export (`heal/`, per-visit LoRA adapters
+from `rys-forge heal`) gets a healing section with its training settings and loss, and a loading snippet with peft.
 
 Publishing::
 
@@ -294,7 +296,74 @@ def _base_facts(config: dict[str, Any]) -> dict[str, Any]:
     model_type = str(config.get("model_type") or _text_config(config).get("model_type") or "")
     license_ = info.get("license") or ("gemma" if model_type.startswith("gemma") else None)
     name = hub_id or (Path(source).name if source else "unknown base")
-    return {"hub_id": hub_id, "source": source, "info": info, "model_type": model_type, "license": license_, "name": name}
+    adapter = rys.get("adapter") if isinstance(rys.get("adapter"), dict) else None
+    return {"hub_id": hub_id, "source": source, "info": info, "model_type": model_type, "license": license_, "name": name,
+            "adapter": adapter}
+
+
+def _adapter_text(adapter: dict[str, Any]) -> str:
+    """`LORA r=8 alpha=16 on q_proj, v_proj` from `name`: the adapter's type, size and targets, by its folder name."""
+    from .adapters import describe_adapter
+
+    path = str(adapter.get("path") or "?")
+    label = path if not adapter.get("local") else Path(path).name
+    return f"`{label}` ({describe_adapter(adapter, with_path=False)})"
+
+
+def _read_heal(folder: Path) -> dict[str, Any] | None:
+    """heal/heal.json of a healed export, or None."""
+    from .heal import HEAL_DIR, HEAL_FILE, heal_adapter_dir
+
+    if heal_adapter_dir(folder) is None:
+        return None
+    path = folder / HEAL_DIR / HEAL_FILE
+    return _read_json(path, "heal record") if path.is_file() else {}
+
+
+def _weights_statement(base: dict[str, Any], heal: dict[str, Any] | None) -> str:
+    repeat = 'The\nmodel simply runs a block of its decoder layers more than once ("Repeat Your Self", RYS).'
+    if not base.get("adapter") and heal is None:
+        return "No weight was trained, merged from another model or changed: every parameter is the base model's own. " + repeat
+    parts = []
+    if base.get("adapter"):
+        parts.append("The base weights include a PEFT adapter merged in before the repeat (see Base model).")
+    if heal is not None:
+        parts.append("Small LoRA adapters, one per repeated visit, were trained afterwards to heal the repeat (see"
+                     " Healing); the base weights stay frozen and are stored once.")
+    else:
+        parts.append("Nothing was trained by rys-forge.")
+    return " ".join(parts) + " " + repeat.replace("The\nmodel", "The model")
+
+
+def _heal_section(heal: dict[str, Any], repo: str) -> str:
+    settings, data, loss = heal.get("settings") or {}, heal.get("data") or {}, heal.get("loss") or {}
+    adapter = heal.get("adapter") or {}
+    visits = ", ".join(f"{v['visit']} (layer {v['layer']})" for v in adapter.get("visits") or [])
+    rows = [
+        ["adapted visits (position in the order, base layer)", visits or "?"],
+        ["adapted modules per visit", ", ".join(adapter.get("modules") or []) or "?"],
+        ["LoRA rank / alpha", f"{_g(settings.get('rank'))} / {_g(settings.get('alpha'))}"],
+        ["trainable parameters", f"{adapter.get('trainable_parameters', 0):,}"],
+        ["steps, learning rate, batch", f"{_g(settings.get('steps'))}, {_g(settings.get('lr'))},"
+         f" {_g(settings.get('batch_size'))} x {_g(data.get('block_tokens'))} tokens"],
+        ["KL(unhealed ‖ healed) weight", _g(settings.get("kl_weight"))],
+        ["training data", f"{_g(data.get('texts'))} texts, {_g(data.get('blocks'))} blocks (sha256"
+         f" `{str(data.get('sha256', '?'))[:12]}`)"],
+        ["next-token loss on the data, before -> after", f"{_g(loss.get('before'))} -> {_g(loss.get('after'))}"
+         f" ({_g(loss.get('eval_blocks'))} blocks)"],
+    ]
+    code = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)\n'
+            f'model = PeftModel.from_pretrained(model, "{repo}", subfolder="heal")\n')
+    return "\n".join([
+        "Each repeated visit has its own LoRA adapter (a LoRA on the shared layer would apply to every visit);"
+        " the base weights are frozen and shared. The adapter is a standard PEFT adapter in `heal/`"
+        " (`heal/heal.json` holds the settings and the loss curve); without it the model is the plain repeat.",
+        "",
+        _table(["", "value"], rows),
+        "",
+        f"```python\n{code}```",
+    ])
 
 
 def _base_section(base: dict[str, Any], num_layers: int) -> str:
@@ -311,6 +380,9 @@ def _base_section(base: dict[str, Any], num_layers: int) -> str:
     if info.get("gguf_file"):
         lines.append(f"- Converted from the GGUF file `{info['gguf_file']}` (dequantised on load): the weights are the"
                      " GGUF's, not the original checkpoint's.")
+    if base.get("adapter"):
+        lines.append(f"- Adapter: {_adapter_text(base['adapter'])}, merged into the base weights"
+                     " (`merge_and_unload`) before the layer plan was applied.")
     if base["license"] == "gemma":
         lines.append("- Licence: `gemma`. Gemma is provided under and subject to the Gemma Terms of Use,"
                      " https://ai.google.dev/gemma/terms; this derivative is distributed under the same terms.")
@@ -456,6 +528,9 @@ def _verification_section(folder: Path, checked: dict[str, Any] | None) -> tuple
         "",
         _table(["check", "value", "threshold"], rows),
     ]
+    if s.get("heal_adapter"):
+        lines[2] += (f" Both sides ran with the per-visit LoRA adapters of `{s['heal_adapter']}/` (the export through"
+                     " `PeftModel.from_pretrained`, the in-memory repeat with the same LoRA injected per visit).")
     if report.get("failures"):
         lines += ["", "Failures: " + "; ".join(report["failures"])]
     return "\n".join(lines), report
@@ -495,6 +570,12 @@ def _eval_section(folder: Path, plan: LayerPlan) -> str:
         f" dtype `{settings.get('dtype', '?')}`; lm-eval {(settings.get('versions') or {}).get('lm_eval', '?')}.",
         "",
     ]
+    if data.get("healing_rows"):
+        lines[2] += " RYS is the healed model (with the adapters of `heal/`)."
+        heal_rows = [[row.get("task", "?"), row.get("metric", "?"), _f(row.get("unhealed")), _f(row.get("healed")),
+                      _signed(row.get("delta")), _p(row.get("p_value"))] for row in data["healing_rows"]]
+        lines += ["Before and after healing (delta = healed - unhealed, same paired tests):", "",
+                  _table(["task", "metric", "unhealed", "healed", "delta", "p"], heal_rows), ""]
     significant = [r for r in tested if _num(r["p_value"]) < SIGNIFICANCE]
     if not tested:
         lines.append("No paired significance test was available for these metrics: the deltas are point estimates"
@@ -582,7 +663,7 @@ def _probe_section(run: Path, plan: LayerPlan) -> tuple[str, dict[str, Path]]:
     return "\n".join(lines), assets
 
 
-def _card_data(base: dict[str, Any], fmt: str) -> Any:
+def _card_data(base: dict[str, Any], fmt: str, healed: bool = False) -> Any:
     from huggingface_hub import ModelCardData
 
     tags = list(TAGS)
@@ -590,6 +671,8 @@ def _card_data(base: dict[str, Any], fmt: str) -> Any:
         tags += ["mergekit", "merge"]
     elif fmt == "layerlist":
         tags.append("custom_code")
+    if healed:
+        tags += ["peft", "lora"]
     data: dict[str, Any] = {}
     if base["hub_id"]:
         data["base_model"] = base["hub_id"]
@@ -649,25 +732,34 @@ def _render(
     repo = repo_id or folder.resolve().name
     title = repo.split("/")[-1]
     verification_section, report = _verification_section(folder, checked)
+    heal = _read_heal(folder)
     probe_section, assets = _probe_section(Path(rank_run), plan) if rank_run is not None else ("", {})
     windows = ", ".join(_window_text(str(w)) for w in plan.windows) or "an explicit layer order"
     summary = (
         f"A *Repeat Your Self* (RYS) variant of **{base['name']}**: the decoder layer block {windows} runs"
         f" {'twice' if plan.repeats == 2 else f'{plan.repeats} times'}, so the model executes {len(plan.order)} layer"
-        f" visits instead of {plan.num_layers}. Built and verified with rys-forge."
+        f" visits instead of {plan.num_layers}."
+        + (" Per-visit LoRA adapters heal the repeat (`heal/`)." if heal is not None else "")
+        + " Built and verified with rys-forge."
     )
     provenance = [
         f"- Built by rys-forge {rys.get('rys_forge_version', '?')}"
         + (f" on {rys['created']}" if rys.get("created") else "") + f"; format `{fmt}`.",
         f"- This card was generated by rys-forge {_card_version()} from `config.json`, `{REPORT}`"
         + (f" and `{EVAL_FILE}`" if (folder / EVAL_FILE).is_file() else "") + " (all in this repo).",
-        "- No weights were trained or modified.",
+        "- No weights were trained or modified." if heal is None and not base.get("adapter") else
+        "- Weights: " + "; ".join(
+            ([f"adapter `{Path(str(base['adapter'].get('path'))).name}` merged into the base"] if base.get("adapter") else [])
+            + (["per-visit LoRA adapters trained by `rys-forge heal` (`heal/heal.json`)"] if heal is not None else [])
+        ) + ".",
     ]
     card = ModelCard.from_template(
-        _card_data(base, fmt),
+        _card_data(base, fmt, healed=heal is not None),
         template_str=_template_text(template),
         title=title,
         summary=summary,
+        weights_statement=_weights_statement(base, heal),
+        heal_section=_heal_section(heal, repo) if heal is not None else "",
         base_section=_base_section(base, plan.num_layers),
         plan_section=_plan_section(plan, fmt),
         size_section=_size_section(count_parameters(folder, plan, per_visit=fmt == "mergekit"), plan, report.get("metrics", {})),

@@ -6,6 +6,11 @@ cache against its full forward; greedy generation with the cache equal to genera
 the in-memory repeat's; and the stored weight bytes against the base's. The report, with a sha256 of
 every file of the export, goes to `verification.json`; `publish` refuses folders whose files no longer
 match it.
+
+Adapters: an export built with `--adapter` records it (`rys.adapter`); the base is loaded with the same adapter
+merged in, and a recorded local adapter whose files changed since is refused. A healed layer-list export
+(`DIR/heal`, see `rys_forge.heal`) is checked with its per-visit LoRA adapters on both sides: the export
+through plain `PeftModel.from_pretrained`, the in-memory repeat with the same LoRA injected per visit.
 """
 
 from __future__ import annotations
@@ -178,10 +183,20 @@ def verify(
     base = base or rys.get("base_model")
     if not base:
         raise VerificationError("the export does not record its base model; pass --model BASE")
+    adapter = rys.get("adapter") if isinstance(rys.get("adapter"), dict) else None
+    if adapter:
+        from .adapters import check_adapter
+
+        check_adapter(adapter)
+    from .heal import heal_adapter_dir
+
+    heal_dir = heal_adapter_dir(folder)
+    if heal_dir is not None and fmt != "layerlist":
+        raise VerificationError(f"{heal_dir} is a per-visit heal adapter, but {folder} is a {fmt} export")
     torch_dtype = parse_dtype(dtype)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
     torch_device = parse_device(device)
-    base_loaded = load_model(base, dtype=torch_dtype, device=torch_device)
+    base_loaded = load_model(base, dtype=torch_dtype, device=torch_device, adapter=adapter["path"] if adapter else None)
     if base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers != plan.num_layers:
         raise VerificationError(
             f"base {base} has {base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers} layers"
@@ -197,6 +212,13 @@ def verify(
     except Exception as exc:  # a truncated or edited file surfaces here in many forms
         first = (str(exc).strip().splitlines() or [""])[0]
         raise VerificationError(f"export {folder} does not load: {type(exc).__name__}: {first}") from None
+    if heal_dir is not None:
+        from .adapters import adapter_record, apply_adapter
+
+        try:
+            export = apply_adapter(export, adapter_record(heal_dir)).eval()
+        except RysForgeError as exc:
+            raise VerificationError(f"heal {exc}") from None
     tokenizer = base_loaded.tokenizer
     model = base_loaded.model
     window = int(getattr(model.config.get_text_config(decoder=True), "sliding_window", None) or 0)
@@ -206,6 +228,10 @@ def verify(
     ids, mask = _batch(tokenizer, texts, torch_device)
 
     with repeated(model, plan):
+        if heal_dir is not None:
+            from .heal import attach_visit_adapters
+
+            attach_visit_adapters(model, heal_dir)
         ref = _logits(model, ids, mask)
         ref_long = model(long_ids, use_cache=False).logits.float()
         # One prompt at a time: no padding, so generation is exact for every architecture.
@@ -267,7 +293,9 @@ def verify(
         thresholds=limits,
         failures=failures,
         files=file_hashes(folder),
-        settings={"base": base, "dtype": dtype_name, "device": str(torch_device), "prompts": len(texts)},
+        settings={"base": base, "dtype": dtype_name, "device": str(torch_device), "prompts": len(texts),
+                  "base_adapter": adapter["path"] if adapter else None,
+                  "heal_adapter": heal_dir.relative_to(folder).as_posix() if heal_dir is not None else None},
     )
     if write_report:
         tmp = folder / f".{REPORT}.tmp"

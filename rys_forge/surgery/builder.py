@@ -39,13 +39,16 @@ class BuildResult:
 def _rys_block(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
     from .. import __version__
 
-    return {
+    block = {
         "format": fmt,
         "rys_forge_version": __version__,
         "base_model": loaded.source,
-        "base_info": {k: v for k, v in loaded.info.items() if k != "source"},
+        "base_info": {k: v for k, v in loaded.info.items() if k not in ("source", "adapter")},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if loaded.info.get("adapter"):  # merged into the base before the plan; verify re-applies it
+        block["adapter"] = loaded.info["adapter"]
+    return block
 
 
 def _check_disk(out: Path, needed: int) -> None:
@@ -66,6 +69,7 @@ def build(
     device: str = "cpu",
     recipes_dir: str | Path | None = None,
     verify: bool = True,
+    adapter: str | None = None,
 ) -> BuildResult:
     """Export a RYS plan of `model` to `out` and verify it.
 
@@ -79,6 +83,8 @@ def build(
         dtype, device: for loading the base and for verification.
         recipes_dir: where the mergekit recipe YAML is kept as well (the repo's `recipes/`).
         verify: run verification (a failed verification raises and leaves `out` untouched).
+        adapter: a PEFT adapter merged into the base before the plan (with a model spec; an already
+            loaded model carries its own record in `info["adapter"]`). Recorded as `rys.adapter`.
 
     Raises:
         UsageError: bad format/windows, existing `out` without `force`.
@@ -92,7 +98,9 @@ def build(
     out.parent.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    if adapter and isinstance(model, LoadedModel):
+        raise UsageError("pass the adapter to load_model(..., adapter=...) when giving an already loaded model")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, adapter=adapter)
     num_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
     plan = windows if isinstance(windows, LayerPlan) else LayerPlan.from_windows(windows, num_layers, repeats)
     if plan.num_layers != num_layers:
@@ -113,9 +121,16 @@ def build(
         else:
             from .mergekit_export import default_recipe_name, export_mergekit
 
+            source_path = loaded.path
+            if block.get("adapter"):  # mergekit reads weights from disk: give it the merged base
+                source_path = str(staging / "merged-base")
+                loaded.model.save_pretrained(source_path)
+                loaded.tokenizer.save_pretrained(source_path)
             export_mergekit(
-                loaded.path, plan, target, recipe_name=default_recipe_name(loaded.source, plan),
-                recipes_dir=Path(recipes_dir) if recipes_dir else None, base_label=loaded.source,
+                source_path, plan, target, recipe_name=default_recipe_name(loaded.source, plan),
+                recipes_dir=Path(recipes_dir) if recipes_dir else None,
+                base_label=loaded.source + (f" + adapter {block['adapter']['path']} (merged into a temporary copy)"
+                                            if block.get("adapter") else ""),
             )
             config_file = target / "config.json"
             config = json.loads(config_file.read_text())

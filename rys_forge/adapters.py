@@ -1,0 +1,211 @@
+"""PEFT adapters on the way in: load an adapter onto a base model and merge it before anything else.
+
+`rys-forge info|rank|build|eval --adapter PATH` loads the base, applies the adapter with
+`PeftModel.from_pretrained` and folds it into the weights with `merge_and_unload`, so probing, building
+and evaluating see one plain transformers model (the merged base). What was merged is recorded wherever
+the base is recorded: exports (`config.json: rys.adapter`), rank summaries, eval reports and model cards
+carry the adapter's path, its `adapter_config.json` and a sha256 of each of its weight files, and
+`verify` refuses an export whose recorded adapter changed on disk since.
+
+Usage::
+
+    loaded = load_model("smollm2-135m", adapter="runs/my-lora")   # merged in memory
+    loaded.info["adapter"]  # {"path": ..., "config": {...}, "files": {...}, "peft_version": ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ModelLoadError, UsageError, VerificationError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft calls a transformers attribute that is deprecated (a FutureWarning on every wrap); not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+def adapter_record(path: str | Path) -> dict[str, Any]:
+    """What identifies an adapter: its path (a resolved local folder, or a hub id), its config and hashes.
+
+    Returns:
+        `{"path", "local", "config", "files", "peft_version"}`; `files` maps each weight and config file of a
+        local adapter to its sha256 (empty for a hub id).
+
+    Raises:
+        ModelLoadError: the folder does not exist or has no `adapter_config.json`, or a hub id cannot be read.
+    """
+    text = str(path)
+    folder = Path(text).expanduser()
+    if folder.exists():
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise ModelLoadError(f"adapter folder {text} has no {ADAPTER_CONFIG}; pass a PEFT adapter folder")
+        try:
+            config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ModelLoadError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {exc}") from None
+        names = [ADAPTER_CONFIG, *(name for name in ADAPTER_WEIGHTS if (folder / name).is_file())]
+        if len(names) == 1:
+            raise ModelLoadError(f"adapter folder {text} has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
+        files = {name: _sha256(folder / name) for name in names}
+        return {"path": str(folder.resolve()), "local": True, "config": config, "files": files,
+                "peft_version": _peft_version()}
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelLoadError(f"adapter not found: {text} (a folder with {ADAPTER_CONFIG}, or a hub id org/name)")
+    try:
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(text).to_dict()
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the adapter config of '{text}': {_first_line(exc)}") from None
+    return {"path": text, "local": False, "config": _json_ready(config), "files": {}, "peft_version": _peft_version()}
+
+
+def _json_ready(value: Any) -> Any:
+    """PEFT configs hold sets and enums; make them JSON values."""
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def apply_adapter(model: nn.Module, record: dict[str, Any]) -> Any:
+    """`PeftModel.from_pretrained(model, record["path"])`, refusing an adapter that only partly fits.
+
+    Raises:
+        ModelLoadError: peft fails, or some of the adapter's weights match no module of the model (peft
+            itself loads such an adapter without a word when its targets are only partly present).
+    """
+    from peft import PeftModel
+
+    path = record["path"]
+    try:
+        with quiet_peft():
+            wrapped = PeftModel.from_pretrained(model, path)
+    except Exception as exc:  # missing target modules, shape mismatches: peft raises ValueError/RuntimeError
+        raise ModelLoadError(f"adapter {path} does not load onto this model: {_first_line(exc)}") from None
+    unused = _unused_weights(wrapped, record)
+    if unused:
+        raise ModelLoadError(f"adapter {path} does not load onto this model: {len(unused)} of its weights match"
+                             f" no module (e.g. {unused[0]})")
+    return wrapped
+
+
+def merge_adapter(model: nn.Module, path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Apply a PEFT adapter to `model` and merge it into the weights (`merge_and_unload`).
+
+    Args:
+        model: a loaded transformers causal LM (on its final device and dtype).
+        path: adapter folder (with `adapter_config.json`) or hub id.
+
+    Returns:
+        The merged plain model (the same module tree as `model`, weights changed in place) and the
+        adapter's record (see `adapter_record`).
+
+    Raises:
+        ModelLoadError: the adapter cannot be found or does not fit the model.
+        UsageError: the adapter type cannot be merged into weights (prompt tuning and similar).
+    """
+    record = adapter_record(path)
+    wrapped = apply_adapter(model, record)
+    merge = getattr(wrapped, "merge_and_unload", None)
+    if merge is None or not callable(merge):
+        kind = record["config"].get("peft_type", "?")
+        raise UsageError(f"adapter {path} ({kind}) cannot be merged into the weights; use a LoRA-type adapter")
+    try:
+        merged = merge()
+    except AttributeError:
+        kind = record["config"].get("peft_type", "?")
+        raise UsageError(f"adapter {path} ({kind}) cannot be merged into the weights; use a LoRA-type adapter") from None
+    merged.eval()
+    return merged, record
+
+
+def _unused_weights(wrapped: Any, record: dict[str, Any]) -> list[str]:
+    """Weight names in a local adapter's file that did not land in the model."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not record.get("local"):
+        return []
+    folder = Path(record["path"])
+    if (folder / ADAPTER_WEIGHTS[0]).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / ADAPTER_WEIGHTS[0]), framework="pt") as handle:
+            names = set(handle.keys())
+    else:
+        import torch
+
+        names = set(torch.load(folder / ADAPTER_WEIGHTS[1], map_location="cpu", weights_only=True))
+    return sorted(names - set(get_peft_model_state_dict(wrapped)))
+
+
+def check_adapter(record: dict[str, Any]) -> None:
+    """A local adapter recorded at build time must still have the same files.
+
+    Raises:
+        VerificationError: the folder is gone or a file changed since it was recorded.
+    """
+    if not record.get("local"):
+        return
+    folder = Path(record["path"])
+    for name, digest in (record.get("files") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise VerificationError(f"the recorded adapter file {path} is missing")
+        if _sha256(path) != digest:
+            raise VerificationError(f"the recorded adapter file {path} changed since the export was built")
+
+
+def describe_adapter(record: dict[str, Any], with_path: bool = True) -> str:
+    """One line: `LORA r=8 alpha=16 on q_proj, v_proj (path)` (the path left out with `with_path=False`)."""
+    config = record.get("config") or {}
+    kind = str(config.get("peft_type") or "adapter")
+    parts = [kind]
+    if config.get("r") is not None:
+        parts.append(f"r={config['r']}")
+    if config.get("lora_alpha") is not None:
+        parts.append(f"alpha={config['lora_alpha']}")
+    targets = config.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        parts.append("on " + ", ".join(str(t) for t in sorted(targets)))
+    elif targets:
+        parts.append(f"on /{targets}/")
+    return f"{' '.join(parts)} ({record.get('path')})" if with_path else " ".join(parts)
+
+
+def identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a record that identifies the merged weights (for cache keys): path and file hashes."""
+    if not record:
+        return None
+    return {"path": record.get("path"), "files": record.get("files") or {}}
