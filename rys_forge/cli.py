@@ -464,19 +464,47 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
 @click.option("--top-fraction", default=0.1, show_default=True, type=float, help="Top share of windows by score (the seeds' decile).")
 @click.option("--permutations", default=10000, show_default=True, type=int, help="Draws for the CKA-matched baseline.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the permutation test.")
+@click.option("--score-config", default=None, type=click.Path(), help="Re-score the rank rows with these constants (e.g. from calibrate).")
 @handle_errors
-def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float, permutations: int, seed: int) -> None:
+def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float, permutations: int, seed: int,
+             score_config: str | None) -> None:
     """Does the ranking find the benchmark-positive windows? Correlations, enrichment, evaluations-to-best.
 
     Says so plainly when it does not.
     """
     from pathlib import Path
 
+    from .probes import ScoreConfig
     from .validate import validate_runs
 
+    config = ScoreConfig.from_json(score_config) if score_config else None
     report = validate_runs(rank_run, sweep_run, out_dir=out or str(Path(sweep_run) / "validation"),
-                           top_fraction=top_fraction, n_permutations=permutations, seed=seed)
+                           top_fraction=top_fraction, n_permutations=permutations, seed=seed, score_config=config)
     click.echo(report.format_text())
+
+
+@main.command()
+@click.argument("sweep_run", type=click.Path())
+@click.argument("rank_run", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Where the fitted score config (JSON) goes.")
+@click.option("--target", default="combined_z", show_default=True, help="Sweep column: combined_z, mean_delta or delta:<task>.")
+@click.option("--repeats", default=2, show_default=True, type=int, help="Sweep rows with this many visits.")
+@click.option("--trials", default=2000, show_default=True, type=int, help="Random candidates of the search (per fit).")
+@click.option("--folds", default=5, show_default=True, type=int, help="Folds of the cross-validated Spearman (0: none).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the search and the folds.")
+@handle_errors
+def calibrate(sweep_run: str, rank_run: str, out: str, target: str, repeats: int, trials: int, folds: int, seed: int) -> None:
+    """Fit the score constants on a calibration model (its sweep and rank runs); freeze them for others.
+
+    Use the output with `rank --score-config` or `validate --score-config`; validating on the calibration
+    model itself is in-sample and `validate` says so.
+    """
+    from .calibrate import calibrate_score
+
+    result = calibrate_score(sweep_run, rank_run, out=out, target=target, repeats=repeats, trials=trials,
+                             folds=folds, seed=seed)
+    click.echo(result.format_text())
+    click.echo(f"score config: {out}")
 
 
 def _print_verification(report: dict) -> None:

@@ -108,3 +108,24 @@ def test_calibrate_refuses_bad_input(tmp_path):
         calibrate_score(sweep, rank, trials=5)
     with pytest.raises(UsageError, match="not a finished rank run"):
         calibrate_score(sweep, tmp_path / "missing", trials=5)
+
+
+def test_cli_calibrate_then_validate(tmp_path):
+    from click.testing import CliRunner
+
+    from rys_forge.cli import main
+
+    rows = _windows()
+    inputs = np.array([[r[k] for r in rows] for k in SCORE_INPUTS])
+    rank, sweep = _folders(tmp_path, "c", "model-c", rows, np.log(score_terms(*inputs, **TRUE)["score"]))
+    out = tmp_path / "score.json"
+    runner = CliRunner()
+    result = runner.invoke(main, ["calibrate", str(sweep), str(rank), "-o", str(out), "--trials", "200", "--folds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "in-sample" in result.output and json.loads(out.read_text())["score"]["fitted_on"]["source"] == "model-c"
+    result = runner.invoke(main, ["validate", str(rank), str(sweep), "--score-config", str(out), "--permutations", "20",
+                                  "--out", str(tmp_path / "v")])
+    assert result.exit_code == 0, result.output
+    assert "In-sample" in result.output
+    bad = runner.invoke(main, ["calibrate", str(sweep), str(tmp_path / "nope"), "-o", str(tmp_path / "x.json")])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "x.json").exists()
