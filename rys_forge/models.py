@@ -242,6 +242,9 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = "eager",
     adapter: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for probing, building or evaluating.
 
@@ -254,6 +257,11 @@ def load_model(
             forward-mode AD, `sdpa` is faster on GPUs.
         adapter: a PEFT adapter (folder or hub id) applied to the model and merged into its weights
             (`merge_and_unload`); recorded in `info["adapter"]` (see `rys_forge.adapters`).
+        device_map: accelerate big-model placement (`auto`, `balanced`, or a module -> device dict) for
+            models that do not fit one device; replaces `device`. The in-memory repeat re-attaches each
+            repeated layer's accelerate hook to its visit copy, so a visit runs where its weights live.
+        max_memory: with `device_map`, per-device budgets, e.g. `{0: "70GiB", "cpu": "200GiB"}`.
+        offload_folder: with `device_map`, where weights mapped to `disk` go.
 
     Raises:
         ModelLoadError: not found, unreadable, the built-in's package is missing, or the adapter does not fit.
@@ -273,13 +281,16 @@ def load_model(
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        if device_map is not None:
+            kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelLoadError(f"could not load '{source}': {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch_device)
+    if device_map is None:
+        model.to(torch_device)
     model.eval()
     if adapter:
         from .adapters import merge_adapter
