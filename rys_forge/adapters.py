@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -26,17 +25,10 @@ from typing import Any
 from torch import nn
 
 from .errors import ModelLoadError, UsageError, VerificationError
+from .hashing import sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -80,7 +72,7 @@ def adapter_record(path: str | Path) -> dict[str, Any]:
         names = [ADAPTER_CONFIG, *(name for name in ADAPTER_WEIGHTS if (folder / name).is_file())]
         if len(names) == 1:
             raise ModelLoadError(f"adapter folder {text} has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
-        files = {name: _sha256(folder / name) for name in names}
+        files = {name: sha256_file(folder / name) for name in names}
         return {"path": str(folder.resolve()), "local": True, "config": config, "files": files,
                 "peft_version": _peft_version()}
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
@@ -183,7 +175,7 @@ def check_adapter(record: dict[str, Any]) -> None:
         path = folder / name
         if not path.is_file():
             raise VerificationError(f"the recorded adapter file {path} is missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise VerificationError(f"the recorded adapter file {path} changed since the export was built")
 
 

@@ -29,7 +29,6 @@ then the folder is verified again (`verification.json` then covers `heal/`). Loa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -47,6 +46,7 @@ from torch import nn
 from .adapters import quiet_peft
 from .architectures import arch_spec, get_path
 from .errors import RysForgeError, UsageError, VerificationError
+from .hashing import sha256_file
 from .plan import LayerPlan
 
 HEAL_DIR = "heal"
@@ -362,10 +362,6 @@ def _read_plan(folder: Path) -> LayerPlan:
     return LayerPlan.from_dict(rys["plan"])
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def heal(
     folder: str | Path,
     data: str | Path,
@@ -427,7 +423,7 @@ def heal(
         "settings": {**asdict(settings), "alpha": settings.alpha or settings.rank,
                      "modules": list(settings.modules) if settings.modules else None,
                      "optimizer": "AdamW (weight_decay 0)", "device": str(device_), "dtype": dtype},
-        "data": {"path": str(Path(data).expanduser().resolve()), "sha256": _sha256(Path(data).expanduser()),
+        "data": {"path": str(Path(data).expanduser().resolve()), "sha256": sha256_file(Path(data).expanduser()),
                  "texts": len(texts), "blocks": int(blocks.shape[0]), "block_tokens": int(blocks.shape[1])},
         "plan": plan.to_dict(),
         "adapter": {"visits": visits, "modules": wrapped.rys_heal["modules"], "trainable_parameters": trainable,

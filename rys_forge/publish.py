@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RysForgeError, UsageError, VerificationError
+from .hashing import sha256_file
 from .plan import LayerPlan
 from .verify import REPORT, check_verified, read_rys_config
 
@@ -948,14 +949,6 @@ def _git_blob_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _confirm_upload(api: Any, repo_id: str, revision: str | None, files: dict[str, Path], hashes: dict[str, str]) -> None:
     """Every uploaded file is in the repo with the local size and hash (LFS/xet: sha256; regular: git blob id)."""
     from huggingface_hub.hf_api import RepoFile
@@ -967,7 +960,7 @@ def _confirm_upload(api: Any, repo_id: str, revision: str | None, files: dict[st
         if entry is None or entry.size != path.stat().st_size:
             bad.append(rel)
         elif entry.lfs is not None:
-            if entry.lfs.sha256 != (hashes.get(rel) or _sha256(path)):
+            if entry.lfs.sha256 != (hashes.get(rel) or sha256_file(path)):
                 bad.append(rel)
         elif entry.blob_id != _git_blob_id(path):
             bad.append(rel)

@@ -15,7 +15,6 @@ through plain `PeftModel.from_pretrained`, the in-memory repeat with the same Lo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import RysForgeError, VerificationError
+from .hashing import sha256_file
 from .models import load_model, parse_device, parse_dtype
 from .plan import LayerPlan
 from .repeat import repeated
@@ -99,11 +99,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
     for path in sorted(Path(folder).rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and rel not in (REPORT, "README.md", "eval.json") and "__pycache__" not in rel:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            hashes[rel] = digest.hexdigest()
+            hashes[rel] = sha256_file(path)
     return hashes
 
 
