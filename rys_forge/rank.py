@@ -245,6 +245,7 @@ def rank_windows(
             raise UsageError(f"--overlap family '{family}' is not among the prompt families: {', '.join(families)}")
     fingerprint = {
         "model": (model_info or {}).get("source", type(model).__name__),
+        "adapter": (model_info or {}).get("adapter"),  # a resume with another adapter is refused
         "num_layers": num_layers,
         "prompts": {"count": len(prompts), "sha256": _prompt_digest(prompts)},
         "settings": asdict(settings),

@@ -472,6 +472,7 @@ def sweep_windows(
     fingerprint = {
         "format": SWEEP_FORMAT,
         "model": str(source),
+        "adapter": info.get("adapter"),  # a resume with another adapter is refused
         "num_layers": num_layers,
         "tasks": list(names),
         "limit": limit,

@@ -202,6 +202,9 @@ def test_rank_run_folder_resume_and_outputs(gemma, tmp_path, monkeypatch):
     other = RankSettings(**{**settings.__dict__, "max_tokens": 17})
     with pytest.raises(UsageError, match="settings differ"):
         rank_windows(gemma.model, gemma.tokenizer, _prompts(), other, out_dir=tmp_path / "part", resume=True, progress=False)
+    with pytest.raises(UsageError, match="settings differ"):  # same settings, another (merged) adapter
+        rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "part", resume=True,
+                     progress=False, model_info={"adapter": {"path": "other-adapter"}})
     resumed = rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "part", resume=True, progress=False)
     assert resumed.summary["timings"]["windows_probed_this_session"] == 23
     by_window = {r["window"]: r for r in full.rows}
