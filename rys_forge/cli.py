@@ -190,6 +190,12 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
     prompts = load_prompts(families=_split(families) or None, path=prompts_file, limit_per_family=prompts_per_family)
     _check_windows(windows)
+    from .distributed import init_from_environment
+    from .errors import UsageError
+
+    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("a window-parallel rank (torchrun) needs --out: one run folder shared by all processes")
+    shard, device = init_from_environment(device)  # under torchrun: one process per device, windows split
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
         out = str(Path("runs") / f"rank-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -197,11 +203,13 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     try:
         result = rank_windows(
             loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
-            progress=not no_progress, model_info={**loaded.info, "path": loaded.path},
+            progress=not no_progress and shard.rank == 0, model_info={**loaded.info, "path": loaded.path},
         )
     except KeyboardInterrupt:
         click.echo(f"rys-forge: interrupted; finished windows are kept. Continue with: rys-forge rank ... --resume --out {out}", err=True)
         raise SystemExit(130) from None
+    if shard.rank != 0:
+        return
     _print_top(result, top_k)
     timings = result.summary["timings"]
     click.echo(

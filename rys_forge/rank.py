@@ -35,6 +35,7 @@ from torch import nn
 from . import metrics, plots
 from .activations import ActivationCache, cache_activations
 from .architectures import get_path, spec_for_model
+from .distributed import current_shard
 from .errors import UsageError
 from .evaluate import _json_safe  # one JSON sanitiser (non-finite floats -> null) for every output
 from .plan import WINDOW_CONVENTION, Window, all_windows
@@ -153,9 +154,9 @@ def _prompt_digest(prompts: Sequence[Prompt]) -> str:
 class RunFolder:
     """A rank run's folder: settings fingerprint, append-only window log, atomic final files."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool):
+    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool, log_name: str = "windows.jsonl"):
         self.path = Path(path)
-        self.log = self.path / "windows.jsonl"
+        self.log = self.path / log_name
         settings_file = self.path / "run.json"
         if self.path.exists() and any(self.path.iterdir()):
             if not resume:
@@ -174,14 +175,13 @@ class RunFolder:
     def finished(self) -> dict[str, dict[str, Any]]:
         """Rows already in the log, by window (later records update earlier ones; a torn last line is ignored)."""
         rows: dict[str, dict[str, Any]] = {}
-        if not self.log.exists():
-            return rows
-        for line in self.log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows.setdefault(record["window"], {}).update(record)
+        for log in sorted(self.path.glob("windows*.jsonl")):  # this process's log and any shard's
+            for line in log.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                rows.setdefault(record["window"], {}).update(record)
         return rows
 
     def append(self, record: dict[str, Any]) -> None:
@@ -251,7 +251,11 @@ def rank_windows(
         "settings": asdict(settings),
         "windows": [str(w) for w in windows],
     }
-    folder = RunFolder(Path(out_dir), fingerprint, resume) if out_dir is not None else None
+    shard = current_shard()
+    folder = None
+    if out_dir is not None:
+        shard.on_rank0(lambda: RunFolder(Path(out_dir), fingerprint, resume))  # creates or checks the folder
+        folder = RunFolder(Path(out_dir), fingerprint, True, shard.log_name("windows"))
     done = folder.finished() if folder else {}
     probe_settings = settings.probe_settings()
     started = time.perf_counter()
@@ -269,6 +273,9 @@ def rank_windows(
     )
     self_check = _self_check(cache, windows[0])
     todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
+    if shard.parallel and folder is None:
+        raise UsageError("a window-parallel rank needs a run folder (--out) to merge the processes' results")
+    todo_all, todo = todo, shard.take(todo)
     window_started = time.perf_counter()
     with _progress(progress, len(windows), len(windows) - len(todo), "probing windows") as advance:
         for window in todo:
@@ -281,6 +288,13 @@ def rank_windows(
                 folder.append(record)
             advance()
     window_seconds = time.perf_counter() - window_started
+    if shard.parallel:
+        shard.barrier()
+        done = folder.finished()  # type: ignore[union-attr]
+        if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
+            rows = sorted((_finish_row(done[str(w)], score_config) for w in windows), key=lambda r: -_num(r.get("score")))
+            return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}},
+                              out_dir=Path(out_dir) if out_dir else None)
 
     rows = [_finish_row(done[str(w)], score_config) for w in windows]
     rows.sort(key=lambda r: -_num(r.get("score")) if not math.isnan(_num(r.get("score"))) else math.inf)
@@ -332,7 +346,8 @@ def rank_windows(
         "timings": {
             "base_pass_s": cache.timings["base_pass_s"],
             "windows_s": window_seconds,
-            "windows_probed_this_session": len(todo),
+            "windows_probed_this_session": len(todo_all),
+            "processes": shard.world,
             "per_window_s": window_seconds / max(1, len(todo)),
             "jacobian_s": jac_seconds,
             "repeat_curves_s": curve_seconds,

@@ -1,0 +1,81 @@
+"""Window-parallel rank: two processes on the gloo backend (CPU) split the windows, write their own logs into
+one run folder, and rank 0 merges them; the result must equal the single-process run row for row."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rys_forge.distributed import Shard
+from rys_forge.models import load_model
+from rys_forge.prompts import Prompt
+from rys_forge.rank import RankSettings, rank_windows
+
+TEXTS = [
+    "The committee postponed its decision until the next meeting in March.",
+    "def add(a, b):\n    return a + b",
+    "If every cat is a mammal and Tom is a cat, then Tom is a mammal.",
+    "La ville est calme le dimanche matin, sauf pres du marche.",
+]
+SETTINGS = dict(max_tokens=16, jacobian_top=2, jacobian_iters=3, top_k=3)
+
+
+def _prompts():
+    return [Prompt(f"p{k}", fam, text) for k, (fam, text) in enumerate(zip(["a", "b", "a", "b"], TEXTS))]
+
+
+def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str, cache_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["RYS_FORGE_CACHE"] = cache_dir
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        loaded = load_model(model_dir)
+        rank_windows(loaded.model, loaded.tokenizer, _prompts(), RankSettings(**SETTINGS), out_dir=out_dir, progress=False,
+                     model_info={"source": "tiny"})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_takes_every_world_th_item():
+    items = list(range(7))
+    assert Shard(0, 2).take(items) == [0, 2, 4, 6] and Shard(1, 2).take(items) == [1, 3, 5]
+    assert Shard().take(items) == items and Shard().log_name("windows") == "windows.jsonl"
+    assert Shard(1, 2).log_name("sweep") == "sweep.rank1.jsonl"
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_model_dirs, tmp_path, monkeypatch):
+    model_dir = str(tiny_model_dirs["gemma3_text"])
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path / "cache"))
+    single = rank_windows(*_load(model_dir), _prompts(), RankSettings(**SETTINGS), out_dir=tmp_path / "one", progress=False,
+                          model_info={"source": "tiny"})
+    out = tmp_path / "two"
+    mp.spawn(_worker, args=(2, str(tmp_path / "pg"), model_dir, str(out), str(tmp_path / "cache")), nprocs=2, join=True)
+    logs = sorted(p.name for p in out.glob("windows*.jsonl"))
+    assert logs == ["windows.rank0.jsonl", "windows.rank1.jsonl"]
+    per_log = [{json.loads(line)["window"] for line in (out / name).read_text().splitlines() if "probe_s" in line} for name in logs]
+    assert per_log[0] and per_log[1] and not per_log[0] & per_log[1]  # both worked, no window twice
+    merged = json.loads((out / "windows.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["timings"]["processes"] == 2 and summary["timings"]["windows_probed_this_session"] == len(single.rows)
+    assert [r["window"] for r in merged] == [r["window"] for r in single.rows]
+    for a, b in zip(merged, single.rows):
+        for key, value in b.items():
+            if key.endswith("_s") or not isinstance(value, float):
+                continue
+            other = a.get(key)
+            assert other is not None or math.isnan(value), (b["window"], key)
+            if other is not None and math.isfinite(value):
+                assert other == pytest.approx(value, rel=1e-5, abs=1e-7), (b["window"], key)
+
+
+def _load(model_dir: str):
+    loaded = load_model(model_dir)
+    return loaded.model, loaded.tokenizer
