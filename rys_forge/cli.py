@@ -443,6 +443,12 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
     from .models import load_model
     from .sweep import sweep_windows
 
+    from .distributed import init_from_environment
+    from .errors import UsageError
+
+    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("a window-parallel sweep (torchrun) needs --out: one run folder shared by all processes")
+    shard, device = init_from_environment(device)  # under torchrun: one process per device, windows split
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
         out = str(Path("runs") / f"sweep-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -451,12 +457,14 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
         result = sweep_windows(
             loaded.model, loaded.tokenizer, tasks=_split(tasks), windows=list(windows) or None, min_width=min_width,
             max_width=max_width, repeats=repeats, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-            out_dir=out, resume=resume, progress=not no_progress, model_info={**loaded.info, "path": loaded.path},
-            engine=engine, batch_tokens=batch_tokens,
+            out_dir=out, resume=resume, progress=not no_progress and shard.rank == 0,
+            model_info={**loaded.info, "path": loaded.path}, engine=engine, batch_tokens=batch_tokens,
         )
     except KeyboardInterrupt:
         click.echo(f"rys-forge: interrupted; finished windows are kept. Continue with: rys-forge sweep ... --resume --out {out}", err=True)
         raise SystemExit(130) from None
+    if shard.rank != 0:
+        return
     best = result.summary.get("best")
     click.echo(f"{len(result.rows)} rows; best: {best}")
     flagged = sum(bool(r.get("single_task_verdict")) for r in result.rows)

@@ -570,19 +570,27 @@ def _run_lm_eval(
         try:
             if lm is None:
                 lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
-            results = evaluator.simple_evaluate(
-                model=lm,
-                tasks=task_objects,
-                task_manager=manager,
-                num_fewshot=num_fewshot,
-                limit=limit,
-                log_samples=True,
-                bootstrap_iters=bootstrap_iters,
-                random_seed=seed,
-                numpy_random_seed=seed + 1234,
-                torch_random_seed=seed + 1234,
-                fewshot_random_seed=seed + 1234,
-            )
+            # Under torchrun lm-eval would shard the requests across processes (and answer only on
+            # LOCAL_RANK 0); a rys-forge process evaluates its own windows in full: a world of one.
+            lm._rank, lm._world_size = 0, 1
+            local_rank = os.environ.pop("LOCAL_RANK", None)
+            try:
+                results = evaluator.simple_evaluate(
+                    model=lm,
+                    tasks=task_objects,
+                    task_manager=manager,
+                    num_fewshot=num_fewshot,
+                    limit=limit,
+                    log_samples=True,
+                    bootstrap_iters=bootstrap_iters,
+                    random_seed=seed,
+                    numpy_random_seed=seed + 1234,
+                    torch_random_seed=seed + 1234,
+                    fewshot_random_seed=seed + 1234,
+                )
+            finally:
+                if local_rank is not None:
+                    os.environ["LOCAL_RANK"] = local_rank
         except RysForgeError:
             raise
         except Exception as exc:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from . import evaluate as _ev
+from .distributed import current_shard
 from .errors import TaskError, UsageError
 from .local_tasks import resolve_tasks, task_manager
 from .plan import WINDOW_CONVENTION, LayerPlan, Window, all_windows
@@ -332,26 +333,25 @@ class _SweepFolder(RunFolder):
     """rank's RunFolder (fingerprint in run.json, append-only fsynced log, resume check) with the log in
     ``sweep.jsonl`` and records keyed by (window, repeats)."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool):
-        super().__init__(path, fingerprint, resume)
-        self.log = self.path / SWEEP_LOG
+    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool, log_name: str = SWEEP_LOG):
+        super().__init__(path, fingerprint, resume, log_name)
 
     def finished(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
-        return _read_log(self.log)
+        return _read_log(self.path)
 
 
-def _read_log(log: Path) -> dict[str, dict[str, Any]]:
-    """Records of a sweep log by key (a later record replaces an earlier one; a torn line is ignored)."""
+def _read_log(folder: Path) -> dict[str, dict[str, Any]]:
+    """Records of a sweep folder's logs (``sweep.jsonl`` and any process's ``sweep.rank<r>.jsonl``) by key
+    (a later record replaces an earlier one; a torn line is ignored)."""
     rows: dict[str, dict[str, Any]] = {}
-    if not log.exists():
-        return rows
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "key" in record:
-            rows[record["key"]] = record
+    for log in sorted(Path(folder).glob("sweep*.jsonl")):
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "key" in record:
+                rows[record["key"]] = record
     return rows
 
 
@@ -486,7 +486,13 @@ def sweep_windows(
         "lm_eval": _ev._lm_eval_version(),
         "engine": engine,
     }
-    folder = _SweepFolder(Path(out_dir), fingerprint, resume) if out_dir is not None else None
+    shard = current_shard()
+    folder = None
+    if out_dir is not None:
+        shard.on_rank0(lambda: _SweepFolder(Path(out_dir), fingerprint, resume))  # creates or checks the folder
+        folder = _SweepFolder(Path(out_dir), fingerprint, True, shard.log_name("sweep"))
+    elif shard.parallel:
+        raise UsageError("a window-parallel sweep needs a run folder (--out) to merge the processes' results")
     done = folder.finished() if folder else {}
     run_kwargs = dict(
         limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, bootstrap_iters=bootstrap_iters,
@@ -503,7 +509,8 @@ def sweep_windows(
             base_run = None
     base_reused = base_run is not None
     plan_items = [(w, r) for r in repeat_list for w in chosen]
-    todo = [(w, r) for w, r in plan_items if f"{w}x{r}" not in done]
+    todo_all = [(w, r) for w, r in plan_items if f"{w}x{r}" not in done]
+    todo = shard.take(todo_all)  # under torchrun: this process's share
     lm = None
     if engine == "cached" and (todo or base_run is None):
         from .sweep_engine import capturing_lm
@@ -519,7 +526,7 @@ def sweep_windows(
         t0 = time.perf_counter()
         base_run = _evaluate_once(model, tokenizer, manager, names, **run_kwargs)
         base_seconds = time.perf_counter() - t0
-    if not base_reused and base_file is not None:
+    if not base_reused and base_file is not None and shard.rank == 0:
         write_atomic(base_file, json.dumps(_ev._json_safe({"run": base_run, "seconds": base_seconds})))
     base_rows, _, _ = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
     reported = [t for t in _reported_tasks(base_rows, base_run.get("groups")) if pick_metric(base_rows, t) is not None]
@@ -548,6 +555,13 @@ def sweep_windows(
                 folder.append(_ev._json_safe(record))
             advance()
     sweep_seconds = time.perf_counter() - sweep_started
+    if shard.parallel:
+        shard.barrier()
+        done = folder.finished()  # type: ignore[union-attr]
+        if shard.rank != 0:  # rank 0 writes the merged outputs
+            rows = [_restore(done[f"{w}x{r}"]) for w, r in plan_items]
+            return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}},
+                               out_dir=Path(out_dir) if out_dir else None)
 
     rows = [_restore(done[f"{w}x{r}"]) for w, r in plan_items]
     fits = repeat_fits(rows, reported) if len(repeat_list) > 1 else {}
@@ -583,7 +597,8 @@ def sweep_windows(
             "base_eval_s": base_seconds,
             "base_reused": base_reused,
             "windows_s": sweep_seconds,
-            "windows_evaluated_this_session": len(todo),
+            "windows_evaluated_this_session": len(todo_all),
+            "processes": shard.world,
             "per_window_s": {r["key"]: r.get("seconds") for r in rows},
             "mean_per_window_s": float(np.mean(per_window)) if per_window else math.nan,
             "total_s": time.perf_counter() - started,
@@ -677,8 +692,8 @@ def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if table.exists():
         data = json.loads(table.read_text())
         rows = data["rows"] if isinstance(data, dict) else data
-    elif (folder / SWEEP_LOG).exists():
-        rows = list(_read_log(folder / SWEEP_LOG).values())
+    elif any(folder.glob("sweep*.jsonl")):
+        rows = list(_read_log(folder).values())
     else:
         raise UsageError(f"{folder} is not a sweep run folder (no sweep.json or {SWEEP_LOG})")
     return [_restore(r) for r in rows], summary

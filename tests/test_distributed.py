@@ -79,3 +79,43 @@ def test_two_processes_equal_one(tiny_model_dirs, tmp_path, monkeypatch):
 def _load(model_dir: str):
     loaded = load_model(model_dir)
     return loaded.model, loaded.tokenizer
+
+
+def _sweep_worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str, cache_dir: str) -> None:
+    import torch.distributed as dist
+
+    from rys_forge.sweep import sweep_windows
+
+    os.environ["RYS_FORGE_CACHE"] = cache_dir
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        loaded = load_model(model_dir)
+        sweep_windows(loaded.model, loaded.tokenizer, tasks=["rys_arc_easy"], limit=6, windows=SWEEP_WINDOWS,
+                      out_dir=out_dir, progress=False, model_info={"source": "tiny"})
+    finally:
+        dist.destroy_process_group()
+
+
+SWEEP_WINDOWS = ["0:2", "1:3", "1:4", "2:5", "3:6"]
+
+
+@pytest.mark.slow
+def test_two_process_sweep_equals_one(tiny_model_dirs, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from rys_forge.sweep import read_sweep, sweep_windows
+
+    model_dir = str(tiny_model_dirs["llama"])
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = _load(model_dir)
+    single = sweep_windows(model, tokenizer, tasks=["rys_arc_easy"], limit=6, windows=SWEEP_WINDOWS,
+                           out_dir=tmp_path / "one", progress=False, model_info={"source": "tiny"})
+    out = tmp_path / "two"
+    mp.spawn(_sweep_worker, args=(2, str(tmp_path / "pg"), model_dir, str(out), str(tmp_path / "cache")), nprocs=2, join=True)
+    assert sorted(p.name for p in out.glob("sweep*.jsonl")) == ["sweep.rank0.jsonl", "sweep.rank1.jsonl"]
+    rows, summary = read_sweep(out)
+    assert summary["timings"]["processes"] == 2
+    assert [r["window"] for r in rows] == SWEEP_WINDOWS
+    for a, b in zip(rows, single.rows):
+        assert a["tasks"]["rys_arc_easy"]["items"] == b["tasks"]["rys_arc_easy"]["items"]
+        assert a["tasks"]["rys_arc_easy"]["delta"] == pytest.approx(b["tasks"]["rys_arc_easy"]["delta"], abs=1e-12)
