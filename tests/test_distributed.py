@@ -23,22 +23,30 @@ TEXTS = [
     "La ville est calme le dimanche matin, sauf pres du marche.",
 ]
 SETTINGS = dict(max_tokens=16, jacobian_top=2, jacobian_iters=3, top_k=3)
+SWEEP_WINDOWS = ["0:2", "1:3", "1:4", "2:5", "3:6"]
 
 
 def _prompts():
     return [Prompt(f"p{k}", fam, text) for k, (fam, text) in enumerate(zip(["a", "b", "a", "b"], TEXTS))]
 
 
-def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str, cache_dir: str) -> None:
+def _worker(rank: int, world: int, kind: str, init_file: str, model_dir: str, out_dir: str, cache_dir: str) -> None:
+    """One process of a window-parallel ``rank`` or ``sweep`` (gloo, file rendezvous)."""
     import torch.distributed as dist
+
+    from rys_forge.sweep import sweep_windows
 
     os.environ["RYS_FORGE_CACHE"] = cache_dir
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         loaded = load_model(model_dir)
-        rank_windows(loaded.model, loaded.tokenizer, _prompts(), RankSettings(**SETTINGS), out_dir=out_dir, progress=False,
-                     model_info={"source": "tiny"})
+        if kind == "rank":
+            rank_windows(loaded.model, loaded.tokenizer, _prompts(), RankSettings(**SETTINGS), out_dir=out_dir,
+                         progress=False, model_info={"source": "tiny"})
+        else:
+            sweep_windows(loaded.model, loaded.tokenizer, tasks=["rys_arc_easy"], limit=6, windows=SWEEP_WINDOWS,
+                          out_dir=out_dir, progress=False, model_info={"source": "tiny"})
     finally:
         dist.destroy_process_group()
 
@@ -57,7 +65,7 @@ def test_two_processes_equal_one(tiny_model_dirs, tmp_path, monkeypatch):
     single = rank_windows(*_load(model_dir), _prompts(), RankSettings(**SETTINGS), out_dir=tmp_path / "one", progress=False,
                           model_info={"source": "tiny"})
     out = tmp_path / "two"
-    mp.spawn(_worker, args=(2, str(tmp_path / "pg"), model_dir, str(out), str(tmp_path / "cache")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, "rank", str(tmp_path / "pg"), model_dir, str(out), str(tmp_path / "cache")), nprocs=2, join=True)
     logs = sorted(p.name for p in out.glob("windows*.jsonl"))
     assert logs == ["windows.rank0.jsonl", "windows.rank1.jsonl"]
     per_log = [{json.loads(line)["window"] for line in (out / name).read_text().splitlines() if "probe_s" in line} for name in logs]
@@ -81,24 +89,6 @@ def _load(model_dir: str):
     return loaded.model, loaded.tokenizer
 
 
-def _sweep_worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str, cache_dir: str) -> None:
-    import torch.distributed as dist
-
-    from rys_forge.sweep import sweep_windows
-
-    os.environ["RYS_FORGE_CACHE"] = cache_dir
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        loaded = load_model(model_dir)
-        sweep_windows(loaded.model, loaded.tokenizer, tasks=["rys_arc_easy"], limit=6, windows=SWEEP_WINDOWS,
-                      out_dir=out_dir, progress=False, model_info={"source": "tiny"})
-    finally:
-        dist.destroy_process_group()
-
-
-SWEEP_WINDOWS = ["0:2", "1:3", "1:4", "2:5", "3:6"]
-
 
 @pytest.mark.slow
 def test_two_process_sweep_equals_one(tiny_model_dirs, tmp_path, monkeypatch):
@@ -111,7 +101,7 @@ def test_two_process_sweep_equals_one(tiny_model_dirs, tmp_path, monkeypatch):
     single = sweep_windows(model, tokenizer, tasks=["rys_arc_easy"], limit=6, windows=SWEEP_WINDOWS,
                            out_dir=tmp_path / "one", progress=False, model_info={"source": "tiny"})
     out = tmp_path / "two"
-    mp.spawn(_sweep_worker, args=(2, str(tmp_path / "pg"), model_dir, str(out), str(tmp_path / "cache")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, "sweep", str(tmp_path / "pg"), model_dir, str(out), str(tmp_path / "cache")), nprocs=2, join=True)
     assert sorted(p.name for p in out.glob("sweep*.jsonl")) == ["sweep.rank0.jsonl", "sweep.rank1.jsonl"]
     rows, summary = read_sweep(out)
     assert summary["timings"]["processes"] == 2
