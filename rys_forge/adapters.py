@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ModelLoadError, UsageError, VerificationError
-from .hashing import sha256_file
+from .files import sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

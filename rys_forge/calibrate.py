@@ -26,11 +26,11 @@ import numpy as np
 from scipy import stats as _st
 
 from .errors import UsageError
+from .files import write_atomic
 from .evaluate import _json_safe
 from .probes import SCORE_INPUTS, ScoreConfig, score_terms
-from .rank import write_atomic
 from .sweep import _finite, read_sweep
-from .validate import _read_rank
+from .validate import _display, _read_rank
 
 __all__ = ["BOUNDS", "CalibrationResult", "calibrate_score", "fit_constants"]
 
@@ -182,7 +182,7 @@ def calibrate_score(
                  "sweep_run": str(sweep_dir), "target": target}
     config = replace(defaults, **best, fitted_on=fitted_on)
     kendall = lambda params: float(_st.kendalltau(_scores(inputs, params), y)[0])  # noqa: E731
-    name = (model.get("source") if isinstance(model, dict) else None) or str(model) or str(rank_dir)
+    name = _display(model) if model else str(rank_dir)
     report = {
         "rys_forge_calibration": CALIBRATION_FORMAT,
         "score": config.to_dict(),

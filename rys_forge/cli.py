@@ -166,10 +166,6 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     repeat-count curves of the top windows; prints the short list. Ctrl-C keeps finished windows;
     continue with --resume --out DIR.
     """
-    import datetime
-    import re
-    from pathlib import Path
-
     from .models import load_model
     from .probes import PROBES, ScoreConfig, select_probes
     from .prompts import load_prompts
@@ -190,15 +186,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
     prompts = load_prompts(families=_split(families) or None, path=prompts_file, limit_per_family=prompts_per_family)
     _check_windows(windows)
-    from .distributed import init_from_environment
-    from .errors import UsageError
-
-    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("a window-parallel rank (torchrun) needs --out: one run folder shared by all processes")
-    shard, device = init_from_environment(device)  # under torchrun: one process per device, windows split
-    if out is None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
-        out = str(Path("runs") / f"rank-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    shard, out, device = _run_setup("rank", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter)
     try:
         result = rank_windows(
@@ -436,22 +424,10 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
     loglikelihood tasks (all the local rys_* tasks but rys_gsm8k) the cached engine runs the base once
     and replays each window from the cached residual stream at its end.
     """
-    import datetime
-    import re
-    from pathlib import Path
-
     from .models import load_model
     from .sweep import sweep_windows
 
-    from .distributed import init_from_environment
-    from .errors import UsageError
-
-    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("a window-parallel sweep (torchrun) needs --out: one run folder shared by all processes")
-    shard, device = init_from_environment(device)  # under torchrun: one process per device, windows split
-    if out is None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
-        out = str(Path("runs") / f"sweep-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    shard, out, device = _run_setup("sweep", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation)
     try:
         result = sweep_windows(
@@ -531,6 +507,26 @@ def _print_verification(report: dict) -> None:
         f"top-1 {m['top1_agreement']:.4f}, cache gap {m['cache_max_abs_diff']:.2e}, "
         f"generate cache==no-cache {m['generate_cache_equals_no_cache']}, bytes ratio {m['bytes_ratio']:.3f}"
     )
+
+
+def _run_setup(command: str, model_name: str, out: str | None, device: str) -> tuple[Any, str, str]:
+    """Shard, run folder and device of a `rank` / `sweep` process. Under torchrun (WORLD_SIZE > 1) the
+    process group is initialised and each process gets its device; the run folder must then be given,
+    since every process writes into the same one. Default folder: runs/<command>-<model>-<time>."""
+    import datetime
+    import re
+    from pathlib import Path
+
+    from .distributed import init_from_environment
+    from .errors import UsageError
+
+    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"a window-parallel {command} (torchrun) needs --out: one run folder shared by all processes")
+    shard, device = init_from_environment(device)  # under torchrun: one process per device, windows split
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
+        out = str(Path("runs") / f"{command}-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    return shard, out, device
 
 
 def _check_windows(windows: tuple[str, ...]) -> None:

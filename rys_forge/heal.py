@@ -46,7 +46,7 @@ from torch import nn
 from .adapters import quiet_peft
 from .architectures import arch_spec, get_path
 from .errors import RysForgeError, UsageError, VerificationError
-from .hashing import sha256_file
+from .files import sha256_file
 from .plan import LayerPlan
 
 HEAL_DIR = "heal"

@@ -347,7 +347,7 @@ def score_terms(
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.exp(-alpha * (1.0 - plateau))
         a = delta_0 / (delta_0 + c)
-        s = np.where(np.isnan(r_0), np.nan, np.exp(-beta * np.maximum(0.0, np.nan_to_num(r_0) - 1.0)))
+        s = np.exp(-beta * np.maximum(0.0, r_0 - 1.0))  # NaN r_0 stays NaN
         d = np.exp(-gamma * d_dec - eta * d_kl)
     return {"P": p, "A": a, "S": s, "D": d, "score": p * a * s * d}
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RysForgeError, UsageError, VerificationError
-from .hashing import sha256_file
+from .files import sha256_file, write_atomic
 from .plan import LayerPlan
 from .verify import REPORT, check_verified, read_rys_config
 
@@ -793,12 +793,7 @@ def write_card(
 
 def _write_text(folder: Path, text: str) -> Path:
     path = folder / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp")  # a leftover would count as an added file for verification
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, text)  # no temporary leftover: it would count as an added file for verification
     return path
 
 

@@ -24,7 +24,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from .activations import ActivationCache, cache_activations
 from .architectures import get_path, spec_for_model
 from .distributed import current_shard
 from .errors import UsageError
+from .files import write_atomic
 from .evaluate import _json_safe  # one JSON sanitiser (non-finite floats -> null) for every output
 from .plan import WINDOW_CONVENTION, Window, all_windows
 from .probes import (
@@ -191,13 +192,6 @@ class RunFolder:
             os.fsync(handle.fileno())
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write a file via a temporary sibling and `os.replace`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
-
-
 def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
 
@@ -291,13 +285,12 @@ def rank_windows(
     if shard.parallel:
         shard.barrier()
         done = folder.finished()  # type: ignore[union-attr]
-        if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
-            rows = sorted((_finish_row(done[str(w)], score_config) for w in windows), key=lambda r: -_num(r.get("score")))
-            return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}},
-                              out_dir=Path(out_dir) if out_dir else None)
 
     rows = [_finish_row(done[str(w)], score_config) for w in windows]
     rows.sort(key=lambda r: -_num(r.get("score")) if not math.isnan(_num(r.get("score"))) else math.inf)
+    if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
+        return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}},
+                          out_dir=Path(out_dir) if out_dir else None)
 
     jac_seconds = 0.0
     if "jacobian" in probes and settings.jacobian != "none":

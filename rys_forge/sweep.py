@@ -55,7 +55,8 @@ from .distributed import current_shard
 from .errors import TaskError, UsageError
 from .local_tasks import resolve_tasks, task_manager
 from .plan import WINDOW_CONVENTION, LayerPlan, Window, all_windows
-from .rank import RunFolder, _progress, write_atomic
+from .files import write_atomic
+from .rank import RunFolder, _progress
 
 __all__ = [
     "SINGLE_TASK_MIN_Z",
@@ -253,9 +254,9 @@ def _reported_tasks(rows: Sequence[dict[str, Any]], groups: dict[str, Any] | Non
     return seen
 
 
-def _base_summary(base_run: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
-    """Per task: the kept metric's base value, stderr and per-item results (from a self-comparison)."""
-    rows, paired, _notes = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
+def _base_summary(rows: Sequence[dict[str, Any]], paired: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """Per task: the kept metric's base value, stderr and per-item results (from the base run's self-comparison
+    ``rows, paired``)."""
     out: dict[str, Any] = {}
     for task in tasks:
         row = pick_metric(rows, task)
@@ -455,18 +456,16 @@ def sweep_windows(
     manager, names = _resolve(tasks, include_path)
     task_objects = None
     if engine != "lm-eval":
-        from .sweep_engine import CACHED_OUTPUT_TYPES, check_cached_tasks, leaf_tasks
+        from .sweep_engine import check_cached_tasks, uncached_tasks
 
         with _ev._lm_eval_environment(False):
             task_objects = _ev._load_task_objects(manager, names)
         if engine == "cached":
             check_cached_tasks(task_objects)
+        elif uncached_tasks(task_objects):  # auto: a generation task needs one lm-eval run per window
+            engine, task_objects = "lm-eval", None
         else:
-            engine = "cached" if all(
-                getattr(t, "OUTPUT_TYPE", None) in CACHED_OUTPUT_TYPES for t in leaf_tasks(task_objects)
-            ) else "lm-eval"
-            if engine == "lm-eval":
-                task_objects = None
+            engine = "cached"
     info = dict(model_info or {})
     source = info.get("source") or info.get("path") or type(model).__name__
     fingerprint = {
@@ -528,11 +527,11 @@ def sweep_windows(
         base_seconds = time.perf_counter() - t0
     if not base_reused and base_file is not None and shard.rank == 0:
         write_atomic(base_file, json.dumps(_ev._json_safe({"run": base_run, "seconds": base_seconds})))
-    base_rows, _, _ = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
+    base_rows, base_paired, _ = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
     reported = [t for t in _reported_tasks(base_rows, base_run.get("groups")) if pick_metric(base_rows, t) is not None]
     if not reported:
         raise _ev.EvaluationError(f"lm-eval produced no usable metric for {', '.join(names)}")
-    base = _base_summary(base_run, reported)
+    base = _base_summary(base_rows, base_paired, reported)
 
     sweep_started = time.perf_counter()
     with _progress(progress, len(plan_items), len(plan_items) - len(todo), "evaluating windows") as advance:
@@ -611,6 +610,19 @@ def sweep_windows(
     return result
 
 
+def _trim_run(run: dict[str, Any], keep: dict[str, str]) -> dict[str, Any]:
+    """``run`` reduced to the kept ``"metric,filter"`` of each task (what a cached-engine window run holds)."""
+    out: dict[str, Any] = {"results": {}, "groups": {}, "metric_info": {}, "items": {}}
+    for task, key in keep.items():
+        metric, filt = key.split(",", 1)
+        stderr_key = f"{metric}_stderr,{filt}"
+        out["results"][task] = {k: v for k, v in run["results"][task].items() if k in (key, stderr_key)}
+        out["metric_info"][task] = (run.get("metric_info") or {}).get(task) or {}
+        items = (run["items"].get(task) or {}).get(filt) or {}
+        out["items"][task] = {filt: {d: {**rec, "values": {metric: rec["values"].get(metric)}} for d, rec in items.items()}}
+    return out
+
+
 def _cached_windows(
     lm: Any, task_objects: Any, todo: Sequence[tuple[Window, int]], base_run: dict[str, Any], base: dict[str, Any],
     reported: Sequence[str], limit: int | None, seed: int, folder: _SweepFolder | None, done: dict[str, Any],
@@ -620,16 +632,7 @@ def _cached_windows(
     from .sweep_engine import WindowScorer, leaf_tasks
 
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported if t in base}
-    # The base run reduced to the kept metric of each reported task (what a window run holds).
-    trimmed = {
-        "results": {t: {k: v for k, v in base_run["results"][t].items() if k in (keep[t], keep[t].replace(",", "_stderr,", 1))}
-                    for t in keep},
-        "groups": {},
-        "metric_info": {t: (base_run.get("metric_info") or {}).get(t) or {} for t in keep},
-        "items": {t: {keep[t].split(",", 1)[1]: {d: {**rec, "values": {keep[t].split(",", 1)[0]: rec["values"].get(keep[t].split(",", 1)[0])}}
-                                                for d, rec in ((base_run["items"].get(t) or {}).get(keep[t].split(",", 1)[1]) or {}).items()}}
-                  for t in keep},
-    }
+    trimmed = _trim_run(base_run, keep)
     scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
     clock = [time.perf_counter()]
 

@@ -33,7 +33,7 @@ from .activations import capture_layer_inputs, head_logits, replay_layers, run_d
 from .architectures import get_path, spec_for_model
 from .errors import TaskError
 
-__all__ = ["CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "capturing_lm", "check_cached_tasks", "leaf_tasks", "WindowScorer"]
+__all__ = ["CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "capturing_lm", "check_cached_tasks", "leaf_tasks", "uncached_tasks", "WindowScorer"]
 
 #: lm-eval output types the cached engine can answer.
 CACHED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
@@ -60,10 +60,6 @@ class _Batch:
     owner: torch.Tensor  # [K] request index (0..N-1) of each position
     hidden: list[torch.Tensor] | None = None
     layer_kwargs: list[dict[str, Any]] | None = None
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
 
 
 class LoglikelihoodEngine:
@@ -106,7 +102,6 @@ class LoglikelihoodEngine:
             inputs.append(full[:-1])
             conts.append(list(continuation))
         order = sorted(range(len(inputs)), key=lambda k: -len(inputs[k]))
-        self.total_tokens = sum(len(x) for x in inputs)
         batches: list[list[int]] = []
         for k in order:
             if batches and (len(batches[-1]) + 1) * len(inputs[batches[-1][0]]) <= max(batch_tokens, len(inputs[k])):
@@ -134,7 +129,6 @@ class LoglikelihoodEngine:
             self.batches.append(self._make_batch(batch, inputs, conts, pad_id))
             used += size
         self._bounds.append(len(self.batches))
-        self.cache_bytes = sum(b.input_ids.numel() for b in self.batches) * per_token
 
     @property
     def groups(self) -> list[list[_Batch]]:
@@ -200,8 +194,8 @@ class LoglikelihoodEngine:
                     raise ValueError(f"bad window {w} for {self.num_layers} layers")
         results: list[WindowRun | None] = [None] * len(windows)
         groups = self.groups
-        step = len(windows) if len(groups) == 1 else max(1, group_size)
-        for start in range(0, len(windows), max(step, 1)):
+        step = max(1, len(windows) if len(groups) == 1 else group_size)
+        for start in range(0, len(windows), step):
             todo = range(start, min(start + step, len(windows)))
             acc = {k: self._accumulators() for k in todo}
             for group in groups:
@@ -253,9 +247,14 @@ class LoglikelihoodEngine:
 # --------------------------------------------------------------------------- lm-eval side
 
 
+def uncached_tasks(task_objects: Sequence[Any]) -> list[str]:
+    """The tasks the cached engine cannot answer (not loglikelihood-only)."""
+    return [t.task_name for t in leaf_tasks(task_objects) if getattr(t, "OUTPUT_TYPE", None) not in CACHED_OUTPUT_TYPES]
+
+
 def check_cached_tasks(task_objects: Sequence[Any]) -> None:
     """Raise :class:`TaskError` unless every task is answered by loglikelihood requests alone."""
-    bad = [t.task_name for t in leaf_tasks(task_objects) if getattr(t, "OUTPUT_TYPE", None) not in CACHED_OUTPUT_TYPES]
+    bad = uncached_tasks(task_objects)
     if bad:
         raise TaskError(
             f"the cached sweep engine handles loglikelihood tasks only; {', '.join(bad)} need --engine lm-eval"

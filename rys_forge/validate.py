@@ -52,7 +52,7 @@ from scipy import stats as _st
 
 from .evaluate import _json_safe  # one JSON sanitiser for eval, sweep and validate outputs
 from .errors import UsageError
-from .rank import write_atomic
+from .files import write_atomic
 from .sweep import read_sweep
 
 __all__ = [

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import RysForgeError, VerificationError
-from .hashing import sha256_file
+from .files import sha256_file
 from .models import load_model, parse_device, parse_dtype
 from .plan import LayerPlan
 from .repeat import repeated

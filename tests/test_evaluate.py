@@ -18,7 +18,7 @@ pytest.importorskip("lm_eval")
 
 from rys_forge.errors import ModelLoadError, TaskError, UsageError, WindowError  # noqa: E402
 from rys_forge.evaluate import EVAL_FILE, EvalReport, _compare, evaluate, format_table  # noqa: E402
-from rys_forge.local_tasks import CACHE_DIR_ENV, offline_env, task_manager  # noqa: E402
+from rys_forge.local_tasks import offline_env, task_manager  # noqa: E402
 from rys_forge.models import load_model  # noqa: E402
 from rys_forge.plan import LayerPlan  # noqa: E402
 from rys_forge.stats import mcnemar_exact  # noqa: E402
@@ -173,7 +173,11 @@ def test_export_folder_target(reports, tiny_model_dirs, tmp_path):
     assert report.settings["plan"]["layer_order"] == list(LayerPlan.from_windows([WINDOW], 6).order)
     assert (export / EVAL_FILE).is_file() and (out / EVAL_FILE).is_file()
     assert json.loads((export / EVAL_FILE).read_text()) == json.loads((out / EVAL_FILE).read_text())
-    in_memory = reports["llama"][0]
+    _assert_same_items(report, reports["llama"][0])
+
+
+def _assert_same_items(report, in_memory) -> None:
+    """An export's per-item results equal the in-memory repeat's (0/1 items exactly, perplexity to 1e-3)."""
     for task, metric in [("rys_arc_easy", "acc"), ("rys_arc_easy", "acc_norm"), ("rys_lambada_openai", "acc")]:
         assert report.items[task]["none"][metric] == in_memory.items[task]["none"][metric]
     assert report.items["rys_lambada_openai"]["none"]["perplexity"]["rys"] == pytest.approx(
@@ -192,12 +196,7 @@ def test_layerlist_export_target(reports, tiny_model_dirs, tmp_path):
     report = evaluate(str(export), tasks=TASKS, limit=LIMIT, progress=False)
     assert report.base_cache_reused and report.settings["base"] == str(base_dir)
     assert report.saved_to == [str(export / EVAL_FILE)]
-    in_memory = reports["gemma3_text"][0]
-    for task, metric in [("rys_arc_easy", "acc"), ("rys_arc_easy", "acc_norm"), ("rys_lambada_openai", "acc")]:
-        assert report.items[task]["none"][metric] == in_memory.items[task]["none"][metric]
-    assert report.items["rys_lambada_openai"]["none"]["perplexity"]["rys"] == pytest.approx(
-        in_memory.items["rys_lambada_openai"]["none"]["perplexity"]["rys"], abs=1e-3
-    )
+    _assert_same_items(report, reports["gemma3_text"][0])
 
 
 def test_export_without_base_is_a_usage_error(isolated, tiny_model_dirs, tmp_path):

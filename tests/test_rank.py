@@ -18,7 +18,7 @@ from rys_forge.errors import UsageError
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
 from rys_forge.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window
-from rys_forge.prompts import Prompt, load_prompts
+from rys_forge.prompts import Prompt
 from rys_forge.rank import RankSettings, rank_windows
 from rys_forge.repeat import repeated
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..architectures import ArchSpec, arch_spec, layer_config
-from ..errors import MergekitExportError, ModelLoadError, RysForgeError, UsageError, WindowError
+from ..errors import MergekitExportError, ModelLoadError, UsageError, WindowError
 from ..plan import LayerPlan
 from ..repeat import remap_layer_fields
 

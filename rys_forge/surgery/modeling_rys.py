@@ -15,7 +15,6 @@ per-visit LoRA adapters `rys-forge heal` trains, while the base weights stay one
 
 import copy
 
-import torch
 import transformers
 from torch import nn
 
