@@ -115,6 +115,38 @@ def naive_sweep(model, ids, windows, device):
     return time.perf_counter() - start, kls
 
 
+def compare_with_reference(model, tokenizer, prompts, settings, fast, args) -> dict:
+    """Rank again at full fidelity and measure what the fast settings change: top-10 overlap, Spearman
+    of the scores, and the largest differences of the score inputs (plateau CKA and delta_0 come from
+    the same cached tokens in both runs, so their difference is the statistics' arithmetic alone)."""
+    from scipy.stats import spearmanr
+
+    from rys_forge.rank import RankSettings, rank_windows
+
+    full = RankSettings(**{**settings.__dict__, "deep_fraction": 1.0, "kl_fraction": 1.0, "kl_positions": 16,
+                           "stats_dtype": "float64", "jacobian": "none"})
+    sync(args.device)
+    t0 = time.perf_counter()
+    ref = rank_windows(model, tokenizer, prompts, full, progress=False)
+    sync(args.device)
+    seconds = time.perf_counter() - t0
+    a = {r["window"]: r for r in fast.rows}
+    b = {r["window"]: r for r in ref.rows}
+    keys = sorted(a)
+    top = lambda rows: {r["window"] for r in rows[:10]}  # noqa: E731
+    out = {
+        "seconds": seconds,
+        "settings": {k: v for k, v in full.__dict__.items() if k != "windows"},
+        "top10_overlap": len(top(fast.rows) & top(ref.rows)),
+        "spearman_score": float(spearmanr([a[k]["score"] for k in keys], [b[k]["score"] for k in keys]).statistic),
+        "spearman_d_kl": float(spearmanr([a[k]["d_kl"] for k in keys], [b[k]["d_kl"] for k in keys]).statistic),
+    }
+    for key in ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl", "score"):
+        out[f"max_abs_diff_{key}"] = max(abs(a[k][key] - b[k][key]) for k in keys)
+        out[f"max_rel_diff_{key}"] = max(abs(a[k][key] - b[k][key]) / max(abs(b[k][key]), 1e-30) for k in keys)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -122,7 +154,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--windows", default="all", help="all, or the first N windows (both (a) and (b))")
     parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--stats-dtype", default="float32")
+    parser.add_argument("--stats-dtype", default="tf32", help="float64, float32 or tf32 (rank --stats-dtype)")
+    parser.add_argument("--deep-fraction", type=float, default=0.25, help="rank --deep-fraction")
+    parser.add_argument("--kl-fraction", type=float, default=0.25, help="rank --kl-fraction")
+    parser.add_argument("--kl-positions", type=int, default=64, help="KL positions per KL prompt")
+    parser.add_argument("--jacobian-top", type=int, default=5)
+    parser.add_argument("--reference", action="store_true",
+                        help="also rank at full fidelity (every prompt for every iterate and the KL, 16 KL positions "
+                             "per prompt, float64 statistics) and report how far the fast settings move the ranking")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of (b) on the first 8 windows")
     parser.add_argument("--tiny", action="store_true")
@@ -166,8 +205,10 @@ def main() -> None:
         results["naive_s"] = naive_s
 
     settings = RankSettings(windows=[str(w) for w in windows], max_tokens=args.seq, batch_size=args.prompts,
-                            kl_positions=16, stats_dtype=args.stats_dtype, jacobian="top", jacobian_top=10,
+                            kl_positions=args.kl_positions, kl_fraction=args.kl_fraction, deep_fraction=args.deep_fraction,
+                            stats_dtype=args.stats_dtype, jacobian="top", jacobian_top=args.jacobian_top,
                             jacobian_prompts=1, jacobian_tokens=64, jacobian_iters=8)
+    results["settings"] = {k: v for k, v in settings.__dict__.items() if k != "windows"}
     sync(args.device)
     t0 = time.perf_counter()
     result = rank_windows(model, tokenizer, prompts, settings, progress=False)
@@ -176,13 +217,17 @@ def main() -> None:
     results["rank_s"] = rank_s
     results["rank_timings"] = result.summary["timings"]
     # Layer passes of the probe loop, in full-batch units: z_2 on every prompt, z_3..z_n on the deep
-    # fraction of prompts, and the tail (layers j..L-1) from z_2 for the KL.
+    # prompts' tokens, and the tail (layers j..L-1) from z_2 for the KL on the KL prompts' tokens.
     n = settings.iterations
-    passes = sum(w.width * (1 + (n - 2) * settings.deep_fraction) + (L - w.end) for w in windows)
+    counts = result.summary["prompts"]
+    deep_share, kl_share = counts["deep_tokens"] / counts["tokens"], counts["kl_tokens"] / counts["tokens"]
+    passes = sum(w.width * (1 + (n - 2) * deep_share) + (L - w.end) * kl_share for w in windows)
     probe_flops = passes * layer_flops(model.config, ids.numel(), args.seq)
     results["probe_layer_passes"] = passes
     results["probe_tflops"] = probe_flops / result.summary["timings"]["windows_s"] / 1e12
     results["rank_over_naive"] = rank_s / results["naive_s"] if "naive_s" in results else None
+    if args.reference:
+        results["reference"] = compare_with_reference(model, tokenizer, prompts, settings, result, args)
 
     if args.profile and args.device == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -210,6 +255,13 @@ def main() -> None:
     print(f"{'    probe layer passes: achieved TFLOP/s':44s} {results['probe_tflops']:12.0f}  ({pct(results['probe_tflops'])} of peak)")
     if results["rank_over_naive"]:
         print(f"{'(b) / (a)':44s} {results['rank_over_naive']:12.2f}  (target <= 0.5)")
+    if "reference" in results:
+        ref = results["reference"]
+        print(f"{'full-fidelity rank (s)':44s} {ref['seconds']:12.1f}")
+        print(f"{'    top-10 overlap fast vs full':44s} {ref['top10_overlap']:12d}")
+        print(f"{'    Spearman of scores / of D_KL':44s} {ref['spearman_score']:.4f} / {ref['spearman_d_kl']:.4f}")
+        print(f"{'    max |diff| plateau CKA / delta_0 / d_dec':44s} {ref['max_abs_diff_cka_plateau']:.2e} / "
+              f"{ref['max_abs_diff_delta_0']:.2e} / {ref['max_abs_diff_d_dec']:.2e}")
 
 
 if __name__ == "__main__":

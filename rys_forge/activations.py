@@ -9,7 +9,9 @@ arguments, which is exactly what the repeated model does on a second visit (no K
 Statistics pool the valid tokens only: padding and special tokens (BOS, whose residual is the same for
 every prompt and often orders of magnitude larger) are excluded. Logits are only materialised at a
 fixed random subsample of positions (`kl_positions` per prompt): gemma's vocabulary has 262k entries,
-and the LM head over every token would cost ~30 decoder layers.
+and the LM head over every token would cost ~30 decoder layers. With `kl_fraction < 1` only a share
+of the prompts (spread evenly over lengths, batched apart) carry KL positions, so the tail pass
+(layers j..L-1 from z_2) that the KL needs runs on those prompts only.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class CachedBatch:
         base_probs: `[K, V]` their softmax.
         base_top1: `[K]` the base model's argmax token.
         families: prompt family of each row.
+        prompt_ids: index of each row's prompt in the input list.
         deep: whether the deeper iterates `z_3..z_n` are computed on this batch.
     """
 
@@ -55,6 +58,7 @@ class CachedBatch:
     base_probs: torch.Tensor | None
     base_top1: torch.Tensor | None
     families: list[str]
+    prompt_ids: list[int] = field(default_factory=list)
     deep: bool = True
 
 
@@ -171,6 +175,23 @@ def _kl_positions(valid: torch.Tensor, per_row: int, prompt_ids: list[int], seed
     return torch.tensor(picks, dtype=torch.long).reshape(-1, 2)
 
 
+def _evenly(items: Sequence[int], count: int) -> list[int]:
+    """`count` of `items`, spread evenly over them (order kept)."""
+    if count >= len(items):
+        return list(items)
+    return [items[int((k + 0.5) * len(items) / count)] for k in range(count)]
+
+
+def _kl_prompts(by_length: Sequence[int], deep_set: Sequence[int], kl_fraction: float) -> list[int]:
+    """The prompts that carry KL positions: `round(kl_fraction * n)` (at least one), spread evenly over
+    lengths and nested with the deep prompts, so the repeat curves' KL (deep batches) has positions."""
+    count = max(1, round(kl_fraction * len(by_length)))
+    if count <= len(deep_set):
+        return _evenly(deep_set, count)
+    rest = [k for k in by_length if k not in set(deep_set)]
+    return list(deep_set) + _evenly(rest, count - len(deep_set))
+
+
 @torch.no_grad()
 def cache_activations(
     model: nn.Module,
@@ -182,6 +203,7 @@ def cache_activations(
     kl_positions: int = 4,
     seed: int = 0,
     deep_fraction: float = 1.0,
+    kl_fraction: float = 1.0,
 ) -> ActivationCache:
     """Run the base model once over `texts` and cache the residual stream and layer arguments.
 
@@ -196,6 +218,8 @@ def cache_activations(
         seed: seed of the position subsample.
         deep_fraction: share of the prompts (spread evenly over lengths) whose batches also get the
             deeper iterates `z_3..z_n`; they are batched separately from the others.
+        kl_fraction: share of the prompts that carry KL positions (spread evenly over lengths,
+            nested with the deep share: the smaller of the two sets lies inside the larger).
 
     Raises:
         PromptError: no prompt has a valid (non-special) token.
@@ -213,17 +237,24 @@ def cache_activations(
         list(texts), truncation=True, max_length=max_tokens, return_special_tokens_mask=True, add_special_tokens=True
     )
     by_length = sorted(range(len(texts)), key=lambda k: len(encoded["input_ids"][k]))
-    if not 0.0 < deep_fraction <= 1.0:
-        raise PromptError(f"deep fraction must be in (0, 1], got {deep_fraction}")
+    for name, value in (("deep", deep_fraction), ("KL", kl_fraction)):
+        if not 0.0 < value <= 1.0:
+            raise PromptError(f"{name} fraction must be in (0, 1], got {value}")
     is_deep = [int((r + 1) * deep_fraction) > int(r * deep_fraction) for r in range(len(by_length))]
-    groups = [[k for k, d in zip(by_length, is_deep) if d], [k for k, d in zip(by_length, is_deep) if not d]]
+    deep_set = [k for k, d in zip(by_length, is_deep) if d]
+    deep_members = set(deep_set)
+    kl_set = set(_kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0))
+    groups = [
+        ([k for k in by_length if (k in deep_members) == deep and (k in kl_set) == kl], deep, kl)
+        for deep in (True, False) for kl in (True, False)
+    ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches: list[CachedBatch] = []
     started = time.perf_counter()
 
     with capture_layer_inputs(model, spec) as captured:
-        chunks = [(group[f : f + batch_size], deep) for group, deep in zip(groups, (True, False)) for f in range(0, len(group), batch_size)]
-        for rows, deep in chunks:
+        chunks = [(group[f : f + batch_size], deep, kl) for group, deep, kl in groups for f in range(0, len(group), batch_size)]
+        for rows, deep, kl in chunks:
             length = max(len(encoded["input_ids"][k]) for k in rows)
             ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -236,7 +267,7 @@ def cache_activations(
             captured.clear()
             # The decoder alone: no full-vocabulary logits for every token.
             run_decoder(model, spec, ids.to(device), mask.to(device))
-            kl_index = _kl_positions(valid, kl_positions, rows, seed).to(device)
+            kl_index = _kl_positions(valid, kl_positions if kl else 0, rows, seed).to(device)
             hidden = [captured[k][0] for k in range(num_layers + 1)]
             logits = logprobs = probs = top1 = None
             if kl_index.numel():
@@ -256,6 +287,7 @@ def cache_activations(
                     base_probs=probs,
                     base_top1=top1,
                     families=[families[k] for k in rows],
+                    prompt_ids=list(rows),
                     deep=deep,
                 )
             )

@@ -139,6 +139,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--max-tokens", default=48, show_default=True, type=int, help="Tokens kept per prompt.")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per batch.")
 @click.option("--kl-positions", default=4, show_default=True, type=int, help="Positions per prompt where logits are compared.")
+@click.option("--kl-fraction", default=1.0, show_default=True, type=float, help="Share of prompts that carry KL positions (the KL's tail pass runs on those only).")
 @click.option("--deep-fraction", default=0.5, show_default=True, type=float, help="Share of prompts that also get z_3..z_n (n^2 fit, r_1+, curves); the score's inputs use all prompts.")
 @click.option("--debiased-cka", is_flag=True, help="Use the debiased CKA estimator (Davari et al. 2022).")
 @click.option("--jacobian", type=click.Choice(["top", "all", "none"]), default="top", show_default=True, help="Windows that get the Jacobian spectrum: the top by score, all, or none.")
@@ -146,7 +147,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--top-k", default=10, show_default=True, type=int, help="Windows in the short list, the table and the curves.")
 @click.option("--overlap", default=None, help="Two prompt families, e.g. math,reasoning: report their top-k overlap.")
 @click.option("--score-config", default=None, type=click.Path(), help="JSON overriding the score constants and class thresholds.")
-@click.option("--stats-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True, help="Arithmetic of the statistics.")
+@click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
 @click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
 @click.option("--out", default=None, type=click.Path(), help="Run folder (default: runs/rank-<model>-<time>).")
@@ -156,8 +157,8 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @handle_errors
 def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min_width: int, max_width: int | None,
          probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
-         prompts_per_family: int, max_tokens: int, batch_size: int, kl_positions: int, deep_fraction: float, debiased_cka: bool,
-         jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
+         prompts_per_family: int, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
+         debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
          stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool,
          adapter: str | None) -> None:
     """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
@@ -179,7 +180,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     settings = RankSettings(
         windows=list(windows) or None, min_width=min_width, max_width=max_width,
         probes=select_probes(_split(probes)) if probes else None, iterations=iterations, max_tokens=max_tokens,
-        batch_size=batch_size, kl_positions=kl_positions, deep_fraction=deep_fraction, debiased_cka=debiased_cka, jacobian=jacobian,
+        batch_size=batch_size, kl_positions=kl_positions, kl_fraction=kl_fraction, deep_fraction=deep_fraction, debiased_cka=debiased_cka, jacobian=jacobian,
         jacobian_top=jacobian_top, top_k=top_k, overlap_families=tuple(_split(overlap)), stats_dtype=stats_dtype, seed=seed,
     )
     settings.validate()

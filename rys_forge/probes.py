@@ -104,6 +104,7 @@ class ProbeSettings:
     jacobian_k: int = 3
     jacobian_iters: int = 12
     stats_dtype: torch.dtype = torch.float64
+    tf32: bool = False  # float32 CKA products on TF32 tensor cores (CUDA only)
     seed: int = 0
 
 
@@ -167,7 +168,9 @@ class Trajectory:
         if deep not in self._cka:
             top = self.settings.iterations if deep else 2
             zs = [self.z(n, deep=deep) for n in range(top + 1)]
-            self._cka[deep] = metrics.cka_matrix(zs, debiased=self.settings.debiased_cka, dtype=self.settings.stats_dtype)
+            self._cka[deep] = metrics.cka_matrix(
+                zs, debiased=self.settings.debiased_cka, dtype=self.settings.stats_dtype, tf32=self.settings.tf32
+            )
         return self._cka[deep]
 
     def kl_per_position(self, visits: int = 2, deep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,10 @@ HEATMAPS = {
 }
 
 
+#: `--stats-dtype` choices: float64, float32, or float32 with TF32 tensor-core CKA products (CUDA).
+STATS_DTYPES = ("float64", "float32", "tf32")
+
+
 @dataclass
 class RankSettings:
     """Everything that determines a rank run's numbers (stored in the run folder, checked on resume)."""
@@ -73,6 +77,7 @@ class RankSettings:
     max_tokens: int = 48
     batch_size: int = 16
     kl_positions: int = 4
+    kl_fraction: float = 1.0
     deep_fraction: float = 0.5
     debiased_cka: bool = False
     mmd_samples: int = 512
@@ -94,7 +99,8 @@ class RankSettings:
             mmd_samples=self.mmd_samples,
             jacobian_k=self.jacobian_k,
             jacobian_iters=self.jacobian_iters,
-            stats_dtype={"float64": torch.float64, "float32": torch.float32}[self.stats_dtype],
+            stats_dtype=torch.float64 if self.stats_dtype == "float64" else torch.float32,
+            tf32=self.stats_dtype == "tf32",
             seed=self.seed,
         )
 
@@ -103,13 +109,14 @@ class RankSettings:
             raise UsageError(f"--iterations {self.iterations} is out of range; allowed 2..8 (z_2 is needed for r_0)")
         if self.jacobian not in ("top", "all", "none"):
             raise UsageError(f"--jacobian {self.jacobian!r}: choose top, all or none")
-        if self.stats_dtype not in ("float64", "float32"):
-            raise UsageError(f"--stats-dtype {self.stats_dtype!r}: choose float64 or float32")
+        if self.stats_dtype not in STATS_DTYPES:
+            raise UsageError(f"--stats-dtype {self.stats_dtype!r}: choose {', '.join(STATS_DTYPES)}")
         for name in ("max_tokens", "batch_size", "top_k", "jacobian_prompts", "jacobian_tokens", "jacobian_k"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.deep_fraction <= 1.0:
-            raise UsageError(f"--deep-fraction {self.deep_fraction} is out of range; allowed (0, 1]")
+        for name in ("deep_fraction", "kl_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed (0, 1]")
         if self.overlap_families and len(self.overlap_families) != 2:
             raise UsageError("--overlap takes exactly two prompt families, e.g. math,reasoning")
 
@@ -264,6 +271,7 @@ def rank_windows(
         kl_positions=settings.kl_positions if "kl" in probes else 0,
         seed=settings.seed,
         deep_fraction=settings.deep_fraction,
+        kl_fraction=settings.kl_fraction,
     )
     self_check = _self_check(cache, windows[0])
     todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
@@ -314,7 +322,9 @@ def rank_windows(
     t0 = time.perf_counter()
     curves = _repeat_curves(cache, rows[: settings.top_k], probe_settings, "kl" in probes)
     curve_seconds = time.perf_counter() - t0
-    layer_cka = metrics.cka_matrix([cache.pooled(l) for l in range(num_layers + 1)], dtype=probe_settings.stats_dtype)
+    layer_cka = metrics.cka_matrix(
+        [cache.pooled(l) for l in range(num_layers + 1)], dtype=probe_settings.stats_dtype, tf32=probe_settings.tf32
+    )
     summary = {
         "model": model_info or {},
         "architecture": {"model_type": model.config.model_type, "num_layers": num_layers},
@@ -325,6 +335,9 @@ def rank_windows(
             "families": {f: sum(p.family == f for p in prompts) for f in families},
             "tokens": cache.tokens,
             "deep_tokens": int(sum(b.valid.sum() for b in cache.batches if b.deep)),
+            "kl_prompts": sum(len(b.prompt_ids) for b in cache.batches if b.kl_index.numel()),
+            "kl_tokens": int(sum(b.valid.sum() for b in cache.batches if b.kl_index.numel())),
+            "kl_positions": sum(int(b.kl_index.shape[0]) for b in cache.batches),
             "sha256": _prompt_digest(prompts),
         },
         "settings": asdict(settings),

@@ -134,6 +134,20 @@ def test_cka_matrix_matches_pairwise():
     assert torch.allclose(stacked, M.cka_matrix(layers))
 
 
+def test_cka_matrix_on_demand_centring_and_tf32_flag(monkeypatch):
+    """Past the memory budget the layers are re-centred on demand: same numbers. The TF32 switch
+    (a no-op on CPU) is restored on exit."""
+    g = _gen(11)
+    layers = [torch.randn(50, 8, generator=g, dtype=F64) @ torch.randn(8, 8, generator=g, dtype=F64) + 3.0 for _ in range(4)]
+    held = M.cka_matrix(layers)
+    monkeypatch.setattr(M, "_CKA_HOLD_BYTES", 0)
+    assert torch.equal(M.cka_matrix(layers), held)
+    before = torch.backends.cuda.matmul.fp32_precision
+    fast = M.cka_matrix([x.float() for x in layers], dtype=torch.float32, tf32=True)
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    assert torch.allclose(fast.double(), held, atol=1e-6)
+
+
 def test_cka_input_errors():
     with pytest.raises(ValueError, match="N=10 vs N=11"):
         M.linear_cka(torch.zeros(10, 3), torch.zeros(11, 3))

@@ -218,12 +218,52 @@ def _one_line_error(result, fragment):
     assert len(lines) == 1 and fragment in lines[0], result.output
 
 
+def test_kl_fraction_is_the_kl_of_the_chosen_prompts(gemma, monkeypatch):
+    """With --kl-fraction the tail pass runs on the KL prompts' batches only, and D_KL is exactly the
+    full run's per-position KL averaged over those prompts (positions depend on the prompt, not the batch)."""
+    texts = TEXTS * 3
+    full = cache_activations(gemma.model, gemma.tokenizer, texts, max_tokens=16, batch_size=2, kl_positions=3)
+    part = cache_activations(gemma.model, gemma.tokenizer, texts, max_tokens=16, batch_size=2, kl_positions=3,
+                             deep_fraction=0.5, kl_fraction=0.25)
+    kl_prompts = {k for b in part.batches if b.kl_index.numel() for k in b.prompt_ids}
+    deep_prompts = {k for b in part.batches if b.deep for k in b.prompt_ids}
+    assert len(kl_prompts) == 3 and kl_prompts <= deep_prompts  # round(0.25 * 12), nested in the deep set
+    assert all(b.kl_index.numel() == 0 for b in part.batches if not set(b.prompt_ids) <= kl_prompts)
+
+    t_full = Trajectory(full, 2, 5, ProbeSettings())
+    kl_full, _ = t_full.kl_per_position(2)
+    owner = [b.prompt_ids[r] for b in full.batches for r in b.kl_index[:, 0].tolist()]
+    expected = kl_full[torch.tensor([k in kl_prompts for k in owner])].double().mean().item()
+
+    tails = []
+    original = ActivationCache.logits_from
+    monkeypatch.setattr(ActivationCache, "logits_from", lambda self, batch, *a: tails.append(batch) or original(self, batch, *a))
+    a = probe_window(full, 2, 5, ["update", "cka", "decoder"], ProbeSettings())
+    b = probe_window(part, 2, 5, ["update", "cka", "decoder", "kl"], ProbeSettings())
+    assert b["d_kl"] == pytest.approx(expected, rel=1e-5)
+    assert tails and all(batch.kl_index.numel() for batch in tails)  # no tail pass for prompts without KL
+    for key in ("cka_plateau", "delta_0", "r_0", "d_dec"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+def test_stats_dtype_tf32_matches_float64_on_cpu(cache):
+    """`--stats-dtype tf32` is float32 arithmetic (TF32 products only on CUDA)."""
+    names = ["update", "cka", "residual_force", "decoder"]
+    exact = probe_window(cache, 1, 5, names, RankSettings().probe_settings())
+    fast_settings = RankSettings(stats_dtype="tf32").probe_settings()
+    assert fast_settings.tf32 and fast_settings.stats_dtype == torch.float32
+    fast = probe_window(cache, 1, 5, names, fast_settings)
+    for key in ("cka_plateau", "delta_0", "r_0", "d_dec", "rho"):
+        assert fast[key] == pytest.approx(exact[key], rel=1e-4, abs=1e-6), key
+
+
 def test_rank_cli_errors(tiny_model_dirs, tmp_path):
     model = str(tiny_model_dirs["llama"])
     run = lambda *args: CliRunner().invoke(main, ["rank", "--model", model, "--out", str(tmp_path / "r"), *args])  # noqa: E731
     _one_line_error(run("--probes", "cka,nope"), "unknown probe 'nope'")
     _one_line_error(run("--max-width", "9"), "--max-width 9 is out of range; allowed 2..6")
     _one_line_error(run("--window", "4:9"), "ends past the model's 6 layers")
+    _one_line_error(run("--kl-fraction", "0"), "--kl-fraction 0.0 is out of range")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     _one_line_error(run("--prompts", str(empty)), "empty.txt")
