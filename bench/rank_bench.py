@@ -115,7 +115,34 @@ def naive_sweep(model, ids, windows, device):
     return time.perf_counter() - start, kls
 
 
-def compare_with_reference(model, tokenizer, prompts, settings, fast, args) -> dict:
+def time_rank(model, tokenizer, prompts, settings, windows, ids, args) -> tuple[dict, object]:
+    """(b): one timed `rank_windows` run; its timings and the achieved throughput of its layer passes."""
+    from rys_forge.rank import rank_windows
+
+    L = model.config.num_hidden_layers
+    sync(args.device)
+    t0 = time.perf_counter()
+    result = rank_windows(model, tokenizer, prompts, settings, progress=False)
+    sync(args.device)
+    rank_s = time.perf_counter() - t0
+    # Layer passes of the probe loop, in full-batch units: z_2 on every prompt, z_3..z_n on the deep
+    # prompts' tokens, and the tail (layers j..L-1) from z_2 for the KL on the KL prompts' tokens.
+    n = settings.iterations
+    counts = result.summary["prompts"]
+    deep_share, kl_share = counts["deep_tokens"] / counts["tokens"], counts["kl_tokens"] / counts["tokens"]
+    passes = sum(w.width * (1 + (n - 2) * deep_share) + (L - w.end) * kl_share for w in windows)
+    probe_flops = passes * layer_flops(model.config, ids.numel(), args.seq)
+    timings = result.summary["timings"]
+    return {"deep_fraction": settings.deep_fraction, "kl_fraction": settings.kl_fraction, "rank_s": rank_s,
+            "rank_timings": timings, "probe_layer_passes": passes,
+            "probe_tflops": probe_flops / timings["windows_s"] / 1e12}, result
+
+
+#: Diagnostics from the deeper iterates (never inputs of the score): how well the fast run keeps them.
+DEEP_DIAGNOSTICS = ("delta_2", "r_1", "cka_drift_4", "n2_a", "n2_r2_pure")
+
+
+def compare_with_reference(model, tokenizer, prompts, settings, fast_runs, args) -> dict:
     """Rank again at full fidelity and measure what the fast settings change: top-10 overlap, Spearman
     of the scores, and the largest differences of the score inputs (plateau CKA and delta_0 come from
     the same cached tokens in both runs, so their difference is the statistics' arithmetic alone)."""
@@ -130,20 +157,23 @@ def compare_with_reference(model, tokenizer, prompts, settings, fast, args) -> d
     ref = rank_windows(model, tokenizer, prompts, full, progress=False)
     sync(args.device)
     seconds = time.perf_counter() - t0
-    a = {r["window"]: r for r in fast.rows}
     b = {r["window"]: r for r in ref.rows}
-    keys = sorted(a)
     top = lambda rows: {r["window"] for r in rows[:10]}  # noqa: E731
-    out = {
-        "seconds": seconds,
-        "settings": {k: v for k, v in full.__dict__.items() if k != "windows"},
-        "top10_overlap": len(top(fast.rows) & top(ref.rows)),
-        "spearman_score": float(spearmanr([a[k]["score"] for k in keys], [b[k]["score"] for k in keys]).statistic),
-        "spearman_d_kl": float(spearmanr([a[k]["d_kl"] for k in keys], [b[k]["d_kl"] for k in keys]).statistic),
-    }
-    for key in ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl", "score"):
-        out[f"max_abs_diff_{key}"] = max(abs(a[k][key] - b[k][key]) for k in keys)
-        out[f"max_rel_diff_{key}"] = max(abs(a[k][key] - b[k][key]) / max(abs(b[k][key]), 1e-30) for k in keys)
+    rho = lambda a, key: float(spearmanr([a[k][key] for k in sorted(b)], [b[k][key] for k in sorted(b)]).statistic)  # noqa: E731
+    out = {"seconds": seconds, "settings": {k: v for k, v in full.__dict__.items() if k != "windows"}, "variants": []}
+    for fast in fast_runs:
+        a = {r["window"]: r for r in fast.rows}
+        row = {
+            "deep_fraction": fast.summary["settings"]["deep_fraction"],
+            "top10_overlap": len(top(fast.rows) & top(ref.rows)),
+            "spearman_score": rho(a, "score"),
+            "spearman_d_kl": rho(a, "d_kl"),
+            **{f"spearman_{key}": rho(a, key) for key in DEEP_DIAGNOSTICS},
+        }
+        for key in ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl", "score"):
+            row[f"max_abs_diff_{key}"] = max(abs(a[k][key] - b[k][key]) for k in b)
+            row[f"max_rel_diff_{key}"] = max(abs(a[k][key] - b[k][key]) / max(abs(b[k][key]), 1e-30) for k in b)
+        out["variants"].append(row)
     return out
 
 
@@ -159,11 +189,13 @@ def main() -> None:
     parser.add_argument("--kl-fraction", type=float, default=0.25, help="rank --kl-fraction")
     parser.add_argument("--kl-positions", type=int, default=64, help="KL positions per KL prompt")
     parser.add_argument("--jacobian-top", type=int, default=5)
+    parser.add_argument("--also-deep", type=float, nargs="*", default=[],
+                        help="time (b) again with these deep fractions (same run, same (a))")
     parser.add_argument("--reference", action="store_true",
                         help="also rank at full fidelity (every prompt for every iterate and the KL, 16 KL positions "
                              "per prompt, float64 statistics) and report how far the fast settings move the ranking")
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler table of (b) on the first 8 windows")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of (b) on 8 windows spread over the grid")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
@@ -209,33 +241,26 @@ def main() -> None:
                             stats_dtype=args.stats_dtype, jacobian="top", jacobian_top=args.jacobian_top,
                             jacobian_prompts=1, jacobian_tokens=64, jacobian_iters=8)
     results["settings"] = {k: v for k, v in settings.__dict__.items() if k != "windows"}
-    sync(args.device)
-    t0 = time.perf_counter()
-    result = rank_windows(model, tokenizer, prompts, settings, progress=False)
-    sync(args.device)
-    rank_s = time.perf_counter() - t0
-    results["rank_s"] = rank_s
-    results["rank_timings"] = result.summary["timings"]
-    # Layer passes of the probe loop, in full-batch units: z_2 on every prompt, z_3..z_n on the deep
-    # prompts' tokens, and the tail (layers j..L-1) from z_2 for the KL on the KL prompts' tokens.
-    n = settings.iterations
-    counts = result.summary["prompts"]
-    deep_share, kl_share = counts["deep_tokens"] / counts["tokens"], counts["kl_tokens"] / counts["tokens"]
-    passes = sum(w.width * (1 + (n - 2) * deep_share) + (L - w.end) * kl_share for w in windows)
-    probe_flops = passes * layer_flops(model.config, ids.numel(), args.seq)
-    results["probe_layer_passes"] = passes
-    results["probe_tflops"] = probe_flops / result.summary["timings"]["windows_s"] / 1e12
-    results["rank_over_naive"] = rank_s / results["naive_s"] if "naive_s" in results else None
+    variants = [settings] + [RankSettings(**{**settings.__dict__, "deep_fraction": f}) for f in args.also_deep]
+    results["variants"], fast_runs = [], []
+    for variant in variants:
+        row, result = time_rank(model, tokenizer, prompts, variant, windows, ids, args)
+        row["rank_over_naive"] = row["rank_s"] / results["naive_s"] if "naive_s" in results else None
+        results["variants"].append(row)
+        fast_runs.append(result)
+    result = fast_runs[0]
+    results.update({k: results["variants"][0][k] for k in ("rank_s", "rank_timings", "probe_layer_passes", "probe_tflops", "rank_over_naive")})
     if args.reference:
-        results["reference"] = compare_with_reference(model, tokenizer, prompts, settings, result, args)
+        results["reference"] = compare_with_reference(model, tokenizer, prompts, settings, fast_runs, args)
 
     if args.profile and args.device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        few = RankSettings(**{**settings.__dict__, "windows": [str(w) for w in windows[:8]], "jacobian": "none"})
+        spread = windows[:: max(1, len(windows) // 8)][:8]  # windows of every depth and width
+        few = RankSettings(**{**settings.__dict__, "windows": [str(w) for w in spread], "jacobian": "none"})
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             rank_windows(model, tokenizer, prompts, few, progress=False)
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
         results["profile"] = table
         print(table)
 
@@ -249,19 +274,22 @@ def main() -> None:
     print(f"{'plain forward, %d tokens (s)' % ids.numel():44s} {fwd:12.3f}  ({results['forward_tflops']:.0f} TFLOP/s, {pct(results['forward_tflops'])})")
     if "naive_s" in results:
         print(f"{'(a) naive sweep, %d windows (s)' % len(windows):44s} {results['naive_s']:12.1f}")
-    print(f"{'(b) rank, all probes (s)' :44s} {rank_s:12.1f}")
-    t = result.summary["timings"]
-    print(f"{'    base pass / windows / jacobian / curves':44s} {t['base_pass_s']:.1f} / {t['windows_s']:.1f} / {t['jacobian_s']:.1f} / {t['repeat_curves_s']:.1f}")
-    print(f"{'    probe layer passes: achieved TFLOP/s':44s} {results['probe_tflops']:12.0f}  ({pct(results['probe_tflops'])} of peak)")
-    if results["rank_over_naive"]:
-        print(f"{'(b) / (a)':44s} {results['rank_over_naive']:12.2f}  (target <= 0.5)")
+    for v in results["variants"]:
+        t = v["rank_timings"]
+        label = f"(b) rank, deep {v['deep_fraction']:g}, KL {v['kl_fraction']:g} (s)"
+        print(f"{label:44s} {v['rank_s']:12.1f}")
+        print(f"{'    base pass / windows / jacobian / curves':44s} {t['base_pass_s']:.1f} / {t['windows_s']:.1f} / {t['jacobian_s']:.1f} / {t['repeat_curves_s']:.1f}")
+        print(f"{'    probe layer passes: achieved TFLOP/s':44s} {v['probe_tflops']:12.0f}  ({pct(v['probe_tflops'])} of peak)")
+        if v["rank_over_naive"]:
+            print(f"{'    (b) / (a)':44s} {v['rank_over_naive']:12.2f}  (target <= 0.5)")
     if "reference" in results:
         ref = results["reference"]
         print(f"{'full-fidelity rank (s)':44s} {ref['seconds']:12.1f}")
-        print(f"{'    top-10 overlap fast vs full':44s} {ref['top10_overlap']:12d}")
-        print(f"{'    Spearman of scores / of D_KL':44s} {ref['spearman_score']:.4f} / {ref['spearman_d_kl']:.4f}")
-        print(f"{'    max |diff| plateau CKA / delta_0 / d_dec':44s} {ref['max_abs_diff_cka_plateau']:.2e} / "
-              f"{ref['max_abs_diff_delta_0']:.2e} / {ref['max_abs_diff_d_dec']:.2e}")
+        for v in ref["variants"]:
+            print(f"  deep {v['deep_fraction']:g}: top-10 overlap {v['top10_overlap']}, Spearman score {v['spearman_score']:.4f}, "
+                  f"D_KL {v['spearman_d_kl']:.4f}; " + ", ".join(f"{k} {v['spearman_' + k]:.3f}" for k in DEEP_DIAGNOSTICS))
+            print(f"    max |diff| plateau CKA / delta_0 / d_dec: {v['max_abs_diff_cka_plateau']:.2e} / "
+                  f"{v['max_abs_diff_delta_0']:.2e} / {v['max_abs_diff_d_dec']:.2e}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class ActivationCache:
 
     def pooled(self, layer: int) -> torch.Tensor:
         """`x_layer` over all valid tokens: `[N, d]`."""
-        return torch.cat([b.hidden[layer][b.valid] for b in self.batches])
+        return torch.cat([b.hidden[layer].to(b.valid.device)[b.valid] for b in self.batches])
 
     def block(self, batch: CachedBatch, start: int, end: int, z: torch.Tensor) -> torch.Tensor:
         """Apply base layers `start..end-1` to `z` (`[B, T, d]`) with the batch's base-pass arguments."""
@@ -90,7 +90,7 @@ class ActivationCache:
         """Run layers `start..L-1` from `z` (the stream entering layer `start`), then the head at the
         batch's KL positions; returns `[K, V]` float32 logits."""
         z = self.block(batch, start, self.num_layers, z)
-        rows, cols = batch.kl_index[:, 0], batch.kl_index[:, 1]
+        rows, cols = batch.kl_index.to(z.device).unbind(1)
         return head_logits(self.model, self.spec, z[rows, cols])
 
     @staticmethod
@@ -271,7 +271,8 @@ def cache_activations(
             hidden = [captured[k][0] for k in range(num_layers + 1)]
             logits = logprobs = probs = top1 = None
             if kl_index.numel():
-                logits = head_logits(model, spec, hidden[num_layers][kl_index[:, 0], kl_index[:, 1]])
+                rows, cols = kl_index.to(hidden[num_layers].device).unbind(1)
+                logits = head_logits(model, spec, hidden[num_layers][rows, cols])
                 logprobs = torch.log_softmax(logits, dim=-1)
                 probs = logprobs.exp()
                 top1 = logits.argmax(-1)

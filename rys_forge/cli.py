@@ -58,6 +58,25 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def placement_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--device-map, --max-memory, --offload-folder (accelerate big-model placement), handed to the
+    command as one `placement` dict of `load_model` keywords. Put it under `@handle_errors`."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, device_map: str | None, max_memory: str | None, offload_folder: str | None, **kwargs: Any) -> Any:
+        from .models import placement
+
+        return func(*args, placement=placement(device_map, max_memory, offload_folder), **kwargs)
+
+    wrapper = click.option("--offload-folder", default=None, type=click.Path(), help="With --device-map: where weights mapped to disk go.")(wrapper)
+    wrapper = click.option("--max-memory", default=None, help="With --device-map: budgets per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")(wrapper)
+    return click.option(
+        "--device-map", default=None,
+        help="Spread a model too big for one device over the GPUs (and CPU/disk) with accelerate: auto, balanced, "
+        "balanced_low_0 or sequential. Replaces --device.",
+    )(wrapper)
+
+
 def adapter_option(func: Callable[..., Any]) -> Callable[..., Any]:
     """--adapter, for the commands that load a base model."""
     return click.option(
@@ -155,12 +174,13 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @adapter_option
 @handle_errors
+@placement_options
 def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min_width: int, max_width: int | None,
          probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
          prompts_per_family: int, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
          debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
          stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool,
-         adapter: str | None) -> None:
+         adapter: str | None, placement: dict[str, Any]) -> None:
     """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
 
     Writes windows.csv/json (one row per window, every metric), summary.json, heatmaps (PNG) and
@@ -188,7 +208,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     prompts = load_prompts(families=_split(families) or None, path=prompts_file, limit_per_family=prompts_per_family)
     _check_windows(windows)
     shard, out, device = _run_setup("rank", model_name, out, device)
-    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter)
+    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter, **placement)
     try:
         result = rank_windows(
             loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
@@ -228,8 +248,9 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
 @click.option("--no-verify", is_flag=True, help="Skip verification (the folder then cannot be published).")
 @adapter_option
 @handle_errors
+@placement_options
 def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, fmt: str, out: str,
-          force: bool, recipes_dir: str, no_verify: bool, adapter: str | None) -> None:
+          force: bool, recipes_dir: str, no_verify: bool, adapter: str | None, placement: dict[str, Any]) -> None:
     """Export a RYS checkpoint of --model with --window repeated, then verify it.
 
     The export lands in --out only if verification passes.
@@ -239,7 +260,7 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
     _check_windows(windows)
     result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,
                        device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None, verify=not no_verify,
-                       adapter=adapter)
+                       adapter=adapter, placement=placement)
     click.echo(f"built {result.format} export of {model_name}: {result.plan.describe()}")
     click.echo(f"order: {list(result.plan.order)}")
     if result.verification:
@@ -254,14 +275,15 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
 @click.option("--dtype", default="float32", show_default=True, help="dtype of both models; thresholds follow it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
 @handle_errors
-def verify(folder: str, model_name: str | None, dtype: str, device: str) -> None:
+@placement_options
+def verify(folder: str, model_name: str | None, dtype: str, device: str, placement: dict[str, Any]) -> None:
     """Check that an export computes exactly what the in-memory repeat of its base computes.
 
     Writes FOLDER/verification.json; exits 1 if any threshold fails.
     """
     from .verify import verify as run_verify
 
-    report = run_verify(folder, model_name, dtype=dtype, device=device)
+    report = run_verify(folder, model_name, dtype=dtype, device=device, placement=placement)
     _print_verification(report.to_dict())
     if report.settings.get("heal_adapter"):
         click.echo(f"healed: per-visit LoRA adapters in {report.settings['heal_adapter']}/ applied on both sides")
@@ -415,10 +437,11 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 @click.option("--attn", "attn_implementation", default="eager", show_default=True, type=click.Choice(["eager", "sdpa"]),
               help="Attention kernels (sdpa is faster on GPU).")
 @handle_errors
+@placement_options
 def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[str, ...], min_width: int,
           max_width: int | None, repeats: str, limit: int | None, num_fewshot: int | None, batch_size: str,
           out: str | None, resume: bool, no_progress: bool, engine: str, batch_tokens: int,
-          attn_implementation: str) -> None:
+          attn_implementation: str, placement: dict[str, Any]) -> None:
     """Brute force, Ng-style: evaluate every window in memory on the tasks (deltas, z-scores, heatmaps).
 
     The yardstick `validate` compares a rank run against. Resumable (--resume --out DIR). With
@@ -429,7 +452,7 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
     from .sweep import sweep_windows
 
     shard, out, device = _run_setup("sweep", model_name, out, device)
-    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation, **placement)
     try:
         result = sweep_windows(
             loaded.model, loaded.tokenizer, tasks=_split(tasks), windows=list(windows) or None, min_width=min_width,

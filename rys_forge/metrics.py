@@ -515,10 +515,32 @@ def cka_matrix(
 
     count = len(layers)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    n, dims = first.shape[0], [x.shape[1] for x in layers]
     held = [centre(i) for i in range(count)] if sum(x.numel() for x in layers) * itemsize <= _CKA_HOLD_BYTES else None
     centred = held.__getitem__ if held is not None else centre
+    # Token-space Grams, each formed once, beat one feature-space product per pair when
+    # K N^2 < sum over pairs of N d_a d_b (few tokens, wide layers, several layers).
+    pair_cost = sum(dims[a] * dims[b] for a in range(count) for b in range(a, count))
     with tf32_matmul(tf32):
+        if not debiased and held is not None and count * n * n < pair_cost and count * n * n * itemsize <= _CKA_HOLD_BYTES:
+            return _cka_from_grams([x @ x.T for x in held], dtype, first.device)
         return _cka_pairs(count, centred, debiased, dtype, first.device)
+
+
+def _cka_from_grams(grams: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Linear CKA from centred token Grams ``K_a = Xc_a Xc_a^T``: ``||Xc_a^T Xc_b||_F^2 = <K_a, K_b>_F``."""
+    count = len(grams)
+    inner = torch.empty(count, count, dtype=dtype, device=device)
+    for a in range(count):
+        for b in range(a, count):
+            inner[a, b] = inner[b, a] = torch.sum(grams[a] * grams[b])
+    inner = inner.cpu()
+    out = torch.empty(count, count, dtype=dtype)
+    for a in range(count):
+        for b in range(count):
+            out[a, b] = _ratio(inner[a, b].item(), math.sqrt(inner[a, a].item() * inner[b, b].item())) if a != b else (
+                1.0 if inner[a, a].item() > 0.0 else _NAN)
+    return out.to(device)
 
 
 def _cka_pairs(
@@ -781,8 +803,14 @@ class MahalanobisShift:
     n_y: int
 
 
-def _mahalanobis_rows(chol: torch.Tensor, mean: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``[M]`` distances of ``rows: [M, d]`` from ``mean`` under ``C = chol chol^T``."""
+def _mahalanobis_rows(
+    chol: torch.Tensor, mean: torch.Tensor, rows: torch.Tensor, whitener: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[M]`` distances of ``rows: [M, d]`` from ``mean`` under ``C = chol chol^T``: a triangular
+    solve, or with ``whitener = chol^{-1}`` one matmul on TF32 tensor cores (CUDA)."""
+    if whitener is not None:
+        with tf32_matmul():
+            return torch.linalg.vector_norm((rows - mean) @ whitener.T, dim=1)
     w = torch.linalg.solve_triangular(chol, (rows - mean).T, upper=False)
     return torch.linalg.vector_norm(w, dim=0)
 
@@ -801,8 +829,8 @@ def mahalanobis_shift(
     """Mean Mahalanobis distance of the rows of ``y`` from the mean of ``x``.
 
     The metric is ``C``, the Ledoit-Wolf shrunk covariance of ``x`` (:func:`shrunk_covariance`),
-    which stays invertible when ``d > N``. Distances use a Cholesky factor and a triangular solve,
-    never an explicit inverse.
+    which stays invertible when ``d > N``. Distances use a Cholesky factor and a triangular solve
+    (or, with a ``reference`` built with ``tf32=True``, the inverse factor in one TF32 matmul).
 
     Args:
         x: ``[N_x, d]`` reference sample (e.g. tokens of ``x_i``), ``N_x >= 2``.
@@ -835,7 +863,7 @@ def mahalanobis_shift(
     ref = reference if reference is not None else mahalanobis_reference(xs, shrinkage=shrinkage, dtype=dtype)
     if ref.cholesky is None:
         return MahalanobisShift(_NAN, _NAN, ref.shrinkage, ref.n, ys.shape[0])
-    dist_y = _mahalanobis_rows(ref.cholesky, ref.mean, ys)
+    dist_y = _mahalanobis_rows(ref.cholesky, ref.mean, ys, ref.whitener)
     return MahalanobisShift(
         mean_distance=dist_y.mean().item(),
         reference_mean_distance=ref.reference_mean_distance,
@@ -855,6 +883,7 @@ class MahalanobisReference:
         shrinkage: Ledoit-Wolf shrinkage used.
         reference_mean_distance: Mean distance of the reference rows themselves.
         n: Reference rows used.
+        whitener: ``cholesky^{-1}`` when distances are to run as TF32 matmuls, else None.
     """
 
     mean: torch.Tensor
@@ -862,22 +891,29 @@ class MahalanobisReference:
     shrinkage: float
     reference_mean_distance: float
     n: int
+    whitener: torch.Tensor | None = None
 
 
 def mahalanobis_reference(
-    x: torch.Tensor, *, shrinkage: float | None = None, dtype: torch.dtype = DEFAULT_DTYPE
+    x: torch.Tensor, *, shrinkage: float | None = None, dtype: torch.dtype = DEFAULT_DTYPE, tf32: bool = False
 ) -> MahalanobisReference:
     """Mean, shrunk-covariance Cholesky factor and in-sample mean distance of ``x: [N, d]``.
 
-    Computing this once per reference layer saves a ``d^3`` factorisation per window.
+    Computing this once per reference layer saves a ``d^3`` factorisation per window. With ``tf32``
+    (float32 on CUDA) it also keeps ``chol^{-1}``, so each window's distances are one TF32 matmul
+    instead of a float32 triangular solve.
     """
     xm = _as_matrix(x, "x", dtype, min_rows=2)
     sc = shrunk_covariance(xm, shrinkage=shrinkage, dtype=dtype)
     chol, info = torch.linalg.cholesky_ex(sc.covariance)
     if int(info.item()) != 0:
         return MahalanobisReference(sc.mean, None, sc.shrinkage, _NAN, xm.shape[0])
-    ref_distance = _mahalanobis_rows(chol, sc.mean, xm).mean().item()
-    return MahalanobisReference(sc.mean, chol, sc.shrinkage, ref_distance, xm.shape[0])
+    whitener = None
+    if tf32:
+        eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
+        whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
+    ref_distance = _mahalanobis_rows(chol, sc.mean, xm, whitener).mean().item()
+    return MahalanobisReference(sc.mean, chol, sc.shrinkage, ref_distance, xm.shape[0], whitener)
 
 
 # --------------------------------------------------------------------------------------------

@@ -150,6 +150,40 @@ def parse_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+#: `--device-map` strategies (accelerate big-model inference); a dict is accepted from Python.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def placement(device_map: str | None = None, max_memory: str | None = None, offload_folder: str | None = None) -> dict[str, Any]:
+    """`load_model` keywords for big-model placement from command-line text.
+
+    `max_memory` reads `0=70GiB,1=70GiB,cpu=200GiB` (GPU index or `cpu`/`disk`, `=`, a size).
+
+    Raises:
+        UsageError: an unknown strategy, a malformed budget, or budgets without a device map.
+    """
+    if device_map is None:
+        if max_memory or offload_folder:
+            raise UsageError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map {device_map!r}: choose one of {', '.join(DEVICE_MAPS)}")
+    budgets: dict[int | str, int | str] = {}
+    for item in filter(None, (max_memory or "").split(",")):
+        key, sep, size = item.strip().partition("=")
+        if not sep or not size.strip() or not (key.isdigit() or key in ("cpu", "disk")):
+            raise UsageError(f"--max-memory item {item.strip()!r}: write DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB")
+        size = size.strip()
+        budgets[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size  # bytes, or 70GiB
+    return {"device_map": device_map, "max_memory": budgets or None, "offload_folder": offload_folder}
+
+
+def offloaded(model: nn.Module) -> bool:
+    """Whether accelerate streams some of `model`'s weights in from CPU memory or disk at each forward."""
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    return "disk" in devices or ("cpu" in devices and len(devices) > 1)
+
+
 def _file_key(path: Path) -> str:
     stat = path.stat()
     token = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"

@@ -159,7 +159,8 @@ class Trajectory:
         key = (n, self._deep(n, deep))
         if key not in self._pooled:
             use = [not key[1] or b.deep for b in self.cache.batches]
-            self._pooled[key] = torch.cat([s[m] for s, m, u in zip(self.states(n), self.selection, use) if u])
+            # A device-mapped model leaves each state where its last layer ran: pool on the mask's device.
+            self._pooled[key] = torch.cat([s.to(m.device)[m] for s, m, u in zip(self.states(n), self.selection, use) if u])
         return self._pooled[key]
 
     def cka(self, deep: bool = False) -> torch.Tensor:
@@ -279,7 +280,7 @@ def probe_junction(t: Trajectory) -> Numbers:
     memo = t.cache.memo
     if memo.get("mahalanobis_start") != t.start:  # one factorisation per start layer (windows come grouped by i)
         memo["mahalanobis_start"] = t.start
-        memo["mahalanobis_reference"] = metrics.mahalanobis_reference(t.z(0), dtype=s.stats_dtype)
+        memo["mahalanobis_reference"] = metrics.mahalanobis_reference(t.z(0), dtype=s.stats_dtype, tf32=s.tf32)
     maha = metrics.mahalanobis_shift(
         t.z(0), t.z(1), seed=s.seed, dtype=s.stats_dtype, reference=memo["mahalanobis_reference"]
     )

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .errors import RysForgeError, VerificationError
+from .errors import RysForgeError, UsageError, VerificationError
 from .files import sha256_file
-from .models import load_model, parse_device, parse_dtype
+from .models import load_model, offloaded, parse_device, parse_dtype
 from .plan import LayerPlan
 from .repeat import repeated
 
@@ -117,7 +117,8 @@ def _batch(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[torc
 
 
 def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    """float32 logits on the inputs' device (a device-mapped model leaves them where its head is)."""
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().to(ids.device)
 
 
 def _incremental_gap(model: Any, ids: torch.Tensor, steps: int = 8) -> tuple[float, float]:
@@ -130,7 +131,14 @@ def _incremental_gap(model: Any, ids: torch.Tensor, steps: int = 8) -> tuple[flo
         out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         pieces.append(out.logits.float())
-    return (torch.cat(pieces, 1) - full).abs().max().item(), full.abs().max().item()
+    return (torch.cat([p.to(full.device) for p in pieces], 1) - full).abs().max().item(), full.abs().max().item()
+
+
+#: Why a layer-list export cannot be checked on a placement that offloads weights.
+OFFLOAD_LAYERLIST = (
+    "this --device-map offloads weights to CPU or disk, which a layer-list export does not support (its visits share "
+    "the base tensors, saved once); give the GPUs enough --max-memory, or build with --format mergekit"
+)
 
 
 @torch.no_grad()
@@ -143,6 +151,7 @@ def verify(
     texts: list[str] | None = None,
     max_new_tokens: int = 16,
     write_report: bool = True,
+    placement: dict[str, Any] | None = None,
 ) -> VerificationReport:
     """Compare a reloaded export with the in-memory repeat of its base; write `verification.json`.
 
@@ -154,6 +163,8 @@ def verify(
         texts: prompts (default: a small mixed set plus one prompt longer than the sliding window).
         max_new_tokens: greedy generation length for the cache checks.
         write_report: write `verification.json` into the folder.
+        placement: `load_model` big-model keywords (`device_map`, `max_memory`, `offload_folder`) for
+            both the base and the export; replaces `device`.
 
     Raises:
         VerificationError: the folder is not a valid export, does not load, or fails a threshold
@@ -192,7 +203,12 @@ def verify(
     torch_dtype = parse_dtype(dtype)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
     torch_device = parse_device(device)
-    base_loaded = load_model(base, dtype=torch_dtype, device=torch_device, adapter=adapter["path"] if adapter else None)
+    placement = placement or {}
+    base_loaded = load_model(base, dtype=torch_dtype, device=torch_device, adapter=adapter["path"] if adapter else None, **placement)
+    if placement:  # inputs go where the embeddings are
+        torch_device = next(base_loaded.model.parameters()).device
+        if fmt == "layerlist" and offloaded(base_loaded.model):
+            raise UsageError(OFFLOAD_LAYERLIST)
     if base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers != plan.num_layers:
         raise VerificationError(
             f"base {base} has {base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers} layers"
@@ -203,8 +219,9 @@ def verify(
         from transformers import AutoModelForCausalLM
 
         export = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch_dtype, trust_remote_code=(fmt == "layerlist"), attn_implementation="eager"
-        ).to(torch_device).eval()
+            str(folder), dtype=torch_dtype, trust_remote_code=(fmt == "layerlist"), attn_implementation="eager", **placement
+        )
+        export = (export if placement else export.to(torch_device)).eval()
     except Exception as exc:  # a truncated or edited file surfaces here in many forms
         first = (str(exc).strip().splitlines() or [""])[0]
         raise VerificationError(f"export {folder} does not load: {type(exc).__name__}: {first}") from None
@@ -229,13 +246,13 @@ def verify(
 
             attach_visit_adapters(model, heal_dir)
         ref = _logits(model, ids, mask)
-        ref_long = model(long_ids, use_cache=False).logits.float()
+        ref_long = model(long_ids, use_cache=False).logits.float().to(torch_device)
         # One prompt at a time: no padding, so generation is exact for every architecture.
         short = [tokenizer(t, return_tensors="pt").input_ids.to(torch_device) for t in texts[:3]]
         gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         ref_gen = [model.generate(input_ids=s, **gen_kwargs) for s in short]
     got = _logits(export, ids, mask)
-    got_long = export(long_ids, use_cache=False).logits.float()
+    got_long = export(long_ids, use_cache=False).logits.float().to(torch_device)
     valid = mask.bool()
     ref_tokens = torch.cat([ref[valid], ref_long[0]])
     got_tokens = torch.cat([got[valid], got_long[0]])
@@ -289,7 +306,7 @@ def verify(
         thresholds=limits,
         failures=failures,
         files=file_hashes(folder),
-        settings={"base": base, "dtype": dtype_name, "device": str(torch_device), "prompts": len(texts),
+        settings={"base": base, "dtype": dtype_name, "device": str(torch_device), "device_map": placement.get("device_map"), "prompts": len(texts),
                   "base_adapter": adapter["path"] if adapter else None,
                   "heal_adapter": heal_dir.relative_to(folder).as_posix() if heal_dir is not None else None},
     )

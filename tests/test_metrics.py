@@ -134,6 +134,21 @@ def test_cka_matrix_matches_pairwise():
     assert torch.allclose(stacked, M.cka_matrix(layers))
 
 
+def test_cka_matrix_token_gram_path_matches_pairwise():
+    """Few tokens, wide layers: the matrix comes from token Grams; same numbers as the pairwise
+    formula, and a constant layer gives NaN in its row and column."""
+    g = _gen(12)
+    layers = [torch.randn(12, 40, generator=g, dtype=F64) for _ in range(3)]
+    layers.append(layers[0] + 0.3 * torch.randn(12, 40, generator=g, dtype=F64))
+    layers.append(torch.ones(12, 40, dtype=F64))
+    mat = M.cka_matrix(layers)
+    for a in range(4):
+        for b in range(4):
+            want = 1.0 if a == b else M.linear_cka(layers[a], layers[b])
+            assert mat[a, b].item() == pytest.approx(want, rel=1e-10)
+    assert torch.isnan(mat[4]).all() and torch.isnan(mat[:, 4]).all()
+
+
 def test_cka_matrix_on_demand_centring_and_tf32_flag(monkeypatch):
     """Past the memory budget the layers are re-centred on demand: same numbers. The TF32 switch
     (a no-op on CPU) is restored on exit."""
@@ -328,6 +343,10 @@ def test_mahalanobis_matches_scipy(n, d):
     assert res.mean_distance == pytest.approx(want, rel=1e-8)
     assert res.reference_mean_distance == pytest.approx(want_ref, rel=1e-8)
     assert (res.n_x, res.n_y) == (n, 40)
+    # the TF32 path (explicit inverse factor, one matmul) gives the same distances
+    fast = M.mahalanobis_shift(x.float(), y.float(), reference=M.mahalanobis_reference(x.float(), tf32=True))
+    assert fast.mean_distance == pytest.approx(want, rel=1e-8)
+    assert fast.reference_mean_distance == pytest.approx(want_ref, rel=1e-8)
     # Cholesky solve agrees with scipy's cho_solve on a row
     c = scipy.linalg.cho_factor(cov)
     diff = yn[0] - mean

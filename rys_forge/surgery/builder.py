@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RysForgeError, UsageError
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_model, offloaded
 from ..plan import LayerPlan
 from .layerlist import export_layerlist
 
@@ -70,6 +70,7 @@ def build(
     recipes_dir: str | Path | None = None,
     verify: bool = True,
     adapter: str | None = None,
+    placement: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Export a RYS plan of `model` to `out` and verify it.
 
@@ -85,6 +86,8 @@ def build(
         verify: run verification (a failed verification raises and leaves `out` untouched).
         adapter: a PEFT adapter merged into the base before the plan (with a model spec; an already
             loaded model carries its own record in `info["adapter"]`). Recorded as `rys.adapter`.
+        placement: `load_model` big-model keywords (`device_map`, `max_memory`, `offload_folder`) for the
+            base and the verification; replaces `device`.
 
     Raises:
         UsageError: bad format/windows, existing `out` without `force`.
@@ -100,7 +103,11 @@ def build(
     t0 = time.perf_counter()
     if adapter and isinstance(model, LoadedModel):
         raise UsageError("pass the adapter to load_model(..., adapter=...) when giving an already loaded model")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, adapter=adapter)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, adapter=adapter, **(placement or {}))
+    if format == "layerlist" and offloaded(loaded.model):
+        from ..verify import OFFLOAD_LAYERLIST
+
+        raise UsageError(OFFLOAD_LAYERLIST)
     num_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
     plan = windows if isinstance(windows, LayerPlan) else LayerPlan.from_windows(windows, num_layers, repeats)
     if plan.num_layers != num_layers:
@@ -143,7 +150,7 @@ def build(
 
             t0 = time.perf_counter()
             try:
-                report = run_verify(target, loaded.source, dtype=dtype, device=device).to_dict()
+                report = run_verify(target, loaded.source, dtype=dtype, device=device, placement=placement).to_dict()
             except RysForgeError:
                 failed = target / REPORT
                 if failed.exists():
