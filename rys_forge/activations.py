@@ -271,8 +271,8 @@ def cache_activations(
             hidden = [captured[k][0] for k in range(num_layers + 1)]
             logits = logprobs = probs = top1 = None
             if kl_index.numel():
-                rows, cols = kl_index.to(hidden[num_layers].device).unbind(1)
-                logits = head_logits(model, spec, hidden[num_layers][rows, cols])
+                at_row, at_col = kl_index.to(hidden[num_layers].device).unbind(1)
+                logits = head_logits(model, spec, hidden[num_layers][at_row, at_col])
                 logprobs = torch.log_softmax(logits, dim=-1)
                 probs = logprobs.exp()
                 top1 = logits.argmax(-1)
