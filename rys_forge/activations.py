@@ -182,14 +182,15 @@ def _evenly(items: Sequence[int], count: int) -> list[int]:
     return [items[int((k + 0.5) * len(items) / count)] for k in range(count)]
 
 
-def _kl_prompts(by_length: Sequence[int], deep_set: Sequence[int], kl_fraction: float) -> list[int]:
+def _kl_prompts(by_length: Sequence[int], deep_set: Sequence[int], kl_fraction: float) -> set[int]:
     """The prompts that carry KL positions: `round(kl_fraction * n)` (at least one), spread evenly over
     lengths and nested with the deep prompts, so the repeat curves' KL (deep batches) has positions."""
     count = max(1, round(kl_fraction * len(by_length)))
     if count <= len(deep_set):
-        return _evenly(deep_set, count)
-    rest = [k for k in by_length if k not in set(deep_set)]
-    return list(deep_set) + _evenly(rest, count - len(deep_set))
+        return set(_evenly(deep_set, count))
+    deep = set(deep_set)
+    rest = [k for k in by_length if k not in deep]
+    return deep | set(_evenly(rest, count - len(deep_set)))
 
 
 @torch.no_grad()
@@ -243,7 +244,7 @@ def cache_activations(
     is_deep = [int((r + 1) * deep_fraction) > int(r * deep_fraction) for r in range(len(by_length))]
     deep_set = [k for k, d in zip(by_length, is_deep) if d]
     deep_members = set(deep_set)
-    kl_set = set(_kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0))
+    kl_set = _kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0)
     groups = [
         ([k for k in by_length if (k in deep_members) == deep and (k in kl_set) == kl], deep, kl)
         for deep in (True, False) for kl in (True, False)

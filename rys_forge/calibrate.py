@@ -30,7 +30,7 @@ from .files import write_atomic
 from .evaluate import _json_safe
 from .probes import SCORE_INPUTS, ScoreConfig, score_terms
 from .sweep import _finite, read_sweep
-from .validate import _display, _read_rank
+from .validate import _display, _outcome_columns, _read_rank
 
 __all__ = ["BOUNDS", "CalibrationResult", "calibrate_score", "fit_constants"]
 
@@ -146,7 +146,11 @@ def calibrate_score(
     sweep_dir, rank_dir = Path(sweep_dir), Path(rank_dir)
     rank_rows, rank_summary = _read_rank(rank_dir)
     sweep_rows, sweep_summary = read_sweep(sweep_dir)
-    outcome = {r["window"]: r.get(target) for r in sweep_rows if r.get("repeats") == repeats}
+    rows = [r for r in sweep_rows if r.get("repeats") == repeats]
+    if target.startswith("delta:"):  # oriented like validate's outcomes: positive = better
+        outcome = {w: value for w, (value, _) in _outcome_columns(rows, [target[len("delta:"):]])[target].items()}
+    else:
+        outcome = {r["window"]: r.get(target) for r in rows}
     if not outcome:
         raise UsageError(f"{sweep_dir} has no sweep rows with repeats={repeats}")
     if all(v is None for v in outcome.values()):
@@ -168,6 +172,8 @@ def calibrate_score(
     best, best_value = fit_constants(inputs, y, start=start, trials=trials, seed=seed)
     default_value = _spearman(_scores(inputs, start), _st.rankdata(y))
 
+    if folds > len(joined):
+        raise UsageError(f"--folds {folds} is more than the {len(joined)} windows to split")
     per_fold, per_fold_default = [], []
     if folds >= 2:
         assignment = np.random.default_rng(seed + 1).permutation(len(joined)) % folds

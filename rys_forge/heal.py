@@ -435,14 +435,15 @@ def heal(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{HEAL_DIR}.tmp-", dir=folder))
+    fresh = staging / HEAL_DIR  # made by save_pretrained with the usual permissions (mkdtemp's are 0700)
     old = folder / f".{HEAL_DIR}.old"
     try:
-        wrapped.save_pretrained(staging)
-        (staging / "README.md").unlink(missing_ok=True)  # peft's empty card template; the export's card covers it
-        (staging / HEAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        wrapped.save_pretrained(fresh)
+        (fresh / "README.md").unlink(missing_ok=True)  # peft's empty card template; the export's card covers it
+        (fresh / HEAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if target.exists():
             os.replace(target, old)
-        os.replace(staging, target)
+        os.replace(fresh, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if old.exists() and not target.exists():  # the swap failed half-way: keep the previous adapter
@@ -498,7 +499,7 @@ def attach_visit_adapters(model: nn.Module, adapter_dir: str | Path) -> int:
 
     from peft import inject_adapter_in_model
 
-    from .surgery.modeling_rys import visit_copy
+    from .repeat import visit_copy  # re-attaches accelerate hooks to the copies
 
     config, weights = read_visit_adapter(adapter_dir)
     layers_path = arch_spec(model.config.model_type).layers_path

@@ -88,22 +88,18 @@ def tf32_matmul(enabled: bool = True) -> Iterator[None]:
     """While active, float32 matmuls on CUDA may run on TF32 tensor cores (inputs rounded to a 10-bit
     mantissa, float32 accumulation): about 5x the float32/float64 rate of an H100. No effect on CPU or
     on other dtypes; the previous setting is restored on exit."""
-    matmul = torch.backends.cuda.matmul
     if not enabled:
         yield
         return
-    if hasattr(matmul, "fp32_precision"):
-        old, matmul.fp32_precision = matmul.fp32_precision, "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = old
-    else:  # pragma: no cover - torch without the fp32_precision API
-        old, matmul.allow_tf32 = matmul.allow_tf32, True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 spells the switch `fp32_precision`; older versions `allow_tf32`.
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,13 +530,10 @@ def _cka_from_grams(grams: list[torch.Tensor], dtype: torch.dtype, device: torch
     for a in range(count):
         for b in range(a, count):
             inner[a, b] = inner[b, a] = torch.sum(grams[a] * grams[b])
-    inner = inner.cpu()
-    out = torch.empty(count, count, dtype=dtype)
-    for a in range(count):
-        for b in range(count):
-            out[a, b] = _ratio(inner[a, b].item(), math.sqrt(inner[a, a].item() * inner[b, b].item())) if a != b else (
-                1.0 if inner[a, a].item() > 0.0 else _NAN)
-    return out.to(device)
+    norms = inner.diagonal().sqrt()
+    out = inner / torch.outer(norms, norms)  # a constant layer: 0/0 = NaN in its row and column
+    out.diagonal().copy_(torch.where(norms > 0, 1.0, _NAN))
+    return out
 
 
 def _cka_pairs(

@@ -35,7 +35,7 @@ from torch import nn
 from . import metrics, plots
 from .activations import ActivationCache, cache_activations
 from .architectures import get_path, spec_for_model
-from .distributed import current_shard
+from .distributed import Shard, current_shard
 from .errors import UsageError
 from .files import write_atomic
 from .evaluate import _json_safe  # one JSON sanitiser (non-finite floats -> null) for every output
@@ -139,14 +139,17 @@ class RankResult:
         return pd.DataFrame(self.rows)
 
 
-def select_windows(num_layers: int, settings: RankSettings) -> list[Window]:
-    """The windows a run probes: an explicit list, or every window within the width filters."""
-    if settings.windows:
-        chosen = sorted({Window.parse(w) for w in settings.windows})
+def select_windows(
+    num_layers: int, windows: Sequence[str | Window] | None, min_width: int = 2, max_width: int | None = None
+) -> list[Window]:
+    """The windows a rank or sweep covers: an explicit list (checked against the layer count), or every
+    window within the width filters."""
+    if windows:
+        chosen = sorted({Window.parse(w) for w in windows})
         for window in chosen:
             window.validate(num_layers)
         return chosen
-    windows = all_windows(num_layers, settings.min_width, settings.max_width)
+    windows = all_windows(num_layers, min_width, max_width)
     if not windows:
         raise UsageError(f"no window matches the width filters ({WINDOW_CONVENTION})")
     return windows
@@ -160,11 +163,15 @@ def _prompt_digest(prompts: Sequence[Prompt]) -> str:
 
 
 class RunFolder:
-    """A rank run's folder: settings fingerprint, append-only window log, atomic final files."""
+    """A run's folder: settings fingerprint in run.json, append-only fsynced logs (one per process:
+    ``<stem>.jsonl`` or ``<stem>.rank<r>.jsonl``), atomic final files. rank's records are merged per
+    window (a later record, e.g. a Jacobian, updates the window's row)."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool, log_name: str = "windows.jsonl"):
+    stem, key, merge = "windows", "window", True
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool, log_name: str | None = None):
         self.path = Path(path)
-        self.log = self.path / log_name
+        self.log = self.path / (log_name or f"{self.stem}.jsonl")
         settings_file = self.path / "run.json"
         if self.path.exists() and any(self.path.iterdir()):
             if not resume:
@@ -180,17 +187,38 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             write_atomic(settings_file, json.dumps(fingerprint, indent=2))
 
-    def finished(self) -> dict[str, dict[str, Any]]:
-        """Rows already in the log, by window (later records update earlier ones; a torn last line is ignored)."""
+    @classmethod
+    def open(cls, out_dir: str | Path | None, fingerprint: dict[str, Any], resume: bool, shard: Shard) -> "RunFolder | None":
+        """This process's view of the run folder (None without `out_dir`): rank 0 creates or checks it,
+        then every process appends to its own log."""
+        if out_dir is None:
+            if shard.parallel:
+                raise UsageError("a window-parallel run needs a run folder (--out) to merge the processes' results")
+            return None
+        shard.on_rank0(lambda: cls(Path(out_dir), fingerprint, resume))
+        return cls(Path(out_dir), fingerprint, True, shard.log_name(cls.stem))
+
+    @classmethod
+    def records(cls, path: str | Path) -> dict[str, dict[str, Any]]:
+        """The records of every process's log, by key (merged or replaced; a torn last line is ignored)."""
         rows: dict[str, dict[str, Any]] = {}
-        for log in sorted(self.path.glob("windows*.jsonl")):  # this process's log and any shard's
+        for log in sorted(Path(path).glob(f"{cls.stem}*.jsonl")):
             for line in log.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                rows.setdefault(record["window"], {}).update(record)
+                if not isinstance(record, dict) or cls.key not in record:
+                    continue
+                if cls.merge:
+                    rows.setdefault(record[cls.key], {}).update(record)
+                else:
+                    rows[record[cls.key]] = record
         return rows
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """Records already logged by any process, by key."""
+        return self.records(self.path)
 
     def append(self, record: dict[str, Any]) -> None:
         with self.log.open("a") as handle:
@@ -239,7 +267,7 @@ def rank_windows(
     probes = select_probes(settings.probes)
     spec = spec_for_model(model)
     num_layers = len(get_path(model, spec.layers_path))
-    windows = select_windows(num_layers, settings)
+    windows = select_windows(num_layers, settings.windows, settings.min_width, settings.max_width)
     families = sorted({p.family for p in prompts})
     for family in settings.overlap_families:
         if family not in families:
@@ -253,10 +281,7 @@ def rank_windows(
         "windows": [str(w) for w in windows],
     }
     shard = current_shard()
-    folder = None
-    if out_dir is not None:
-        shard.on_rank0(lambda: RunFolder(Path(out_dir), fingerprint, resume))  # creates or checks the folder
-        folder = RunFolder(Path(out_dir), fingerprint, True, shard.log_name("windows"))
+    folder = RunFolder.open(out_dir, fingerprint, resume, shard)
     done = folder.finished() if folder else {}
     probe_settings = settings.probe_settings()
     started = time.perf_counter()
@@ -275,8 +300,6 @@ def rank_windows(
     )
     self_check = _self_check(cache, windows[0])
     todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
-    if shard.parallel and folder is None:
-        raise UsageError("a window-parallel rank needs a run folder (--out) to merge the processes' results")
     todo_all, todo = todo, shard.take(todo)
     window_started = time.perf_counter()
     with _progress(progress, len(windows), len(windows) - len(todo), "probing windows") as advance:

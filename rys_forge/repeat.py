@@ -38,7 +38,7 @@ class _SavedState:
     config_fields: dict[str, Any]
 
 
-def visit_copy(module: nn.Module, layer_idx: int) -> nn.Module:
+def visit_copy(module: nn.Module, layer_idx: int, deep: bool = False) -> nn.Module:
     """Shallow copy of `module` for one visit: parameters shared, `layer_idx` set on every copied
     submodule that has one (the attention module, and the layer itself where it keeps one).
 
@@ -47,8 +47,10 @@ def visit_copy(module: nn.Module, layer_idx: int) -> nn.Module:
     added to one visit stays on it. The copying itself is the exported `modeling_rys.py`'s (one
     implementation for the in-memory repeat and the layer-list checkpoint); accelerate hooks are
     re-attached here, since a copied hooked `forward` would still be bound to the original module.
+    With `deep`, every submodule is copied (own module objects sharing the base tensors), as `heal`
+    needs to give one visit its own adapter.
     """
-    clone = _template_visit_copy(module, layer_idx)
+    clone = _template_visit_copy(module, layer_idx, deep)
     _rehook_tree(module, clone)
     return clone
 

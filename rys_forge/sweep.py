@@ -54,9 +54,10 @@ from . import evaluate as _ev
 from .distributed import current_shard
 from .errors import TaskError, UsageError
 from .local_tasks import resolve_tasks, task_manager
-from .plan import WINDOW_CONVENTION, LayerPlan, Window, all_windows
+from .plan import WINDOW_CONVENTION, LayerPlan, Window
 from .files import write_atomic
-from .rank import RunFolder, _progress
+from .rank import RunFolder, _progress, select_windows
+from .repeat import repeated
 
 __all__ = [
     "SINGLE_TASK_MIN_Z",
@@ -103,15 +104,6 @@ class SweepResult:
     out_dir: Path | None = None
     fits: dict[str, Any] = field(default_factory=dict)
 
-    def row(self, window: str, repeats: int = 2) -> dict[str, Any]:
-        for row in self.rows:
-            if row["window"] == str(window) and row["repeats"] == repeats:
-                return row
-        raise KeyError(f"no row for {window} x{repeats}")
-
-    def best(self, key: str = "combined_z", repeats: int = 2) -> dict[str, Any] | None:
-        rows = [r for r in self.rows if r["repeats"] == repeats and _finite(r.get(key))]
-        return max(rows, key=lambda r: r[key]) if rows else None
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -254,15 +246,19 @@ def _reported_tasks(rows: Sequence[dict[str, Any]], groups: dict[str, Any] | Non
     return seen
 
 
-def _base_summary(rows: Sequence[dict[str, Any]], paired: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
-    """Per task: the kept metric's base value, stderr and per-item results (from the base run's self-comparison
-    ``rows, paired``)."""
-    out: dict[str, Any] = {}
+def _kept(rows: Sequence[dict[str, Any]], paired: dict[str, Any], tasks: Sequence[str]):
+    """``(task, row, entry)`` for each task with a kept metric: its comparison row and its paired items."""
     for task in tasks:
         row = pick_metric(rows, task)
-        if row is None:
-            continue
-        entry = (paired.get(task) or {}).get(row["filter"]) or {}
+        if row is not None:
+            yield task, row, (paired.get(task) or {}).get(row["filter"]) or {}
+
+
+def _base_summary(rows: Sequence[dict[str, Any]], paired: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """Per task with a kept metric: its base value, stderr and per-item results (from the base run's
+    self-comparison ``rows, paired``)."""
+    out: dict[str, Any] = {}
+    for task, row, entry in _kept(rows, paired, tasks):
         out[task] = {
             "metric": row["metric"],
             "filter": row["filter"],
@@ -282,11 +278,7 @@ def _window_record(
 ) -> dict[str, Any]:
     rows, paired, notes = _ev._compare(base_run, rys_run, n_resamples=2000, seed=seed)
     per_task: dict[str, Any] = {}
-    for task in tasks:
-        row = pick_metric(rows, task)
-        if row is None:
-            continue
-        entry = (paired.get(task) or {}).get(row["filter"]) or {}
+    for task, row, entry in _kept(rows, paired, tasks):
         items = (entry.get(row["metric"]) or {}).get("rys")
         n = row.get("n") or (len(items) if items else None)
         per_task[task] = {
@@ -331,41 +323,10 @@ def _window_record(
 
 
 class _SweepFolder(RunFolder):
-    """rank's RunFolder (fingerprint in run.json, append-only fsynced log, resume check) with the log in
-    ``sweep.jsonl`` and records keyed by (window, repeats)."""
+    """rank's RunFolder with the log in ``sweep.jsonl`` and records keyed by (window, repeats), a later
+    record replacing an earlier one."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool, log_name: str = SWEEP_LOG):
-        super().__init__(path, fingerprint, resume, log_name)
-
-    def finished(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
-        return _read_log(self.path)
-
-
-def _read_log(folder: Path) -> dict[str, dict[str, Any]]:
-    """Records of a sweep folder's logs (``sweep.jsonl`` and any process's ``sweep.rank<r>.jsonl``) by key
-    (a later record replaces an earlier one; a torn line is ignored)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for log in sorted(Path(folder).glob("sweep*.jsonl")):
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "key" in record:
-                rows[record["key"]] = record
-    return rows
-
-
-def _select(num_layers: int, windows: Sequence[str] | None, min_width: int, max_width: int | None) -> list[Window]:
-    if windows:
-        chosen = sorted({w if isinstance(w, Window) else Window.parse(w) for w in windows})
-        for window in chosen:
-            window.validate(num_layers)
-        return chosen
-    chosen = all_windows(num_layers, min_width, max_width)
-    if not chosen:
-        raise UsageError(f"no window matches the width filters ({WINDOW_CONVENTION})")
-    return chosen
+    stem, key, merge = "sweep", "key", False
 
 
 def _parse_repeats(repeats: Any) -> list[int]:
@@ -448,7 +409,7 @@ def sweep_windows(
         raise UsageError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
     batch_size = _ev._check_batch_size(batch_size)
     num_layers = _ev._num_layers(model)
-    chosen = _select(num_layers, windows, min_width, max_width)
+    chosen = select_windows(num_layers, windows, min_width, max_width)
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not _ev._is_count(batch_tokens, 1):
@@ -486,12 +447,7 @@ def sweep_windows(
         "engine": engine,
     }
     shard = current_shard()
-    folder = None
-    if out_dir is not None:
-        shard.on_rank0(lambda: _SweepFolder(Path(out_dir), fingerprint, resume))  # creates or checks the folder
-        folder = _SweepFolder(Path(out_dir), fingerprint, True, shard.log_name("sweep"))
-    elif shard.parallel:
-        raise UsageError("a window-parallel sweep needs a run folder (--out) to merge the processes' results")
+    folder = _SweepFolder.open(out_dir, fingerprint, resume, shard)
     done = folder.finished() if folder else {}
     run_kwargs = dict(
         limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, bootstrap_iters=bootstrap_iters,
@@ -528,10 +484,10 @@ def sweep_windows(
     if not base_reused and base_file is not None and shard.rank == 0:
         write_atomic(base_file, json.dumps(_ev._json_safe({"run": base_run, "seconds": base_seconds})))
     base_rows, base_paired, _ = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
-    reported = [t for t in _reported_tasks(base_rows, base_run.get("groups")) if pick_metric(base_rows, t) is not None]
+    base = _base_summary(base_rows, base_paired, _reported_tasks(base_rows, base_run.get("groups")))
+    reported = list(base)
     if not reported:
         raise _ev.EvaluationError(f"lm-eval produced no usable metric for {', '.join(names)}")
-    base = _base_summary(base_rows, base_paired, reported)
 
     sweep_started = time.perf_counter()
     with _progress(progress, len(plan_items), len(plan_items) - len(todo), "evaluating windows") as advance:
@@ -541,8 +497,6 @@ def sweep_windows(
         else:
             todo_lm_eval = todo
         for window, n_visits in todo_lm_eval:
-            from .repeat import repeated
-
             plan = LayerPlan.from_windows([window], num_layers, n_visits)
             t0 = time.perf_counter()
             with repeated(model, plan):
@@ -551,7 +505,7 @@ def sweep_windows(
             record = _window_record(window, n_visits, base_run, rys_run, reported, seed, seconds)
             done[record["key"]] = record
             if folder:
-                folder.append(_ev._json_safe(record))
+                folder.append(record)
             advance()
     sweep_seconds = time.perf_counter() - sweep_started
     if shard.parallel:
@@ -631,7 +585,10 @@ def _cached_windows(
     """Every (window, visits) in ``todo`` through the cached engine, scored with lm-eval's task code."""
     from .sweep_engine import WindowScorer, leaf_tasks
 
-    keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported if t in base}
+    if not todo:  # nothing left to score (a resumed or empty share): just free the cache
+        lm.engine.release()
+        return
+    keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
     trimmed = _trim_run(base_run, keep)
     scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
     clock = [time.perf_counter()]
@@ -644,7 +601,7 @@ def _cached_windows(
         clock[0] = now
         done[record["key"]] = record
         if folder:
-            folder.append(_ev._json_safe(record))
+            folder.append(record)
         advance()
 
     try:
@@ -693,10 +650,9 @@ def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     summary_file = folder / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     if table.exists():
-        data = json.loads(table.read_text())
-        rows = data["rows"] if isinstance(data, dict) else data
+        rows = json.loads(table.read_text())["rows"]
     elif any(folder.glob("sweep*.jsonl")):
-        rows = list(_read_log(folder).values())
+        rows = list(_SweepFolder.records(folder).values())
     else:
         raise UsageError(f"{folder} is not a sweep run folder (no sweep.json or {SWEEP_LOG})")
     return [_restore(r) for r in rows], summary

@@ -195,6 +195,12 @@ class LoglikelihoodEngine:
         results: list[WindowRun | None] = [None] * len(windows)
         groups = self.groups
         step = max(1, len(windows) if len(groups) == 1 else group_size)
+
+        def finish(k: int) -> None:
+            results[k] = self._finish(*acc.pop(k))
+            if on_done:
+                on_done(k, results[k])
+
         for start in range(0, len(windows), step):
             todo = range(start, min(start + step, len(windows)))
             acc = {k: self._accumulators() for k in todo}
@@ -206,15 +212,11 @@ class LoglikelihoodEngine:
                     for batch in group:
                         self._window_on_batch(batch, windows[k], *acc[k])
                     if len(groups) == 1:  # everything cached: each window is final right away
-                        results[k] = self._finish(*acc.pop(k))
-                        if on_done:
-                            on_done(k, results[k])
+                        finish(k)
                 if len(groups) > 1:
                     self._release(group)
             for k in list(acc):
-                results[k] = self._finish(*acc.pop(k))
-                if on_done:
-                    on_done(k, results[k])
+                finish(k)
         return results  # type: ignore[return-value]
 
     def _accumulators(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +305,21 @@ def capturing_lm(model: nn.Module, tokenizer: Any, **engine_kwargs: Any) -> Any:
     return lm
 
 
+@dataclass
+class _TaskPlan:
+    """One kept task of a :class:`WindowScorer`: its requests, documents, kept metric and lm-eval's
+    aggregation and stderr functions for it, and the base run's items (for the document hashes)."""
+
+    task: Any
+    pairs: list[tuple[Any, int]]
+    docs: list[tuple[int, Any, list[Any]]]
+    metric: str
+    filt: str
+    aggregate: Callable[[list[Any]], Any]
+    stderr: Callable[[list[Any]], Any] | None
+    base_items: dict[str, Any]
+
+
 class WindowScorer:
     """Scores runs of the engine with lm-eval's task code (``apply_filters``, ``process_results``,
     ``aggregation``, ``stderr_for_metric``); the result is a normalised run (the shape
@@ -328,15 +345,17 @@ class WindowScorer:
         keep: dict[str, str],
         base_items: dict[str, dict[str, dict[str, Any]]],
     ):
-        self.keep = keep
-        self.base_items = base_items
+        from lm_eval.api.metrics import mean, stderr_for_metric
+
         by_task: dict[str, list[tuple[Any, int]]] = defaultdict(list)
         for index, inst in enumerate(instances):
             by_task[inst.task_name].append((inst, index))
-        self.plans: list[tuple[Any, list[tuple[Any, int]], list[tuple[int, Any, list[Any]]]]] = []
+        self.plans: list[_TaskPlan] = []
         for task in tasks:
             if task.task_name not in keep:
                 continue
+            metric, filt = keep[task.task_name].split(",", 1)
+            aggregate = task.aggregation().get(metric, mean)
             pairs = by_task.get(task.task_name) or []
             per_doc: dict[int, list[Any]] = defaultdict(list)
             for inst, _ in pairs:
@@ -347,40 +366,38 @@ class WindowScorer:
             ]
             for name in ("doc_to_choice", "doc_to_target", "doc_to_text"):
                 _memoise(task, name)
-            self.plans.append((task, pairs, docs))
+            self.plans.append(_TaskPlan(
+                task, pairs, docs, metric, filt, aggregate, stderr_for_metric(metric=aggregate, bootstrap_iters=1000),
+                (base_items.get(task.task_name) or {}).get(filt) or {},
+            ))
 
     def __call__(self, run: WindowRun) -> dict[str, Any]:
-        from lm_eval.api.metrics import mean, stderr_for_metric
-
         results: dict[str, dict[str, Any]] = {}
         items: dict[str, dict[str, dict[str, Any]]] = {}
-        for task, pairs, docs in self.plans:
+        for plan in self.plans:
+            task, pairs, docs, metric, filt = plan.task, plan.pairs, plan.docs, plan.metric, plan.filt
             name = task.task_name
-            metric, filt = self.keep[name].split(",", 1)
             for inst, index in pairs:
                 inst.resps = [(float(run.loglikelihood[index]), bool(run.is_greedy[index]))]
                 inst.filtered_resps = {}
             task.apply_filters()
             values: list[Any] = []
             per_item: dict[str, dict[str, Any]] = {}
-            base_task_items = (self.base_items.get(name) or {}).get(filt) or {}
             for doc_id, doc, requests in docs:
                 metrics = task.process_results(doc, [req.filtered_resps[filt] for req in requests])
                 if metric not in metrics:
                     continue
                 value = metrics[metric]
                 values.append(value)
-                known = base_task_items.get(str(doc_id)) or {}
+                known = plan.base_items.get(str(doc_id)) or {}
                 per_item[str(doc_id)] = {
                     "doc_hash": known.get("doc_hash"),
                     "prompt_hash": known.get("prompt_hash"),
                     "values": {metric: _plain(value)},
                 }
-            aggregate = task.aggregation().get(metric, mean)
-            stderr_fn = stderr_for_metric(metric=aggregate, bootstrap_iters=1000)
             results[name] = {
-                f"{metric},{filt}": _plain(aggregate(values)),
-                f"{metric}_stderr,{filt}": _plain(stderr_fn(values)) if stderr_fn and len(values) > 1 else "N/A",
+                f"{metric},{filt}": _plain(plan.aggregate(values)),
+                f"{metric}_stderr,{filt}": _plain(plan.stderr(values)) if plan.stderr and len(values) > 1 else "N/A",
             }
             items[name] = {filt: per_item}
         return {"results": results, "items": items}

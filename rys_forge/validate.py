@@ -53,7 +53,7 @@ from scipy import stats as _st
 from .evaluate import _json_safe  # one JSON sanitiser for eval, sweep and validate outputs
 from .errors import UsageError
 from .files import write_atomic
-from .sweep import read_sweep
+from .sweep import _finite, read_sweep
 
 __all__ = [
     "POSITIVE_P",
@@ -147,15 +147,6 @@ def _f(value: Any, digits: int = 3) -> str:
         return f"{value:.1e}"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
-
-
-
-def _finite(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, (bool, np.bool_))
-        and math.isfinite(float(value))
-    )
 
 
 # --------------------------------------------------------------------------- statistics (pure)
@@ -380,7 +371,7 @@ def _evaluations(ordered_values: list[float], n_permutations: int, seed: int) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out["curve"] = {
-                "score_order": np.where(np.isfinite(np.maximum.accumulate(values)), np.maximum.accumulate(values), np.nan).tolist(),
+                "score_order": np.where(np.isfinite(best_so_far := np.maximum.accumulate(values)), best_so_far, np.nan).tolist(),
                 "random_mean": np.nanmean(running, axis=0).tolist(),
                 "random_q05": np.nanquantile(running, 0.05, axis=0).tolist(),
                 "random_q95": np.nanquantile(running, 0.95, axis=0).tolist(),
@@ -469,13 +460,14 @@ def validate_runs(
         notes.append(f"the rank rows have no {cka_key}: no CKA-matched or low-CKA comparison")
 
     outcomes: dict[str, Any] = {}
+    low = _low_cka(cka, top_fraction)  # the same comparison windows for every outcome
     for name, column in outcomes_raw.items():
-        values = [column.get(w, (None, False))[0] for w in names]
-        positive = np.array([bool(column.get(w, (None, False))[1]) for w in names])
+        pairs = [column.get(w, (None, False)) for w in names]
+        values = [v for v, _ in pairs]
+        positive = np.array([bool(flag) for _, flag in pairs], dtype=bool)
         has_value = np.array([_finite(v) for v in values])
         n_pos = int(positive.sum())
         top_pos = int(positive[top_mask].sum())
-        low = _low_cka(cka, top_fraction)
         low_pos = int(positive[low].sum())
         fisher_p = math.nan
         if low.any():

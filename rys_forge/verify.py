@@ -16,7 +16,6 @@ through plain `PeftModel.from_pretrained`, the in-memory repeat with the same Lo
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,8 @@ from typing import Any
 import torch
 
 from .errors import RysForgeError, UsageError, VerificationError
-from .files import sha256_file
-from .models import load_model, offloaded, parse_device, parse_dtype
+from .files import sha256_file, write_atomic
+from .models import LoadedModel, load_model, offloaded, parse_device, parse_dtype
 from .plan import LayerPlan
 from .repeat import repeated
 
@@ -144,7 +143,7 @@ OFFLOAD_LAYERLIST = (
 @torch.no_grad()
 def verify(
     path: str | Path,
-    base: str | None = None,
+    base: str | LoadedModel | None = None,
     *,
     dtype: str = "float32",
     device: str = "cpu",
@@ -157,7 +156,8 @@ def verify(
 
     Args:
         path: export folder (layerlist or mergekit format).
-        base: base model (default: the one recorded at build time in `config.rys.base_model`).
+        base: base model (default: the one recorded at build time in `config.rys.base_model`), or that
+            base already loaded (as `build` holds it, with any recorded adapter merged in): not loaded twice.
         dtype: dtype of both models; thresholds follow it.
         device: where both run.
         texts: prompts (default: a small mixed set plus one prompt longer than the sliding window).
@@ -187,7 +187,8 @@ def verify(
     for name, values in text_cfg.items():
         if name == "layer_types" and isinstance(values, list) and len(values) != len(plan.order):
             raise VerificationError(f"config.layer_types has {len(values)} entries for {len(plan.order)} visits")
-    base = base or rys.get("base_model")
+    loaded_base = base if isinstance(base, LoadedModel) else None
+    base = loaded_base.source if loaded_base else (base or rys.get("base_model"))
     if not base:
         raise VerificationError("the export does not record its base model; pass --model BASE")
     adapter = rys.get("adapter") if isinstance(rys.get("adapter"), dict) else None
@@ -204,11 +205,13 @@ def verify(
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
     torch_device = parse_device(device)
     placement = placement or {}
-    base_loaded = load_model(base, dtype=torch_dtype, device=torch_device, adapter=adapter["path"] if adapter else None, **placement)
-    if placement:  # inputs go where the embeddings are
+    base_loaded = loaded_base or load_model(
+        base, dtype=torch_dtype, device=torch_device, adapter=adapter["path"] if adapter else None, **placement
+    )
+    if placement or loaded_base:  # inputs (and the export) go where the base's embeddings are
         torch_device = next(base_loaded.model.parameters()).device
-        if fmt == "layerlist" and offloaded(base_loaded.model):
-            raise UsageError(OFFLOAD_LAYERLIST)
+    if fmt == "layerlist" and offloaded(base_loaded.model):
+        raise UsageError(OFFLOAD_LAYERLIST)
     if base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers != plan.num_layers:
         raise VerificationError(
             f"base {base} has {base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers} layers"
@@ -311,9 +314,7 @@ def verify(
                   "heal_adapter": heal_dir.relative_to(folder).as_posix() if heal_dir is not None else None},
     )
     if write_report:
-        tmp = folder / f".{REPORT}.tmp"
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        os.replace(tmp, folder / REPORT)
+        write_atomic(folder / REPORT, json.dumps(report.to_dict(), indent=2) + "\n")
     if failures:
         raise VerificationError(f"verification of {folder} failed: {'; '.join(failures)}")
     return report

@@ -98,6 +98,21 @@ def test_calibrate_writes_a_config_that_rank_and_validate_read(tmp_path):
     assert other.calibration["in_sample"] is False and "out-of-sample" in other.verdict.lower()
 
 
+def test_calibrate_orients_a_lower_is_better_task(tmp_path):
+    """`--target delta:<task>` counts a drop of a lower-is-better metric as a gain, as validate does."""
+    rows = _windows()
+    inputs = np.array([[r[k] for r in rows] for k in SCORE_INPUTS])
+    outcome = np.log(score_terms(*inputs, **TRUE)["score"])
+    rank, sweep = _folders(tmp_path, "lower", "m", rows, -outcome)  # delta = -outcome / 100: lower is better
+    data = json.loads((sweep / "sweep.json").read_text())
+    for row in data["rows"]:
+        row["tasks"]["t"]["higher_is_better"] = False
+    (sweep / "sweep.json").write_text(json.dumps(data))
+    report = calibrate_score(sweep, rank, target="delta:t", trials=5, folds=0).report
+    want = stats.spearmanr(score_terms(*inputs, **{k: getattr(ScoreConfig(), k) for k in BOUNDS})["score"], outcome)[0]
+    assert report["default"]["spearman"] == pytest.approx(want, abs=1e-9) and want > 0
+
+
 def test_calibrate_refuses_bad_input(tmp_path):
     rows = _windows(n_layers=5)  # 10 windows
     rank, sweep = _folders(tmp_path, "s", "m", rows, np.arange(len(rows), dtype=float))
@@ -108,6 +123,9 @@ def test_calibrate_refuses_bad_input(tmp_path):
         calibrate_score(sweep, rank, trials=5)
     with pytest.raises(UsageError, match="not a finished rank run"):
         calibrate_score(sweep, tmp_path / "missing", trials=5)
+    (rank / "windows.json").write_text(json.dumps(rows))
+    with pytest.raises(UsageError, match="more than the 10 windows"):
+        calibrate_score(sweep, rank, trials=5, folds=11)
 
 
 def test_cli_calibrate_then_validate(tmp_path):

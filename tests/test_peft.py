@@ -243,6 +243,9 @@ def test_heal_lowers_the_loss_and_reloads_with_plain_peft(healed, exports, tiny_
     result, data = healed
     folder = result.path.parent
     record = json.loads((result.path / HEAL_FILE).read_text())
+    probe = folder.parent / "mode_probe"
+    probe.mkdir(exist_ok=True)
+    assert result.path.stat().st_mode == probe.stat().st_mode  # a normal folder, not mkdtemp's 0700
     assert [v["visit"] for v in record["adapter"]["visits"]] == [5, 6, 7]
     assert len(record["loss"]["curve"]) == 12 and record["data"]["blocks"] == 1
     assert record["loss"]["curve"][0]["kl"] == 0.0 and record["loss"]["curve"][-1]["kl"] > 0  # B = 0 at step 1
@@ -268,6 +271,29 @@ def test_heal_lowers_the_loss_and_reloads_with_plain_peft(healed, exports, tiny_
     assert result.verification["passed"] and result.verification["settings"]["heal_adapter"] == HEAL_DIR
     assert result.verification["metrics"]["generate_equals_in_memory"]
     assert "heal/adapter_model.safetensors" in check_verified(folder)["files"]
+
+
+def test_heal_adapter_in_memory_on_a_hooked_base(healed, tiny_model_dirs):
+    """The in-memory repeat with the per-visit LoRA, on a base whose layers carry accelerate hooks (as a
+    model dispatched over several devices has), equals the per-visit merged reference: the deep visit
+    copies get hooks of their own instead of a `forward` still bound to the layer they were copied from."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from rys_forge.heal import attach_visit_adapters
+    from rys_forge.repeat import repeated
+
+    result, _ = healed
+    folder, base = result.path.parent, tiny_model_dirs["llama"]
+    hooked = load_model(str(base)).model
+    for layer in hooked.model.layers:
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    plan = LayerPlan.from_dict(json.loads((folder / "config.json").read_text())["rys"]["plan"])
+    ids = _ids()
+    reference = _per_visit_merged_reference(base, _order(folder), folder / HEAL_DIR)
+    with torch.no_grad(), repeated(hooked, plan):
+        attach_visit_adapters(hooked, folder / HEAL_DIR)
+        got = _logits(hooked, ids)
+    assert (got - _logits(reference, ids)).abs().max().item() <= 1e-4
 
 
 def _tokenizer(folder):

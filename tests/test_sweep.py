@@ -67,7 +67,8 @@ def test_sweep_rows_deltas_and_files(loaded, tmp_path, monkeypatch):
         assert set(entry["items"]) <= {0.0, 1.0} and len(entry["items"]) == LIMIT
         assert row[f"delta:{TASK}"] == entry["delta"]
         assert 0.0 <= entry["p_value"] <= 1.0 and entry["test"] == "mcnemar_exact"
-        assert entry["z"] == pytest.approx(task_z(entry["delta"], entry["base_stderr"], entry["rys_stderr"], LIMIT))
+        se = math.hypot(entry["base_stderr"], entry["rys_stderr"])  # the definition, independently
+        assert entry["z"] == pytest.approx(entry["delta"] / se if se > 0 else (0.0 if entry["delta"] == 0 else entry["delta"] * 2 * LIMIT))
         assert row["combined_z"] == pytest.approx(entry["z"]) or (math.isnan(row["combined_z"]) and math.isnan(entry["z"]))
         assert row["single_task_verdict"] is False  # one task: never a single-task verdict
     logged = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]

@@ -20,9 +20,8 @@ from test_repeat import materialised_reference
 
 pytest.importorskip("lm_eval")
 
-from rys_forge import sweep as sweep_mod  # noqa: E402
 from rys_forge import sweep_engine  # noqa: E402
-from rys_forge.errors import TaskError  # noqa: E402
+from rys_forge.errors import TaskError, UsageError  # noqa: E402
 from rys_forge.sweep import sweep_windows  # noqa: E402
 
 MAX_LENGTH = 20
@@ -145,4 +144,7 @@ def test_cached_engine_refuses_generation_tasks(loaded, tmp_path):
     with pytest.raises(TaskError, match="loglikelihood tasks only"):
         sweep_windows(loaded.model, loaded.tokenizer, tasks=["rys_gsm8k"], limit=2, windows=["1:3"], engine="cached",
                       progress=False)
-    assert sweep_mod.ENGINES == ("auto", "cached", "lm-eval")
+    with pytest.raises(UsageError, match="--engine must be one of auto, cached, lm-eval"):
+        sweep_windows(loaded.model, loaded.tokenizer, tasks=["rys_arc_easy"], limit=2, windows=["1:3"], engine="bogus",
+                      progress=False)
+

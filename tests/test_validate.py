@@ -165,6 +165,8 @@ def test_evaluations_to_best_on_fixed_ordering(tmp_path):
     assert ev["best90"]["random_expected"] == pytest.approx(9 / 3)
     assert ev["curve"]["score_order"] == pytest.approx([0.1, 0.5, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9])
     assert ev["curve"]["random_mean"][-1] == pytest.approx(0.9)
+    # the first pick of a random order is a uniform draw: its mean is the mean outcome (4 s.e. of 300 draws)
+    assert ev["curve"]["random_mean"][0] == pytest.approx(np.mean(values), abs=4 * np.std(values) / np.sqrt(300))
 
 
 def test_expected_first_hit_closed_form_by_enumeration():

@@ -150,7 +150,7 @@ def build(
 
             t0 = time.perf_counter()
             try:
-                report = run_verify(target, loaded.source, dtype=dtype, device=device, placement=placement).to_dict()
+                report = run_verify(target, loaded, dtype=dtype, device=device, placement=placement).to_dict()
             except RysForgeError:
                 failed = target / REPORT
                 if failed.exists():
