@@ -117,7 +117,7 @@ def naive_sweep(model, ids, windows, device):
 
 def time_rank(model, tokenizer, prompts, settings, windows, ids, args) -> tuple[dict, object]:
     """(b): one timed `rank_windows` run; its timings and the achieved throughput of its layer passes."""
-    from rys_forge.rank import rank_windows
+    from rys_forge.rank.pipeline import rank_windows
 
     L = model.config.num_hidden_layers
     sync(args.device)
@@ -148,7 +148,7 @@ def compare_with_reference(model, tokenizer, prompts, settings, fast_runs, args)
     the same cached tokens in both runs, so their difference is the statistics' arithmetic alone)."""
     from scipy.stats import spearmanr
 
-    from rys_forge.rank import RankSettings, rank_windows
+    from rys_forge.rank.pipeline import RankSettings, rank_windows
 
     full = RankSettings(**{**settings.__dict__, "deep_fraction": 1.0, "kl_fraction": 1.0, "kl_positions": 16,
                            "stats_dtype": "float64", "jacobian": "none"})
@@ -203,8 +203,8 @@ def main() -> None:
         args.prompts, args.seq = 4, 16
 
     from rys_forge.plan import all_windows
-    from rys_forge.prompts import Prompt
-    from rys_forge.rank import RankSettings, rank_windows
+    from rys_forge.rank.prompts import Prompt
+    from rys_forge.rank.pipeline import RankSettings, rank_windows
 
     model = build_model(args)
     L = model.config.num_hidden_layers

@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rys_forge.models import load_model
-    from rys_forge.sweep import sweep_windows
+    from rys_forge.research.sweep import sweep_windows
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     tasks, windows = args.tasks.split(","), args.windows.split(",")

@@ -13,31 +13,31 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import RysForgeError
-from .models import load_model
-from .plan import LayerPlan, Window
-from .repeat import apply_plan, repeated, restore
+from rys_forge.errors import RysForgeError
+from rys_forge.models import load_model
+from rys_forge.plan import LayerPlan, Window
+from rys_forge.repeat import apply_plan, repeated, restore
 
 
 def __getattr__(name: str):  # heavier stages load on first use
     if name == "rank_windows":
-        from .rank import rank_windows
+        from rys_forge.rank.pipeline import rank_windows
 
         return rank_windows
     if name == "build":
-        from .surgery import build
+        from rys_forge.surgery import build
 
         return build
     if name == "verify":
-        from .verify import verify
+        from rys_forge.verify import verify
 
         return verify
     if name == "evaluate":
-        from .evaluate import evaluate
+        from rys_forge.evaluate.harness import evaluate
 
         return evaluate
     if name == "publish":
-        from .publish import publish
+        from rys_forge.publish.card import publish
 
         return publish
     raise AttributeError(name)

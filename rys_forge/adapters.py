@@ -24,9 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ModelLoadError, UsageError, VerificationError
-from .files import sha256_file
-from .models import _first_line
+from rys_forge.errors import ModelLoadError, UsageError, VerificationError
+from rys_forge.files import sha256_file
+from rys_forge.models import _first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
+from rys_forge.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from .errors import RysForgeError
-from .plan import WINDOW_CONVENTION
+from rys_forge.errors import RysForgeError
+from rys_forge.plan import WINDOW_CONVENTION
 
 MODEL_HELP = "Model: built-in name (gemma-3-270m, smollm2-135m), local folder, .gguf file or hub id."
 
@@ -48,7 +48,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--model, --dtype, --device, shared by every command that loads a model."""
-    from .models import DEFAULT_MODEL
+    from rys_forge.models import DEFAULT_MODEL
 
     func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")(func)
     func = click.option(
@@ -64,7 +64,7 @@ def placement_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, device_map: str | None, max_memory: str | None, offload_folder: str | None, **kwargs: Any) -> Any:
-        from .models import placement
+        from rys_forge.models import placement
 
         return func(*args, placement=placement(device_map, max_memory, offload_folder), **kwargs)
 
@@ -113,8 +113,8 @@ def _quiet_libraries() -> None:
 @handle_errors
 def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, adapter: str | None) -> None:
     """Print architecture, layer count, attention type per layer, parameters and window notation."""
-    from .models import describe_model, load_model
-    from .plan import LayerPlan
+    from rys_forge.models import describe_model, load_model
+    from rys_forge.plan import LayerPlan
 
     plan = None
     _check_windows(windows)
@@ -124,7 +124,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
         plan = LayerPlan.from_windows(windows, facts["num_layers"], repeats)
     click.echo(f"model        {model_name}  ({loaded.path})")
     if loaded.info.get("adapter"):
-        from .adapters import describe_adapter
+        from rys_forge.adapters import describe_adapter
 
         click.echo(f"adapter      {describe_adapter(loaded.info['adapter'])}, merged")
     click.echo(f"architecture {facts['architecture']} (model_type={facts['model_type']})")
@@ -187,10 +187,10 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     repeat-count curves of the top windows; prints the short list. Ctrl-C keeps finished windows;
     continue with --resume --out DIR.
     """
-    from .models import load_model
-    from .probes import PROBES, ScoreConfig, select_probes
-    from .prompts import load_prompts
-    from .rank import RankSettings, rank_windows
+    from rys_forge.models import load_model
+    from rys_forge.rank.probes import PROBES, ScoreConfig, select_probes
+    from rys_forge.rank.prompts import load_prompts
+    from rys_forge.rank.pipeline import RankSettings, rank_windows
 
     if list_probes:
         for name, probe in PROBES.items():
@@ -255,7 +255,7 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
 
     The export lands in --out only if verification passes.
     """
-    from .surgery.builder import build as run_build
+    from rys_forge.surgery.builder import build as run_build
 
     _check_windows(windows)
     result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,
@@ -281,7 +281,7 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
 
     Writes FOLDER/verification.json; exits 1 if any threshold fails.
     """
-    from .verify import verify as run_verify
+    from rys_forge.verify import verify as run_verify
 
     report = run_verify(folder, model_name, dtype=dtype, device=device, placement=placement)
     _print_verification(report.to_dict())
@@ -318,8 +318,8 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
     A healed TARGET (TARGET/heal from `rys-forge heal`) is evaluated before and after healing.
     Offline by default: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set unless you set them yourself.
     """
-    from .errors import UsageError
-    from .evaluate import evaluate, format_table
+    from rys_forge.errors import UsageError
+    from rys_forge.evaluate.harness import evaluate, format_table
 
     if bool(target) == bool(model_name):
         raise UsageError("give either TARGET (an export folder) or --model M --window i:j")
@@ -365,8 +365,8 @@ def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int
     trust_remote_code=True), FOLDER/heal). Settings and the loss curve go to FOLDER/heal/heal.json; the
     folder is verified again afterwards.
     """
-    from .heal import HealSettings
-    from .heal import heal as run_heal
+    from rys_forge.heal import HealSettings
+    from rys_forge.heal import heal as run_heal
 
     settings = HealSettings(rank=lora_rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size,
                             max_length=max_length, visits=visits, modules=tuple(_split(modules)) or None,
@@ -389,7 +389,7 @@ def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int
 @handle_errors
 def card(folder: str, rank_run: str | None, repo_id: str | None) -> None:
     """Write or refresh FOLDER/README.md, the model card of an export (nothing else is touched)."""
-    from .publish import write_card
+    from rys_forge.publish.card import write_card
 
     click.echo(f"wrote {write_card(folder, rank_run, repo_id=repo_id)}")
 
@@ -410,8 +410,8 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
     Refuses folders without a passing verification.json or whose files changed since. The token comes
     from `hf auth login` or HF_TOKEN (never printed); HF_ENDPOINT selects another Hub.
     """
-    from .publish import format_result
-    from .publish import publish as run_publish
+    from rys_forge.publish.card import format_result
+    from rys_forge.publish.card import publish as run_publish
 
     click.echo(format_result(run_publish(folder, repo_id, private=private, revision=revision, dry_run=dry_run,
                                          exist_ok=exist_ok, rank_run=rank_run)))
@@ -448,8 +448,8 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
     loglikelihood tasks (all the local rys_* tasks but rys_gsm8k) the cached engine runs the base once
     and replays each window from the cached residual stream at its end.
     """
-    from .models import load_model
-    from .sweep import sweep_windows
+    from rys_forge.models import load_model
+    from rys_forge.research.sweep import sweep_windows
 
     shard, out, device = _run_setup("sweep", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation, **placement)
@@ -490,8 +490,8 @@ def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float
     """
     from pathlib import Path
 
-    from .probes import ScoreConfig
-    from .validate import validate_runs
+    from rys_forge.rank.probes import ScoreConfig
+    from rys_forge.research.validate import validate_runs
 
     config = ScoreConfig.from_json(score_config) if score_config else None
     report = validate_runs(rank_run, sweep_run, out_dir=out or str(Path(sweep_run) / "validation"),
@@ -515,7 +515,7 @@ def calibrate(sweep_run: str, rank_run: str, out: str, target: str, repeats: int
     Use the output with `rank --score-config` or `validate --score-config`; validating on the calibration
     model itself is in-sample and `validate` says so.
     """
-    from .calibrate import calibrate_score
+    from rys_forge.research.calibrate import calibrate_score
 
     result = calibrate_score(sweep_run, rank_run, out=out, target=target, repeats=repeats, trials=trials,
                              folds=folds, seed=seed)
@@ -541,8 +541,8 @@ def _run_setup(command: str, model_name: str, out: str | None, device: str) -> t
     import re
     from pathlib import Path
 
-    from .distributed import init_from_environment
-    from .errors import UsageError
+    from rys_forge.distributed import init_from_environment
+    from rys_forge.errors import UsageError
 
     if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError(f"a window-parallel {command} (torchrun) needs --out: one run folder shared by all processes")
@@ -555,7 +555,7 @@ def _run_setup(command: str, model_name: str, out: str | None, device: str) -> t
 
 def _check_windows(windows: tuple[str, ...]) -> None:
     """Parse i:j windows before any (slow) model load, so a typo fails fast with one line."""
-    from .plan import Window
+    from rys_forge.plan import Window
 
     for window in windows:
         Window.parse(window)

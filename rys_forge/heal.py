@@ -43,11 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import quiet_peft
-from .architectures import arch_spec, get_path
-from .errors import RysForgeError, UsageError, VerificationError
-from .files import sha256_file
-from .plan import LayerPlan
+from rys_forge.adapters import quiet_peft
+from rys_forge.architectures import arch_spec, get_path
+from rys_forge.errors import RysForgeError, UsageError, VerificationError
+from rys_forge.files import sha256_file
+from rys_forge.plan import LayerPlan
 
 HEAL_DIR = "heal"
 HEAL_FILE = "heal.json"
@@ -391,8 +391,8 @@ def heal(
     import peft
     import transformers
 
-    from . import __version__
-    from .models import load_model
+    from rys_forge import __version__
+    from rys_forge.models import load_model
 
     settings = settings or HealSettings()
     settings.validate()
@@ -454,7 +454,7 @@ def heal(
                         seconds=timings)
     del wrapped, loaded
     if verify:
-        from .verify import verify as run_verify
+        from rys_forge.verify import verify as run_verify
 
         t0 = time.perf_counter()
         result.verification = run_verify(folder, dtype=dtype, device=device).to_dict()
@@ -499,7 +499,7 @@ def attach_visit_adapters(model: nn.Module, adapter_dir: str | Path) -> int:
 
     from peft import inject_adapter_in_model
 
-    from .repeat import visit_copy  # re-attaches accelerate hooks to the copies
+    from rys_forge.repeat import visit_copy  # re-attaches accelerate hooks to the copies
 
     config, weights = read_visit_adapter(adapter_dir)
     layers_path = arch_spec(model.config.model_type).layers_path

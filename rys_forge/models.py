@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import arch_spec, get_path, layer_config
-from .errors import ModelLoadError, UsageError
+from rys_forge.architectures import arch_spec, get_path, layer_config
+from rys_forge.errors import ModelLoadError, UsageError
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -327,7 +327,7 @@ def load_model(
         model.to(torch_device)
     model.eval()
     if adapter:
-        from .adapters import merge_adapter
+        from rys_forge.adapters import merge_adapter
 
         model, info["adapter"] = merge_adapter(model, adapter)
     info.setdefault("source", source)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import WindowError
+from rys_forge.errors import WindowError
 
 WINDOW_CONVENTION = "windows are i:j, 0-based and half-open (layers i..j-1), with 0 <= i < j <= L"
 _WINDOW_RE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")

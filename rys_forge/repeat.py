@@ -24,10 +24,10 @@ from typing import Any
 
 from torch import nn
 
-from .architectures import ArchSpec, get_path, layer_config, set_path, spec_for_model
-from .errors import UsageError, WindowError
-from .plan import LayerPlan
-from .surgery.modeling_rys import visit_copy as _template_visit_copy
+from rys_forge.architectures import ArchSpec, get_path, layer_config, set_path, spec_for_model
+from rys_forge.errors import UsageError, WindowError
+from rys_forge.plan import LayerPlan
+from rys_forge.modeling_rys import visit_copy as _template_visit_copy
 
 _STATE_ATTR = "_rys_forge_original"
 

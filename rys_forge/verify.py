@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from .errors import RysForgeError, UsageError, VerificationError
-from .files import sha256_file, write_atomic
-from .models import LoadedModel, load_model, offloaded, parse_device, parse_dtype
-from .plan import LayerPlan
-from .repeat import repeated
+from rys_forge.errors import RysForgeError, UsageError, VerificationError
+from rys_forge.files import sha256_file, write_atomic
+from rys_forge.models import LoadedModel, load_model, offloaded, parse_device, parse_dtype
+from rys_forge.plan import LayerPlan
+from rys_forge.repeat import repeated
 
 REPORT = "verification.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -193,10 +193,10 @@ def verify(
         raise VerificationError("the export does not record its base model; pass --model BASE")
     adapter = rys.get("adapter") if isinstance(rys.get("adapter"), dict) else None
     if adapter:
-        from .adapters import check_adapter
+        from rys_forge.adapters import check_adapter
 
         check_adapter(adapter)
-    from .heal import heal_adapter_dir
+    from rys_forge.heal import heal_adapter_dir
 
     heal_dir = heal_adapter_dir(folder)
     if heal_dir is not None and fmt != "layerlist":
@@ -229,7 +229,7 @@ def verify(
         first = (str(exc).strip().splitlines() or [""])[0]
         raise VerificationError(f"export {folder} does not load: {type(exc).__name__}: {first}") from None
     if heal_dir is not None:
-        from .adapters import adapter_record, apply_adapter
+        from rys_forge.adapters import adapter_record, apply_adapter
 
         try:
             export = apply_adapter(export, adapter_record(heal_dir)).eval()
@@ -245,7 +245,7 @@ def verify(
 
     with repeated(model, plan):
         if heal_dir is not None:
-            from .heal import attach_visit_adapters
+            from rys_forge.heal import attach_visit_adapters
 
             attach_visit_adapters(model, heal_dir)
         ref = _logits(model, ids, mask)
@@ -322,8 +322,8 @@ def verify(
 
 def _check_layer_fields(export_cfg: dict[str, Any], base_model: Any, plan: LayerPlan) -> None:
     """The export's per-layer config fields must be the base's, remapped through its stored plan."""
-    from .architectures import arch_spec, layer_config
-    from .repeat import remap_layer_fields
+    from rys_forge.architectures import arch_spec, layer_config
+    from rys_forge.repeat import remap_layer_fields
 
     spec = arch_spec(base_model.config.model_type)
     expected = remap_layer_fields(layer_config(base_model.config, spec), spec, plan.order)

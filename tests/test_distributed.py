@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 
 from rys_forge.distributed import Shard
 from rys_forge.models import load_model
-from rys_forge.prompts import Prompt
-from rys_forge.rank import RankSettings, rank_windows
+from rys_forge.rank.prompts import Prompt
+from rys_forge.rank.pipeline import RankSettings, rank_windows
 
 TEXTS = [
     "The committee postponed its decision until the next meeting in March.",
@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, kind: str, init_file: str, model_dir: str, ou
     """One process of a window-parallel ``rank`` or ``sweep`` (gloo, file rendezvous)."""
     import torch.distributed as dist
 
-    from rys_forge.sweep import sweep_windows
+    from rys_forge.research.sweep import sweep_windows
 
     os.environ["RYS_FORGE_CACHE"] = cache_dir
     torch.set_num_threads(1)
@@ -93,7 +93,7 @@ def _load(model_dir: str):
 @pytest.mark.slow
 def test_two_process_sweep_equals_one(tiny_model_dirs, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from rys_forge.sweep import read_sweep, sweep_windows
+    from rys_forge.research.sweep import read_sweep, sweep_windows
 
     model_dir = str(tiny_model_dirs["llama"])
     monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path / "cache"))

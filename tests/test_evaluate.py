@@ -1,4 +1,4 @@
-"""rys_forge.evaluate end to end on tiny random models and the offline lm-eval tasks (a few items each).
+"""rys_forge.evaluate.harness end to end on tiny random models and the offline lm-eval tasks (a few items each).
 
 The RYS numbers are checked against an independent computation: lm-eval's HFLM run directly on a model
 materialised with duplicated weights (tests/test_repeat.py's reference), item by item.
@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("lm_eval")
 
 from rys_forge.errors import ModelLoadError, TaskError, UsageError, WindowError  # noqa: E402
-from rys_forge.evaluate import EVAL_FILE, EvalReport, _compare, evaluate, format_table  # noqa: E402
-from rys_forge.local_tasks import offline_env, task_manager  # noqa: E402
+from rys_forge.evaluate.harness import EVAL_FILE, EvalReport, _compare, evaluate, format_table  # noqa: E402
+from rys_forge.evaluate.local_tasks import offline_env, task_manager  # noqa: E402
 from rys_forge.models import load_model  # noqa: E402
 from rys_forge.plan import LayerPlan  # noqa: E402
 from rys_forge.stats import mcnemar_exact  # noqa: E402

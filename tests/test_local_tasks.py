@@ -24,7 +24,7 @@ import yaml
 pytest.importorskip("lm_eval")
 
 from rys_forge.errors import TaskError, UsageError  # noqa: E402
-from rys_forge.local_tasks import (  # noqa: E402
+from rys_forge.evaluate.local_tasks import (  # noqa: E402
     CACHE_DIR_ENV,
     DATA_DIR,
     LOCAL_TASK_NAMES,
@@ -407,7 +407,7 @@ def test_fresh_interpreter_loads_offline(tmp_path: Path) -> None:
             raise OSError("network access attempted")
         socket.getaddrinfo = no_network
         socket.socket.connect = no_network
-        from rys_forge.local_tasks import task_manager
+        from rys_forge.evaluate.local_tasks import task_manager
         tasks = task_manager(include_defaults=False).load(["rys_hellaswag", "rys_piqa"])["tasks"]
         print(json.dumps({name: len(task.eval_docs) for name, task in tasks.items()}))
         """

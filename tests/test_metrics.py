@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from rys_forge import metrics as M
+from rys_forge.rank import metrics as M
 
 F64 = torch.float64
 

@@ -109,7 +109,7 @@ def test_merged_adapter_equals_peft_forward(tiny_model_dirs, lora_adapter):
 
 
 def test_build_with_adapter_records_verifies_and_cards(tiny_model_dirs, lora_adapter, tmp_path):
-    from rys_forge.publish import render_card
+    from rys_forge.publish.card import render_card
 
     base_dir = tiny_model_dirs["llama"]
     result = build(str(base_dir), [WINDOW], tmp_path / "export", adapter=str(lora_adapter))
@@ -307,7 +307,7 @@ def _order(folder):
 
 
 def test_healed_card(healed):
-    from rys_forge.publish import render_card
+    from rys_forge.publish.card import render_card
 
     card = render_card(healed[0].path.parent, repo_id="me/tiny-healed").text
     assert "## Healing" in card and 'PeftModel.from_pretrained(model, "me/tiny-healed", subfolder="heal")' in card
@@ -382,7 +382,7 @@ def test_heal_settings_validation():
 
 def test_eval_reports_before_and_after_healing(healed, tiny_model_dirs, lora_adapter, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from rys_forge.evaluate import evaluate, format_table
+    from rys_forge.evaluate.harness import evaluate, format_table
 
     monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "healed"

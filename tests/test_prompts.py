@@ -10,7 +10,7 @@ from importlib import resources
 import pytest
 
 from rys_forge.errors import PromptError, UsageError
-from rys_forge.prompts import DEFAULT_FAMILIES, Prompt, available_families, load_prompts
+from rys_forge.rank.prompts import DEFAULT_FAMILIES, Prompt, available_families, load_prompts
 
 ALLOWED_SOURCES = {"rys-forge (Apache-2.0)", "gsm8k-test (MIT)"}
 CODE_LANGUAGES = {"python", "javascript", "c", "sql", "rust", "shell"}
@@ -18,7 +18,7 @@ CODE_LANGUAGES = {"python", "javascript", "c", "sql", "rust", "shell"}
 
 def _raw_records(family: str) -> list[dict]:
     """Read a shipped JSONL file directly (bypassing the loader)."""
-    text = resources.files("rys_forge").joinpath("prompts", f"{family}.jsonl").read_text(encoding="utf-8")
+    text = resources.files("rys_forge.rank").joinpath("prompt_sets", f"{family}.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

@@ -26,7 +26,7 @@ import pytest
 
 import rys_forge
 from rys_forge.errors import UsageError, VerificationError
-from rys_forge.publish import (
+from rys_forge.publish.card import (
     CARD_FILE,
     HEATMAP_FILE,
     HubAuthError,

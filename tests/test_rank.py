@@ -10,16 +10,16 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from rys_forge import probes as probes_module
-from rys_forge.activations import ActivationCache, CachedBatch, cache_activations
+from rys_forge.rank import probes as probes_module
+from rys_forge.rank.activations import ActivationCache, CachedBatch, cache_activations
 from rys_forge.architectures import ArchSpec
 from rys_forge.cli import main
 from rys_forge.errors import UsageError
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
-from rys_forge.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window
-from rys_forge.prompts import Prompt
-from rys_forge.rank import RankSettings, rank_windows
+from rys_forge.rank.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window
+from rys_forge.rank.prompts import Prompt
+from rys_forge.rank.pipeline import RankSettings, rank_windows
 from rys_forge.repeat import repeated
 
 TEXTS = [
@@ -189,14 +189,14 @@ def test_rank_run_folder_resume_and_outputs(gemma, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("rys_forge.rank.probe_window", flaky)
+    monkeypatch.setattr("rys_forge.rank.pipeline.probe_window", flaky)
     with pytest.raises(KeyboardInterrupt):
         rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "part", progress=False)
     log = (tmp_path / "part" / "windows.jsonl").read_text().splitlines()
     assert len(log) == 5 and not (tmp_path / "part" / "summary.json").exists()
     with (tmp_path / "part" / "windows.jsonl").open("a") as handle:
         handle.write('{"window": "7:8", "torn')  # a torn last line must be ignored
-    monkeypatch.setattr("rys_forge.rank.probe_window", real)
+    monkeypatch.setattr("rys_forge.rank.pipeline.probe_window", real)
     with pytest.raises(UsageError, match="--resume"):
         rank_windows(gemma.model, gemma.tokenizer, _prompts(), settings, out_dir=tmp_path / "part", progress=False)
     other = RankSettings(**{**settings.__dict__, "max_tokens": 17})

@@ -1,4 +1,4 @@
-"""rys_forge.sweep on a tiny llama and the offline rys_arc_easy task (4 items), plus its pure helpers."""
+"""rys_forge.research.sweep on a tiny llama and the offline rys_arc_easy task (4 items), plus its pure helpers."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from rys_forge import sweep as sweep_mod  # noqa: E402
+from rys_forge.research import sweep as sweep_mod  # noqa: E402
 from rys_forge.errors import UsageError  # noqa: E402
 from rys_forge.repeat import applied_plan_active  # noqa: E402
-from rys_forge.sweep import combine_z, fit_repeat_curve, pick_metric, read_sweep, sweep_windows, task_z  # noqa: E402
-from rys_forge.validate import validate_runs  # noqa: E402
+from rys_forge.research.sweep import combine_z, fit_repeat_curve, pick_metric, read_sweep, sweep_windows, task_z  # noqa: E402
+from rys_forge.research.validate import validate_runs  # noqa: E402
 
 TASK = "rys_arc_easy"
 LIMIT = 4

@@ -15,14 +15,14 @@ import torch
 
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan, Window
-from rys_forge.sweep_engine import LoglikelihoodEngine
+from rys_forge.research.sweep_engine import LoglikelihoodEngine
 from test_repeat import materialised_reference
 
 pytest.importorskip("lm_eval")
 
-from rys_forge import sweep_engine  # noqa: E402
+from rys_forge.research import sweep_engine  # noqa: E402
 from rys_forge.errors import TaskError, UsageError  # noqa: E402
-from rys_forge.sweep import sweep_windows  # noqa: E402
+from rys_forge.research.sweep import sweep_windows  # noqa: E402
 
 MAX_LENGTH = 20
 

@@ -1,4 +1,4 @@
-"""rys_forge.validate on hand-made rank and sweep folders: every statistic against a hand or scipy value."""
+"""rys_forge.research.validate on hand-made rank and sweep folders: every statistic against a hand or scipy value."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from rys_forge.errors import UsageError
-from rys_forge.validate import (
+from rys_forge.research.validate import (
     correlation,
     evaluations_to_reach,
     expected_first_hit,

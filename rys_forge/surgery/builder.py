@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import RysForgeError, UsageError
-from ..models import LoadedModel, load_model, offloaded
-from ..plan import LayerPlan
-from .layerlist import export_layerlist
+from rys_forge.errors import RysForgeError, UsageError
+from rys_forge.models import LoadedModel, load_model, offloaded
+from rys_forge.plan import LayerPlan
+from rys_forge.surgery.layerlist import export_layerlist
 
 FORMATS = ("layerlist", "mergekit")
 
@@ -37,7 +37,7 @@ class BuildResult:
 
 
 def _rys_block(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
-    from .. import __version__
+    from rys_forge import __version__
 
     block = {
         "format": fmt,
@@ -105,14 +105,14 @@ def build(
         raise UsageError("pass the adapter to load_model(..., adapter=...) when giving an already loaded model")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, adapter=adapter, **(placement or {}))
     if format == "layerlist" and offloaded(loaded.model):
-        from ..verify import OFFLOAD_LAYERLIST
+        from rys_forge.verify import OFFLOAD_LAYERLIST
 
         raise UsageError(OFFLOAD_LAYERLIST)
     num_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
     plan = windows if isinstance(windows, LayerPlan) else LayerPlan.from_windows(windows, num_layers, repeats)
     if plan.num_layers != num_layers:
         raise UsageError(f"plan is for {plan.num_layers} layers but {loaded.source} has {num_layers}")
-    from ..verify import REPORT, weight_bytes
+    from rys_forge.verify import REPORT, weight_bytes
 
     base_bytes = weight_bytes(loaded.path) or sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     _check_disk(out, base_bytes * (len(plan.order) / plan.num_layers if format == "mergekit" else 1))
@@ -126,7 +126,7 @@ def build(
             target.mkdir()
             export_layerlist(loaded.model, loaded.tokenizer, plan, target, block)
         else:
-            from .mergekit_export import default_recipe_name, export_mergekit
+            from rys_forge.surgery.mergekit_export import default_recipe_name, export_mergekit
 
             source_path = loaded.path
             if block.get("adapter"):  # mergekit reads weights from disk: give it the merged base
@@ -146,7 +146,7 @@ def build(
         timings["export_s"] = time.perf_counter() - t0
         report = None
         if verify:
-            from ..verify import verify as run_verify
+            from rys_forge.verify import verify as run_verify
 
             t0 = time.perf_counter()
             try:

@@ -17,11 +17,11 @@ from typing import Any
 
 from torch import nn
 
-from ..architectures import arch_spec, layer_config
-from ..plan import LayerPlan
-from ..repeat import remap_layer_fields
+from rys_forge.architectures import arch_spec, layer_config
+from rys_forge.plan import LayerPlan
+from rys_forge.repeat import remap_layer_fields
 
-TEMPLATE = Path(__file__).with_name("modeling_rys.py")
+TEMPLATE = Path(__file__).resolve().parent.parent / "modeling_rys.py"
 
 
 def render_modeling(model: nn.Module) -> str:

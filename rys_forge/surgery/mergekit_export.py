@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..architectures import ArchSpec, arch_spec, layer_config
-from ..errors import MergekitExportError, ModelLoadError, UsageError, WindowError
-from ..plan import LayerPlan
-from ..repeat import remap_layer_fields
+from rys_forge.architectures import ArchSpec, arch_spec, layer_config
+from rys_forge.errors import MergekitExportError, ModelLoadError, UsageError, WindowError
+from rys_forge.plan import LayerPlan
+from rys_forge.repeat import remap_layer_fields
 
 RECIPE_FILENAME = "rys_recipe.yml"
 WINDOW_CONVENTION_LINE = "i:j = layers i..j-1, 0-based, half-open"
@@ -191,7 +191,7 @@ def _first_line(exc: BaseException) -> str:
 def _resolve_base(base: str | Path) -> Path:
     """A local folder holding the base's config and weights (built-ins/GGUF via the conversion cache,
     hub ids via a snapshot download)."""
-    from ..models import resolve_source
+    from rys_forge.models import resolve_source
 
     source, _info = resolve_source(str(base))
     path = Path(source).expanduser()
@@ -215,7 +215,7 @@ def _resolve_base(base: str | Path) -> Path:
 
 
 def _dtype_name(dtype: str | None, config: Any) -> str:
-    from ..models import parse_dtype
+    from rys_forge.models import parse_dtype
 
     if dtype is None:
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"

@@ -59,11 +59,11 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .errors import EvaluationError, ModelLoadError, RysForgeError, TaskError, UsageError
-from .local_tasks import offline_env, resolve_tasks, task_data_files, task_manager
-from .models import BUILTIN_MODELS, cache_dir, load_model, parse_device, parse_dtype, resolve_source
-from .plan import LayerPlan
+from rys_forge import stats
+from rys_forge.errors import EvaluationError, ModelLoadError, RysForgeError, TaskError, UsageError
+from rys_forge.evaluate.local_tasks import offline_env, resolve_tasks, task_data_files, task_manager
+from rys_forge.models import BUILTIN_MODELS, cache_dir, load_model, parse_device, parse_dtype, resolve_source
+from rys_forge.plan import LayerPlan
 
 __all__ = [
     "EVAL_FILE",
@@ -300,7 +300,7 @@ def _lm_eval_version() -> str:
 
 
 def _rys_forge_version() -> str:
-    from . import __version__
+    from rys_forge import __version__
 
     return __version__
 
@@ -869,7 +869,7 @@ def _read_target_config(target: str) -> tuple[str, dict[str, Any]]:
 
 
 def _num_layers(model: Any) -> int:
-    from .architectures import get_path, spec_for_model
+    from rys_forge.architectures import get_path, spec_for_model
 
     return len(get_path(model, spec_for_model(model).layers_path))
 
@@ -1018,19 +1018,19 @@ def evaluate(
                 base_source = str(beside)
         rys_label = target
         if isinstance((block or {}).get("adapter"), dict):
-            from .adapters import check_adapter
+            from rys_forge.adapters import check_adapter
 
             adapter_rec = block["adapter"]
             check_adapter(adapter_rec)
         if heal and Path(target_folder).is_dir():
-            from .heal import heal_adapter_dir
+            from rys_forge.heal import heal_adapter_dir
 
             heal_dir = heal_adapter_dir(target_folder)
     else:
         base_source = str(model)
         rys_label = f"{model} with {', '.join(str(w) for w in windows)} x{repeats} (in memory)"
         if adapter is not None:
-            from .adapters import adapter_record
+            from rys_forge.adapters import adapter_record
 
             adapter_rec = adapter_record(adapter)
 
@@ -1087,7 +1087,7 @@ def evaluate(
                 _write_cache(cache_file, key, base_run)
         else:
             _say(progress, "base results reused from the cache")
-        from .repeat import repeated
+        from rys_forge.repeat import repeated
 
         _say(progress, f"evaluating the repeat {plan.describe()}")
         t0 = time.perf_counter()
@@ -1215,7 +1215,7 @@ def evaluate(
 
 
 def _adapter_identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    from .adapters import identity
+    from rys_forge.adapters import identity
 
     return identity(record)
 
@@ -1223,7 +1223,7 @@ def _adapter_identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
 def _with_heal_adapter(model: Any, heal_dir: Path) -> Any:
     """The loaded export with its per-visit LoRA adapters (peft injects them into the model's own modules,
     so the returned transformers model runs them; lm-eval's HFLM takes it as is)."""
-    from .adapters import adapter_record, apply_adapter
+    from rys_forge.adapters import adapter_record, apply_adapter
 
     return apply_adapter(model, adapter_record(heal_dir)).get_base_model().eval()
 
@@ -1235,7 +1235,7 @@ def _healing_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def _heal_settings(heal_dir: Path) -> dict[str, Any]:
     """What heal.json says about the adapters (settings, data, visits, loss before/after), without the curve."""
-    from .heal import HEAL_FILE
+    from rys_forge.heal import HEAL_FILE
 
     try:
         record = json.loads((heal_dir / HEAL_FILE).read_text(encoding="utf-8"))

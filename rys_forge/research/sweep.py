@@ -50,14 +50,14 @@ from typing import Any
 
 import numpy as np
 
-from . import evaluate as _ev
-from .distributed import current_shard
-from .errors import TaskError, UsageError
-from .local_tasks import resolve_tasks, task_manager
-from .plan import WINDOW_CONVENTION, LayerPlan, Window
-from .files import write_atomic
-from .rank import RunFolder, _progress, select_windows
-from .repeat import repeated
+from rys_forge.evaluate import harness as _ev
+from rys_forge.distributed import current_shard
+from rys_forge.errors import TaskError, UsageError
+from rys_forge.evaluate.local_tasks import resolve_tasks, task_manager
+from rys_forge.plan import WINDOW_CONVENTION, LayerPlan, Window
+from rys_forge.files import write_atomic
+from rys_forge.rank.pipeline import RunFolder, _progress, select_windows
+from rys_forge.repeat import repeated
 
 __all__ = [
     "SINGLE_TASK_MIN_Z",
@@ -417,7 +417,7 @@ def sweep_windows(
     manager, names = _resolve(tasks, include_path)
     task_objects = None
     if engine != "lm-eval":
-        from .sweep_engine import check_cached_tasks, uncached_tasks
+        from rys_forge.research.sweep_engine import check_cached_tasks, uncached_tasks
 
         with _ev._lm_eval_environment(False):
             task_objects = _ev._load_task_objects(manager, names)
@@ -468,7 +468,7 @@ def sweep_windows(
     todo = shard.take(todo_all)  # under torchrun: this process's share
     lm = None
     if engine == "cached" and (todo or base_run is None):
-        from .sweep_engine import capturing_lm
+        from rys_forge.research.sweep_engine import capturing_lm
 
         lm = capturing_lm(model, tokenizer, batch_tokens=batch_tokens)
         _ev._say(progress, f"base pass and activation cache over {', '.join(names)}")
@@ -583,7 +583,7 @@ def _cached_windows(
     advance: Any,
 ) -> None:
     """Every (window, visits) in ``todo`` through the cached engine, scored with lm-eval's task code."""
-    from .sweep_engine import WindowScorer, leaf_tasks
+    from rys_forge.research.sweep_engine import WindowScorer, leaf_tasks
 
     if not todo:  # nothing left to score (a resumed or empty share): just free the cache
         lm.engine.release()
@@ -682,7 +682,7 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
 
 
 def _plots(result: SweepResult, num_layers: int, tasks: Sequence[str]) -> None:
-    from . import plots
+    from rys_forge import plots
 
     out = result.out_dir
     assert out is not None
@@ -714,7 +714,7 @@ def repeats_plot(result: SweepResult, path: Path, tasks: Sequence[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import _save
+    from rys_forge.plots import _save
 
     panels = ["mean_delta", *tasks]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .activations import capture_layer_inputs, head_logits, replay_layers, run_decoder
-from .architectures import get_path, spec_for_model
-from .errors import TaskError
+from rys_forge.rank.activations import capture_layer_inputs, head_logits, replay_layers, run_decoder
+from rys_forge.architectures import get_path, spec_for_model
+from rys_forge.errors import TaskError
 
 __all__ = ["CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "capturing_lm", "check_cached_tasks", "leaf_tasks", "uncached_tasks", "WindowScorer"]
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import ArchSpec, get_path, spec_for_model
-from .errors import PromptError
+from rys_forge.architectures import ArchSpec, get_path, spec_for_model
+from rys_forge.errors import PromptError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Prompt sets whose residual stream rys-forge caches and compares across layers.
 
 Five families ship inside the package, one JSON Lines file each under
-``rys_forge/prompts/<family>.jsonl``:
+``rys_forge/rank/prompt_sets/<family>.jsonl``:
 
 * ``math``: arithmetic, algebra, geometry and probability questions and word problems;
 * ``reasoning``: logic puzzles, philosophy and ethics questions, causal and commonsense reasoning;
@@ -27,7 +27,7 @@ with a one-line message that names the file, line or value and what is allowed.
 
 Example::
 
-    from rys_forge.prompts import load_prompts
+    from rys_forge.rank.prompts import load_prompts
 
     prompts = load_prompts(["math", "code"], limit_per_family=16)
     texts = [p.text for p in prompts]
@@ -43,7 +43,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import PromptError
+from rys_forge.errors import PromptError
 
 __all__ = ["DEFAULT_FAMILIES", "Prompt", "available_families", "load_prompts"]
 
@@ -54,7 +54,7 @@ DEFAULT_FAMILIES: tuple[str, ...] = ("math", "reasoning", "code", "multilingual"
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
 
 _PACKAGE = __package__ or "rys_forge"
-_DATA_DIR = "prompts"
+_DATA_DIR = "prompt_sets"
 _TEXT_KEYS = ("text", "prompt")
 
 
@@ -81,7 +81,7 @@ def _shipped_dir() -> Any:
 def available_families() -> list[str]:
     """List the prompt families shipped with the package.
 
-    The list is read from the ``rys_forge/prompts/*.jsonl`` files through
+    The list is read from the ``rys_forge/rank/prompt_sets/*.jsonl`` files through
     ``importlib.resources``, so it also works from an installed wheel or zip.
 
     Returns:

@@ -3,19 +3,19 @@
 rys-forge ships seven benchmarks as local lm-eval tasks (``rys_arc_easy``, ``rys_arc_challenge``,
 ``rys_hellaswag``, ``rys_piqa``, ``rys_openbookqa``, ``rys_gsm8k``, ``rys_lambada_openai``) plus the group
 ``rys_suite`` (every one of them except the slow, generative ``rys_gsm8k``). Their YAMLs in
-``rys_forge/lm_eval_tasks/`` copy lm-eval's own task definitions (prompts, choices, targets, metrics,
+``rys_forge/evaluate/lm_eval_tasks/`` copy lm-eval's own task definitions (prompts, choices, targets, metrics,
 HellaSwag's preprocessing) and only swap the Hugging Face hub dataset for a JSONL file shipped in
-``rys_forge/lm_eval_tasks/data/`` (``dataset_path: json``); see ``docs/DATA.md`` for sources and licences.
+``rys_forge/evaluate/lm_eval_tasks/data/`` (``dataset_path: json``); see ``docs/DATA.md`` for sources and licences.
 
 Relative data paths: lm-eval hands ``dataset_kwargs.data_files`` to ``datasets.load_dataset`` unchanged,
 and ``datasets`` resolves relative paths against the current working directory, not against the YAML.
 The shipped YAMLs are therefore templates (their ``data_files`` are relative to the template folder) and
 :func:`local_task_dir` materialises a folder of small wrapper YAMLs, one per template, each of the form::
 
-    include: /abs/path/to/rys_forge/lm_eval_tasks/rys_piqa.yaml
+    include: /abs/path/to/rys_forge/evaluate/lm_eval_tasks/rys_piqa.yaml
     dataset_kwargs:
       data_files:
-        validation: /abs/path/to/rys_forge/lm_eval_tasks/data/piqa_validation.jsonl
+        validation: /abs/path/to/rys_forge/evaluate/lm_eval_tasks/data/piqa_validation.jsonl
 
 ``include`` is lm-eval's own inheritance mechanism: every key comes from the template (whose
 ``!function`` references keep resolving next to the template) and only ``dataset_kwargs`` is replaced by the
@@ -26,7 +26,7 @@ read-only installed wheel, and is rebuilt automatically whenever the package mov
 
 Typical use::
 
-    from rys_forge.local_tasks import offline_env, resolve_tasks, task_manager
+    from rys_forge.evaluate.local_tasks import offline_env, resolve_tasks, task_manager
 
     manager = task_manager()
     names = resolve_tasks(["rys_suite"], manager)
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import TaskError
+from rys_forge.errors import TaskError
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -117,7 +117,7 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
     """Return the folder that holds materialised task folders (not created here)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    from .models import cache_dir as rys_cache_dir
+    from rys_forge.models import cache_dir as rys_cache_dir
 
     return rys_cache_dir()
 

@@ -32,15 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import metrics, plots
-from .activations import ActivationCache, cache_activations
-from .architectures import get_path, spec_for_model
-from .distributed import Shard, current_shard
-from .errors import UsageError
-from .files import write_atomic
-from .evaluate import _json_safe  # one JSON sanitiser (non-finite floats -> null) for every output
-from .plan import WINDOW_CONVENTION, Window, all_windows
-from .probes import (
+from rys_forge.rank import metrics
+from rys_forge import plots
+from rys_forge.rank.activations import ActivationCache, cache_activations
+from rys_forge.architectures import get_path, spec_for_model
+from rys_forge.distributed import Shard, current_shard
+from rys_forge.errors import UsageError
+from rys_forge.files import write_atomic
+from rys_forge.evaluate.harness import _json_safe  # one JSON sanitiser (non-finite floats -> null) for every output
+from rys_forge.plan import WINDOW_CONVENTION, Window, all_windows
+from rys_forge.rank.probes import (
     ProbeSettings,
     ScoreConfig,
     Trajectory,
@@ -50,7 +51,7 @@ from .probes import (
     score,
     select_probes,
 )
-from .prompts import Prompt
+from rys_forge.rank.prompts import Prompt
 
 HEATMAPS = {
     "score": ("Score(B) = P*A*S*D", False, None),
@@ -494,7 +495,7 @@ def write_outputs(result: RankResult, num_layers: int) -> None:
 def _versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from rys_forge import __version__
 
     return {"rys-forge": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 

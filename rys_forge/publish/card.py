@@ -1,6 +1,6 @@
 """`card` and `publish`: a generated model card, and a verified push of an export to the Hugging Face Hub.
 
-The card (`README.md` of the export) is rendered from `rys_forge/templates/model_card.md` through
+The card (`README.md` of the export) is rendered from `rys_forge/publish/templates/model_card.md` through
 `huggingface_hub.ModelCard.from_template` with `ModelCardData` metadata (`base_model`, `base_model_relation: merge`,
 `library_name: transformers`, `license` inherited from the base, `pipeline_tag: text-generation`, tags). It states
 the base, the explicit layer plan, unique vs effective parameters (read from the safetensors headers, no model
@@ -40,10 +40,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import RysForgeError, UsageError, VerificationError
-from .files import sha256_file, write_atomic
-from .plan import LayerPlan
-from .verify import REPORT, check_verified, read_rys_config
+from rys_forge.errors import RysForgeError, UsageError, VerificationError
+from rys_forge.files import sha256_file, write_atomic
+from rys_forge.plan import LayerPlan
+from rys_forge.verify import REPORT, check_verified, read_rys_config
 
 __all__ = [
     "CARD_FILE",
@@ -185,7 +185,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _card_version() -> str:
-    from . import __version__
+    from rys_forge import __version__
 
     return __version__
 
@@ -304,7 +304,7 @@ def _base_facts(config: dict[str, Any]) -> dict[str, Any]:
 
 def _adapter_text(adapter: dict[str, Any]) -> str:
     """`LORA r=8 alpha=16 on q_proj, v_proj` from `name`: the adapter's type, size and targets, by its folder name."""
-    from .adapters import describe_adapter
+    from rys_forge.adapters import describe_adapter
 
     path = str(adapter.get("path") or "?")
     label = path if not adapter.get("local") else Path(path).name
@@ -313,7 +313,7 @@ def _adapter_text(adapter: dict[str, Any]) -> str:
 
 def _read_heal(folder: Path) -> dict[str, Any] | None:
     """heal/heal.json of a healed export, or None."""
-    from .heal import HEAL_DIR, HEAL_FILE, heal_adapter_dir
+    from rys_forge.heal import HEAL_DIR, HEAL_FILE, heal_adapter_dir
 
     if heal_adapter_dir(folder) is None:
         return None
@@ -686,7 +686,7 @@ def _card_data(base: dict[str, Any], fmt: str, healed: bool = False) -> Any:
 def _template_text(template: str | Path | None) -> str:
     if template is not None:
         return Path(template).expanduser().read_text(encoding="utf-8")
-    return resources.files("rys_forge").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    return resources.files("rys_forge.publish").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
 
 
 def render_card(
@@ -702,7 +702,7 @@ def render_card(
         folder: a rys-forge export (config.json with an `rys` block).
         rank_run: a `rys-forge rank` run folder: adds the window's probe metrics and the score heatmap.
         repo_id: the Hub repo the card is for (used in the loading snippet; default: the folder's name).
-        template: a Jinja template replacing `rys_forge/templates/model_card.md`.
+        template: a Jinja template replacing `rys_forge/publish/templates/model_card.md`.
 
     Raises:
         VerificationError: the folder is not a rys-forge export.

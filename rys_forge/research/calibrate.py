@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
-from .errors import UsageError
-from .files import write_atomic
-from .evaluate import _json_safe
-from .probes import SCORE_INPUTS, ScoreConfig, score_terms
-from .sweep import _finite, read_sweep
-from .validate import _display, _outcome_columns, _read_rank
+from rys_forge.errors import UsageError
+from rys_forge.files import write_atomic
+from rys_forge.evaluate.harness import _json_safe
+from rys_forge.rank.probes import SCORE_INPUTS, ScoreConfig, score_terms
+from rys_forge.research.sweep import _finite, read_sweep
+from rys_forge.research.validate import _display, _outcome_columns, _read_rank
 
 __all__ = ["BOUNDS", "CalibrationResult", "calibrate_score", "fit_constants"]
 

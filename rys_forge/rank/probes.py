@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
-from .activations import ActivationCache
-from .errors import UsageError
+from rys_forge.rank import metrics
+from rys_forge.rank.activations import ActivationCache
+from rys_forge.errors import UsageError
 
 Numbers = dict[str, float]
 

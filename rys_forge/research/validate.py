@@ -50,10 +50,10 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
-from .evaluate import _json_safe  # one JSON sanitiser for eval, sweep and validate outputs
-from .errors import UsageError
-from .files import write_atomic
-from .sweep import _finite, read_sweep
+from rys_forge.evaluate.harness import _json_safe  # one JSON sanitiser for eval, sweep and validate outputs
+from rys_forge.errors import UsageError
+from rys_forge.files import write_atomic
+from rys_forge.research.sweep import _finite, read_sweep
 
 __all__ = [
     "POSITIVE_P",
@@ -420,7 +420,7 @@ def validate_runs(
     rank_dir, sweep_dir = Path(rank_dir), Path(sweep_dir)
     rank_rows, rank_summary = _read_rank(rank_dir)
     if score_config is not None:
-        from .probes import score as _score
+        from rys_forge.rank.probes import score as _score
 
         rank_rows = [{**r, **_score(r, score_config)} for r in rank_rows]
         rank_summary = {**rank_summary, "score_config": score_config.to_dict()}
@@ -624,7 +624,7 @@ def _plot_evaluations(report: ValidationReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import _save
+    from rys_forge.plots import _save
 
     names = list(report.outcomes)
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4), squeeze=False)
@@ -649,7 +649,7 @@ def _plot_scatter(report: ValidationReport, joined: Sequence[dict[str, Any]], ou
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import _save
+    from rys_forge.plots import _save
 
     names = list(outcomes_raw)
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4), squeeze=False)
