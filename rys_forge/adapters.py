@@ -26,7 +26,7 @@ from torch import nn
 
 from rys_forge.errors import ModelLoadError, UsageError, VerificationError
 from rys_forge.files import sha256_file
-from rys_forge.models import _first_line
+from rys_forge.errors import first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -78,7 +78,7 @@ def adapter_record(path: str | Path) -> dict[str, Any]:
 
         config = PeftConfig.from_pretrained(text).to_dict()
     except Exception as exc:
-        raise ModelLoadError(f"could not read the adapter config of '{text}': {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not read the adapter config of '{text}': {first_line(exc)}") from None
     return {"path": text, "local": False, "config": _json_ready(config), "files": {}, "peft_version": _peft_version()}
 
 
@@ -101,7 +101,7 @@ def apply_adapter(model: nn.Module, record: dict[str, Any]) -> Any:
         with quiet_peft():
             wrapped = PeftModel.from_pretrained(model, path)
     except Exception as exc:  # missing target modules, shape mismatches: peft raises ValueError/RuntimeError
-        raise ModelLoadError(f"adapter {path} does not load onto this model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"adapter {path} does not load onto this model: {first_line(exc)}") from None
     unused = _unused_weights(wrapped, record)
     if unused:
         raise ModelLoadError(f"adapter {path} does not load onto this model: {len(unused)} of its weights match"

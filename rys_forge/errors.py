@@ -49,3 +49,17 @@ class EvaluationError(RysForgeError):
 
 class MergekitExportError(RysForgeError):
     """mergekit failed, or its output is not the checkpoint the plan describes."""
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, plus the first line of a chained cause (transformers'
+    config validation puts the useful text there): the one-line form of a library error."""
+
+    def line(e: BaseException) -> str:
+        text = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
+        return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+    head, cause = line(exc), exc.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in head:
+        head += f" ({line(cause)})"
+    return head

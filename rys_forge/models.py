@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rys_forge.architectures import arch_spec, get_path, layer_config
-from rys_forge.errors import ModelLoadError, UsageError
+from rys_forge.errors import ModelLoadError, UsageError, first_line
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -309,7 +309,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError with multi-line texts
-        raise ModelLoadError(f"could not read the config of '{source}': {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not read the config of '{source}': {first_line(exc)}") from None
     arch_spec(config.model_type)  # unsupported types fail before the (slow) weight load
     try:
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
@@ -320,7 +320,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelLoadError(f"could not load '{source}': {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not load '{source}': {first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device_map is None:
@@ -333,10 +333,6 @@ def load_model(
     info.setdefault("source", source)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=folder, info=info)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def describe_model(model: nn.Module) -> dict[str, Any]:

@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a figure atomically (temporary sibling, then rename) and close it."""
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -60,7 +61,7 @@ def window_heatmap(
     ax.set_ylabel("window start i")
     ax.set_xlim(0.5, num_layers + 0.5)
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def layer_cka_heatmap(matrix: np.ndarray, path: Path, title: str) -> None:
@@ -71,7 +72,7 @@ def layer_cka_heatmap(matrix: np.ndarray, path: Path, title: str) -> None:
     ax.set_xlabel("layer l (x_l enters layer l)")
     ax.set_ylabel("layer l")
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def repeat_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
@@ -91,4 +92,4 @@ def repeat_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: 
     axes[2].set(xlabel="visits of the block", ylabel="KL(base || RYS) nats/token", title="logit KL")
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)

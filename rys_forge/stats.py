@@ -224,3 +224,8 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     if array.size < 2:
         return mean, float("nan")
     return mean, float(array.std(ddof=1) / math.sqrt(array.size))
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a real, finite int or float (numpy scalars included; bools, None and strings are not)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)

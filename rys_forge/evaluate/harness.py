@@ -60,7 +60,8 @@ from typing import Any
 import numpy as np
 
 from rys_forge import stats
-from rys_forge.errors import EvaluationError, ModelLoadError, RysForgeError, TaskError, UsageError
+from rys_forge.files import json_safe
+from rys_forge.errors import EvaluationError, ModelLoadError, RysForgeError, TaskError, UsageError, first_line
 from rys_forge.evaluate.local_tasks import offline_env, resolve_tasks, task_data_files, task_manager
 from rys_forge.models import BUILTIN_MODELS, cache_dir, load_model, parse_device, parse_dtype, resolve_source
 from rys_forge.plan import LayerPlan
@@ -146,7 +147,7 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (non-finite floats become None)."""
-        return _json_safe(
+        return json_safe(
             {
                 "rys_forge_eval": EVAL_FORMAT,
                 "settings": self.settings,
@@ -198,21 +199,6 @@ def _atomic_write_texts(files: Mapping[Path, str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _json_safe(value: Any) -> Any:
-    """Convert to plain JSON types: non-finite floats -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -423,7 +409,7 @@ def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("key") != _json_safe(key) or not isinstance(data.get("run"), dict):
+    if not isinstance(data, dict) or data.get("key") != json_safe(key) or not isinstance(data.get("run"), dict):
         return None
     return data["run"]
 
@@ -432,7 +418,7 @@ def _write_cache(path: Path, key: dict[str, Any], run: dict[str, Any]) -> bool:
     """Store a base run; a cache that cannot be written only costs a re-run later (returns False)."""
     try:
         _atomic_write_texts(
-            {path: json.dumps(_json_safe({"key": key, "run": run, "created": time.time()}), allow_nan=False)}
+            {path: json.dumps(json_safe({"key": key, "run": run, "created": time.time()}), allow_nan=False)}
         )
     except RysForgeError as exc:
         _LOG.warning("could not write the base-results cache %s: %s", path, exc)
@@ -516,10 +502,6 @@ def _lm_eval_environment(progress: bool) -> Iterator[None]:
             os.environ.pop(var, None)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
 
 def _load_task_objects(manager: Any, names: Sequence[str]) -> list[Any]:
     """Load the tasks (reading their data) and return the top-level Task/Group objects for
@@ -530,7 +512,7 @@ def _load_task_objects(manager: Any, names: Sequence[str]) -> list[Any]:
         raise
     except Exception as exc:
         raise TaskError(
-            f"could not load the data of task(s) {', '.join(names)}: {_first_line(exc)}"
+            f"could not load the data of task(s) {', '.join(names)}: {first_line(exc)}"
             " (hub-backed lm-eval tasks need their dataset in the Hugging Face cache, or network access with"
             " HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0)"
         ) from None
@@ -594,7 +576,7 @@ def _run_lm_eval(
         except RysForgeError:
             raise
         except Exception as exc:
-            raise EvaluationError(f"lm-eval failed on {', '.join(names)}: {_first_line(exc)}") from None
+            raise EvaluationError(f"lm-eval failed on {', '.join(names)}: {first_line(exc)}") from None
     if not results:
         raise EvaluationError("lm-eval returned no results (not the main process?)")
     return _normalise(results)
@@ -640,7 +622,7 @@ def _normalise(results: dict[str, Any]) -> dict[str, Any]:
                 record["values"][metric] = _scalar(sample.get(metric))
             per_filter.setdefault(str(sample.get("filter", "none")), {})[str(sample["doc_id"])] = record
         items[task] = per_filter
-    return _json_safe(
+    return json_safe(
         {
             "results": results.get("results") or {},
             "groups": results.get("group_subtasks") or {},
@@ -859,13 +841,13 @@ def _read_target_config(target: str) -> tuple[str, dict[str, Any]]:
         try:
             return folder, json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not read {config_file}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"could not read {config_file}: {first_line(exc)}") from None
     try:
         from transformers import AutoConfig
 
         return folder, AutoConfig.from_pretrained(folder, trust_remote_code=True).to_dict()
     except Exception as exc:
-        raise ModelLoadError(f"could not read the config of '{target}': {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not read the config of '{target}': {first_line(exc)}") from None
 
 
 def _num_layers(model: Any) -> int:
@@ -1194,11 +1176,11 @@ def evaluate(
     timings["total"] = time.perf_counter() - started
     report = EvalReport(
         rows=rows,
-        settings=_json_safe(settings),
+        settings=json_safe(settings),
         timings={k: round(v, 3) for k, v in timings.items()},
         notes=notes,
-        items=_json_safe(paired_items),
-        healing_rows=_json_safe(healing_rows),
+        items=json_safe(paired_items),
+        healing_rows=json_safe(healing_rows),
     )
     destinations: list[Path] = []
     if out is not None:

@@ -40,7 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rys_forge.errors import RysForgeError, UsageError, VerificationError
+from rys_forge.errors import RysForgeError, UsageError, VerificationError, first_line
 from rys_forge.files import sha256_file, write_atomic
 from rys_forge.plan import LayerPlan
 from rys_forge.verify import REPORT, check_verified, read_rys_config
@@ -897,9 +897,6 @@ def _find_token(token: str | None) -> str | None:
     return huggingface_hub.get_token()
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
 
 @contextlib.contextmanager
 def _hub_errors(what: str, endpoint: str) -> Iterator[None]:
@@ -917,12 +914,12 @@ def _hub_errors(what: str, endpoint: str) -> Iterator[None]:
             raise HubAuthError(f"the Hub rejected the token while trying to {what} (401): {_LOGIN_HINT}") from None
         if status == 403:
             raise HubAuthError(f"the token may not {what} (403): use a token with write access to the namespace") from None
-        raise PublishError(f"could not {what}: {_first_line(exc)}") from None
+        raise PublishError(f"could not {what}: {first_line(exc)}") from None
     except (OSError, ValueError) as exc:
-        raise PublishError(f"could not {what} on {endpoint}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise PublishError(f"could not {what} on {endpoint}: {first_line(exc)}") from None
     except Exception as exc:  # httpx transport errors and the like
         if any(c.__module__.startswith(("httpx", "httpcore", "huggingface_hub")) for c in type(exc).__mro__):
-            raise PublishError(f"could not {what} on {endpoint}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise PublishError(f"could not {what} on {endpoint}: {first_line(exc)}") from None
         raise
 
 

@@ -39,7 +39,7 @@ from rys_forge.architectures import get_path, spec_for_model
 from rys_forge.distributed import Shard, current_shard
 from rys_forge.errors import UsageError
 from rys_forge.files import write_atomic
-from rys_forge.evaluate.harness import _json_safe  # one JSON sanitiser (non-finite floats -> null) for every output
+from rys_forge.files import json_safe
 from rys_forge.plan import WINDOW_CONVENTION, Window, all_windows
 from rys_forge.rank.probes import (
     ProbeSettings,
@@ -223,7 +223,7 @@ class RunFolder:
 
     def append(self, record: dict[str, Any]) -> None:
         with self.log.open("a") as handle:
-            handle.write(json.dumps(_json_safe(record)) + "\n")
+            handle.write(json.dumps(json_safe(record)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -475,8 +475,8 @@ def write_outputs(result: RankResult, num_layers: int) -> None:
     for row in result.rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     write_atomic(out / "windows.csv", buffer.getvalue())
-    write_atomic(out / "windows.json", json.dumps(_json_safe(result.rows), indent=1))
-    write_atomic(out / "summary.json", json.dumps(_json_safe(result.summary), indent=2))
+    write_atomic(out / "windows.json", json.dumps(json_safe(result.rows), indent=1))
+    write_atomic(out / "summary.json", json.dumps(json_safe(result.summary), indent=2))
     top = [r["window"] for r in result.summary["top_k"]]
     name = result.summary["model"].get("source", "")
     for metric, (title, log, centre) in HEATMAPS.items():

@@ -26,10 +26,10 @@ import numpy as np
 from scipy import stats as _st
 
 from rys_forge.errors import UsageError
-from rys_forge.files import write_atomic
-from rys_forge.evaluate.harness import _json_safe
+from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank.probes import SCORE_INPUTS, ScoreConfig, score_terms
-from rys_forge.research.sweep import _finite, read_sweep
+from rys_forge.research.sweep import read_sweep
+from rys_forge.stats import is_finite_number
 from rys_forge.research.validate import _display, _outcome_columns, _read_rank
 
 __all__ = ["BOUNDS", "CalibrationResult", "calibrate_score", "fit_constants"]
@@ -158,7 +158,7 @@ def calibrate_score(
         raise UsageError(f"unknown target {target!r}; the sweep has {', '.join(columns)}")
     joined = [
         r for r in rank_rows
-        if r.get("window") in outcome and _finite(outcome[r["window"]]) and all(_finite(r.get(k)) for k in SCORE_INPUTS)
+        if r.get("window") in outcome and is_finite_number(outcome[r["window"]]) and all(is_finite_number(r.get(k)) for k in SCORE_INPUTS)
     ]
     if len(joined) < 10:
         raise UsageError(
@@ -216,5 +216,5 @@ def calibrate_score(
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, json.dumps(_json_safe(report), indent=2))
+        write_atomic(out, json.dumps(json_safe(report), indent=2))
     return CalibrationResult(config=config, report=report)

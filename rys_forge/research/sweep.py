@@ -55,7 +55,8 @@ from rys_forge.distributed import current_shard
 from rys_forge.errors import TaskError, UsageError
 from rys_forge.evaluate.local_tasks import resolve_tasks, task_manager
 from rys_forge.plan import WINDOW_CONVENTION, LayerPlan, Window
-from rys_forge.files import write_atomic
+from rys_forge.stats import is_finite_number
+from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank.pipeline import RunFolder, _progress, select_windows
 from rys_forge.repeat import repeated
 
@@ -109,8 +110,6 @@ class SweepResult:
 # --------------------------------------------------------------------------- pure helpers
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pick_metric(rows: Sequence[dict[str, Any]], task: str) -> dict[str, Any] | None:
@@ -130,9 +129,9 @@ def pick_metric(rows: Sequence[dict[str, Any]], task: str) -> dict[str, Any] | N
 def task_z(delta: float | None, se_base: float | None, se_rys: float | None, n: int | None = None) -> float:
     """``delta / sqrt(se_base^2 + se_rys^2)``; missing stderrs count as 0, a zero denominator is floored at
     ``1 / (2 n)`` (half an item) when ``n`` is known; NaN when nothing can be said."""
-    if delta is None or not _finite(delta):
+    if delta is None or not is_finite_number(delta):
         return math.nan
-    var = sum(float(s) ** 2 for s in (se_base, se_rys) if _finite(s))
+    var = sum(float(s) ** 2 for s in (se_base, se_rys) if is_finite_number(s))
     denom = math.sqrt(var)
     if denom <= 0.0:
         if delta == 0.0:
@@ -154,7 +153,7 @@ def combine_z(
         the sum is 0); ``single_task_verdict``: two or more tasks, ``dominant_share > share`` and the
         dominant |z| >= ``min_z``.
     """
-    finite = {t: float(z) for t, z in z_by_task.items() if _finite(z)}
+    finite = {t: float(z) for t, z in z_by_task.items() if is_finite_number(z)}
     if not finite:
         return {"combined_z": math.nan, "dominant_task": None, "dominant_share": math.nan, "single_task_verdict": False}
     total = sum(finite.values())
@@ -176,7 +175,7 @@ def fit_repeat_curve(visits: Sequence[int], deltas: Sequence[float]) -> dict[str
         ``a``, ``b``, ``n_peak`` (``1 + a / (2 b)`` for ``b > 0``, the visits at the fitted maximum),
         ``perf_peak`` (fitted delta there), ``residual_rms``, ``points``, ``underdetermined``.
     """
-    pairs = [(int(n), float(d)) for n, d in zip(visits, deltas) if _finite(d)]
+    pairs = [(int(n), float(d)) for n, d in zip(visits, deltas) if is_finite_number(d)]
     x = np.array([n - 1 for n, _ in pairs], dtype=float)
     y = np.array([d for _, d in pairs], dtype=float)
     distinct = {v for v in x.tolist() if v > 0}
@@ -301,7 +300,7 @@ def _window_record(
             "items": items,
         }
     combined = combine_z({t: v["z"] for t, v in per_task.items()})
-    deltas = [v["delta"] for v in per_task.values() if _finite(v["delta"])]
+    deltas = [v["delta"] for v in per_task.values() if is_finite_number(v["delta"])]
     record: dict[str, Any] = {
         "window": str(window),
         "i": window.start,
@@ -482,7 +481,7 @@ def sweep_windows(
         base_run = _evaluate_once(model, tokenizer, manager, names, **run_kwargs)
         base_seconds = time.perf_counter() - t0
     if not base_reused and base_file is not None and shard.rank == 0:
-        write_atomic(base_file, json.dumps(_ev._json_safe({"run": base_run, "seconds": base_seconds})))
+        write_atomic(base_file, json.dumps(json_safe({"run": base_run, "seconds": base_seconds})))
     base_rows, base_paired, _ = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
     base = _base_summary(base_rows, base_paired, _reported_tasks(base_rows, base_run.get("groups")))
     reported = list(base)
@@ -518,7 +517,7 @@ def sweep_windows(
 
     rows = [_restore(done[f"{w}x{r}"]) for w, r in plan_items]
     fits = repeat_fits(rows, reported) if len(repeat_list) > 1 else {}
-    per_window = [r["seconds"] for r in rows if _finite(r.get("seconds"))]
+    per_window = [r["seconds"] for r in rows if is_finite_number(r.get("seconds"))]
     summary = {
         "rys_forge_sweep": SWEEP_FORMAT,
         "model": info,
@@ -543,7 +542,7 @@ def sweep_windows(
         },
         "windows": len({r["window"] for r in rows}),
         "rows": len(rows),
-        "best": _brief(max((r for r in rows if _finite(r.get("combined_z"))), key=lambda r: r["combined_z"], default=None)),
+        "best": _brief(max((r for r in rows if is_finite_number(r.get("combined_z"))), key=lambda r: r["combined_z"], default=None)),
         "single_task_flags": sum(bool(r.get("single_task_verdict")) for r in rows),
         "repeats_fits": fits,
         "timings": {
@@ -666,7 +665,7 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
     out = result.out_dir
     assert out is not None
     tasks = list(result.summary["tasks"])
-    write_atomic(out / "sweep.json", json.dumps(_ev._json_safe({"rows": result.rows}), indent=1))
+    write_atomic(out / "sweep.json", json.dumps(json_safe({"rows": result.rows}), indent=1))
     columns = ["window", "i", "j", "width", "repeats", "combined_z", "mean_delta", "single_task_verdict",
                "dominant_task", "dominant_share", "seconds"]
     for task in tasks:
@@ -677,7 +676,7 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
     for row in result.rows:
         writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()})
     write_atomic(out / "sweep.csv", buffer.getvalue())
-    write_atomic(out / "summary.json", json.dumps(_ev._json_safe(result.summary), indent=2))
+    write_atomic(out / "summary.json", json.dumps(json_safe(result.summary), indent=2))
     _plots(result, num_layers, tasks)
 
 
@@ -714,7 +713,7 @@ def repeats_plot(result: SweepResult, path: Path, tasks: Sequence[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rys_forge.plots import _save
+    from rys_forge.plots import save_figure
 
     panels = ["mean_delta", *tasks]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
@@ -727,11 +726,11 @@ def repeats_plot(result: SweepResult, path: Path, tasks: Sequence[str]) -> None:
             n = np.array([p[0] for p in points], dtype=float)
             d = np.array([p[1] for p in points], dtype=float)
             line = ax.plot(n, d, marker="o", linestyle="none", label=window)[0]
-            if _finite(entry.get("a")):
+            if is_finite_number(entry.get("a")):
                 fine = np.linspace(1, n.max(), 50)
                 ax.plot(fine, entry["a"] * (fine - 1) - entry["b"] * (fine - 1) ** 2, color=line.get_color())
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set(xlabel="visits of the block n", ylabel="delta vs base", title=panel)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Perf(n) - Perf(1) = a(n-1) - b(n-1)^2", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -50,10 +50,10 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
-from rys_forge.evaluate.harness import _json_safe  # one JSON sanitiser for eval, sweep and validate outputs
 from rys_forge.errors import UsageError
-from rys_forge.files import write_atomic
-from rys_forge.research.sweep import _finite, read_sweep
+from rys_forge.files import json_safe, write_atomic
+from rys_forge.research.sweep import read_sweep
+from rys_forge.stats import is_finite_number
 
 __all__ = [
     "POSITIVE_P",
@@ -110,7 +110,7 @@ class ValidationReport:
         return self.outcomes[self.metric]
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(
+        return json_safe(
             {
                 "rys_forge_validation": 1,
                 "verdict": self.verdict,
@@ -154,7 +154,7 @@ def _f(value: Any, digits: int = 3) -> str:
 
 def correlation(x: Sequence[Any], y: Sequence[Any]) -> dict[str, Any]:
     """Spearman and Kendall (tau-b) correlation on the pairs where both values are finite (n >= 3)."""
-    pairs = [(float(a), float(b)) for a, b in zip(x, y) if _finite(a) and _finite(b)]
+    pairs = [(float(a), float(b)) for a, b in zip(x, y) if is_finite_number(a) and is_finite_number(b)]
     out: dict[str, Any] = {"n": len(pairs), "spearman": math.nan, "spearman_p": math.nan, "kendall": math.nan, "kendall_p": math.nan}
     if len(pairs) < 3:
         return out
@@ -198,7 +198,7 @@ def prob_hit_within(n: int, k: int, m: int) -> float:
 def evaluations_to_reach(values_in_order: Sequence[Any], threshold: float) -> int | None:
     """1-based number of evaluations (in the given order) until a value ``>= threshold``; None if never."""
     for position, value in enumerate(values_in_order, start=1):
-        if _finite(value) and float(value) >= threshold:
+        if is_finite_number(value) and float(value) >= threshold:
             return position
     return None
 
@@ -329,22 +329,22 @@ def _outcome_columns(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> di
     outcomes: dict[str, dict[str, Any]] = {"combined_z": {}}
     for row in rows:
         z = row.get("combined_z")
-        outcomes["combined_z"][row["window"]] = (z, _finite(z) and z > POSITIVE_Z)
+        outcomes["combined_z"][row["window"]] = (z, is_finite_number(z) and z > POSITIVE_Z)
     for task in tasks:
         column: dict[str, Any] = {}
         for row in rows:
             entry = (row.get("tasks") or {}).get(task) or {}
             delta = entry.get("delta", row.get(f"delta:{task}"))
             p = entry.get("p_value", row.get(f"p:{task}"))
-            if _finite(delta) and entry.get("higher_is_better") is False:
+            if is_finite_number(delta) and entry.get("higher_is_better") is False:
                 delta = -float(delta)
-            column[row["window"]] = (delta, _finite(delta) and delta > 0 and _finite(p) and p < POSITIVE_P)
+            column[row["window"]] = (delta, is_finite_number(delta) and delta > 0 and is_finite_number(p) and p < POSITIVE_P)
         outcomes[f"delta:{task}"] = column
     return outcomes
 
 
 def _evaluations(ordered_values: list[float], n_permutations: int, seed: int) -> dict[str, Any]:
-    values = np.array([v if _finite(v) else -np.inf for v in ordered_values], dtype=float)
+    values = np.array([v if is_finite_number(v) else -np.inf for v in ordered_values], dtype=float)
     n = values.size
     best = float(values.max()) if n else math.nan
     out: dict[str, Any] = {"n": n, "best": best}
@@ -444,7 +444,7 @@ def validate_runs(
         raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(outcomes_raw)}")
 
     sweep_windows = {r["window"] for r in sweep_rows}
-    joined = [r for r in rank_rows if r.get("window") in sweep_windows and _finite(r.get(score_key))]
+    joined = [r for r in rank_rows if r.get("window") in sweep_windows and is_finite_number(r.get(score_key))]
     if not joined:
         raise UsageError(f"no window with a finite {score_key} is in both {rank_dir} and {sweep_dir}")
     # score order, best first; ties keep the (i, j) order
@@ -454,7 +454,7 @@ def validate_runs(
     k = top_count(n, top_fraction)
     top_mask = np.zeros(n, dtype=bool)
     top_mask[:k] = True
-    cka = np.array([float(r[cka_key]) if _finite(r.get(cka_key)) else np.nan for r in joined])
+    cka = np.array([float(r[cka_key]) if is_finite_number(r.get(cka_key)) else np.nan for r in joined])
     notes: list[str] = []
     if not np.isfinite(cka).any():
         notes.append(f"the rank rows have no {cka_key}: no CKA-matched or low-CKA comparison")
@@ -465,7 +465,7 @@ def validate_runs(
         pairs = [column.get(w, (None, False)) for w in names]
         values = [v for v, _ in pairs]
         positive = np.array([bool(flag) for _, flag in pairs], dtype=bool)
-        has_value = np.array([_finite(v) for v in values])
+        has_value = np.array([is_finite_number(v) for v in values])
         n_pos = int(positive.sum())
         top_pos = int(positive[top_mask].sum())
         low_pos = int(positive[low].sum())
@@ -551,7 +551,7 @@ def _correlations(joined: Sequence[dict[str, Any]], outcomes_raw: dict[str, dict
     predictors: list[str] = []
     for row in joined:
         for key, value in row.items():
-            if key not in predictors and key not in _NOT_PREDICTORS and _finite(value):
+            if key not in predictors and key not in _NOT_PREDICTORS and is_finite_number(value):
                 predictors.append(key)
     predictors.sort(key=lambda k: (k != "score", k))
     out: dict[str, Any] = {}
@@ -571,7 +571,7 @@ def _verdict(metric: str, outcome: dict[str, Any], calibration: dict[str, Any]) 
     )
     rate = matched.get("null_rate_mean")
     matched_text = (
-        f"{rate:.2f} in CKA-matched random windows, p={_p(matched.get('p_value'))}" if _finite(rate)
+        f"{rate:.2f} in CKA-matched random windows, p={_p(matched.get('p_value'))}" if is_finite_number(rate)
         else "no CKA-matched comparison (no plateau CKA)"
     )
     if e["n_positive"] == 0:
@@ -579,7 +579,7 @@ def _verdict(metric: str, outcome: dict[str, Any], calibration: dict[str, Any]) 
             f"no enrichment: no benchmark-positive window ({rule}) among the {e['n_windows']} windows in both runs;"
             f" the sweep cannot support the claim"
         )
-    elif e["hypergeom_p"] < _ALPHA and (not _finite(matched.get("p_value")) or matched["p_value"] < _ALPHA):
+    elif e["hypergeom_p"] < _ALPHA and (not is_finite_number(matched.get("p_value")) or matched["p_value"] < _ALPHA):
         text = f"enrichment ({metric}, positive = {rule}): {head}; vs {matched_text}"
     elif e["hypergeom_p"] < _ALPHA:
         text = (
@@ -598,7 +598,7 @@ def _verdict(metric: str, outcome: dict[str, Any], calibration: dict[str, Any]) 
 
 
 def _p(value: Any) -> str:
-    if not _finite(value):
+    if not is_finite_number(value):
         return "-"
     return f"{value:.2e}" if value < 1e-3 else f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
 
@@ -624,7 +624,7 @@ def _plot_evaluations(report: ValidationReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rys_forge.plots import _save
+    from rys_forge.plots import save_figure
 
     names = list(report.outcomes)
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4), squeeze=False)
@@ -640,7 +640,7 @@ def _plot_evaluations(report: ValidationReport, path: Path) -> None:
         ax.set_xscale("log")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("evaluations to find the best window: score order vs random order", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_scatter(report: ValidationReport, joined: Sequence[dict[str, Any]], outcomes_raw: dict[str, Any], score_key: str, path: Path) -> None:
@@ -649,7 +649,7 @@ def _plot_scatter(report: ValidationReport, joined: Sequence[dict[str, Any]], ou
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rys_forge.plots import _save
+    from rys_forge.plots import save_figure
 
     names = list(outcomes_raw)
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4), squeeze=False)
@@ -658,10 +658,10 @@ def _plot_scatter(report: ValidationReport, joined: Sequence[dict[str, Any]], ou
         x = [float(r[score_key]) for r in joined]
         y = [column.get(r["window"], (None, False))[0] for r in joined]
         pos = [column.get(r["window"], (None, False))[1] for r in joined]
-        y = [float(v) if _finite(v) else np.nan for v in y]
+        y = [float(v) if is_finite_number(v) else np.nan for v in y]
         ax.scatter(x, y, s=12, c=["C3" if p else "C0" for p in pos])
         ax.axhline(0.0, color="grey", linewidth=0.8)
         c = report.correlations.get(score_key, {}).get(name, {})
         ax.set(xlabel=score_key, ylabel=name, title=f"{name}: Spearman {_f(c.get('spearman'), 2)}")
     fig.suptitle("score vs sweep outcome (red: benchmark-positive)", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from rys_forge.architectures import ArchSpec, arch_spec, layer_config
-from rys_forge.errors import MergekitExportError, ModelLoadError, UsageError, WindowError
+from rys_forge.errors import MergekitExportError, ModelLoadError, UsageError, WindowError, first_line
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields
 
@@ -174,19 +174,6 @@ def default_recipe_name(base: str | Path, plan: LayerPlan) -> str:
     return f"{name}-rys-{tag}"
 
 
-def _first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, plus the first line of a chained cause (transformers'
-    config validation puts the useful text there)."""
-
-    def line(e: BaseException) -> str:
-        text = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
-        return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-    head, cause = line(exc), exc.__cause__
-    if cause is not None and str(cause).strip() and str(cause).strip() not in head:
-        head += f" ({line(cause)})"
-    return head
-
 
 def _resolve_base(base: str | Path) -> Path:
     """A local folder holding the base's config and weights (built-ins/GGUF via the conversion cache,
@@ -206,7 +193,7 @@ def _resolve_base(base: str | Path) -> Path:
                 )
             )
         except Exception as exc:  # hub errors are long and varied
-            raise ModelLoadError(f"could not download '{source}' for mergekit: {_first_line(exc)}") from None
+            raise ModelLoadError(f"could not download '{source}' for mergekit: {first_line(exc)}") from None
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model folder {path} has no config.json")
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
@@ -334,7 +321,7 @@ def _check_output(
     try:
         config = AutoConfig.from_pretrained(out_dir)
     except Exception as exc:
-        raise MergekitExportError(f"the exported config.json does not load: {_first_line(exc)}") from None
+        raise MergekitExportError(f"the exported config.json does not load: {first_line(exc)}") from None
     cfg = layer_config(config, spec)
     for name, value in new_fields.items():
         if getattr(cfg, name, None) != value:
@@ -402,7 +389,7 @@ def export_mergekit(
     try:
         config = AutoConfig.from_pretrained(base_dir)
     except Exception as exc:
-        raise ModelLoadError(f"could not read the config of '{base}': {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not read the config of '{base}': {first_line(exc)}") from None
     spec = arch_spec(config.model_type)
     cfg = layer_config(config, spec)
     if cfg.num_hidden_layers != plan.num_layers:
@@ -421,7 +408,7 @@ def export_mergekit(
     try:
         merge_config = MergeConfiguration.model_validate(yaml.safe_load(text))
     except Exception as exc:
-        raise MergekitExportError(f"mergekit rejected the recipe: {_first_line(exc)}") from None
+        raise MergekitExportError(f"mergekit rejected the recipe: {first_line(exc)}") from None
     options = MergeOptions(
         device="cpu",
         cuda=False,
@@ -437,7 +424,7 @@ def export_mergekit(
         arch_info = get_architecture_info(merge_config, options)
     except Exception as exc:
         raise UsageError(
-            f"mergekit cannot handle model type '{config.model_type}' ({architectures}): {_first_line(exc)};"
+            f"mergekit cannot handle model type '{config.model_type}' ({architectures}): {first_line(exc)};"
             " use the layer-list format instead"
         ) from None
     if not any(module.architecture.num_layers_config_key() for module in arch_info.modules.values()):
@@ -454,7 +441,7 @@ def export_mergekit(
             with _mergekit_out_config_fixed(spec, new_fields):
                 run_merge(merge_config, str(tmp), options=options, config_source=text)
         except Exception as exc:
-            raise MergekitExportError(f"mergekit passthrough merge failed: {_first_line(exc)}") from None
+            raise MergekitExportError(f"mergekit passthrough merge failed: {first_line(exc)}") from None
         _write_config(base_dir, tmp, spec, new_fields, dtype_name, plan, version)
         for name in SIDECAR_FILES:
             if (base_dir / name).is_file() and not (tmp / name).exists():
