@@ -178,3 +178,19 @@ def all_windows(num_layers: int, min_width: int = 2, max_width: int | None = Non
         for i in range(num_layers)
         for j in range(i + min_width, min(i + max_width, num_layers) + 1)
     ]
+
+
+def select_windows(
+    num_layers: int, windows: Sequence[str | Window] | None, min_width: int = 2, max_width: int | None = None
+) -> list[Window]:
+    """The windows a rank or sweep covers: an explicit list (checked against the layer count), or every
+    window within the width filters."""
+    if windows:
+        chosen = sorted({Window.parse(w) for w in windows})
+        for window in chosen:
+            window.validate(num_layers)
+        return chosen
+    windows = all_windows(num_layers, min_width, max_width)
+    if not windows:
+        raise WindowError(f"no window matches the width filters ({WINDOW_CONVENTION})")
+    return windows

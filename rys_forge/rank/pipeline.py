@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import platform
 import time
 from collections.abc import Sequence
@@ -36,11 +35,13 @@ from rys_forge.rank import metrics
 from rys_forge import plots
 from rys_forge.rank.activations import ActivationCache, cache_activations
 from rys_forge.architectures import get_path, spec_for_model
-from rys_forge.distributed import Shard, current_shard
+from rys_forge.artifacts import RunFolder
+from rys_forge.distributed import current_shard
+from rys_forge.progress import progress_bar
 from rys_forge.errors import UsageError
 from rys_forge.files import write_atomic
 from rys_forge.files import json_safe
-from rys_forge.plan import WINDOW_CONVENTION, Window, all_windows
+from rys_forge.plan import WINDOW_CONVENTION, Window, select_windows
 from rys_forge.rank.probes import (
     ProbeSettings,
     ScoreConfig,
@@ -140,92 +141,11 @@ class RankResult:
         return pd.DataFrame(self.rows)
 
 
-def select_windows(
-    num_layers: int, windows: Sequence[str | Window] | None, min_width: int = 2, max_width: int | None = None
-) -> list[Window]:
-    """The windows a rank or sweep covers: an explicit list (checked against the layer count), or every
-    window within the width filters."""
-    if windows:
-        chosen = sorted({Window.parse(w) for w in windows})
-        for window in chosen:
-            window.validate(num_layers)
-        return chosen
-    windows = all_windows(num_layers, min_width, max_width)
-    if not windows:
-        raise UsageError(f"no window matches the width filters ({WINDOW_CONVENTION})")
-    return windows
-
-
 def _prompt_digest(prompts: Sequence[Prompt]) -> str:
     digest = hashlib.sha256()
     for prompt in prompts:
         digest.update(f"{prompt.id}\x00{prompt.family}\x00{prompt.text}\x01".encode())
     return digest.hexdigest()[:16]
-
-
-class RunFolder:
-    """A run's folder: settings fingerprint in run.json, append-only fsynced logs (one per process:
-    ``<stem>.jsonl`` or ``<stem>.rank<r>.jsonl``), atomic final files. rank's records are merged per
-    window (a later record, e.g. a Jacobian, updates the window's row)."""
-
-    stem, key, merge = "windows", "window", True
-
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool, log_name: str | None = None):
-        self.path = Path(path)
-        self.log = self.path / (log_name or f"{self.stem}.jsonl")
-        settings_file = self.path / "run.json"
-        if self.path.exists() and any(self.path.iterdir()):
-            if not resume:
-                raise UsageError(f"run folder {self.path} already exists; pass --resume to continue it or choose another --out")
-            if not settings_file.exists():
-                raise UsageError(f"{self.path} is not a rank run folder (no run.json); choose another --out")
-            stored = json.loads(settings_file.read_text())
-            current = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
-            if stored != current:
-                changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-                raise UsageError(f"cannot resume {self.path}: settings differ from the original run ({', '.join(changed)})")
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            write_atomic(settings_file, json.dumps(fingerprint, indent=2))
-
-    @classmethod
-    def open(cls, out_dir: str | Path | None, fingerprint: dict[str, Any], resume: bool, shard: Shard) -> "RunFolder | None":
-        """This process's view of the run folder (None without `out_dir`): rank 0 creates or checks it,
-        then every process appends to its own log."""
-        if out_dir is None:
-            if shard.parallel:
-                raise UsageError("a window-parallel run needs a run folder (--out) to merge the processes' results")
-            return None
-        shard.on_rank0(lambda: cls(Path(out_dir), fingerprint, resume))
-        return cls(Path(out_dir), fingerprint, True, shard.log_name(cls.stem))
-
-    @classmethod
-    def records(cls, path: str | Path) -> dict[str, dict[str, Any]]:
-        """The records of every process's log, by key (merged or replaced; a torn last line is ignored)."""
-        rows: dict[str, dict[str, Any]] = {}
-        for log in sorted(Path(path).glob(f"{cls.stem}*.jsonl")):
-            for line in log.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(record, dict) or cls.key not in record:
-                    continue
-                if cls.merge:
-                    rows.setdefault(record[cls.key], {}).update(record)
-                else:
-                    rows[record[cls.key]] = record
-        return rows
-
-    def finished(self) -> dict[str, dict[str, Any]]:
-        """Records already logged by any process, by key."""
-        return self.records(self.path)
-
-    def append(self, record: dict[str, Any]) -> None:
-        with self.log.open("a") as handle:
-            handle.write(json.dumps(json_safe(record)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 def _num(value: Any) -> float:
@@ -303,7 +223,7 @@ def rank_windows(
     todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
     todo_all, todo = todo, shard.take(todo)
     window_started = time.perf_counter()
-    with _progress(progress, len(windows), len(windows) - len(todo), "probing windows") as advance:
+    with progress_bar(progress, len(windows), len(windows) - len(todo), "probing windows") as advance:
         for window in todo:
             t0 = time.perf_counter()
             row = probe_window(cache, window.start, window.end, probes, probe_settings, settings.overlap_families)
@@ -334,7 +254,7 @@ def rank_windows(
                 model, tokenizer, [p.text for p in prompts[:: max(1, len(prompts) // settings.jacobian_prompts)]][: settings.jacobian_prompts],
                 max_tokens=settings.jacobian_tokens, batch_size=settings.jacobian_prompts, kl_positions=0, seed=settings.seed,
             )
-            with _progress(progress, len(targets), 0, "jacobian spectra") as advance:
+            with progress_bar(progress, len(targets), 0, "jacobian spectra") as advance:
                 for row in targets:
                     values = jacobian_spectrum(small, row["i"], row["j"], probe_settings)
                     row.update(values)
@@ -498,28 +418,3 @@ def _versions() -> dict[str, str]:
     from rys_forge import __version__
 
     return {"rys-forge": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-class _progress:
-    """A rich progress bar with ETA (or nothing), used as `with _progress(...) as advance:`."""
-
-    def __init__(self, enabled: bool, total: int, completed: int, label: str):
-        self.enabled, self.total, self.completed, self.label = enabled, total, completed, label
-        self.bar: Any = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), transient=False,
-        )
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total, completed=self.completed)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()

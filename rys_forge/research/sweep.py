@@ -57,7 +57,9 @@ from rys_forge.evaluate.local_tasks import resolve_tasks, task_manager
 from rys_forge.plan import WINDOW_CONVENTION, LayerPlan, Window
 from rys_forge.stats import is_finite_number
 from rys_forge.files import json_safe, write_atomic
-from rys_forge.rank.pipeline import RunFolder, _progress, select_windows
+from rys_forge.artifacts import RunFolder
+from rys_forge.plan import select_windows
+from rys_forge.progress import progress_bar
 from rys_forge.repeat import repeated
 
 __all__ = [
@@ -489,7 +491,7 @@ def sweep_windows(
         raise _ev.EvaluationError(f"lm-eval produced no usable metric for {', '.join(names)}")
 
     sweep_started = time.perf_counter()
-    with _progress(progress, len(plan_items), len(plan_items) - len(todo), "evaluating windows") as advance:
+    with progress_bar(progress, len(plan_items), len(plan_items) - len(todo), "evaluating windows") as advance:
         if lm is not None:
             _cached_windows(lm, task_objects, todo, base_run, base, reported, limit, seed, folder, done, advance)
             todo_lm_eval: list[tuple[Window, int]] = []
