@@ -16,7 +16,6 @@ What lives here:
 * :func:`mmd2_rbf`, :func:`ledoit_wolf_shrinkage`, :func:`shrunk_covariance`,
   :func:`mahalanobis_shift` -- junction mismatch between two token samples.
 * :func:`quadratic_fit` -- ``y = a n^2 + b n + c`` and ``y = a' n^2`` fits of ``1 - CKA(z_n, z_0)``.
-* :func:`kl_from_logits` -- per-position ``KL(p || q)`` from two logit tensors.
 * :func:`top_singular_values` -- leading singular values of a Jacobian from Jacobian-vector and
   vector-Jacobian products only (block power iteration on ``J^T J`` plus Rayleigh-Ritz).
 
@@ -58,7 +57,6 @@ __all__ = [
     "cka_matrix",
     "debiased_cka",
     "frobenius_cosine",
-    "kl_from_logits",
     "ledoit_wolf_shrinkage",
     "linear_cka",
     "mahalanobis_reference",
@@ -987,44 +985,6 @@ def quadratic_fit(
         a_pure=a_pure,
         r2_pure=_r_squared(yt, a_pure * n2),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# KL between next-token distributions
-# --------------------------------------------------------------------------------------------
-
-
-def kl_from_logits(
-    logits_p: torch.Tensor, logits_q: torch.Tensor, *, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Per-position ``KL(p || q)`` with ``p = softmax(logits_p)``, ``q = softmax(logits_q)``.
-
-    Uses ``log_softmax`` in ``dtype`` (float32 by default to keep ``[B, T, V]`` logits with
-    large vocabularies affordable; pass ``torch.float64`` for tiny KLs). Vocabulary entries where
-    ``p`` is exactly zero (``-inf`` logits) contribute 0.
-
-    Args:
-        logits_p: ``[..., V]`` logits of the reference distribution.
-        logits_q: ``[..., V]`` logits of the other distribution, same shape.
-        dtype: Dtype of the ``log_softmax`` and the sum.
-
-    Returns:
-        ``[...]`` tensor of KL values (nats) in ``dtype`` on the inputs' device.
-
-    Raises:
-        ValueError: If the shapes or devices differ or the logits are 0-D.
-    """
-    if not isinstance(logits_p, torch.Tensor) or not isinstance(logits_q, torch.Tensor):
-        raise ValueError("logits_p and logits_q must be torch.Tensors")
-    if logits_p.dim() == 0:
-        raise ValueError("logits must have a vocabulary dimension, got a 0-D tensor")
-    _same_shape(logits_p, logits_q, "logits_p", "logits_q")
-    _same_device(logits_p, logits_q, "logits_p", "logits_q")
-    log_p = torch.log_softmax(_as_real(logits_p, "logits_p", dtype), dim=-1)
-    log_q = torch.log_softmax(_as_real(logits_q, "logits_q", dtype), dim=-1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=dtype, device=p.device))
-    return terms.sum(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
