@@ -95,21 +95,21 @@ def layer_flops(config, tokens: int, seq: int) -> float:
 @torch.no_grad()
 def naive_sweep(model, ids, windows, device):
     """(a): one full forward per window with the plan applied, KL over all positions."""
+    from rys_forge.divergence import kl_from_logits
     from rys_forge.plan import LayerPlan
     from rys_forge.repeat import repeated
 
     L = model.config.num_hidden_layers
     chunks = ids.split(8)
-    base = [torch.log_softmax(model(c).logits.float(), -1) for c in chunks]
+    base = [model(c).logits.float() for c in chunks]
     sync(device)
     start = time.perf_counter()
     kls = {}
     for w in windows:
         with repeated(model, LayerPlan.from_windows([w], L)):
             total = 0.0
-            for c, lp in zip(chunks, base):
-                lq = torch.log_softmax(model(c).logits.float(), -1)
-                total += (lp.exp() * (lp - lq)).sum(-1).mean().item() / len(chunks)
+            for c, base_logits in zip(chunks, base):
+                total += kl_from_logits(base_logits, model(c).logits.float()).mean().item() / len(chunks)
         kls[str(w)] = total
     sync(device)
     return time.perf_counter() - start, kls
@@ -117,7 +117,7 @@ def naive_sweep(model, ids, windows, device):
 
 def time_rank(model, tokenizer, prompts, settings, windows, ids, args) -> tuple[dict, object]:
     """(b): one timed `rank_windows` run; its timings and the achieved throughput of its layer passes."""
-    from rys_forge.rank.pipeline import rank_windows
+    from rys_forge.rank import rank_windows
 
     L = model.config.num_hidden_layers
     sync(args.device)
@@ -148,7 +148,7 @@ def compare_with_reference(model, tokenizer, prompts, settings, fast_runs, args)
     the same cached tokens in both runs, so their difference is the statistics' arithmetic alone)."""
     from scipy.stats import spearmanr
 
-    from rys_forge.rank.pipeline import RankSettings, rank_windows
+    from rys_forge.rank import RankSettings, rank_windows
 
     full = RankSettings(**{**settings.__dict__, "deep_fraction": 1.0, "kl_fraction": 1.0, "kl_positions": 16,
                            "stats_dtype": "float64", "jacobian": "none"})
@@ -177,7 +177,7 @@ def compare_with_reference(model, tokenizer, prompts, settings, fast_runs, args)
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=32)
@@ -201,10 +201,27 @@ def main() -> None:
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     if args.tiny:
         args.prompts, args.seq = 4, 16
+    return args
 
+
+def forward_seconds(model, ids, device: str) -> float:
+    """Plain forward of the decoder over `ids` (mean of 3 after 2 warm-ups): the reference point the issue
+    quotes (~63% of peak)."""
+    with torch.no_grad():
+        for _ in range(2):
+            model.model(ids)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model.model(ids)
+        sync(device)
+    return (time.perf_counter() - t0) / 3
+
+
+def main() -> None:
+    args = parse_args()
     from rys_forge.plan import all_windows
-    from rys_forge.rank.prompts import Prompt
-    from rys_forge.rank.pipeline import RankSettings, rank_windows
+    from rys_forge.rank import Prompt, RankSettings, rank_windows
 
     model = build_model(args)
     L = model.config.num_hidden_layers
@@ -218,16 +235,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "peak_bf16_tflops": peak,
                "layers": L, "windows": len(windows), "tokens": args.prompts * args.seq, "attn": args.attn}
 
-    # Plain forward throughput (the reference point the issue quotes: ~63% of peak).
-    with torch.no_grad():
-        for _ in range(2):
-            model.model(ids)
-        sync(args.device)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            model.model(ids)
-        sync(args.device)
-        fwd = (time.perf_counter() - t0) / 3
+    fwd = forward_seconds(model, ids, args.device)
     fwd_flops = L * layer_flops(model.config, ids.numel(), args.seq)
     results["forward_s"] = fwd
     results["forward_tflops"] = fwd_flops / fwd / 1e12
@@ -267,13 +275,18 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "rank_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    print_table(results, peak, ids.numel(), len(windows), fwd)
+
+
+def print_table(results: dict, peak: float, tokens: int, n_windows: int, fwd: float) -> None:
+    """The measurements as a two-column table (percentages of the measured bf16 peak where it applies)."""
     pct = lambda v: f"{100 * v / peak:.0f}%" if peak == peak else "-"  # noqa: E731
     print(f"\n{'measure':44s} {'value':>12s}")
     print(f"{'device':44s} {results['device']:>12s}")
     print(f"{'measured bf16 matmul peak (TFLOP/s)':44s} {peak:12.1f}")
-    print(f"{'plain forward, %d tokens (s)' % ids.numel():44s} {fwd:12.3f}  ({results['forward_tflops']:.0f} TFLOP/s, {pct(results['forward_tflops'])})")
+    print(f"{'plain forward, %d tokens (s)' % tokens:44s} {fwd:12.3f}  ({results['forward_tflops']:.0f} TFLOP/s, {pct(results['forward_tflops'])})")
     if "naive_s" in results:
-        print(f"{'(a) naive sweep, %d windows (s)' % len(windows):44s} {results['naive_s']:12.1f}")
+        print(f"{'(a) naive sweep, %d windows (s)' % n_windows:44s} {results['naive_s']:12.1f}")
     for v in results["variants"]:
         t = v["rank_timings"]
         label = f"(b) rank, deep {v['deep_fraction']:g}, KL {v['kl_fraction']:g} (s)"

@@ -188,14 +188,11 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     continue with --resume --out DIR.
     """
     from rys_forge.models import load_model
-    from rys_forge.rank.probes import PROBES, ScoreConfig, select_probes
-    from rys_forge.rank.prompts import load_prompts
-    from rys_forge.rank.pipeline import RankSettings, rank_windows
+    from rys_forge.rank import RankSettings, ScoreConfig, load_prompts, probe_descriptions, rank_windows, select_probes
 
     if list_probes:
-        for name, probe in PROBES.items():
-            click.echo(f"{name:15s} {probe.description}")
-        click.echo(f"{'jacobian':15s} leading singular values of dT_B/dz by JVP/VJP power iteration (on --jacobian windows)")
+        for name, text in probe_descriptions().items():
+            click.echo(f"{name:15s} {text}")
         return
     settings = RankSettings(
         windows=list(windows) or None, min_width=min_width, max_width=max_width,
@@ -490,7 +487,7 @@ def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float
     """
     from pathlib import Path
 
-    from rys_forge.rank.probes import ScoreConfig
+    from rys_forge.rank import ScoreConfig
     from rys_forge.research.validate import validate_runs
 
     config = ScoreConfig.from_json(score_config) if score_config else None

@@ -13,8 +13,7 @@ import torch.multiprocessing as mp
 
 from rys_forge.distributed import Shard
 from rys_forge.models import load_model
-from rys_forge.rank.prompts import Prompt
-from rys_forge.rank.pipeline import RankSettings, rank_windows
+from rys_forge.rank import Prompt, RankSettings, rank_windows
 
 TEXTS = [
     "The committee postponed its decision until the next meeting in March.",

@@ -1,4 +1,4 @@
-"""Tests of rys_forge.metrics against independent references (explicit Gram matrices, numpy,
+"""Tests of rys_forge.rank.metrics against independent references (explicit Gram matrices, numpy,
 scipy, sklearn, torch.distributions, full autograd Jacobians)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from rys_forge.divergence import kl_from_logits
 from rys_forge.rank import metrics as M
+from rys_forge.rank.metrics import cka as cka_module
 
 F64 = torch.float64
 
@@ -157,7 +158,7 @@ def test_cka_matrix_on_demand_centring_and_tf32_flag(monkeypatch):
     layers = [torch.randn(50, 8, generator=g, dtype=F64) @ torch.randn(8, 8, generator=g, dtype=F64) + 3.0 for _ in range(4)]
     # independent reference: the formula on each pair, float64
     held = torch.tensor([[_ref_linear_cka(a.numpy(), b.numpy()) for b in layers] for a in layers], dtype=F64)
-    monkeypatch.setattr(M, "_CKA_HOLD_BYTES", 0)
+    monkeypatch.setattr(cka_module, "CKA_HOLD_BYTES", 0)
     assert torch.allclose(M.cka_matrix(layers), held, rtol=1e-10, atol=0)
     before = torch.backends.cuda.matmul.fp32_precision
     fast = M.cka_matrix([x.float() for x in layers], dtype=torch.float32, tf32=True)

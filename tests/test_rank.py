@@ -10,16 +10,16 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from rys_forge.rank import probes as probes_module
-from rys_forge.rank.activations import ActivationCache, CachedBatch, cache_activations
+import rys_forge.rank
 from rys_forge.architectures import ArchSpec
 from rys_forge.cli import main
 from rys_forge.errors import UsageError
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
+from rys_forge.rank import Prompt, RankSettings, ScoreConfig, rank_windows, score
+from rys_forge.rank import probes as probes_module
+from rys_forge.rank.activations import ActivationCache, CachedBatch, cache_activations
 from rys_forge.rank.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window
-from rys_forge.rank.prompts import Prompt
-from rys_forge.rank.pipeline import RankSettings, rank_windows
 from rys_forge.repeat import repeated
 
 TEXTS = [
@@ -109,8 +109,8 @@ def test_score_and_delta_definitions(cache):
     d0 = ((z[1] - z[0]).norm() / z[0].norm()).item()
     d1 = ((z[2] - z[1]).norm() / z[1].norm()).item()
     assert row["delta_0"] == pytest.approx(d0, rel=1e-9) and row["r_0"] == pytest.approx(d1 / d0, rel=1e-9)
-    config = probes_module.ScoreConfig()
-    s = probes_module.score(row, config)
+    config = ScoreConfig()
+    s = score(row, config)
     expected = (
         math.exp(-config.alpha * (1 - row["cka_plateau"])) * d0 / (d0 + config.c)
         * math.exp(-config.beta * max(0.0, d1 / d0 - 1)) * math.exp(-config.gamma * row["d_dec"] - config.eta * row["d_kl"])
@@ -139,7 +139,7 @@ def test_n2_law_on_near_linear_residual_block():
     model.model.layers = nn.ModuleList([layer])
     batch = CachedBatch(
         input_ids=torch.zeros(1, n_tokens, dtype=torch.long), valid=torch.ones(1, n_tokens, dtype=torch.bool),
-        hidden=[x0, layer(x0)], layer_kwargs=[{}], kl_index=torch.zeros(0, 2, dtype=torch.long), base_logits=None, base_logprobs=None, base_probs=None, base_top1=None, families=["x"],
+        hidden=[x0, layer(x0)], layer_kwargs=[{}], kl_index=torch.zeros(0, 2, dtype=torch.long), base_logits=None, base_top1=None, families=["x"],
     )
     cache = ActivationCache(model=model, spec=ArchSpec(), batches=[batch], num_layers=1)
     row = probe_window(cache, 0, 1, ["cka", "n2_fit"], ProbeSettings())
@@ -294,3 +294,11 @@ def test_deep_fraction_leaves_score_inputs_unchanged(gemma):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
     assert b["d_kl"] == pytest.approx(a["d_kl"], rel=1e-4)  # same positions, other batch order
     assert b["delta_3"] != a["delta_3"]  # deeper iterates: the subset
+
+
+def test_rank_public_api():
+    """`rys_forge.rank` exports what callers outside the stage use; every probe `--probes` accepts is described."""
+    for name in rys_forge.rank.__all__:
+        assert hasattr(rys_forge.rank, name), name
+    assert list(rys_forge.rank.probe_descriptions()) == rys_forge.rank.list_probes()
+    assert set(rys_forge.rank.PROBES) < set(rys_forge.rank.list_probes())

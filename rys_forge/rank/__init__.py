@@ -1,9 +1,35 @@
 """rank: one cached activation pass, every window's probes, a score, heatmaps and a short list.
 
-`activations` caches the residual stream, `probes` holds the probe registry and the score, `metrics` the
-float64 statistics, `prompts` the prompt sets, `pipeline` the run itself (`rank_windows`).
+The stage reads top-down: `prompts` (the prompt sets) -> `activations` (one cached base pass, the block
+map replayed from it) -> `probes` (per-window numbers, a registry) over `metrics` (float64 statistics)
+-> `score` (Score(B) and the classes) -> `pipeline` (the run itself: `rank_windows`) -> `outputs` (the
+run folder's tables, summary and figures).
+
+The names below are the stage's public API; callers outside `rys_forge.rank` import them from here::
+
+    from rys_forge.rank import RankSettings, ScoreConfig, load_prompts, rank_windows
 """
 
 from rys_forge.rank.pipeline import RankResult, RankSettings, rank_windows
+from rys_forge.rank.probes import PROBES, list_probes, probe_descriptions, register_probe, select_probes
+from rys_forge.rank.prompts import DEFAULT_FAMILIES, Prompt, available_families, load_prompts
+from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, score, score_terms
 
-__all__ = ["RankResult", "RankSettings", "rank_windows"]
+__all__ = [
+    "DEFAULT_FAMILIES",
+    "PROBES",
+    "SCORE_INPUTS",
+    "Prompt",
+    "RankResult",
+    "RankSettings",
+    "ScoreConfig",
+    "available_families",
+    "list_probes",
+    "load_prompts",
+    "probe_descriptions",
+    "rank_windows",
+    "register_probe",
+    "score",
+    "score_terms",
+    "select_probes",
+]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rys_forge.architectures import ArchSpec, get_path, spec_for_model
+from rys_forge.divergence import kl_from_logits
 from rys_forge.errors import PromptError
 
 
@@ -39,9 +40,7 @@ class CachedBatch:
             (`hidden[L]` enters the final norm).
         layer_kwargs: per layer, the keyword arguments the base pass gave it.
         kl_index: `[K, 2]` (row, position) pairs where logits are compared.
-        base_logits: `[K, V]` float32 logits of the base model at `kl_index`.
-        base_logprobs: `[K, V]` their log-softmax.
-        base_probs: `[K, V]` their softmax.
+        base_logits: `[K, V]` float32 logits of the base model at `kl_index` (None without KL positions).
         base_top1: `[K]` the base model's argmax token.
         families: prompt family of each row.
         prompt_ids: index of each row's prompt in the input list.
@@ -54,8 +53,6 @@ class CachedBatch:
     layer_kwargs: list[dict[str, Any]]
     kl_index: torch.Tensor
     base_logits: torch.Tensor | None
-    base_logprobs: torch.Tensor | None
-    base_probs: torch.Tensor | None
     base_top1: torch.Tensor | None
     families: list[str]
     prompt_ids: list[int] = field(default_factory=list)
@@ -95,17 +92,16 @@ class ActivationCache:
 
     @staticmethod
     def kl_to_base(batch: CachedBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position KL(p_base || softmax(logits)) and top-1 agreement.
+        """Per-position KL(p_base || softmax(logits)) (`[K]` float32, nats) and top-1 agreement (`[K]` bool).
 
-        With `u = logits - base_logits`, `KL = log <p, exp(u)> - <p, u>
-        = logsumexp(u + log p) - <p, u>`: no log-softmax of the RYS logits, no cancellation between
-        large terms (u is small where the models agree, so float32 stays accurate for tiny KLs), and
-        no overflow where they disagree wildly (logsumexp subtracts its maximum).
+        `logits`: `[K, V]` at the batch's KL positions. The KL is the shared
+        `rys_forge.divergence.kl_from_logits`, in float64: windows that barely change the model give KLs
+        far below what a float32 log-softmax over a large vocabulary resolves. Only the base logits are
+        cached (no log-softmax or softmax copies): the float64 pass over `[K, V]` costs little next to
+        the tail layers that produced `logits`, and the cache holds one `[K, V]` tensor per batch, not three.
         """
-        shift = logits - batch.base_logits
-        kl = torch.logsumexp(shift + batch.base_logprobs, dim=-1)
-        kl -= torch.bmm(batch.base_probs.unsqueeze(1), shift.unsqueeze(2)).flatten()
-        return kl.clamp_min(0.0), logits.argmax(-1) == batch.base_top1
+        kl = kl_from_logits(batch.base_logits, logits, dtype=torch.float64)
+        return kl.clamp_min(0.0).float(), logits.argmax(-1) == batch.base_top1
 
 
 def replay_layers(
@@ -230,52 +226,28 @@ def cache_activations(
     if not texts:
         raise PromptError("no prompts to probe with")
     spec = spec_for_model(model)
-    layers = get_path(model, spec.layers_path)
-    num_layers = len(layers)
+    num_layers = len(get_path(model, spec.layers_path))
     device = next(model.parameters()).device
     families = list(families) if families is not None else ["prompts"] * len(texts)
     encoded = tokenizer(
         list(texts), truncation=True, max_length=max_tokens, return_special_tokens_mask=True, add_special_tokens=True
     )
-    by_length = sorted(range(len(texts)), key=lambda k: len(encoded["input_ids"][k]))
-    for name, value in (("deep", deep_fraction), ("KL", kl_fraction)):
-        if not 0.0 < value <= 1.0:
-            raise PromptError(f"{name} fraction must be in (0, 1], got {value}")
-    is_deep = [int((r + 1) * deep_fraction) > int(r * deep_fraction) for r in range(len(by_length))]
-    deep_set = [k for k, d in zip(by_length, is_deep) if d]
-    deep_members = set(deep_set)
-    kl_set = _kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0)
-    groups = [
-        ([k for k in by_length if (k in deep_members) == deep and (k in kl_set) == kl], deep, kl)
-        for deep in (True, False) for kl in (True, False)
-    ]
+    chunks = _batch_plan([len(ids) for ids in encoded["input_ids"]], batch_size, kl_positions, deep_fraction, kl_fraction)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches: list[CachedBatch] = []
     started = time.perf_counter()
-
     with capture_layer_inputs(model, spec) as captured:
-        chunks = [(group[f : f + batch_size], deep, kl) for group, deep, kl in groups for f in range(0, len(group), batch_size)]
         for rows, deep, kl in chunks:
-            length = max(len(encoded["input_ids"][k]) for k in rows)
-            ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), length), dtype=torch.long)
-            valid = torch.zeros((len(rows), length), dtype=torch.bool)
-            for r, k in enumerate(rows):
-                seq = encoded["input_ids"][k]
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-                valid[r, : len(seq)] = ~torch.tensor(encoded["special_tokens_mask"][k], dtype=torch.bool)
+            ids, mask, valid = _padded(encoded, rows, pad_id)
             captured.clear()
             # The decoder alone: no full-vocabulary logits for every token.
             run_decoder(model, spec, ids.to(device), mask.to(device))
             kl_index = _kl_positions(valid, kl_positions if kl else 0, rows, seed).to(device)
             hidden = [captured[k][0] for k in range(num_layers + 1)]
-            logits = logprobs = probs = top1 = None
+            logits = top1 = None
             if kl_index.numel():
                 at_row, at_col = kl_index.to(hidden[num_layers].device).unbind(1)
                 logits = head_logits(model, spec, hidden[num_layers][at_row, at_col])
-                logprobs = torch.log_softmax(logits, dim=-1)
-                probs = logprobs.exp()
                 top1 = logits.argmax(-1)
             batches.append(
                 CachedBatch(
@@ -285,8 +257,6 @@ def cache_activations(
                     layer_kwargs=[captured[k][1] for k in range(num_layers)],
                     kl_index=kl_index,
                     base_logits=logits,
-                    base_logprobs=logprobs,
-                    base_probs=probs,
                     base_top1=top1,
                     families=[families[k] for k in rows],
                     prompt_ids=list(rows),
@@ -299,3 +269,37 @@ def cache_activations(
         raise PromptError("the prompts contain no tokens besides special tokens")
     cache.timings["base_pass_s"] = time.perf_counter() - started
     return cache
+
+
+def _batch_plan(
+    lengths: Sequence[int], batch_size: int, kl_positions: int, deep_fraction: float, kl_fraction: float
+) -> list[tuple[list[int], bool, bool]]:
+    """`(prompt indices, deep, kl)` per padded batch: prompts sorted by token count, split into the deep
+    share and the rest and each of those into the KL share and the rest, then cut into batches."""
+    by_length = sorted(range(len(lengths)), key=lambda k: lengths[k])
+    for name, value in (("deep", deep_fraction), ("KL", kl_fraction)):
+        if not 0.0 < value <= 1.0:
+            raise PromptError(f"{name} fraction must be in (0, 1], got {value}")
+    is_deep = [int((r + 1) * deep_fraction) > int(r * deep_fraction) for r in range(len(by_length))]
+    deep_set = [k for k, d in zip(by_length, is_deep) if d]
+    deep_members = set(deep_set)
+    kl_set = _kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0)
+    groups = [
+        ([k for k in by_length if (k in deep_members) == deep and (k in kl_set) == kl], deep, kl)
+        for deep in (True, False) for kl in (True, False)
+    ]
+    return [(group[f : f + batch_size], deep, kl) for group, deep, kl in groups for f in range(0, len(group), batch_size)]
+
+
+def _padded(encoded: Any, rows: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `[B, T]` token ids, attention mask and valid-token mask (no padding, no special tokens)."""
+    length = max(len(encoded["input_ids"][k]) for k in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    valid = torch.zeros((len(rows), length), dtype=torch.bool)
+    for r, k in enumerate(rows):
+        seq = encoded["input_ids"][k]
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        valid[r, : len(seq)] = ~torch.tensor(encoded["special_tokens_mask"][k], dtype=torch.bool)
+    return ids, mask, valid

@@ -10,15 +10,13 @@ Run folder (`--out`, default `runs/rank-<model>-<time>`):
   repeat-count curves of the top-k windows.
 
 An interrupted run keeps every finished window; `--resume` continues it after checking that the
-settings are the same. Final files are written to a temporary name and renamed into place.
+settings are the same (`rys_forge.artifacts.RunFolder`). The final files are written by
+`rys_forge.rank.outputs`, each to a temporary name renamed into place.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import math
 import platform
 import time
@@ -31,37 +29,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from rys_forge.rank import metrics
-from rys_forge import plots
-from rys_forge.rank.activations import ActivationCache, cache_activations
 from rys_forge.architectures import get_path, spec_for_model
-from rys_forge.artifacts import RunFolder
+from rys_forge.artifacts import RunFolder, versions
 from rys_forge.distributed import current_shard
-from rys_forge.progress import progress_bar
 from rys_forge.errors import UsageError
-from rys_forge.files import write_atomic
-from rys_forge.files import json_safe
 from rys_forge.plan import WINDOW_CONVENTION, Window, select_windows
-from rys_forge.rank.probes import (
-    ProbeSettings,
-    ScoreConfig,
-    Trajectory,
-    classify,
-    jacobian_spectrum,
-    probe_window,
-    score,
-    select_probes,
-)
+from rys_forge.progress import progress_bar
+from rys_forge.rank import metrics
+from rys_forge.rank.activations import ActivationCache, cache_activations
+from rys_forge.rank.outputs import write_outputs
+from rys_forge.rank.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window, select_probes
 from rys_forge.rank.prompts import Prompt
-
-HEATMAPS = {
-    "score": ("Score(B) = P*A*S*D", False, None),
-    "d_kl": ("D_KL: mean KL(base || RYS), nats/token", True, None),
-    "cka_plateau": ("plateau CKA(x_i, x_j)", False, None),
-    "delta_0": ("delta_0 = ||x_j - x_i|| / ||x_i||", True, None),
-    "r_0": ("r_0 = delta_1 / delta_0 (<1: contracting)", False, 1.0),
-}
-
+from rys_forge.rank.score import ScoreConfig, classify, score
 
 #: `--stats-dtype` choices: float64, float32, or float32 with TF32 tensor-core CKA products (CUDA).
 STATS_DTYPES = ("float64", "float32", "tf32")
@@ -165,10 +144,14 @@ def rank_windows(
 ) -> RankResult:
     """Probe and score every selected window of `model` from one cached activation pass.
 
+    The steps: check the settings and open the run folder; one base pass (`cache_activations`); the
+    per-window probes (`_probe_windows`, sharded over processes under torchrun); score and sort; then
+    on rank 0 only the Jacobian shortlist, the repeat curves, the summary and the output files.
+
     Args:
         model: a loaded `*ForCausalLM` (no plan applied); eager attention for exact Jacobians.
         tokenizer: its tokenizer.
-        prompts: the probe prompts (`rys_forge.prompts.load_prompts`).
+        prompts: the probe prompts (`rys_forge.rank.load_prompts`).
         settings: windows, probes and budgets (`RankSettings`).
         score_config: constants of the score and classes.
         out_dir: run folder; None keeps everything in memory.
@@ -186,14 +169,60 @@ def rank_windows(
     score_config = score_config or ScoreConfig()
     settings.validate()
     probes = select_probes(settings.probes)
-    spec = spec_for_model(model)
-    num_layers = len(get_path(model, spec.layers_path))
+    num_layers = len(get_path(model, spec_for_model(model).layers_path))
     windows = select_windows(num_layers, settings.windows, settings.min_width, settings.max_width)
+    _check_overlap_families(prompts, settings.overlap_families)
+    shard = current_shard()
+    fingerprint = _fingerprint(model, model_info, num_layers, prompts, settings, windows)
+    folder = RunFolder.open(out_dir, fingerprint, resume, shard)
+    done = folder.finished() if folder else {}
+    started = time.perf_counter()
+
+    cache = cache_activations(
+        model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
+        batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0, seed=settings.seed,
+        deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction,
+    )
+    self_check = _self_check(cache, windows[0])
+    todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
+    mine = shard.take(todo)  # this process's share
+    window_seconds = _probe_windows(cache, mine, len(windows), probes, settings, done, folder, progress)
+    if shard.parallel:
+        shard.barrier()
+        done = folder.finished()  # type: ignore[union-attr]
+
+    rows = _ranked_rows(done, windows, score_config)
+    out = Path(out_dir) if out_dir else None
+    if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
+        return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
+
+    timings = {
+        "base_pass_s": cache.timings["base_pass_s"],
+        "windows_s": window_seconds,
+        "windows_probed_this_session": len(todo),
+        "processes": shard.world,
+        "per_window_s": window_seconds / max(1, len(mine)),
+        "jacobian_s": _shortlist_jacobians(model, tokenizer, prompts, rows, probes, settings, folder, progress),
+    }
+    summary = _summary(model, model_info, prompts, cache, settings, probes, score_config, rows, self_check, timings, started)
+    if folder:
+        write_outputs(folder.path, rows, summary, num_layers)
+    return RankResult(rows=rows, summary=summary, out_dir=out)
+
+
+def _check_overlap_families(prompts: Sequence[Prompt], overlap_families: Sequence[str]) -> None:
     families = sorted({p.family for p in prompts})
-    for family in settings.overlap_families:
+    for family in overlap_families:
         if family not in families:
             raise UsageError(f"--overlap family '{family}' is not among the prompt families: {', '.join(families)}")
-    fingerprint = {
+
+
+def _fingerprint(
+    model: nn.Module, model_info: dict[str, Any] | None, num_layers: int, prompts: Sequence[Prompt],
+    settings: RankSettings, windows: Sequence[Window],
+) -> dict[str, Any]:
+    """What a resumed run must share with the original (stored as the run folder's run.json)."""
+    return {
         "model": (model_info or {}).get("source", type(model).__name__),
         "adapter": (model_info or {}).get("adapter"),  # a resume with another adapter is refused
         "num_layers": num_layers,
@@ -201,30 +230,18 @@ def rank_windows(
         "settings": asdict(settings),
         "windows": [str(w) for w in windows],
     }
-    shard = current_shard()
-    folder = RunFolder.open(out_dir, fingerprint, resume, shard)
-    done = folder.finished() if folder else {}
+
+
+def _probe_windows(
+    cache: ActivationCache, windows: Sequence[Window], total: int, probes: list[str], settings: RankSettings,
+    done: dict[str, dict[str, Any]], folder: RunFolder | None, progress: bool,
+) -> float:
+    """Probe each of `windows` (of `total` in the run), record its row in `done` and append it to the run
+    folder's log as it finishes. Returns the seconds spent."""
     probe_settings = settings.probe_settings()
     started = time.perf_counter()
-
-    cache = cache_activations(
-        model,
-        tokenizer,
-        [p.text for p in prompts],
-        [p.family for p in prompts],
-        max_tokens=settings.max_tokens,
-        batch_size=settings.batch_size,
-        kl_positions=settings.kl_positions if "kl" in probes else 0,
-        seed=settings.seed,
-        deep_fraction=settings.deep_fraction,
-        kl_fraction=settings.kl_fraction,
-    )
-    self_check = _self_check(cache, windows[0])
-    todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
-    todo_all, todo = todo, shard.take(todo)
-    window_started = time.perf_counter()
-    with progress_bar(progress, len(windows), len(windows) - len(todo), "probing windows") as advance:
-        for window in todo:
+    with progress_bar(progress, total, total - len(windows), "probing windows") as advance:
+        for window in windows:
             t0 = time.perf_counter()
             row = probe_window(cache, window.start, window.end, probes, probe_settings, settings.overlap_families)
             record = {"window": str(window), "i": window.start, "j": window.end, "width": window.width, **row}
@@ -233,42 +250,61 @@ def rank_windows(
             if folder:
                 folder.append(record)
             advance()
-    window_seconds = time.perf_counter() - window_started
-    if shard.parallel:
-        shard.barrier()
-        done = folder.finished()  # type: ignore[union-attr]
+    return time.perf_counter() - started
 
-    rows = [_finish_row(done[str(w)], score_config) for w in windows]
+
+def _ranked_rows(done: dict[str, dict[str, Any]], windows: Sequence[Window], config: ScoreConfig) -> list[dict[str, Any]]:
+    """Every window's row with its score and class, best score first (NaN scores last)."""
+    rows = [_finish_row(done[str(w)], config) for w in windows]
     rows.sort(key=lambda r: -_num(r.get("score")) if not math.isnan(_num(r.get("score"))) else math.inf)
-    if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
-        return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}},
-                          out_dir=Path(out_dir) if out_dir else None)
+    return rows
 
-    jac_seconds = 0.0
-    if "jacobian" in probes and settings.jacobian != "none":
-        targets = rows if settings.jacobian == "all" else rows[: settings.jacobian_top]
-        targets = [r for r in targets if "jac_sv_1" not in r]
-        if targets:
-            t0 = time.perf_counter()
-            small = cache_activations(
-                model, tokenizer, [p.text for p in prompts[:: max(1, len(prompts) // settings.jacobian_prompts)]][: settings.jacobian_prompts],
-                max_tokens=settings.jacobian_tokens, batch_size=settings.jacobian_prompts, kl_positions=0, seed=settings.seed,
-            )
-            with progress_bar(progress, len(targets), 0, "jacobian spectra") as advance:
-                for row in targets:
-                    values = jacobian_spectrum(small, row["i"], row["j"], probe_settings)
-                    row.update(values)
-                    if folder:
-                        folder.append({"window": row["window"], **values})
-                    advance()
-            jac_seconds = time.perf_counter() - t0
 
+def _shortlist_jacobians(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], rows: list[dict[str, Any]], probes: list[str],
+    settings: RankSettings, folder: RunFolder | None, progress: bool,
+) -> float:
+    """Jacobian spectra of the top windows (or all, per `--jacobian`) on a small cache of their own (few
+    prompts, few tokens); updates `rows` in place and logs each. Returns the seconds spent."""
+    if "jacobian" not in probes or settings.jacobian == "none":
+        return 0.0
+    targets = rows if settings.jacobian == "all" else rows[: settings.jacobian_top]
+    targets = [r for r in targets if "jac_sv_1" not in r]
+    if not targets:
+        return 0.0
+    t0 = time.perf_counter()
+    probe_settings = settings.probe_settings()
+    small = cache_activations(
+        model, tokenizer, [p.text for p in prompts[:: max(1, len(prompts) // settings.jacobian_prompts)]][: settings.jacobian_prompts],
+        max_tokens=settings.jacobian_tokens, batch_size=settings.jacobian_prompts, kl_positions=0, seed=settings.seed,
+    )
+    with progress_bar(progress, len(targets), 0, "jacobian spectra") as advance:
+        for row in targets:
+            values = jacobian_spectrum(small, row["i"], row["j"], probe_settings)
+            row.update(values)
+            if folder:
+                folder.append({"window": row["window"], **values})
+            advance()
+    return time.perf_counter() - t0
+
+
+def _summary(
+    model: nn.Module, model_info: dict[str, Any] | None, prompts: Sequence[Prompt], cache: ActivationCache,
+    settings: RankSettings, probes: list[str], score_config: ScoreConfig, rows: list[dict[str, Any]],
+    self_check: dict[str, float], timings: dict[str, float], started: float,
+) -> dict[str, Any]:
+    """summary.json: model, convention, prompts and token counts, settings, the ranking at a glance, the
+    self-check, the top windows' repeat curves, the layer CKA matrix, timings (completed here: the curves
+    and the total since `started`), versions and, with `--overlap`, the family overlap."""
+    num_layers = cache.num_layers
+    probe_settings = settings.probe_settings()
     t0 = time.perf_counter()
     curves = _repeat_curves(cache, rows[: settings.top_k], probe_settings, "kl" in probes)
-    curve_seconds = time.perf_counter() - t0
+    timings["repeat_curves_s"] = time.perf_counter() - t0
     layer_cka = metrics.cka_matrix(
         [cache.pooled(l) for l in range(num_layers + 1)], dtype=probe_settings.stats_dtype, tf32=probe_settings.tf32
     )
+    families = sorted({p.family for p in prompts})
     summary = {
         "model": model_info or {},
         "architecture": {"model_type": model.config.model_type, "num_layers": num_layers},
@@ -293,24 +329,12 @@ def rank_windows(
         "self_check": self_check,
         "repeat_curves": curves,
         "layer_cka": layer_cka.tolist(),
-        "timings": {
-            "base_pass_s": cache.timings["base_pass_s"],
-            "windows_s": window_seconds,
-            "windows_probed_this_session": len(todo_all),
-            "processes": shard.world,
-            "per_window_s": window_seconds / max(1, len(todo)),
-            "jacobian_s": jac_seconds,
-            "repeat_curves_s": curve_seconds,
-            "total_s": time.perf_counter() - started,
-        },
-        "versions": _versions(),
+        "timings": {**timings, "total_s": time.perf_counter() - started},
+        "versions": {**versions("torch", "transformers"), "python": platform.python_version()},
     }
     if settings.overlap_families:
         summary["family_overlap"] = family_overlap(rows, settings.overlap_families, score_config, settings.top_k)
-    result = RankResult(rows=rows, summary=summary, out_dir=Path(out_dir) if out_dir else None)
-    if folder:
-        write_outputs(result, num_layers)
-    return result
+    return summary
 
 
 def _self_check(cache: ActivationCache, window: Window) -> dict[str, float]:
@@ -380,41 +404,3 @@ def _repeat_curves(
                 curve["kl"] = [0.0] + [float(t.kl_per_position(v, deep=True)[0].mean()) for v in range(2, n_max + 1)]
             curves[row["window"]] = curve
     return curves
-
-
-def write_outputs(result: RankResult, num_layers: int) -> None:
-    """Table (CSV, JSON), summary and figures into the run folder, each written atomically."""
-    out = result.out_dir
-    assert out is not None
-    columns: list[str] = []
-    for row in result.rows:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    write_atomic(out / "windows.csv", buffer.getvalue())
-    write_atomic(out / "windows.json", json.dumps(json_safe(result.rows), indent=1))
-    write_atomic(out / "summary.json", json.dumps(json_safe(result.summary), indent=2))
-    top = [r["window"] for r in result.summary["top_k"]]
-    name = result.summary["model"].get("source", "")
-    for metric, (title, log, centre) in HEATMAPS.items():
-        if any(metric in r and not math.isnan(_num(r[metric])) for r in result.rows):
-            plots.window_heatmap(
-                result.rows, metric, num_layers, out / f"heatmap_{metric}.png", f"{name}: {title}", log=log,
-                highlight=top if metric == "score" else (), centre=centre,
-            )
-    import numpy as np
-
-    plots.layer_cka_heatmap(np.array(result.summary["layer_cka"], dtype=float), out / "layer_cka.png", f"{name}: CKA(x_a, x_b)")
-    if result.summary["repeat_curves"]:
-        plots.repeat_curves(result.summary["repeat_curves"], out / "repeat_curves.png", f"{name}: top windows")
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from rys_forge import __version__
-
-    return {"rys-forge": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# qwen2.5-coder-1.5b on the device machine (see ../shared/GPU.md). Stages nothing itself: it expects the
+# 22 part files (part01.bin .. part22.bin) and the wheel archive pieces (wh.part.*) already copied to ~/st
+# by quick back-to-back calls. `setup` installs the wheels (only those the machine lacks), assembles and
+# checks the GGUF, converts it once and prints a greedy completion (a broken GGUF path repeats one word).
+# Then it runs the "label:seconds:rys-forge arguments" jobs given as arguments, each under its own time
+# limit (a sweep or rank cut by its limit is resumed by the next call with --resume), and packs ~/runs
+# (weights left out) into $OUT/runs.tgz. The source tree is taken from $SRC (default: this checkout), so a snapshot can be run.
+set -uo pipefail
+SRC=${SRC:-$PWD}
+export PYTHONPATH=$SRC HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RYS_FORGE_CACHE=$HOME/rys-cache
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+Q=$HOME/st/qwen2.5-coder-1.5b.gguf
+if [ "${1:-}" = setup ]; then
+  shift
+  if [ ! -d ~/st/wheels ]; then
+    (cd ~/st && cat wh.part.* | tar x) || exit 1
+    python3 -m pip install -q --no-index --find-links ~/st/wheels lm_eval==0.4.13 transformers==5.24.0 \
+      gguf==0.19.0 mergekit==0.1.5 peft==0.21.2 2>&1 | tail -3
+  fi
+  if [ ! -f "$Q" ]; then
+    for i in $(seq -w 1 22); do cat ~/st/part$i.bin; done > "$Q.tmp" && mv "$Q.tmp" "$Q"
+  fi
+  echo "sha256 $(sha256sum "$Q" | cut -c1-64) (expected cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046)"
+  python3 - "$Q" <<'EOF'
+import sys, time, torch
+from rys_forge.models import load_model
+t = time.time()
+loaded = load_model(sys.argv[1], device="cuda", dtype="bfloat16")
+print(f"loaded in {time.time() - t:.0f} s: {loaded.path}")
+tok = loaded.tokenizer
+ids = tok("def fibonacci(n):", return_tensors="pt").input_ids.cuda()
+out = loaded.model.generate(ids, max_new_tokens=40, do_sample=False)
+print("greedy:", repr(tok.decode(out[0])))
+EOF
+fi
+mkdir -p ~/runs
+for job in "$@"; do
+  label=${job%%:*}; rest=${job#*:}; limit=${rest%%:*}; args=${rest#*:}
+  echo "=== $label (limit ${limit}s): rys-forge $args"
+  start=$(date +%s)
+  timeout "$limit" python3 -m rys_forge.cli $args > ~/runs/$label.log 2>&1
+  echo "=== $label rc=$? in $(( $(date +%s) - start )) s"; tail -c 2500 ~/runs/$label.log | tr '\r' '\n' | grep -v "^\s*$" | tail -n 25
+done
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.gguf' -C ~ runs || true
+ls -la "$OUT"
