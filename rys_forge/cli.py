@@ -166,6 +166,8 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--top-k", default=10, show_default=True, type=int, help="Windows in the short list, the table and the curves.")
 @click.option("--overlap", default=None, help="Two prompt families, e.g. math,reasoning: report their top-k overlap.")
 @click.option("--score-config", default=None, type=click.Path(), help="JSON overriding the score constants and class thresholds.")
+@click.option("--outlier-factor", default=5.0, show_default=True, help="Exclude tokens whose residual norm at some layer exceeds this multiple of the layer's median (massive activations, attention sinks); 0 keeps every token.")
+@click.option("--shortlist-overlap", default=0.3, show_default=True, help="Short list: skip a window whose layer overlap (intersection over union) with a better listed one exceeds this (1: raw score order).")
 @click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
 @click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
@@ -179,6 +181,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
          probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
          prompts_per_family: int, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
          debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
+         outlier_factor: float, shortlist_overlap: float,
          stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool,
          adapter: str | None, placement: dict[str, Any]) -> None:
     """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
@@ -199,6 +202,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
         probes=select_probes(_split(probes)) if probes else None, iterations=iterations, max_tokens=max_tokens,
         batch_size=batch_size, kl_positions=kl_positions, kl_fraction=kl_fraction, deep_fraction=deep_fraction, debiased_cka=debiased_cka, jacobian=jacobian,
         jacobian_top=jacobian_top, top_k=top_k, overlap_families=tuple(_split(overlap)), stats_dtype=stats_dtype, seed=seed,
+        outlier_factor=outlier_factor, shortlist_overlap=shortlist_overlap,
     )
     settings.validate()
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
@@ -566,8 +570,8 @@ def _print_top(result, top_k: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"top {top_k} windows by Score(B) (i:j = layers i..j-1)")
-    columns = [("window", "window"), ("score", "score"), ("class", "class"), ("CKA(x_i,x_j)", "cka_plateau"),
+    table = Table(title=f"short list: top {top_k} windows by Score(B), distinct regions (i:j = layers i..j-1)")
+    columns = [("window", "window"), ("raw rank", "rank"), ("score", "score"), ("class", "class"), ("CKA(x_i,x_j)", "cka_plateau"),
                ("delta_0", "delta_0"), ("r_0", "r_0"), ("D_dec", "d_dec"), ("D_KL", "d_kl"), ("sigma_1(J)", "jac_sv_1")]
     for title, _ in columns:
         table.add_column(title, justify="right")

@@ -7,7 +7,11 @@ block map `T_B` for `B=[i,j)` then applies layers `i..j-1` to any `[B, T, d]` st
 arguments, which is exactly what the repeated model does on a second visit (no KV cache involved).
 
 Statistics pool the valid tokens only: padding and special tokens (BOS, whose residual is the same for
-every prompt and often orders of magnitude larger) are excluded. Logits are only materialised at a
+every prompt and often orders of magnitude larger) are excluded, and so are outlier positions: tokens
+whose residual norm at some layer exceeds `outlier_factor` times that layer's median token norm. These
+are the "massive activations" of Sun et al. (2024): attention-sink tokens (typically the first token
+of a prompt, BOS or not) whose norms run 10-1000x the rest and would otherwise dominate every statistic
+summed over tokens (a layer-CKA matrix of all ones, deltas that only see the sink). Logits are only materialised at a
 fixed random subsample of positions (`kl_positions` per prompt): gemma's vocabulary has 262k entries,
 and the LM head over every token would cost ~30 decoder layers. With `kl_fraction < 1` only a share
 of the prompts (spread evenly over lengths, batched apart) carry KL positions, so the tail pass
@@ -35,7 +39,8 @@ class CachedBatch:
 
     Attributes:
         input_ids: `[B, T]` token ids (right-padded).
-        valid: `[B, T]` bool, True for tokens that enter statistics.
+        valid: `[B, T]` bool, True for tokens that enter statistics (not padding, special or outlier).
+        outlier: `[B, T]` bool, True for the excluded outlier positions (massive activations).
         hidden: `L+1` tensors `[B, T, d]`: `hidden[l]` is `x_l`, the stream entering layer `l`
             (`hidden[L]` enters the final norm).
         layer_kwargs: per layer, the keyword arguments the base pass gave it.
@@ -57,6 +62,7 @@ class CachedBatch:
     families: list[str]
     prompt_ids: list[int] = field(default_factory=list)
     deep: bool = True
+    outlier: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,9 +81,17 @@ class ActivationCache:
     def layers(self) -> nn.ModuleList:
         return get_path(self.model, self.spec.layers_path)
 
-    def pooled(self, layer: int) -> torch.Tensor:
-        """`x_layer` over all valid tokens: `[N, d]`."""
-        return torch.cat([b.hidden[layer].to(b.valid.device)[b.valid] for b in self.batches])
+    def pooled(self, layer: int, with_outliers: bool = False) -> torch.Tensor:
+        """`x_layer` over all valid tokens (`with_outliers`: plus the excluded outlier positions): `[N, d]`."""
+        def keep(b: CachedBatch) -> torch.Tensor:
+            return b.valid | b.outlier if with_outliers and b.outlier is not None else b.valid
+
+        return torch.cat([b.hidden[layer].to(b.valid.device)[keep(b)] for b in self.batches])
+
+    @property
+    def outliers(self) -> int:
+        """Number of outlier positions excluded from the statistics."""
+        return int(sum(b.outlier.sum() for b in self.batches if b.outlier is not None))
 
     def block(self, batch: CachedBatch, start: int, end: int, z: torch.Tensor) -> torch.Tensor:
         """Apply base layers `start..end-1` to `z` (`[B, T, d]`) with the batch's base-pass arguments."""
@@ -201,6 +215,7 @@ def cache_activations(
     seed: int = 0,
     deep_fraction: float = 1.0,
     kl_fraction: float = 1.0,
+    outlier_factor: float = 0.0,
 ) -> ActivationCache:
     """Run the base model once over `texts` and cache the residual stream and layer arguments.
 
@@ -217,9 +232,11 @@ def cache_activations(
             deeper iterates `z_3..z_n`; they are batched separately from the others.
         kl_fraction: share of the prompts that carry KL positions (spread evenly over lengths,
             nested with the deep share: the smaller of the two sets lies inside the larger).
+        outlier_factor: exclude positions whose residual norm at some layer exceeds this multiple of the
+            layer's median token norm (0: keep every token).
 
     Raises:
-        PromptError: no prompt has a valid (non-special) token.
+        PromptError: no prompt has a valid (non-special, non-outlier) token.
     """
     import time
 
@@ -264,11 +281,31 @@ def cache_activations(
                 )
             )
     cache = ActivationCache(model=model, spec=spec, batches=batches, num_layers=num_layers)
+    if outlier_factor > 0:
+        mark_outliers(batches, num_layers, outlier_factor)
     cache.tokens = int(sum(b.valid.sum() for b in batches))
     if cache.tokens == 0:
         raise PromptError("the prompts contain no tokens besides special tokens")
     cache.timings["base_pass_s"] = time.perf_counter() - started
     return cache
+
+
+def mark_outliers(batches: Sequence[CachedBatch], num_layers: int, factor: float) -> None:
+    """Move the positions whose norm exceeds `factor` x the layer's median token norm, at any layer
+    1..L, from `valid` to `outlier` (in place). The embeddings (layer 0) are not judged: massive
+    activations form inside the stack."""
+    medians = []
+    for layer in range(1, num_layers + 1):
+        norms = torch.cat([b.hidden[layer].float().norm(dim=-1)[b.valid].cpu() for b in batches])
+        medians.append(float(norms.median()) if norms.numel() else 0.0)
+    for b in batches:
+        worst = torch.zeros(b.valid.shape, device=b.valid.device)
+        for layer, median in zip(range(1, num_layers + 1), medians):
+            if median > 0:
+                ratio = b.hidden[layer].float().norm(dim=-1).to(worst.device) / median
+                worst = torch.maximum(worst, ratio)
+        b.outlier = b.valid & (worst > factor)
+        b.valid = b.valid & ~b.outlier
 
 
 def _batch_plan(

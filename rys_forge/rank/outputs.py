@@ -55,6 +55,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
             )
     import numpy as np
 
-    plots.layer_cka_heatmap(np.array(summary["layer_cka"], dtype=float), out / "layer_cka.png", f"{name}: CKA(x_a, x_b)")
+    outliers = summary["prompts"].get("outlier_tokens", 0)
+    plots.layer_cka_heatmap(
+        np.array(summary["layer_cka"], dtype=float), out / "layer_cka.png",
+        f"{name}: CKA(x_a, x_b)" + (f", {outliers} outlier tokens excluded" if outliers else ""),
+    )
+    if outliers:
+        plots.layer_cka_heatmap(
+            np.array(summary["layer_cka_with_outliers"], dtype=float), out / "layer_cka_with_outliers.png",
+            f"{name}: CKA(x_a, x_b), all tokens",
+        )
     if summary["repeat_curves"]:
         plots.repeat_curves(summary["repeat_curves"], out / "repeat_curves.png", f"{name}: top windows")

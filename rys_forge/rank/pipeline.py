@@ -71,6 +71,8 @@ class RankSettings:
     top_k: int = 10
     overlap_families: tuple[str, ...] = ()
     stats_dtype: str = "float64"
+    outlier_factor: float = 5.0
+    shortlist_overlap: float = 0.3
     seed: int = 0
 
     def probe_settings(self) -> ProbeSettings:
@@ -98,6 +100,10 @@ class RankSettings:
         for name in ("deep_fraction", "kl_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed (0, 1]")
+        if not (self.outlier_factor == 0 or 1.0 < self.outlier_factor < math.inf):
+            raise UsageError(f"--outlier-factor {self.outlier_factor} is out of range; allowed 0 (keep every token) or > 1")
+        if not 0.0 <= self.shortlist_overlap <= 1.0:
+            raise UsageError(f"--shortlist-overlap {self.shortlist_overlap} is out of range; allowed [0, 1] (1: no suppression)")
         if self.overlap_families and len(self.overlap_families) != 2:
             raise UsageError("--overlap takes exactly two prompt families, e.g. math,reasoning")
 
@@ -111,7 +117,9 @@ class RankResult:
     out_dir: Path | None = None
 
     def top(self, k: int = 10) -> list[dict[str, Any]]:
-        return self.rows[:k]
+        """The short list: the best `k` windows that cover distinct regions (see `shortlist`)."""
+        ranked = [r for r in self.rows if r.get("shortlist")]
+        return sorted(ranked, key=lambda r: r["shortlist"])[:k] if ranked else self.rows[:k]
 
     def to_dataframe(self) -> Any:
         """The table as a pandas DataFrame (pandas comes with lm-eval)."""
@@ -181,7 +189,7 @@ def rank_windows(
     cache = cache_activations(
         model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
         batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0, seed=settings.seed,
-        deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction,
+        deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction, outlier_factor=settings.outlier_factor,
     )
     self_check = _self_check(cache, windows[0])
     todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
@@ -192,6 +200,9 @@ def rank_windows(
         done = folder.finished()  # type: ignore[union-attr]
 
     rows = _ranked_rows(done, windows, score_config)
+    for position, row in enumerate(rows, start=1):
+        row["rank"] = position
+    shortlist(rows, settings.top_k, settings.shortlist_overlap)
     out = Path(out_dir) if out_dir else None
     if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
         return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
@@ -253,6 +264,32 @@ def _probe_windows(
     return time.perf_counter() - started
 
 
+def window_overlap(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Intersection over union of two windows' layer sets (0: disjoint, 1: the same window)."""
+    shared = max(0, min(a["j"], b["j"]) - max(a["i"], b["i"]))
+    return shared / ((a["j"] - a["i"]) + (b["j"] - b["i"]) - shared)
+
+
+def shortlist(rows: list[dict[str, Any]], k: int, max_overlap: float) -> list[dict[str, Any]]:
+    """Greedy non-maximum suppression over `rows` (best first): keep a window only if its overlap
+    (`window_overlap`, IoU) with every kept one is at most `max_overlap`, until `k` are kept; if fewer
+    survive, the best remaining windows fill the list. 1.0 keeps the raw order. Sets `row["shortlist"]`
+    (1..k, else None) in place and returns the kept rows, best first."""
+    finite = [r for r in rows if not math.isnan(_num(r.get("score")))]
+    kept: list[dict[str, Any]] = []
+    for row in finite:
+        if len(kept) == k:
+            break
+        if all(window_overlap(row, other) <= max_overlap for other in kept):
+            kept.append(row)
+    kept += [r for r in finite if r not in kept][: k - len(kept)]
+    for row in rows:
+        row["shortlist"] = None
+    for position, row in enumerate(kept, start=1):
+        row["shortlist"] = position
+    return kept
+
+
 def _ranked_rows(done: dict[str, dict[str, Any]], windows: Sequence[Window], config: ScoreConfig) -> list[dict[str, Any]]:
     """Every window's row with its score and class, best score first (NaN scores last)."""
     rows = [_finish_row(done[str(w)], config) for w in windows]
@@ -268,7 +305,7 @@ def _shortlist_jacobians(
     prompts, few tokens); updates `rows` in place and logs each. Returns the seconds spent."""
     if "jacobian" not in probes or settings.jacobian == "none":
         return 0.0
-    targets = rows if settings.jacobian == "all" else rows[: settings.jacobian_top]
+    targets = rows if settings.jacobian == "all" else RankResult(rows, {}).top(settings.jacobian_top)
     targets = [r for r in targets if "jac_sv_1" not in r]
     if not targets:
         return 0.0
@@ -299,11 +336,17 @@ def _summary(
     num_layers = cache.num_layers
     probe_settings = settings.probe_settings()
     t0 = time.perf_counter()
-    curves = _repeat_curves(cache, rows[: settings.top_k], probe_settings, "kl" in probes)
+    top = RankResult(rows, {}).top(settings.top_k)
+    curves = _repeat_curves(cache, top, probe_settings, "kl" in probes)
     timings["repeat_curves_s"] = time.perf_counter() - t0
     layer_cka = metrics.cka_matrix(
         [cache.pooled(l) for l in range(num_layers + 1)], dtype=probe_settings.stats_dtype, tf32=probe_settings.tf32
     )
+    # The same matrix with the outlier positions put back: what the statistics would see without the exclusion.
+    layer_cka_all = metrics.cka_matrix(
+        [cache.pooled(l, with_outliers=True) for l in range(num_layers + 1)],
+        dtype=probe_settings.stats_dtype, tf32=probe_settings.tf32,
+    ) if cache.outliers else layer_cka
     families = sorted({p.family for p in prompts})
     summary = {
         "model": model_info or {},
@@ -318,23 +361,53 @@ def _summary(
             "kl_prompts": sum(len(b.prompt_ids) for b in cache.batches if b.kl_index.numel()),
             "kl_tokens": int(sum(b.valid.sum() for b in cache.batches if b.kl_index.numel())),
             "kl_positions": sum(int(b.kl_index.shape[0]) for b in cache.batches),
+            "outlier_tokens": cache.outliers,
+            "outlier_positions": _outlier_positions(cache),
             "sha256": _prompt_digest(prompts),
         },
         "settings": asdict(settings),
         "probes": probes,
         "score_config": score_config.to_dict(),
         "windows": len(rows),
-        "top_k": [_brief(r) for r in rows[: settings.top_k]],
+        "top_k": [_brief(r) for r in top],
+        "top_k_raw": [_brief(r) for r in rows[: settings.top_k]],
+        "shortlist_regions": _regions(top),
         "classes": {c: sum(r["class"] == c for r in rows) for c in sorted({r["class"] for r in rows})},
         "self_check": self_check,
         "repeat_curves": curves,
         "layer_cka": layer_cka.tolist(),
+        "layer_cka_with_outliers": layer_cka_all.tolist(),
         "timings": {**timings, "total_s": time.perf_counter() - started},
         "versions": {**versions("torch", "transformers"), "python": platform.python_version()},
     }
     if settings.overlap_families:
         summary["family_overlap"] = family_overlap(rows, settings.overlap_families, score_config, settings.top_k)
     return summary
+
+
+def _outlier_positions(cache: ActivationCache) -> dict[str, int]:
+    """How many excluded outlier tokens sit at each position of their prompt (position 0: the first token)."""
+    counts: dict[str, int] = {}
+    for b in cache.batches:
+        if b.outlier is not None:
+            for position in b.outlier.nonzero()[:, 1].tolist():
+                counts[str(position)] = counts.get(str(position), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+
+
+def _shared_share(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max(0, min(a["j"], b["j"]) - max(a["i"], b["i"])) / min(a["j"] - a["i"], b["j"] - b["i"])
+
+
+def _regions(rows: Sequence[dict[str, Any]]) -> int:
+    """Distinct regions among `rows`: groups of windows linked by sharing more than half of the smaller
+    window's layers (nested or near-copies count as one region)."""
+    groups: list[list[dict[str, Any]]] = []
+    for row in rows:
+        linked = [g for g in groups if any(_shared_share(row, other) > 0.5 for other in g)]
+        merged = [row] + [r for g in linked for r in g]
+        groups = [g for g in groups if g not in linked] + [merged]
+    return len(groups)
 
 
 def _self_check(cache: ActivationCache, window: Window) -> dict[str, float]:
