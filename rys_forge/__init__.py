@@ -19,28 +19,29 @@ from rys_forge.plan import LayerPlan, Window
 from rys_forge.repeat import apply_plan, repeated, restore
 
 
-def __getattr__(name: str):  # heavier stages load on first use
-    if name == "rank_windows":
-        from rys_forge.rank.pipeline import rank_windows
+_LAZY = {  # public name -> module holding it; heavier stages load on first use
+    "rank_windows": "rys_forge.rank",
+    "build": "rys_forge.surgery",
+    "verify": "rys_forge.verify",
+    "evaluate": "rys_forge.evaluate",
+    "publish": "rys_forge.publish",
+    "heal": "rys_forge.heal",
+    "sweep_windows": "rys_forge.research.sweep",
+    "validate_runs": "rys_forge.research.validate",
+    "calibrate_score": "rys_forge.research.calibrate",
+}
 
-        return rank_windows
-    if name == "build":
-        from rys_forge.surgery import build
 
-        return build
-    if name == "verify":
-        from rys_forge.verify import verify
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(name)
+    import importlib
 
-        return verify
-    if name == "evaluate":
-        from rys_forge.evaluate.harness import evaluate
-
-        return evaluate
-    if name == "publish":
-        from rys_forge.publish.card import publish
-
-        return publish
-    raise AttributeError(name)
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    # `verify`, `evaluate` and `publish` are also submodule names: importing the submodule set the
+    # package attribute to the module; the public name is the function.
+    globals()[name] = value
+    return value
 
 
 try:
@@ -49,6 +50,6 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "LayerPlan", "RysForgeError", "Window", "__version__", "apply_plan", "build", "evaluate", "load_model",
-    "publish", "rank_windows", "repeated", "restore", "verify",
+    "LayerPlan", "RysForgeError", "Window", "__version__", "apply_plan", "build", "calibrate_score", "evaluate",
+    "heal", "load_model", "publish", "rank_windows", "repeated", "restore", "sweep_windows", "validate_runs", "verify",
 ]

@@ -1,4 +1,4 @@
-"""PEFT adapters on the way in: load an adapter onto a base model and merge it before anything else.
+"""PEFT adapters: merged into a base on the way in, and a heal adapter's LoRA on the in-memory visits.
 
 `rys-forge info|rank|build|eval --adapter PATH` loads the base, applies the adapter with
 `PeftModel.from_pretrained` and folds it into the weights with `merge_and_unload`, so probing, building
@@ -11,25 +11,34 @@ Usage::
 
     loaded = load_model("smollm2-135m", adapter="runs/my-lora")   # merged in memory
     loaded.info["adapter"]  # {"path": ..., "config": {...}, "files": {...}, "peft_version": ...}
+
+A healed layer-list export (`rys-forge heal`) keeps one LoRA per repeated visit in `DIR/heal`, with keys
+naming the visit (`...layers.visits.<p>.<module>`); `attach_visit_adapters` injects the same LoRA into a
+model running the plan in memory (`repeat.repeated`), which `verify` compares the healed export with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from rys_forge.errors import ModelLoadError, UsageError, VerificationError
+from rys_forge.architectures import arch_spec, get_path
+from rys_forge.artifacts import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG
+from rys_forge.artifacts import ADAPTER_WEIGHT_FILES as ADAPTER_WEIGHTS
+from rys_forge.errors import ModelLoadError, UsageError, VerificationError, first_line
 from rys_forge.files import sha256_file
-from rys_forge.errors import first_line
+from rys_forge.repeat import visit_copy
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+#: A heal adapter's weight key: the visit position, the module (relative to the layer) and the LoRA matrix.
+_VISIT_KEY = re.compile(r"^base_model\.model\.(?P<layers>.+)\.visits\.(?P<visit>\d+)\.(?P<module>.+)\.(?P<kind>lora_[AB])\.weight$")
 
 
 @contextlib.contextmanager
@@ -152,8 +161,6 @@ def _unused_weights(wrapped: Any, record: dict[str, Any]) -> list[str]:
         with safe_open(str(folder / ADAPTER_WEIGHTS[0]), framework="pt") as handle:
             names = set(handle.keys())
     else:
-        import torch
-
         names = set(torch.load(folder / ADAPTER_WEIGHTS[1], map_location="cpu", weights_only=True))
     return sorted(names - set(get_peft_model_state_dict(wrapped)))
 
@@ -197,3 +204,57 @@ def identity(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if not record:
         return None
     return {"path": record.get("path"), "files": record.get("files") or {}}
+
+
+# --------------------------------------------------------------------------- heal adapters on the in-memory visits
+
+
+def read_visit_adapter(adapter_dir: str | Path) -> tuple[Any, dict[tuple[int, str], dict[str, torch.Tensor]]]:
+    """A heal adapter's LoRA config and weights by (visit position, module name relative to the layer).
+
+    Raises:
+        VerificationError: the files are missing or hold keys that do not name a visit's LoRA matrix.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    weights_file = adapter_dir / ADAPTER_WEIGHTS[0]
+    if not weights_file.is_file():
+        raise VerificationError(f"{adapter_dir} has no {ADAPTER_WEIGHTS[0]}")
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights_file)).items():
+        match = _VISIT_KEY.match(key)
+        if match is None:
+            raise VerificationError(f"{weights_file}: key {key!r} is not a per-visit LoRA weight")
+        weights.setdefault((int(match["visit"]), match["module"]), {})[match["kind"]] = tensor
+    return config, weights
+
+
+def attach_visit_adapters(model: nn.Module, adapter_dir: str | Path) -> int:
+    """Apply a heal adapter to a model running its plan in memory (`repeat.repeated`): the adapted visits
+    are deep-copied (own module objects, shared base tensors) and peft injects the same LoRA into them.
+
+    The model must be restored (`repeat.restore`) afterwards to drop the copies; the base layers themselves
+    are not touched. Returns the number of adapted modules.
+    """
+    from dataclasses import replace
+
+    from peft import inject_adapter_in_model
+
+    config, weights = read_visit_adapter(adapter_dir)
+    layers_path = arch_spec(model.config.model_type).layers_path
+    layers = get_path(model, layers_path)
+    for p in sorted({p for p, _ in weights}):
+        if p >= len(layers):
+            raise VerificationError(f"the heal adapter names visit {p}, but the plan has {len(layers)} visits")
+        layers[p] = visit_copy(layers[p], p, deep=True)  # re-attaches accelerate hooks to the copies
+    names = [f"{layers_path}.{p}.{module}" for p, module in weights]
+    with quiet_peft():
+        inject_adapter_in_model(replace(config, target_modules=names, inference_mode=True), model)
+    for (p, module), pair in weights.items():
+        lora = layers[p].get_submodule(module)
+        for kind, tensor in pair.items():
+            getattr(lora, kind)["default"].weight.data.copy_(tensor)
+    return len(weights)

@@ -5,6 +5,8 @@ Each command parses and validates its options, calls one library function and pr
 `RYS_FORGE_DEBUG=1` to see the traceback of an unexpected error.
 """
 
+# long because: one click command per pipeline stage, each option with its help text; no logic lives here.
+
 from __future__ import annotations
 
 import functools
@@ -245,13 +247,13 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
               help="layerlist: weights stored once + modeling_rys.py (trust_remote_code); mergekit: passthrough recipe, duplicated weights.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (after the new build verified).")
-@click.option("--recipes-dir", default="recipes", show_default=True, type=click.Path(), help="Where mergekit recipes are kept too.")
+@click.option("--recipes-dir", default=None, type=click.Path(), help="Also keep a copy of the mergekit recipe here, as <name>.yml (default: only OUT/rys_recipe.yml; nothing is written outside --out).")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the folder then cannot be published).")
 @adapter_option
 @handle_errors
 @placement_options
 def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, fmt: str, out: str,
-          force: bool, recipes_dir: str, no_verify: bool, adapter: str | None, placement: dict[str, Any]) -> None:
+          force: bool, recipes_dir: str | None, no_verify: bool, adapter: str | None, placement: dict[str, Any]) -> None:
     """Export a RYS checkpoint of --model with --window repeated, then verify it.
 
     The export lands in --out only if verification passes.
@@ -320,7 +322,7 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
     Offline by default: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set unless you set them yourself.
     """
     from rys_forge.errors import UsageError
-    from rys_forge.evaluate.harness import evaluate, format_table
+    from rys_forge.evaluate import evaluate, format_table
 
     if bool(target) == bool(model_name):
         raise UsageError("give either TARGET (an export folder) or --model M --window i:j")
@@ -390,7 +392,7 @@ def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int
 @handle_errors
 def card(folder: str, rank_run: str | None, repo_id: str | None) -> None:
     """Write or refresh FOLDER/README.md, the model card of an export (nothing else is touched)."""
-    from rys_forge.publish.card import write_card
+    from rys_forge.publish import write_card
 
     click.echo(f"wrote {write_card(folder, rank_run, repo_id=repo_id)}")
 
@@ -411,8 +413,8 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
     Refuses folders without a passing verification.json or whose files changed since. The token comes
     from `hf auth login` or HF_TOKEN (never printed); HF_ENDPOINT selects another Hub.
     """
-    from rys_forge.publish.card import format_result
-    from rys_forge.publish.card import publish as run_publish
+    from rys_forge.publish import format_result
+    from rys_forge.publish import publish as run_publish
 
     click.echo(format_result(run_publish(folder, repo_id, private=private, revision=revision, dry_run=dry_run,
                                          exist_ok=exist_ok, rank_run=rank_run)))

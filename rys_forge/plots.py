@@ -1,4 +1,5 @@
-"""PNG figures of a rank run: window heatmaps in Ng's layout, the layer CKA matrix, repeat curves.
+"""PNG figures: window heatmaps in Ng's layout, the layer CKA matrix and repeat curves of a rank run; the
+repeats fit of a sweep; the score-order curves and score scatter of a validation.
 
 Window heatmaps put the window end `j` on the x axis and the start `i` on the y axis (David Ng's
 layout); each cell is the window `i:j` (layers i..j-1). Cells without a value are blank.
@@ -17,6 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
+
+
+def _finite(value: Any) -> bool:
+    """A real, finite number (not a bool, None or text)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -92,4 +98,57 @@ def repeat_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: 
     axes[2].set(xlabel="visits of the block", ylabel="KL(base || RYS) nats/token", title="logit KL")
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def repeat_fit_curves(fits: dict[str, dict[str, Any]], panels: Sequence[str], path: Path) -> None:
+    """Delta against visits, one panel per entry of ``panels`` and one line per window (dots: measured;
+    line: the fit ``a(n-1) - b(n-1)^2``); ``fits`` is ``{window: {panel: fit_repeat_curve(...)}}``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for window, fit in fits.items():
+            entry = fit.get(panel) or {}
+            points = entry.get("points") or []
+            if not points:
+                continue
+            n = np.array([p[0] for p in points], dtype=float)
+            d = np.array([p[1] for p in points], dtype=float)
+            line = ax.plot(n, d, marker="o", linestyle="none", label=window)[0]
+            if _finite(entry.get("a")):
+                fine = np.linspace(1, n.max(), 50)
+                ax.plot(fine, entry["a"] * (fine - 1) - entry["b"] * (fine - 1) ** 2, color=line.get_color())
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set(xlabel="visits of the block n", ylabel="delta vs base", title=panel)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Perf(n) - Perf(1) = a(n-1) - b(n-1)^2", fontsize=10)
+    save_figure(fig, path)
+
+
+def best_so_far_curves(curves: dict[str, dict[str, Any] | None], path: Path) -> None:
+    """Per outcome: the best value so far in score order vs random order (mean, 5-95% band), log x axis;
+    ``curves`` maps an outcome to ``evaluations_to_best(...)["curve"]`` (None: an empty panel)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 4), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items()):
+        if not curve:
+            continue
+        x = np.arange(1, len(curve["score_order"]) + 1)
+        ax.fill_between(x, curve["random_q05"], curve["random_q95"], color="grey", alpha=0.3, label="random order 5-95%")
+        ax.plot(x, curve["random_mean"], color="grey", label="random order mean")
+        ax.plot(x, curve["score_order"], color="C0", label="score order")
+        ax.set(xlabel="windows evaluated", ylabel=f"best {name} so far", title=name)
+        ax.set_xscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("evaluations to find the best window: score order vs random order", fontsize=10)
+    save_figure(fig, path)
+
+
+def outcome_scatter(panels: Sequence[dict[str, Any]], xlabel: str, path: Path) -> None:
+    """One scatter per panel (``name``, ``title``, ``x``, ``y``, ``positive``: ``[n]`` each); positives red."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        y = [float(v) if _finite(v) else np.nan for v in panel["y"]]
+        ax.scatter(panel["x"], y, s=12, c=["C3" if p else "C0" for p in panel["positive"]])
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set(xlabel=xlabel, ylabel=panel["name"], title=panel["title"])
+    fig.suptitle("score vs sweep outcome (red: benchmark-positive)", fontsize=10)
     save_figure(fig, path)

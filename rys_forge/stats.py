@@ -12,6 +12,11 @@ Both models are scored on the same items, so the comparisons are paired:
 * :func:`mean_stderr`: mean and standard error ``s / sqrt(n)`` with the sample standard deviation
   (``ddof=1``), the formula lm-evaluation-harness uses for mean-aggregated metrics.
 
+Sweep scores: :func:`task_z`, :func:`combine_z` (Stouffer, with the single-task flag), :func:`fit_repeat_curve`.
+Validation: :func:`correlation`, :func:`hypergeom_enrichment_p`, :func:`matched_permutation` (a CKA-matched
+null), :func:`evaluations_to_best` (with :func:`expected_first_hit`, :func:`prob_hit_within`), :func:`top_count`
+and :func:`bottom_mask` (top and bottom sets).
+
 Randomness comes only from an explicit ``numpy.random.Generator`` seeded by the caller's ``seed``;
 nothing here touches global random state.
 """
@@ -19,6 +24,7 @@ nothing here touches global random state.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,13 +32,16 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 __all__ = [
-    "is_binary",
-    "mcnemar_exact",
-    "mcnemar_from_pairs",
-    "mean_stderr",
-    "paired_bootstrap",
+    "SINGLE_TASK_MIN_Z", "SINGLE_TASK_SHARE", "bottom_mask", "combine_z", "correlation", "evaluations_to_best",
+    "evaluations_to_reach", "expected_first_hit", "fit_repeat_curve", "hypergeom_enrichment_p", "is_binary",
+    "is_finite_number", "matched_permutation", "mcnemar_exact", "mcnemar_from_pairs", "mean_stderr",
+    "paired_bootstrap", "prob_hit_within", "task_z", "top_count",
 ]
 
+#: One task's share of |sum z| above which a window's verdict rests on a single task (:func:`combine_z`).
+SINGLE_TASK_SHARE = 0.7
+#: ... provided that task really moved (|z| at least this).
+SINGLE_TASK_MIN_Z = 1.0
 #: Resamples evaluated per vectorised chunk in :func:`paired_bootstrap` (bounds memory to chunk * n indices).
 _BOOTSTRAP_CHUNK = 1000
 
@@ -229,3 +238,262 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
 def is_finite_number(value: Any) -> bool:
     """True for a real, finite int or float (numpy scalars included; bools, None and strings are not)."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- sweep scores
+
+
+def task_z(delta: float | None, se_base: float | None, se_rys: float | None, n: int | None = None) -> float:
+    """``delta / sqrt(se_base^2 + se_rys^2)``; missing stderrs count as 0, a zero denominator is floored at
+    ``1 / (2 n)`` (half an item) when ``n`` is known; NaN when nothing can be said."""
+    if delta is None or not is_finite_number(delta):
+        return math.nan
+    var = sum(float(s) ** 2 for s in (se_base, se_rys) if is_finite_number(s))
+    denom = math.sqrt(var)
+    if denom <= 0.0:
+        if delta == 0.0:
+            return 0.0
+        if not n:
+            return math.nan
+        denom = 1.0 / (2.0 * n)
+    return float(delta) / denom
+
+
+def combine_z(
+    z_by_task: dict[str, float], share: float = SINGLE_TASK_SHARE, min_z: float = SINGLE_TASK_MIN_Z
+) -> dict[str, Any]:
+    """Stouffer's combination of per-task z-scores and the single-task flag.
+
+    Returns:
+        ``combined_z`` = sum z / sqrt(#tasks) over the finite z's; ``dominant_task`` (largest |z|);
+        ``dominant_share`` = its |z| / |sum z| (above 1 when the other tasks move the other way; inf when
+        the sum is 0); ``single_task_verdict``: two or more tasks, ``dominant_share > share`` and the
+        dominant |z| >= ``min_z``.
+    """
+    finite = {t: float(z) for t, z in z_by_task.items() if is_finite_number(z)}
+    if not finite:
+        return {"combined_z": math.nan, "dominant_task": None, "dominant_share": math.nan, "single_task_verdict": False}
+    total = sum(finite.values())
+    combined = total / math.sqrt(len(finite))
+    dominant = max(finite, key=lambda t: abs(finite[t]))
+    top = abs(finite[dominant])
+    ratio = top / abs(total) if total != 0 else (math.inf if top > 0 else math.nan)
+    flag = len(finite) >= 2 and top >= min_z and ratio > share
+    return {"combined_z": combined, "dominant_task": dominant, "dominant_share": ratio, "single_task_verdict": bool(flag)}
+
+
+def fit_repeat_curve(visits: Sequence[int], deltas: Sequence[float]) -> dict[str, Any]:
+    """Least-squares fit of ``Perf(n) - Perf(1) = a (n-1) - b (n-1)^2`` (n = visits; ``Perf(1)`` = base).
+
+    Points with n = 1 (delta 0 by definition) may be included; they do not move the fit. ``a`` and ``b``
+    need two distinct n > 1; with one, only ``a`` is fitted (``b`` = 0, ``underdetermined``).
+
+    Returns:
+        ``a``, ``b``, ``n_peak`` (``1 + a / (2 b)`` for ``b > 0``, the visits at the fitted maximum),
+        ``perf_peak`` (fitted delta there), ``residual_rms``, ``points``, ``underdetermined``.
+    """
+    pairs = [(int(n), float(d)) for n, d in zip(visits, deltas) if is_finite_number(d)]
+    x = np.array([n - 1 for n, _ in pairs], dtype=float)
+    y = np.array([d for _, d in pairs], dtype=float)
+    distinct = {v for v in x.tolist() if v > 0}
+    out: dict[str, Any] = {"points": [[n, d] for n, d in pairs], "underdetermined": len(distinct) < 2}
+    if not distinct:
+        return {**out, "a": math.nan, "b": math.nan, "n_peak": math.nan, "perf_peak": math.nan, "residual_rms": math.nan}
+    if len(distinct) < 2:
+        design = x[:, None]
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        a, b = float(coef[0]), 0.0
+    else:
+        design = np.stack([x, -(x**2)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        a, b = float(coef[0]), float(coef[1])
+    fitted = a * x - b * x**2
+    n_peak = 1.0 + a / (2.0 * b) if b > 0 else math.nan
+    perf_peak = a * (n_peak - 1) - b * (n_peak - 1) ** 2 if b > 0 else math.nan
+    return {
+        **out,
+        "a": a,
+        "b": b,
+        "n_peak": n_peak,
+        "perf_peak": perf_peak,
+        "residual_rms": float(np.sqrt(np.mean((y - fitted) ** 2))) if y.size else math.nan,
+    }
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def correlation(x: Sequence[Any], y: Sequence[Any]) -> dict[str, Any]:
+    """Spearman and Kendall (tau-b) correlation on the pairs where both values are finite (n >= 3)."""
+    pairs = [(float(a), float(b)) for a, b in zip(x, y) if is_finite_number(a) and is_finite_number(b)]
+    out: dict[str, Any] = {"n": len(pairs), "spearman": math.nan, "spearman_p": math.nan, "kendall": math.nan, "kendall_p": math.nan}
+    if len(pairs) < 3:
+        return out
+    xs, ys = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    if np.all(xs == xs[0]) or np.all(ys == ys[0]):
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho, rho_p = _scipy_stats.spearmanr(xs, ys)
+        tau, tau_p = _scipy_stats.kendalltau(xs, ys)
+    out.update(spearman=float(rho), spearman_p=float(rho_p), kendall=float(tau), kendall_p=float(tau_p))
+    return out
+
+
+def top_count(n: int, fraction: float) -> int:
+    """Size of the top set: ``max(1, ceil(fraction * n))`` (0 for no windows)."""
+    return 0 if n <= 0 else min(n, max(1, math.ceil(fraction * n - 1e-9)))
+
+
+def bottom_mask(values: np.ndarray, fraction: float) -> np.ndarray:
+    """``[n]`` bool: the lowest ``top_count(#finite, fraction)`` of the finite values (ties by position)."""
+    mask = np.zeros(values.size, dtype=bool)
+    finite = np.flatnonzero(np.isfinite(values))
+    if not finite.size:
+        return mask
+    k = top_count(finite.size, fraction)
+    order = finite[np.argsort(values[finite], kind="stable")]
+    mask[order[:k]] = True
+    return mask
+
+
+def hypergeom_enrichment_p(n_total: int, n_positive: int, n_top: int, n_top_positive: int) -> float:
+    """One-sided ``P(X >= n_top_positive)`` for ``X ~ Hypergeom(N, K, k)`` (positives in a random top set)."""
+    if n_total <= 0 or n_top <= 0:
+        return math.nan
+    return float(_scipy_stats.hypergeom.sf(n_top_positive - 1, n_total, n_positive, n_top))
+
+
+def expected_first_hit(n: int, k: int) -> float:
+    """Expected position of the first of ``k`` targets among ``n`` items in random order: ``(n+1)/(k+1)``."""
+    return math.nan if k <= 0 or n <= 0 else (n + 1) / (k + 1)
+
+
+def prob_hit_within(n: int, k: int, m: int) -> float:
+    """Chance that random order puts one of ``k`` targets among the first ``m`` of ``n``:
+    ``1 - C(n-k, m) / C(n, m)``."""
+    if k <= 0 or n <= 0:
+        return math.nan
+    m = max(0, min(m, n))
+    return 1.0 - math.comb(n - k, m) / math.comb(n, m)
+
+
+def evaluations_to_reach(values_in_order: Sequence[Any], threshold: float) -> int | None:
+    """1-based number of evaluations (in the given order) until a value ``>= threshold``; None if never."""
+    for position, value in enumerate(values_in_order, start=1):
+        if is_finite_number(value) and float(value) >= threshold:
+            return position
+    return None
+
+
+def evaluations_to_best(ordered_values: Sequence[Any], n_permutations: int, seed: int) -> dict[str, Any]:
+    """Evaluations, in the given order, to reach the best value and 90% of it, against random order.
+
+    Args:
+        ordered_values: ``[n]`` outcome per item, in evaluation order (non-numbers count as ``-inf``).
+        n_permutations: random orders of the curves (at most 2000 are drawn).
+        seed: seed of the numpy Generator.
+
+    Returns:
+        ``n``, ``best``; ``best`` and ``best90`` entries (``threshold``, ``targets`` reaching it,
+        ``score_order`` evaluations, ``random_expected``, ``p_value`` of doing as well in random order; or a
+        ``note`` when the best is not positive); ``curve`` when ``n > 0``: the running maximum in the given
+        order (``score_order``) vs random orders (``random_mean``, ``random_q05``, ``random_q95``).
+    """
+    values = np.array([v if is_finite_number(v) else -np.inf for v in ordered_values], dtype=float)
+    n = values.size
+    best = float(values.max()) if n else math.nan
+    out: dict[str, Any] = {"n": n, "best": best}
+    for label, threshold in (("best", best - 1e-12 * max(1.0, abs(best))), ("best90", 0.9 * best if best > 0 else None)):
+        if threshold is None or not math.isfinite(threshold):
+            out[label] = {"threshold": None, "note": "the best outcome is not positive: no 90% target"}
+            continue
+        k = int(np.sum(values >= threshold))
+        m = evaluations_to_reach(values.tolist(), threshold)
+        out[label] = {
+            "threshold": threshold,
+            "targets": k,
+            "score_order": m,
+            "random_expected": expected_first_hit(n, k),
+            "p_value": prob_hit_within(n, k, m) if m is not None else math.nan,
+        }
+    curve_perms = int(min(max(n_permutations, 1), 2000))
+    rng = np.random.default_rng(seed)
+    if n:
+        shuffled = np.stack([rng.permutation(values) for _ in range(curve_perms)])
+        running = np.maximum.accumulate(shuffled, axis=1)
+        running = np.where(np.isfinite(running), running, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["curve"] = {
+                "score_order": np.where(np.isfinite(best_so_far := np.maximum.accumulate(values)), best_so_far, np.nan).tolist(),
+                "random_mean": np.nanmean(running, axis=0).tolist(),
+                "random_q05": np.nanquantile(running, 0.05, axis=0).tolist(),
+                "random_q95": np.nanquantile(running, 0.95, axis=0).tolist(),
+                "permutations": curve_perms,
+            }
+    return out
+
+
+def _quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index of each value by its rank quantile (ties share a rank, so they share a bin)."""
+    ranks = _scipy_stats.rankdata(values, method="average")
+    n = len(values)
+    return np.minimum(n_bins - 1, np.floor((ranks - 1) / n * n_bins).astype(int))
+
+
+def matched_permutation(
+    positive: Sequence[bool],
+    cka: Sequence[float],
+    top: Sequence[bool],
+    *,
+    n_permutations: int = 10000,
+    seed: int = 0,
+    n_bins: int = 10,
+) -> dict[str, Any]:
+    """Permutation test of the top set against random windows matched on plateau CKA.
+
+    Only windows with a finite CKA take part. For each permutation, every top window is paired with one
+    non-top window drawn uniformly from its CKA quantile bin (the nearest non-empty bin if its own has no
+    non-top window); draws are independent across top windows (with replacement).
+
+    Returns:
+        ``observed`` (positives among the top windows), ``k`` (top windows with a CKA), ``null_mean``,
+        ``null_rate_mean``, ``null_q05``/``null_q95`` (rates), ``p_value`` (one-sided, ``>=``), ``n_bins``,
+        ``n_permutations``, ``seed``.
+    """
+    pos = np.asarray(positive, dtype=bool)
+    c = np.asarray(cka, dtype=float)
+    t = np.asarray(top, dtype=bool)
+    ok = np.isfinite(c)
+    pos, c, t = pos[ok], c[ok], t[ok]
+    out: dict[str, Any] = {"n_bins": n_bins, "n_permutations": int(n_permutations), "seed": seed, "k": int(t.sum())}
+    if t.sum() == 0 or (~t).sum() == 0 or n_permutations < 1:
+        return {**out, "observed": int(pos[t].sum()), "null_mean": math.nan, "null_rate_mean": math.nan,
+                "null_q05": math.nan, "null_q95": math.nan, "p_value": math.nan}
+    n_bins = max(1, min(n_bins, len(c)))
+    bins = _quantile_bins(c, n_bins)
+    pools = {b: np.flatnonzero((bins == b) & ~t) for b in range(n_bins)}
+    nonempty = [b for b in range(n_bins) if pools[b].size]
+    rng = np.random.default_rng(seed)
+    null = np.zeros(int(n_permutations), dtype=np.int64)
+    for index in np.flatnonzero(t):
+        b = int(bins[index])
+        if not pools[b].size:
+            b = min(nonempty, key=lambda other: (abs(other - b), other))
+        pool = pools[b]
+        draws = pool[rng.integers(0, pool.size, size=int(n_permutations))]
+        null += pos[draws]
+    observed = int(pos[t].sum())
+    k = int(t.sum())
+    return {
+        **out,
+        "n_bins": n_bins,
+        "observed": observed,
+        "observed_rate": observed / k,
+        "null_mean": float(null.mean()),
+        "null_rate_mean": float(null.mean() / k),
+        "null_q05": float(np.quantile(null, 0.05) / k),
+        "null_q95": float(np.quantile(null, 0.95) / k),
+        "p_value": float((1 + np.sum(null >= observed)) / (1 + null.size)),
+    }

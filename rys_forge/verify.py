@@ -4,18 +4,18 @@ On a prompt set, with the same device and dtype: KL(in-memory repeat || reloaded
 (mean, max), max abs logit difference, top-1 agreement; the export's incremental decoding with the KV
 cache against its full forward; greedy generation with the cache equal to generation without it and to
 the in-memory repeat's; and the stored weight bytes against the base's. The report, with a sha256 of
-every file of the export, goes to `verification.json`; `publish` refuses folders whose files no longer
-match it.
+every file of the export, goes to `verification.json` (`artifacts.write_verification`); `publish` refuses
+folders whose files no longer match it (`artifacts.check_verified`).
 
 Adapters: an export built with `--adapter` records it (`rys.adapter`); the base is loaded with the same adapter
 merged in, and a recorded local adapter whose files changed since is refused. A healed layer-list export
 (`DIR/heal`, see `rys_forge.heal`) is checked with its per-visit LoRA adapters on both sides: the export
-through plain `PeftModel.from_pretrained`, the in-memory repeat with the same LoRA injected per visit.
+through plain `PeftModel.from_pretrained`, the in-memory repeat with the same LoRA injected per visit
+(`adapters.attach_visit_adapters`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +23,22 @@ from typing import Any
 
 import torch
 
+from rys_forge.adapters import adapter_record, apply_adapter, attach_visit_adapters, check_adapter
+from rys_forge.architectures import arch_spec, layer_config
+from rys_forge.artifacts import (
+    RysRecord,
+    decoder_config,
+    file_hashes,
+    heal_adapter_dir,
+    read_export_config,
+    weight_bytes,
+    write_verification,
+)
+from rys_forge.divergence import kl_from_logits
 from rys_forge.errors import RysForgeError, UsageError, VerificationError
-from rys_forge.files import sha256_file, write_atomic
 from rys_forge.models import LoadedModel, load_model, offloaded, parse_device, parse_dtype
 from rys_forge.plan import LayerPlan
-from rys_forge.repeat import repeated
-
-REPORT = "verification.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+from rys_forge.repeat import remap_layer_fields, repeated
 # Per dtype: the in-memory repeat and a correct export share every weight, so fp32 differences are
 # float round-off only (different kernels or memory layouts after reloading).
 THRESHOLDS: dict[str, dict[str, float]] = {
@@ -78,38 +86,6 @@ class VerificationReport:
         }
 
 
-def read_rys_config(folder: Path) -> dict[str, Any]:
-    """The export's config.json, which must carry an `rys` block."""
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        raise VerificationError(f"{folder} has no config.json; is it a rys-forge export?")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise VerificationError(f"{config_file} is not valid JSON: {exc.msg}") from None
-    if not isinstance(config.get("rys"), dict):
-        raise VerificationError(f"{config_file} has no 'rys' block; not a rys-forge export")
-    return config
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file of an export except the reports and card written after verification."""
-    hashes = {}
-    for path in sorted(Path(folder).rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in (REPORT, "README.md", "eval.json") and "__pycache__" not in rel:
-            hashes[rel] = sha256_file(path)
-    return hashes
-
-
-def weight_bytes(folder: str | Path) -> int:
-    """Bytes of the weight files of a model folder (0 for a hub id)."""
-    path = Path(folder)
-    if not path.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-
-
 def _batch(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     return enc.input_ids.to(device), enc.attention_mask.to(device)
@@ -138,6 +114,130 @@ OFFLOAD_LAYERLIST = (
     "this --device-map offloads weights to CPU or disk, which a layer-list export does not support (its visits share "
     "the base tensors, saved once); give the GPUs enough --max-memory, or build with --format mergekit"
 )
+
+
+def read_export(folder: str | Path) -> tuple[dict[str, Any], RysRecord, LayerPlan]:
+    """An export's config.json, its `rys` record and its stored plan.
+
+    Raises:
+        VerificationError: not a rys-forge export (`artifacts.read_export_config`), or an invalid plan.
+    """
+    folder = Path(folder)
+    config, record = read_export_config(folder)
+    try:
+        if record.plan is None:
+            raise KeyError("plan")
+        plan = LayerPlan.from_dict(record.plan)
+    except (RysForgeError, KeyError, TypeError) as exc:
+        raise VerificationError(f"the plan stored in {folder}/config.json is invalid: {exc}") from None
+    return config, record, plan
+
+
+def _check_visit_counts(text_cfg: dict[str, Any], plan: LayerPlan) -> None:
+    if text_cfg.get("num_hidden_layers") != len(plan.order):
+        raise VerificationError(
+            f"config.num_hidden_layers={text_cfg.get('num_hidden_layers')} but the stored plan has {len(plan.order)} visits"
+        )
+    for name, values in text_cfg.items():
+        if name == "layer_types" and isinstance(values, list) and len(values) != len(plan.order):
+            raise VerificationError(f"config.layer_types has {len(values)} entries for {len(plan.order)} visits")
+
+
+def _load_export(folder: Path, fmt: str, torch_dtype: torch.dtype, device: torch.device, placement: dict[str, Any],
+                 heal_dir: Path | None) -> Any:
+    """The export reloaded from disk like a user would (with its heal adapter through plain peft)."""
+    try:
+        from transformers import AutoModelForCausalLM
+
+        export = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch_dtype, trust_remote_code=(fmt == "layerlist"), attn_implementation="eager", **placement
+        )
+        export = (export if placement else export.to(device)).eval()
+    except Exception as exc:  # a truncated or edited file surfaces here in many forms
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise VerificationError(f"export {folder} does not load: {type(exc).__name__}: {first}") from None
+    if heal_dir is not None:
+        try:
+            export = apply_adapter(export, adapter_record(heal_dir)).eval()
+        except RysForgeError as exc:
+            raise VerificationError(f"heal {exc}") from None
+    return export
+
+
+def _compare(base: LoadedModel, export: Any, plan: LayerPlan, heal_dir: Path | None, texts: list[str],
+             max_new_tokens: int, device: torch.device) -> dict[str, Any]:
+    """The metrics of the report (all but the byte counts): the in-memory repeat of `base` against `export`."""
+    tokenizer, model = base.tokenizer, base.model
+    window = int(getattr(model.config.get_text_config(decoder=True), "sliding_window", None) or 0)
+    long_ids = tokenizer(LONG_TEXT * (2 + (window + 32) // 20), return_tensors="pt").input_ids[:, : max(64, window + 32)]
+    long_ids = long_ids.to(device)
+    ids, mask = _batch(tokenizer, texts, device)
+
+    with repeated(model, plan):
+        if heal_dir is not None:
+            attach_visit_adapters(model, heal_dir)
+        ref = _logits(model, ids, mask)
+        ref_long = model(long_ids, use_cache=False).logits.float().to(device)
+        # One prompt at a time: no padding, so generation is exact for every architecture.
+        short = [tokenizer(t, return_tensors="pt").input_ids.to(device) for t in texts[:3]]
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        ref_gen = [model.generate(input_ids=s, **gen_kwargs) for s in short]
+    got = _logits(export, ids, mask)
+    got_long = export(long_ids, use_cache=False).logits.float().to(device)
+    valid = mask.bool()
+    ref_tokens = torch.cat([ref[valid], ref_long[0]])
+    got_tokens = torch.cat([got[valid], got_long[0]])
+    kl = kl_from_logits(ref_tokens, got_tokens).clamp_min(0.0)  # round-off can dip a hair below 0
+    cache_gap, cache_scale = _incremental_gap(export, long_ids)
+    gen_cache = [export.generate(input_ids=s, use_cache=True, **gen_kwargs) for s in short]
+    gen_nocache = [export.generate(input_ids=s, use_cache=False, **gen_kwargs) for s in short]
+    return {
+        "tokens": int(kl.numel()),
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "max_abs_diff": (ref_tokens - got_tokens).abs().max().item(),
+        "logit_scale": ref_tokens.abs().max().item(),
+        "top1_agreement": (ref_tokens.argmax(-1) == got_tokens.argmax(-1)).float().mean().item(),
+        "cache_max_abs_diff": cache_gap,
+        "cache_logit_scale": cache_scale,  # popped before the report: only the threshold uses it
+        "generate_cache_equals_no_cache": all(torch.equal(a, b) for a, b in zip(gen_cache, gen_nocache)),
+        "generate_equals_in_memory": all(torch.equal(a, b) for a, b in zip(gen_cache, ref_gen)),
+        "long_prompt_tokens": int(long_ids.shape[1]),
+    }
+
+
+def _failures(metrics: dict[str, Any], limits: dict[str, float], fmt: str, dtype_name: str, cache_scale: float) -> list[str]:
+    """One line per threshold the metrics miss."""
+    scale = metrics["logit_scale"]
+    failures = []
+    if metrics["kl_mean"] > limits["kl_mean"]:
+        failures.append(f"mean KL {metrics['kl_mean']:.3g} > {limits['kl_mean']:g}")
+    if metrics["kl_max"] > limits["kl_max"]:
+        failures.append(f"max KL {metrics['kl_max']:.3g} > {limits['kl_max']:g}")
+    if metrics["max_abs_diff"] > limits["max_abs_rel"] * max(scale, 1.0):
+        failures.append(f"max abs logit diff {metrics['max_abs_diff']:.3g} > {limits['max_abs_rel']:g} x logit scale {scale:.3g}")
+    if metrics["top1_agreement"] < limits["top1"]:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits['top1']}")
+    if metrics["cache_max_abs_diff"] > limits["cache_rel"] * max(cache_scale, 1.0):
+        failures.append(f"KV-cache decoding differs from the full forward by {metrics['cache_max_abs_diff']:.3g}")
+    if not metrics["generate_cache_equals_no_cache"]:
+        failures.append("greedy generation with the KV cache differs from generation without it")
+    if not metrics["generate_equals_in_memory"] and dtype_name == "float32":
+        failures.append("greedy generation differs from the in-memory repeat's")
+    if fmt == "layerlist" and metrics["base_weight_bytes"] and metrics["bytes_ratio"] > 1.01:
+        failures.append(f"layer-list export stores {metrics['bytes_ratio']:.3f}x the base's weight bytes (expected ~1)")
+    return failures
+
+
+def _base_model(base: str, loaded: LoadedModel | None, adapter: dict[str, Any] | None, torch_dtype: torch.dtype,
+                device: torch.device, placement: dict[str, Any]) -> tuple[LoadedModel, torch.device]:
+    """The base (loaded here unless given, with the recorded adapter merged in) and where inputs go."""
+    base_loaded = loaded or load_model(
+        base, dtype=torch_dtype, device=device, adapter=adapter["path"] if adapter else None, **placement
+    )
+    if placement or loaded:  # inputs (and the export) go where the base's embeddings are
+        device = next(base_loaded.model.parameters()).device
+    return base_loaded, device
 
 
 @torch.no_grad()
@@ -172,149 +272,47 @@ def verify(
     """
     started = time.perf_counter()
     folder = Path(path)
-    config = read_rys_config(folder)
-    rys = config["rys"]
-    fmt = rys.get("format", "unknown")
-    try:
-        plan = LayerPlan.from_dict(rys["plan"])
-    except (RysForgeError, KeyError, TypeError) as exc:
-        raise VerificationError(f"the plan stored in {folder}/config.json is invalid: {exc}") from None
-    text_cfg = config.get("text_config", config) if "num_hidden_layers" not in config else config
-    if text_cfg.get("num_hidden_layers") != len(plan.order):
-        raise VerificationError(
-            f"config.num_hidden_layers={text_cfg.get('num_hidden_layers')} but the stored plan has {len(plan.order)} visits"
-        )
-    for name, values in text_cfg.items():
-        if name == "layer_types" and isinstance(values, list) and len(values) != len(plan.order):
-            raise VerificationError(f"config.layer_types has {len(values)} entries for {len(plan.order)} visits")
+    config, record, plan = read_export(folder)
+    fmt = record.format or "unknown"
+    text_cfg = decoder_config(config)
+    _check_visit_counts(text_cfg, plan)
     loaded_base = base if isinstance(base, LoadedModel) else None
-    base = loaded_base.source if loaded_base else (base or rys.get("base_model"))
+    base = loaded_base.source if loaded_base else (base or record.base_model)
     if not base:
         raise VerificationError("the export does not record its base model; pass --model BASE")
-    adapter = rys.get("adapter") if isinstance(rys.get("adapter"), dict) else None
+    adapter = record.adapter
     if adapter:
-        from rys_forge.adapters import check_adapter
-
         check_adapter(adapter)
-    from rys_forge.heal import heal_adapter_dir
-
     heal_dir = heal_adapter_dir(folder)
     if heal_dir is not None and fmt != "layerlist":
         raise VerificationError(f"{heal_dir} is a per-visit heal adapter, but {folder} is a {fmt} export")
     torch_dtype = parse_dtype(dtype)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
-    torch_device = parse_device(device)
     placement = placement or {}
-    base_loaded = loaded_base or load_model(
-        base, dtype=torch_dtype, device=torch_device, adapter=adapter["path"] if adapter else None, **placement
-    )
-    if placement or loaded_base:  # inputs (and the export) go where the base's embeddings are
-        torch_device = next(base_loaded.model.parameters()).device
+    base_loaded, torch_device = _base_model(base, loaded_base, adapter, torch_dtype, parse_device(device), placement)
     if fmt == "layerlist" and offloaded(base_loaded.model):
         raise UsageError(OFFLOAD_LAYERLIST)
-    if base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers != plan.num_layers:
-        raise VerificationError(
-            f"base {base} has {base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers} layers"
-            f" but the plan was made for {plan.num_layers}"
-        )
+    base_layers = base_loaded.model.config.get_text_config(decoder=True).num_hidden_layers
+    if base_layers != plan.num_layers:
+        raise VerificationError(f"base {base} has {base_layers} layers but the plan was made for {plan.num_layers}")
     _check_layer_fields(text_cfg, base_loaded.model, plan)
-    try:
-        from transformers import AutoModelForCausalLM
-
-        export = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch_dtype, trust_remote_code=(fmt == "layerlist"), attn_implementation="eager", **placement
-        )
-        export = (export if placement else export.to(torch_device)).eval()
-    except Exception as exc:  # a truncated or edited file surfaces here in many forms
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise VerificationError(f"export {folder} does not load: {type(exc).__name__}: {first}") from None
-    if heal_dir is not None:
-        from rys_forge.adapters import adapter_record, apply_adapter
-
-        try:
-            export = apply_adapter(export, adapter_record(heal_dir)).eval()
-        except RysForgeError as exc:
-            raise VerificationError(f"heal {exc}") from None
-    tokenizer = base_loaded.tokenizer
-    model = base_loaded.model
-    window = int(getattr(model.config.get_text_config(decoder=True), "sliding_window", None) or 0)
-    long_ids = tokenizer(LONG_TEXT * (2 + (window + 32) // 20), return_tensors="pt").input_ids[:, : max(64, window + 32)]
-    long_ids = long_ids.to(torch_device)
+    export = _load_export(folder, fmt, torch_dtype, torch_device, placement, heal_dir)
     texts = texts or DEFAULT_TEXTS
-    ids, mask = _batch(tokenizer, texts, torch_device)
-
-    with repeated(model, plan):
-        if heal_dir is not None:
-            from rys_forge.heal import attach_visit_adapters
-
-            attach_visit_adapters(model, heal_dir)
-        ref = _logits(model, ids, mask)
-        ref_long = model(long_ids, use_cache=False).logits.float().to(torch_device)
-        # One prompt at a time: no padding, so generation is exact for every architecture.
-        short = [tokenizer(t, return_tensors="pt").input_ids.to(torch_device) for t in texts[:3]]
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        ref_gen = [model.generate(input_ids=s, **gen_kwargs) for s in short]
-    got = _logits(export, ids, mask)
-    got_long = export(long_ids, use_cache=False).logits.float().to(torch_device)
-    valid = mask.bool()
-    ref_tokens = torch.cat([ref[valid], ref_long[0]])
-    got_tokens = torch.cat([got[valid], got_long[0]])
-    ref_lp, got_lp = torch.log_softmax(ref_tokens, -1), torch.log_softmax(got_tokens, -1)
-    kl = (ref_lp.exp() * (ref_lp - got_lp)).sum(-1).clamp_min(0.0)
-    scale = ref_tokens.abs().max().item()
-    cache_gap, cache_scale = _incremental_gap(export, long_ids)
-    gen_cache = [export.generate(input_ids=s, use_cache=True, **gen_kwargs) for s in short]
-    gen_nocache = [export.generate(input_ids=s, use_cache=False, **gen_kwargs) for s in short]
+    metrics = _compare(base_loaded, export, plan, heal_dir, texts, max_new_tokens, torch_device)
+    cache_scale = metrics.pop("cache_logit_scale")
     export_bytes, base_bytes = weight_bytes(folder), weight_bytes(base_loaded.path)
-    metrics = {
-        "tokens": int(kl.numel()),
-        "kl_mean": kl.mean().item(),
-        "kl_max": kl.max().item(),
-        "max_abs_diff": (ref_tokens - got_tokens).abs().max().item(),
-        "logit_scale": scale,
-        "top1_agreement": (ref_tokens.argmax(-1) == got_tokens.argmax(-1)).float().mean().item(),
-        "cache_max_abs_diff": cache_gap,
-        "generate_cache_equals_no_cache": all(torch.equal(a, b) for a, b in zip(gen_cache, gen_nocache)),
-        "generate_equals_in_memory": all(torch.equal(a, b) for a, b in zip(gen_cache, ref_gen)),
-        "long_prompt_tokens": int(long_ids.shape[1]),
-        "export_weight_bytes": export_bytes,
-        "base_weight_bytes": base_bytes,
-        "bytes_ratio": export_bytes / base_bytes if base_bytes else float("nan"),
-        "seconds": 0.0,
-    }
+    metrics.update(export_weight_bytes=export_bytes, base_weight_bytes=base_bytes,
+                   bytes_ratio=export_bytes / base_bytes if base_bytes else float("nan"), seconds=0.0)
     limits = THRESHOLDS[dtype_name]
-    failures = []
-    if metrics["kl_mean"] > limits["kl_mean"]:
-        failures.append(f"mean KL {metrics['kl_mean']:.3g} > {limits['kl_mean']:g}")
-    if metrics["kl_max"] > limits["kl_max"]:
-        failures.append(f"max KL {metrics['kl_max']:.3g} > {limits['kl_max']:g}")
-    if metrics["max_abs_diff"] > limits["max_abs_rel"] * max(scale, 1.0):
-        failures.append(f"max abs logit diff {metrics['max_abs_diff']:.3g} > {limits['max_abs_rel']:g} x logit scale {scale:.3g}")
-    if metrics["top1_agreement"] < limits["top1"]:
-        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits['top1']}")
-    if cache_gap > limits["cache_rel"] * max(cache_scale, 1.0):
-        failures.append(f"KV-cache decoding differs from the full forward by {cache_gap:.3g}")
-    if not metrics["generate_cache_equals_no_cache"]:
-        failures.append("greedy generation with the KV cache differs from generation without it")
-    if not metrics["generate_equals_in_memory"] and dtype_name == "float32":
-        failures.append("greedy generation differs from the in-memory repeat's")
-    if fmt == "layerlist" and base_bytes and metrics["bytes_ratio"] > 1.01:
-        failures.append(f"layer-list export stores {metrics['bytes_ratio']:.3f}x the base's weight bytes (expected ~1)")
+    failures = _failures(metrics, limits, fmt, dtype_name, cache_scale)
     metrics["seconds"] = time.perf_counter() - started
-    report = VerificationReport(
-        passed=not failures,
-        format=fmt,
-        plan=plan.to_dict(),
-        metrics=metrics,
-        thresholds=limits,
-        failures=failures,
-        files=file_hashes(folder),
-        settings={"base": base, "dtype": dtype_name, "device": str(torch_device), "device_map": placement.get("device_map"), "prompts": len(texts),
-                  "base_adapter": adapter["path"] if adapter else None,
-                  "heal_adapter": heal_dir.relative_to(folder).as_posix() if heal_dir is not None else None},
-    )
+    settings = {"base": base, "dtype": dtype_name, "device": str(torch_device), "device_map": placement.get("device_map"),
+                "prompts": len(texts), "base_adapter": adapter["path"] if adapter else None,
+                "heal_adapter": heal_dir.relative_to(folder).as_posix() if heal_dir is not None else None}
+    report = VerificationReport(passed=not failures, format=fmt, plan=plan.to_dict(), metrics=metrics, thresholds=limits,
+                                failures=failures, files=file_hashes(folder), settings=settings)
     if write_report:
-        write_atomic(folder / REPORT, json.dumps(report.to_dict(), indent=2) + "\n")
+        write_verification(folder, report.to_dict())
     if failures:
         raise VerificationError(f"verification of {folder} failed: {'; '.join(failures)}")
     return report
@@ -322,9 +320,6 @@ def verify(
 
 def _check_layer_fields(export_cfg: dict[str, Any], base_model: Any, plan: LayerPlan) -> None:
     """The export's per-layer config fields must be the base's, remapped through its stored plan."""
-    from rys_forge.architectures import arch_spec, layer_config
-    from rys_forge.repeat import remap_layer_fields
-
     spec = arch_spec(base_model.config.model_type)
     expected = remap_layer_fields(layer_config(base_model.config, spec), spec, plan.order)
     for name, value in expected.items():
@@ -332,24 +327,3 @@ def _check_layer_fields(export_cfg: dict[str, Any], base_model: Any, plan: Layer
             raise VerificationError(
                 f"config.{name} does not follow the stored plan (expected {value!r}, found {export_cfg[name]!r})"
             )
-
-
-def check_verified(folder: str | Path) -> dict[str, Any]:
-    """The folder's passing verification report, if every file still matches it.
-
-    Raises:
-        VerificationError: no report, a failed report, or files added, missing or changed since.
-    """
-    folder = Path(folder)
-    report_file = folder / REPORT
-    if not report_file.is_file():
-        raise VerificationError(f"{folder} has no {REPORT}; run `rys-forge verify {folder}` first")
-    report = json.loads(report_file.read_text())
-    if not report.get("passed"):
-        raise VerificationError(f"{folder} failed verification: {'; '.join(report.get('failures', []))}")
-    current = file_hashes(folder)
-    recorded = report.get("files", {})
-    changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
-    if changed:
-        raise VerificationError(f"{folder} changed since verification ({', '.join(changed[:5])}); verify again")
-    return report

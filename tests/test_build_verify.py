@@ -12,12 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from rys_forge.artifacts import check_verified, weight_bytes
 from rys_forge.cli import main
 from rys_forge.errors import UsageError, VerificationError
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
 from rys_forge.surgery.builder import build
-from rys_forge.verify import check_verified, verify, weight_bytes
+from rys_forge.verify import verify
 from test_repeat import materialised_reference
 from tiny import MODEL_TYPES, SLIDING_WINDOW
 
@@ -162,3 +163,19 @@ def test_both_formats_agree_and_mergekit_grows(layerlist_exports, tiny_model_dir
     ids = torch.randint(4, 300, (2, 3 * SLIDING_WINDOW), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (a(ids).logits - b(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_cli_mergekit_build_writes_nothing_outside_out(tiny_model_dirs, tmp_path, monkeypatch):
+    """`build --format mergekit` keeps its recipe in the export folder; a recipes folder only when named."""
+    monkeypatch.chdir(tmp_path)
+    base = str(tiny_model_dirs["llama"])
+    result = CliRunner().invoke(main, ["build", "--model", base, "--window", "2:5", "--format", "mergekit", "--out", "mk"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mk"]  # no stray recipes/ in the working directory
+    assert (tmp_path / "mk" / "rys_recipe.yml").is_file()
+    named = CliRunner().invoke(main, ["build", "--model", base, "--window", "2:5", "--format", "mergekit", "--out", "mk2",
+                                      "--no-verify", "--recipes-dir", "kept"])
+    assert named.exit_code == 0, named.output
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["llama-rys-2-5.yml"]
+    assert (tmp_path / "kept" / "llama-rys-2-5.yml").read_text() == (tmp_path / "mk2" / "rys_recipe.yml").read_text()
+

@@ -12,7 +12,7 @@ from scipy import stats
 
 from rys_forge.research.calibrate import BOUNDS, calibrate_score, fit_constants
 from rys_forge.errors import UsageError
-from rys_forge.rank.probes import SCORE_INPUTS, ScoreConfig, score, score_terms
+from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, score, score_terms
 from rys_forge.research.validate import validate_runs
 
 TRUE = {"alpha": 1.5, "c": 0.02, "beta": 0.5, "gamma": 0.2, "eta": 4.0}

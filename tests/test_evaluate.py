@@ -1,4 +1,4 @@
-"""rys_forge.evaluate.harness end to end on tiny random models and the offline lm-eval tasks (a few items each).
+"""rys_forge.evaluate end to end on tiny random models and the offline lm-eval tasks (a few items each).
 
 The RYS numbers are checked against an independent computation: lm-eval's HFLM run directly on a model
 materialised with duplicated weights (tests/test_repeat.py's reference), item by item.
@@ -17,8 +17,9 @@ import torch
 pytest.importorskip("lm_eval")
 
 from rys_forge.errors import ModelLoadError, TaskError, UsageError, WindowError  # noqa: E402
-from rys_forge.evaluate.harness import EVAL_FILE, EvalReport, _compare, evaluate, format_table  # noqa: E402
-from rys_forge.evaluate.local_tasks import offline_env, task_manager  # noqa: E402
+from rys_forge.evaluate import EVAL_FILE, EvalReport, compare_runs, evaluate, format_table  # noqa: E402
+from rys_forge.evaluate.local_tasks import task_manager  # noqa: E402
+from rys_forge.evaluate.runner import offline_env  # noqa: E402
 from rys_forge.models import load_model  # noqa: E402
 from rys_forge.plan import LayerPlan  # noqa: E402
 from rys_forge.stats import mcnemar_exact  # noqa: E402
@@ -267,7 +268,7 @@ def test_argument_errors():
 
 
 def _run_dict(values: dict, aggregate: dict, metric_info: dict, groups: dict | None = None) -> dict:
-    """A normalised run (what _run_lm_eval returns) for one task `t`."""
+    """A normalised run (what run_lm_eval returns) for one task `t`."""
     return {
         "results": aggregate,
         "groups": groups or {},
@@ -306,7 +307,7 @@ def test_compare_tests_and_skips():
         info,
         groups={"grp": ["t"]},
     )
-    rows, items, notes = _compare(base, rys, n_resamples=200, seed=0)
+    rows, items, notes = compare_runs(base, rys, n_resamples=200, seed=0)
     by_metric = {(r["task"], r["metric"]): r for r in rows}
     acc = by_metric[("t", "acc")]
     assert acc["test"] == "mcnemar_exact" and (acc["b"], acc["c"]) == (1, 1) and acc["p_value"] == 1.0
@@ -321,7 +322,7 @@ def test_compare_tests_and_skips():
     assert items["t"]["none"]["doc_ids"] == [0, 1, 2] and "bleu" not in items["t"]["none"]
     # per-item values that do not reproduce the aggregate are not tested
     rys["results"]["t"]["acc,none"] = 0.9
-    rows, _items, notes = _compare(base, rys, n_resamples=200, seed=0)
+    rows, _items, notes = compare_runs(base, rys, n_resamples=200, seed=0)
     assert next(r for r in rows if r["metric"] == "acc" and r["task"] == "t")["test"] is None
     assert any("reproduce" in note for note in notes)
 

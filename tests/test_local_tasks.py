@@ -32,11 +32,11 @@ from rys_forge.evaluate.local_tasks import (  # noqa: E402
     SUITE_GROUP,
     TEMPLATE_DIR,
     local_task_dir,
-    offline_env,
     resolve_tasks,
     task_data_files,
     task_manager,
 )
+from rys_forge.evaluate.runner import offline_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,7 @@ SHIPPED: dict[str, tuple[str, int, str]] = {
     "rys_piqa": ("piqa_validation.jsonl", 1838, "piqa"),
     "rys_openbookqa": ("openbookqa_validation.jsonl", 500, "openbookqa"),
     "rys_gsm8k": ("gsm8k_test.jsonl", 1319, "gsm8k"),
+    "rys_gsm8k_ll": ("gsm8k_test.jsonl", 1319, "gsm8k"),  # rys-forge's own log-likelihood scoring of GSM8K
     "rys_lambada_openai": ("lambada_openai_test.jsonl", 5153, "lambada_openai"),
 }
 UPSTREAM_YAML = {
@@ -165,7 +166,7 @@ def test_local_tasks_constant_matches_shipped_templates() -> None:
 
 def test_shipped_data_counts_size_and_docs() -> None:
     shipped = sorted(p.name for p in DATA_DIR.iterdir())
-    assert shipped == sorted(name for name, _, _ in SHIPPED.values())
+    assert shipped == sorted({name for name, _, _ in SHIPPED.values()})
     total = sum(p.stat().st_size for p in DATA_DIR.iterdir())
     assert total < 6_000_000
     data_md = (REPO / "docs" / "DATA.md").read_text(encoding="utf-8")
@@ -183,7 +184,7 @@ def test_hellaswag_utils_is_a_copy_of_upstream() -> None:
     assert code == upstream.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("task", sorted(SHIPPED))
+@pytest.mark.parametrize("task", sorted(UPSTREAM_YAML))
 def test_template_matches_upstream_config(task: str) -> None:
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -250,7 +251,7 @@ def _upstream_task(manager, upstream: str, records: list[dict[str, Any]], tmp: P
     return ConfigurableTask(config=cfg)
 
 
-@pytest.mark.parametrize("task", sorted(SHIPPED))
+@pytest.mark.parametrize("task", sorted(UPSTREAM_YAML))
 def test_first_docs_render_like_upstream(task: str, manager, loaded: dict[str, Any], tmp_path: Path) -> None:
     file_name, _, upstream = SHIPPED[task]
     raw = _read_jsonl(DATA_DIR / file_name, limit=3)
@@ -425,3 +426,15 @@ def test_fresh_interpreter_loads_offline(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"rys_hellaswag": 1000, "rys_piqa": 1838}
+
+
+def test_gsm8k_ll_scores_the_final_number(loaded: dict[str, Any]) -> None:
+    """rys_gsm8k_ll: the continuation is the number after '####' without thousands separators."""
+    task = loaded["rys_gsm8k_ll"]
+    raw = _read_jsonl(DATA_DIR / "gsm8k_test.jsonl", limit=50)
+    for k, record in enumerate(raw):
+        number = record["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        doc = task.eval_docs[k]
+        assert task.doc_to_text(doc).endswith("\nAnswer: The answer is")
+        assert task.doc_to_target(doc) == number and number.lstrip("-").replace(".", "").isdigit()
+    assert task.config.output_type == "loglikelihood" and task.config.target_delimiter == " "

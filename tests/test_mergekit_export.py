@@ -11,13 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from rys_forge.errors import ModelLoadError, RysForgeError, UnsupportedArchitectureError, UsageError, WindowError
+from rys_forge.artifacts import RECIPE_FILE
+from rys_forge.errors import (
+    MergekitExportError,
+    ModelLoadError,
+    RysForgeError,
+    UnsupportedArchitectureError,
+    UsageError,
+    WindowError,
+)
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
 from rys_forge.surgery.mergekit_export import (
-    RECIPE_FILENAME,
     MergekitExport,
-    MergekitExportError,
     default_recipe_name,
     export_mergekit,
     plan_to_slices,
@@ -90,7 +96,7 @@ def _check_export(base_dir: Path, out: Path, plan: LayerPlan) -> None:
         "plan": plan.to_dict(),
         "format": "mergekit",
         "rys_forge_version": VERSION,
-        "recipe": RECIPE_FILENAME,
+        "recipe": RECIPE_FILE,
     }
     changed = {k for k in base_json if base_json[k] != out_json.get(k)}
     assert changed <= {"num_hidden_layers", "layer_types", "max_window_layers", "dtype", "torch_dtype"}
@@ -127,7 +133,7 @@ def _check_export(base_dir: Path, out: Path, plan: LayerPlan) -> None:
     # Tokenizer and generation config came along.
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (base_dir / name).read_bytes()
-    assert (out / RECIPE_FILENAME).is_file()
+    assert (out / RECIPE_FILE).is_file()
 
 
 def test_plan_to_slices():
@@ -140,16 +146,18 @@ def test_plan_to_slices():
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_rys_export_matches_reference(tiny_model_dirs, tmp_path, model_type):
+def test_rys_export_matches_reference(tiny_model_dirs, tmp_path, model_type, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without recipes_dir nothing may land outside the export folder
     base_dir = tiny_model_dirs[model_type]
     num_layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
     plan = LayerPlan.from_windows(["2:5"], num_layers)
     result = export_mergekit(base_dir, plan, tmp_path / "out", rys_version=VERSION)
     assert isinstance(result, MergekitExport)
-    assert result.path == tmp_path / "out" and result.recipe_path == tmp_path / "out" / RECIPE_FILENAME
+    assert result.path == tmp_path / "out" and result.recipe_path == tmp_path / "out" / RECIPE_FILE
     assert result.slices == ((0, 5), (2, num_layers))
     assert result.seconds > 0
     assert _no_temp_left(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
     _check_export(base_dir, result.path, plan)
 
 
@@ -203,7 +211,7 @@ def test_recipe_golden(tiny_model_dirs, tmp_path):
     assert result.recipe_path == recipes / f"{default_recipe_name(base_dir, plan)}.yml"
     assert result.recipe_path.name == "llama-rys-2-5.yml"
     text = result.recipe_path.read_text()
-    assert (result.path / RECIPE_FILENAME).read_text() == text
+    assert (result.path / RECIPE_FILE).read_text() == text
     normalised = text.replace(str(base_dir.resolve()), "<BASE>").replace(str(base_dir), "<BASE>")
     golden = GOLDEN / "recipe_llama_2-5.yml"
     if os.environ.get("UPDATE_GOLDEN"):

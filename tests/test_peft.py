@@ -12,13 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from rys_forge.artifacts import HEAL_DIR, HEAL_FILE, check_verified
 from rys_forge.cli import main
 from rys_forge.errors import ModelLoadError, UsageError, VerificationError
-from rys_forge.heal import HEAL_DIR, HEAL_FILE, HealSettings, attach_heal_lora, heal, token_blocks
+from rys_forge.heal import HealSettings, attach_heal_lora, heal, token_blocks
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
 from rys_forge.surgery.builder import build
-from rys_forge.verify import check_verified, verify
+from rys_forge.verify import verify
 from test_repeat import materialised_reference
 from tiny import SLIDING_WINDOW
 
@@ -109,7 +110,7 @@ def test_merged_adapter_equals_peft_forward(tiny_model_dirs, lora_adapter):
 
 
 def test_build_with_adapter_records_verifies_and_cards(tiny_model_dirs, lora_adapter, tmp_path):
-    from rys_forge.publish.card import render_card
+    from rys_forge.publish import render_card
 
     base_dir = tiny_model_dirs["llama"]
     result = build(str(base_dir), [WINDOW], tmp_path / "export", adapter=str(lora_adapter))
@@ -279,7 +280,7 @@ def test_heal_adapter_in_memory_on_a_hooked_base(healed, tiny_model_dirs):
     copies get hooks of their own instead of a `forward` still bound to the layer they were copied from."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from rys_forge.heal import attach_visit_adapters
+    from rys_forge.adapters import attach_visit_adapters
     from rys_forge.repeat import repeated
 
     result, _ = healed
@@ -307,7 +308,7 @@ def _order(folder):
 
 
 def test_healed_card(healed):
-    from rys_forge.publish.card import render_card
+    from rys_forge.publish import render_card
 
     card = render_card(healed[0].path.parent, repo_id="me/tiny-healed").text
     assert "## Healing" in card and 'PeftModel.from_pretrained(model, "me/tiny-healed", subfolder="heal")' in card
@@ -382,7 +383,7 @@ def test_heal_settings_validation():
 
 def test_eval_reports_before_and_after_healing(healed, tiny_model_dirs, lora_adapter, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from rys_forge.evaluate.harness import evaluate, format_table
+    from rys_forge.evaluate import evaluate, format_table
 
     monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "healed"

@@ -24,23 +24,16 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-import rys_forge
+from rys_forge import artifacts
+from rys_forge.artifacts import CARD_FILE, check_verified, file_hashes
+from rys_forge.artifacts import VERIFICATION_FILE as REPORT
 from rys_forge.errors import UsageError, VerificationError
-from rys_forge.publish.card import (
-    CARD_FILE,
-    HEATMAP_FILE,
-    HubAuthError,
-    PublishError,
-    RepoExistsError,
-    count_parameters,
-    format_result,
-    publish,
-    render_card,
-    write_card,
-)
 from rys_forge.plan import LayerPlan
+from rys_forge.publish import format_result, publish, render_card, write_card
+from rys_forge.publish.hub import HubAuthError, PublishError, RepoExistsError
+from rys_forge.publish.numbers import count_parameters
+from rys_forge.publish.sections import HEATMAP_FILE
 from rys_forge.surgery.builder import build
-from rys_forge.verify import REPORT, check_verified, file_hashes
 
 GOLDEN = Path(__file__).parent / "golden" / "model_card_llama_2-5.md"
 TOKEN = "hf_test_token"
@@ -157,7 +150,7 @@ def rank_run(tmp_path) -> Path:
 def test_card_golden(export, rank_run, monkeypatch):
     from huggingface_hub import ModelCard
 
-    monkeypatch.setattr(rys_forge, "__version__", "0.0.0-test")
+    monkeypatch.setattr(artifacts, "VERSION", "0.0.0-test")
     path = write_card(export, rank_run, repo_id=REPO)
     text = path.read_text()
     assert path == export / CARD_FILE

@@ -13,12 +13,16 @@ pytest.importorskip("lm_eval")
 from rys_forge.research import sweep as sweep_mod  # noqa: E402
 from rys_forge.errors import UsageError  # noqa: E402
 from rys_forge.repeat import applied_plan_active  # noqa: E402
-from rys_forge.research.sweep import combine_z, fit_repeat_curve, pick_metric, read_sweep, sweep_windows, task_z  # noqa: E402
+from rys_forge.research.sweep import read_sweep, sweep_windows  # noqa: E402
+from rys_forge.research.sweep_rows import pick_metric, reported_tasks  # noqa: E402
 from rys_forge.research.validate import validate_runs  # noqa: E402
+from rys_forge.stats import combine_z, fit_repeat_curve, task_z  # noqa: E402
 
 TASK = "rys_arc_easy"
 LIMIT = 4
 WINDOWS = ["1:3", "2:5", "3:6"]
+# Windows are evaluated in a seeded random order (seed 0), so that a sweep cut short is an unbiased sample.
+EVAL_ORDER = [WINDOWS[k] for k in np.random.default_rng(0).permutation(len(WINDOWS))]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def test_sweep_rows_deltas_and_files(loaded, tmp_path, monkeypatch):
         assert row["combined_z"] == pytest.approx(entry["z"]) or (math.isnan(row["combined_z"]) and math.isnan(entry["z"]))
         assert row["single_task_verdict"] is False  # one task: never a single-task verdict
     logged = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
-    assert [r["key"] for r in logged] == [f"{w}x2" for w in WINDOWS]
+    assert [r["key"] for r in logged] == [f"{w}x2" for w in EVAL_ORDER] and sorted(EVAL_ORDER) == sorted(WINDOWS)
     table = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["window"] for r in table] == WINDOWS
     csv_lines = (out / "sweep.csv").read_text().splitlines()
@@ -101,10 +105,10 @@ def test_resume_skips_finished_windows(loaded, tmp_path, monkeypatch):
         _run(loaded, out)
     assert calls == [False, True, True]
     logged = (out / "sweep.jsonl").read_text().splitlines()
-    assert len(logged) == 1 and json.loads(logged[0])["window"] == WINDOWS[0]
+    assert len(logged) == 1 and json.loads(logged[0])["window"] == EVAL_ORDER[0]
     first = json.loads(logged[0])
     partial, summary = read_sweep(out)  # an unfinished sweep is read from its log
-    assert [r["window"] for r in partial] == WINDOWS[:1] and summary == {}
+    assert [r["window"] for r in partial] == EVAL_ORDER[:1] and summary == {}
     # a resume with other settings is refused
     with pytest.raises(UsageError, match="settings differ"):
         _run(loaded, out, resume=True, windows=WINDOWS[:2])
@@ -117,7 +121,8 @@ def test_resume_skips_finished_windows(loaded, tmp_path, monkeypatch):
     assert result.summary["timings"]["base_reused"] is True
     assert result.summary["timings"]["windows_evaluated_this_session"] == 2
     assert [r["window"] for r in result.rows] == WINDOWS
-    assert result.rows[0]["tasks"][TASK]["delta"] == first["tasks"][TASK]["delta"]
+    again = next(r for r in result.rows if r["window"] == first["window"])
+    assert again["tasks"][TASK]["delta"] == first["tasks"][TASK]["delta"]
     assert len((out / "sweep.jsonl").read_text().splitlines()) == len(WINDOWS)
 
 
@@ -181,8 +186,8 @@ def test_task_z_and_metric_choice():
 def test_group_is_scored_by_its_members():
     rows = [{"task": "g", "in_group": False}, {"task": "a", "in_group": True}, {"task": "b", "in_group": True},
             {"task": "c", "in_group": False}]
-    assert sweep_mod._reported_tasks(rows, {"g": ["a", "b"]}) == ["a", "b", "c"]
-    assert sweep_mod._reported_tasks(rows, {}) == ["g", "c"]
+    assert reported_tasks(rows, {"g": ["a", "b"]}) == ["a", "b", "c"]
+    assert reported_tasks(rows, {}) == ["g", "c"]
 
 
 def test_cli_sweep_rank_validate(tiny_model_dirs, tmp_path):

@@ -12,7 +12,8 @@ import pytest
 from scipy import stats
 
 from rys_forge.errors import UsageError
-from rys_forge.research.validate import (
+from rys_forge.research.validate import validate_runs
+from rys_forge.stats import (
     correlation,
     evaluations_to_reach,
     expected_first_hit,
@@ -20,7 +21,6 @@ from rys_forge.research.validate import (
     matched_permutation,
     prob_hit_within,
     top_count,
-    validate_runs,
 )
 
 L = 10

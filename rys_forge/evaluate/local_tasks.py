@@ -26,7 +26,8 @@ read-only installed wheel, and is rebuilt automatically whenever the package mov
 
 Typical use::
 
-    from rys_forge.evaluate.local_tasks import offline_env, resolve_tasks, task_manager
+    from rys_forge.evaluate.local_tasks import resolve_tasks, task_manager
+    from rys_forge.evaluate.runner import offline_env
 
     manager = task_manager()
     names = resolve_tasks(["rys_suite"], manager)
@@ -41,7 +42,6 @@ import difflib
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,11 +60,9 @@ __all__ = [
     "DATA_DIR",
     "LOCAL_TASKS",
     "LOCAL_TASK_NAMES",
-    "OFFLINE_ENV_VARS",
     "SUITE_GROUP",
     "TEMPLATE_DIR",
     "local_task_dir",
-    "offline_env",
     "resolve_tasks",
     "task_data_files",
     "task_manager",
@@ -78,6 +76,7 @@ LOCAL_TASK_NAMES: tuple[str, ...] = (
     "rys_piqa",
     "rys_openbookqa",
     "rys_gsm8k",
+    "rys_gsm8k_ll",
     "rys_lambada_openai",
 )
 #: The group of the log-likelihood tasks (all local tasks except ``rys_gsm8k``).
@@ -91,8 +90,6 @@ TEMPLATE_DIR: Path = Path(__file__).resolve().parent / "lm_eval_tasks"
 DATA_DIR: Path = TEMPLATE_DIR / "data"
 #: Environment variable that overrides the cache root of the materialised task folder.
 CACHE_DIR_ENV = "RYS_FORGE_CACHE"  # the one cache variable of rys-forge (models.cache_dir)
-#: Variables :func:`offline_env` sets to ``1`` when the user has not set them.
-OFFLINE_ENV_VARS: tuple[str, ...] = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 # Bump when the layout of the materialised folder changes (part of its content hash).
 _FORMAT_VERSION = "1"
@@ -458,52 +455,3 @@ def resolve_tasks(names: str | Sequence[str], manager: TaskManager) -> list[str]
             if match not in resolved:
                 resolved.append(match)
     return resolved
-
-
-# --------------------------------------------------------------------------- offline environment
-
-
-def _loaded_offline_flags(added: set[str]) -> list[tuple[Any, str]]:
-    """Module attributes that cache the offline variables at import time and need the same treatment."""
-    targets: list[tuple[Any, str]] = []
-    hub_constants = sys.modules.get("huggingface_hub.constants")
-    if hub_constants is not None and "HF_HUB_OFFLINE" in added:
-        targets.append((hub_constants, "HF_HUB_OFFLINE"))
-    # datasets derives its flags from HF_DATASETS_OFFLINE when set, else from huggingface_hub's flag.
-    datasets_config = sys.modules.get("datasets.config")
-    if datasets_config is not None and "HF_DATASETS_OFFLINE" in added:
-        targets.extend((datasets_config, attr) for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return [(module, attr) for module, attr in targets if hasattr(module, attr)]
-
-
-@contextlib.contextmanager
-def offline_env() -> Iterator[dict[str, str]]:
-    """Run a block with Hugging Face hub access switched off, unless the user decided otherwise.
-
-    Sets ``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` for the block, but only those the user has not
-    set (any value the user set, even ``0`` or an empty string, is left alone; a set ``TRANSFORMERS_OFFLINE``
-    counts as the user's choice for ``HF_HUB_OFFLINE``). ``datasets`` and ``huggingface_hub`` read these
-    variables once, at import; when they are already imported, the flags they cached are switched the same
-    way for the block. Everything is restored on exit. Not thread-safe (it changes process-wide state).
-
-    Yields:
-        The variables this call set, mapped to the value it gave them (empty when the user set both).
-    """
-    added: dict[str, str] = {}
-    for var in OFFLINE_ENV_VARS:
-        if var in os.environ:
-            continue
-        if var == "HF_HUB_OFFLINE" and "TRANSFORMERS_OFFLINE" in os.environ:
-            continue
-        os.environ[var] = "1"
-        added[var] = "1"
-    patched = [(module, attr, getattr(module, attr)) for module, attr in _loaded_offline_flags(set(added))]
-    for module, attr, _old in patched:
-        setattr(module, attr, True)
-    try:
-        yield dict(added)
-    finally:
-        for module, attr, old in reversed(patched):
-            setattr(module, attr, old)
-        for var in added:
-            os.environ.pop(var, None)

@@ -228,12 +228,10 @@ def cache_activations(
         batch_size: prompts per padded batch (prompts are sorted by length to limit padding).
         kl_positions: random valid positions per prompt where logits are compared (0: no KL).
         seed: seed of the position subsample.
-        deep_fraction: share of the prompts (spread evenly over lengths) whose batches also get the
-            deeper iterates `z_3..z_n`; they are batched separately from the others.
+        deep_fraction: share of the prompts (spread evenly over lengths, batched apart) that also get `z_3..z_n`.
         kl_fraction: share of the prompts that carry KL positions (spread evenly over lengths,
             nested with the deep share: the smaller of the two sets lies inside the larger).
-        outlier_factor: exclude positions whose residual norm at some layer exceeds this multiple of the
-            layer's median token norm (0: keep every token).
+        outlier_factor: exclude positions whose norm at some layer exceeds this x the layer's median (0: none).
 
     Raises:
         PromptError: no prompt has a valid (non-special, non-outlier) token.
@@ -246,9 +244,7 @@ def cache_activations(
     num_layers = len(get_path(model, spec.layers_path))
     device = next(model.parameters()).device
     families = list(families) if families is not None else ["prompts"] * len(texts)
-    encoded = tokenizer(
-        list(texts), truncation=True, max_length=max_tokens, return_special_tokens_mask=True, add_special_tokens=True
-    )
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens, return_special_tokens_mask=True)
     chunks = _batch_plan([len(ids) for ids in encoded["input_ids"]], batch_size, kl_positions, deep_fraction, kl_fraction)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches: list[CachedBatch] = []
@@ -281,8 +277,7 @@ def cache_activations(
                 )
             )
     cache = ActivationCache(model=model, spec=spec, batches=batches, num_layers=num_layers)
-    if outlier_factor > 0:
-        mark_outliers(batches, num_layers, outlier_factor)
+    mark_outliers(batches, num_layers, outlier_factor) if outlier_factor > 0 else None
     cache.tokens = int(sum(b.valid.sum() for b in batches))
     if cache.tokens == 0:
         raise PromptError("the prompts contain no tokens besides special tokens")

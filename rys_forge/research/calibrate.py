@@ -1,7 +1,7 @@
 """`calibrate`: fit the score's constants on one model's sweep, to freeze them and test on other models.
 
 The seeds' protocol: the constants of `Score(B) = P*A*S*D` (``alpha, c, beta, gamma, eta``; see
-:class:`rys_forge.probes.ScoreConfig`) are priors. ``calibrate`` fits them on a *calibration* model, for
+:class:`rys_forge.rank.score.ScoreConfig`) are priors. ``calibrate`` fits them on a *calibration* model, for
 which both a rank run and a sweep run exist, by maximising the Spearman correlation between the score
 (recomputed from the rank run's stored probe metrics, no model needed) and a sweep outcome (default:
 ``combined_z``). The search is a seeded log-uniform random search inside fixed bounds, started from
@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats as _st
+from scipy import stats as scipy_stats
 
 from rys_forge.errors import UsageError
 from rys_forge.files import json_safe, write_atomic
-from rys_forge.rank.probes import SCORE_INPUTS, ScoreConfig, score_terms
+from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, score_terms
 from rys_forge.research.sweep import read_sweep
+from rys_forge.research.validate import model_label, outcome_columns, read_rank_run
 from rys_forge.stats import is_finite_number
-from rys_forge.research.validate import _display, _outcome_columns, _read_rank
 
 __all__ = ["BOUNDS", "CalibrationResult", "calibrate_score", "fit_constants"]
 
@@ -67,7 +67,7 @@ class CalibrationResult:
 def _spearman(score: np.ndarray, target_ranks: np.ndarray) -> float:
     if not np.isfinite(score).all() or np.ptp(score) == 0.0:
         return -math.inf
-    ranks = _st.rankdata(score)
+    ranks = scipy_stats.rankdata(score)
     value = np.corrcoef(ranks, target_ranks)[0, 1]
     return float(value) if math.isfinite(value) else -math.inf
 
@@ -82,7 +82,7 @@ def fit_constants(
     """Maximise Spearman(score(inputs; params), target) over ``BOUNDS``.
 
     Args:
-        inputs: ``[5, n]`` rows of :data:`rys_forge.probes.SCORE_INPUTS`, all finite.
+        inputs: ``[5, n]`` rows of :data:`rys_forge.rank.score.SCORE_INPUTS`, all finite.
         target: ``[n]`` outcome per window.
         start: the first candidate (the defaults).
         trials: random log-uniform candidates before the coordinate refinement.
@@ -91,7 +91,7 @@ def fit_constants(
     Returns:
         The best parameters and their Spearman correlation.
     """
-    target_ranks = _st.rankdata(target)
+    target_ranks = scipy_stats.rankdata(target)
     rng = np.random.default_rng(seed)
     best = {k: float(start[k]) for k in BOUNDS}
     best_value = _spearman(_scores(inputs, best), target_ranks)
@@ -113,6 +113,55 @@ def fit_constants(
                     if value > best_value + 1e-12:
                         best, best_value, improved = candidate, value, True
     return best, best_value
+
+
+def _joined(
+    rank_rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], sweep_dir: Path, target: str, repeats: int
+) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """The rank rows with every score input and a finite ``target``, their ``[5, n]`` inputs and ``[n]`` target.
+
+    Raises:
+        UsageError: no sweep rows with ``repeats``, an unknown ``target``, or fewer than 10 windows.
+    """
+    rows = [r for r in sweep_rows if r.get("repeats") == repeats]
+    if target.startswith("delta:"):  # oriented like validate's outcomes: positive = better
+        outcome = {w: value for w, (value, _) in outcome_columns(rows, [target[len("delta:"):]])[target].items()}
+    else:
+        outcome = {r["window"]: r.get(target) for r in rows}
+    if not outcome:
+        raise UsageError(f"{sweep_dir} has no sweep rows with repeats={repeats}")
+    if all(v is None for v in outcome.values()):
+        columns = sorted(k for k in sweep_rows[0] if k.startswith("delta:") or k in ("combined_z", "mean_delta"))
+        raise UsageError(f"unknown target {target!r}; the sweep has {', '.join(columns)}")
+    joined = [
+        r for r in rank_rows
+        if r.get("window") in outcome and is_finite_number(outcome[r["window"]]) and all(is_finite_number(r.get(k)) for k in SCORE_INPUTS)
+    ]
+    if len(joined) < 10:
+        raise UsageError(
+            f"only {len(joined)} windows have every score input ({', '.join(SCORE_INPUTS)}) and a finite {target}:"
+            " calibration needs at least 10"
+        )
+    inputs = np.array([[float(r[k]) for r in joined] for k in SCORE_INPUTS])
+    y = np.array([float(outcome[r["window"]]) for r in joined])
+    return joined, inputs, y
+
+
+def _cross_validate(
+    inputs: np.ndarray, y: np.ndarray, start: dict[str, float], *, folds: int, trials: int, seed: int
+) -> tuple[list[float], list[float]]:
+    """Held-out Spearman per fold of the constants fitted on the other folds, and of ``start`` (``folds < 2``:
+    none)."""
+    per_fold: list[float] = []
+    per_fold_default: list[float] = []
+    if folds >= 2:
+        assignment = np.random.default_rng(seed + 1).permutation(y.size) % folds
+        for fold in range(folds):
+            train, test = assignment != fold, assignment == fold
+            params, _ = fit_constants(inputs[:, train], y[train], start=start, trials=trials, seed=seed + 2 + fold)
+            per_fold.append(_spearman(_scores(inputs[:, test], params), scipy_stats.rankdata(y[test])))
+            per_fold_default.append(_spearman(_scores(inputs[:, test], start), scipy_stats.rankdata(y[test])))
+    return per_fold, per_fold_default
 
 
 def calibrate_score(
@@ -144,51 +193,23 @@ def calibrate_score(
     if trials < 0 or folds < 0:
         raise UsageError("--trials and --folds must be non-negative")
     sweep_dir, rank_dir = Path(sweep_dir), Path(rank_dir)
-    rank_rows, rank_summary = _read_rank(rank_dir)
+    rank_rows, rank_summary = read_rank_run(rank_dir)
     sweep_rows, sweep_summary = read_sweep(sweep_dir)
-    rows = [r for r in sweep_rows if r.get("repeats") == repeats]
-    if target.startswith("delta:"):  # oriented like validate's outcomes: positive = better
-        outcome = {w: value for w, (value, _) in _outcome_columns(rows, [target[len("delta:"):]])[target].items()}
-    else:
-        outcome = {r["window"]: r.get(target) for r in rows}
-    if not outcome:
-        raise UsageError(f"{sweep_dir} has no sweep rows with repeats={repeats}")
-    if all(v is None for v in outcome.values()):
-        columns = sorted(k for k in sweep_rows[0] if k.startswith("delta:") or k in ("combined_z", "mean_delta"))
-        raise UsageError(f"unknown target {target!r}; the sweep has {', '.join(columns)}")
-    joined = [
-        r for r in rank_rows
-        if r.get("window") in outcome and is_finite_number(outcome[r["window"]]) and all(is_finite_number(r.get(k)) for k in SCORE_INPUTS)
-    ]
-    if len(joined) < 10:
-        raise UsageError(
-            f"only {len(joined)} windows have every score input ({', '.join(SCORE_INPUTS)}) and a finite {target}:"
-            " calibration needs at least 10"
-        )
-    inputs = np.array([[float(r[k]) for r in joined] for k in SCORE_INPUTS])
-    y = np.array([float(outcome[r["window"]]) for r in joined])
+    joined, inputs, y = _joined(rank_rows, sweep_rows, sweep_dir, target, repeats)
     defaults = ScoreConfig()
     start = {k: getattr(defaults, k) for k in BOUNDS}
     best, best_value = fit_constants(inputs, y, start=start, trials=trials, seed=seed)
-    default_value = _spearman(_scores(inputs, start), _st.rankdata(y))
-
+    default_value = _spearman(_scores(inputs, start), scipy_stats.rankdata(y))
     if folds > len(joined):
         raise UsageError(f"--folds {folds} is more than the {len(joined)} windows to split")
-    per_fold, per_fold_default = [], []
-    if folds >= 2:
-        assignment = np.random.default_rng(seed + 1).permutation(len(joined)) % folds
-        for fold in range(folds):
-            train, test = assignment != fold, assignment == fold
-            params, _ = fit_constants(inputs[:, train], y[train], start=start, trials=trials, seed=seed + 2 + fold)
-            per_fold.append(_spearman(_scores(inputs[:, test], params), _st.rankdata(y[test])))
-            per_fold_default.append(_spearman(_scores(inputs[:, test], start), _st.rankdata(y[test])))
+    per_fold, per_fold_default = _cross_validate(inputs, y, start, folds=folds, trials=trials, seed=seed)
 
     model = rank_summary.get("model") or {}
     fitted_on = {**(model if isinstance(model, dict) else {"source": str(model)}), "rank_run": str(rank_dir),
                  "sweep_run": str(sweep_dir), "target": target}
     config = replace(defaults, **best, fitted_on=fitted_on)
-    kendall = lambda params: float(_st.kendalltau(_scores(inputs, params), y)[0])  # noqa: E731
-    name = _display(model) if model else str(rank_dir)
+    kendall = lambda params: float(scipy_stats.kendalltau(_scores(inputs, params), y)[0])  # noqa: E731
+    name = model_label(model) if model else str(rank_dir)
     report = {
         "rys_forge_calibration": CALIBRATION_FORMAT,
         "score": config.to_dict(),

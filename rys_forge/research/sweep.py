@@ -1,10 +1,10 @@
 """`sweep`: Ng-style brute force. Evaluate every window's in-memory repeat on lm-eval benchmark tasks.
 
 The loaded model is evaluated once as is (the base), then once per (window, repeats) under
-:func:`rys_forge.repeat.repeated` (same object, no reload, no extra weights). lm-eval runs through
-:mod:`rys_forge.evaluate`'s internals (``_run_lm_eval`` for one in-memory run, ``_compare`` for the
-per-task rows, per-item pairing and McNemar / paired-bootstrap tests), so a sweep row and an
-``rys-forge eval --model M --window i:j`` report agree number for number.
+:func:`rys_forge.repeat.repeated` (same object, no reload, no extra weights), through the evaluate stage's
+public API (:func:`rys_forge.evaluate.run_lm_eval`; rows from :mod:`rys_forge.research.sweep_rows`), so a
+sweep row and an ``rys-forge eval --model M --window i:j`` report agree number for number. The ``cached``
+engine (:mod:`rys_forge.research.sweep_engine`) answers loglikelihood tasks from one base pass instead.
 
 Per task one metric is kept: ``acc_norm`` where the task has it, else ``acc``, else the task's first
 metric (filter ``none`` first); the output names it (``summary.json`` -> ``metrics``). Per
@@ -50,41 +50,36 @@ from typing import Any
 
 import numpy as np
 
-from rys_forge.evaluate import harness as _ev
-from rys_forge.distributed import current_shard
-from rys_forge.errors import TaskError, UsageError
-from rys_forge.evaluate.local_tasks import resolve_tasks, task_manager
-from rys_forge.plan import WINDOW_CONVENTION, LayerPlan, Window
-from rys_forge.stats import is_finite_number
+from rys_forge.architectures import get_path, spec_for_model
+from rys_forge.artifacts import RunFolder, rys_forge_version
+from rys_forge.distributed import Shard, current_shard
+from rys_forge.errors import EvaluationError, UsageError
+from rys_forge.evaluate import (
+    check_batch_size,
+    check_counts,
+    compare_runs,
+    is_count,
+    lm_eval_environment,
+    lm_eval_version,
+    load_task_objects,
+    resolve_task_names,
+    run_lm_eval,
+    say,
+)
 from rys_forge.files import json_safe, write_atomic
-from rys_forge.artifacts import RunFolder
-from rys_forge.plan import select_windows
+from rys_forge.plan import WINDOW_CONVENTION, LayerPlan, Window, select_windows
 from rys_forge.progress import progress_bar
 from rys_forge.repeat import repeated
+from rys_forge.research.sweep_rows import base_summary, repeat_fits, reported_tasks, window_record
+from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
 
-__all__ = [
-    "SINGLE_TASK_MIN_Z",
-    "SINGLE_TASK_SHARE",
-    "SweepResult",
-    "combine_z",
-    "fit_repeat_curve",
-    "pick_metric",
-    "read_sweep",
-    "sweep_windows",
-    "task_z",
-]
+__all__ = ["SweepResult", "read_sweep", "sweep_windows", "write_outputs"]
 
 SWEEP_LOG = "sweep.jsonl"
 BASE_FILE = "base.json"
 SWEEP_FORMAT = 1
 #: Sweep engines (see :func:`sweep_windows`).
 ENGINES = ("auto", "cached", "lm-eval")
-#: One task's share of |sum z| above which a window's verdict rests on a single task.
-SINGLE_TASK_SHARE = 0.7
-#: ... provided that task really moved (|z| at least this).
-SINGLE_TASK_MIN_Z = 1.0
-#: Metric preference per task.
-METRIC_PREFERENCE = ("acc_norm", "acc")
 
 
 @dataclass
@@ -99,6 +94,7 @@ class SweepResult:
         base: per task: ``metric``, ``filter``, ``value``, ``stderr``, ``n``, ``doc_ids``, ``items``.
         summary: settings, base scores, metrics used, repeats fits, timings.
         out_dir: the run folder (None: in memory only).
+        fits: per window, the repeats fits (:func:`rys_forge.research.sweep_rows.repeat_fits`).
     """
 
     rows: list[dict[str, Any]]
@@ -108,226 +104,48 @@ class SweepResult:
     fits: dict[str, Any] = field(default_factory=dict)
 
 
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-
-
-def pick_metric(rows: Sequence[dict[str, Any]], task: str) -> dict[str, Any] | None:
-    """The row of ``task`` the sweep keeps: ``acc_norm``, else ``acc``, else the first metric (filter
-    ``none`` preferred within each choice); None when the task has no numeric row."""
-    candidates = [r for r in rows if r["task"] == task and r.get("base") is not None and r.get("rys") is not None]
-    if not candidates:
-        return None
-    candidates.sort(key=lambda r: 0 if r["filter"] in ("none", None) else 1)
-    for metric in METRIC_PREFERENCE:
-        for row in candidates:
-            if row["metric"] == metric:
-                return row
-    return candidates[0]
-
-
-def task_z(delta: float | None, se_base: float | None, se_rys: float | None, n: int | None = None) -> float:
-    """``delta / sqrt(se_base^2 + se_rys^2)``; missing stderrs count as 0, a zero denominator is floored at
-    ``1 / (2 n)`` (half an item) when ``n`` is known; NaN when nothing can be said."""
-    if delta is None or not is_finite_number(delta):
-        return math.nan
-    var = sum(float(s) ** 2 for s in (se_base, se_rys) if is_finite_number(s))
-    denom = math.sqrt(var)
-    if denom <= 0.0:
-        if delta == 0.0:
-            return 0.0
-        if not n:
-            return math.nan
-        denom = 1.0 / (2.0 * n)
-    return float(delta) / denom
-
-
-def combine_z(
-    z_by_task: dict[str, float], share: float = SINGLE_TASK_SHARE, min_z: float = SINGLE_TASK_MIN_Z
-) -> dict[str, Any]:
-    """Stouffer's combination of per-task z-scores and the single-task flag.
-
-    Returns:
-        ``combined_z`` = sum z / sqrt(#tasks) over the finite z's; ``dominant_task`` (largest |z|);
-        ``dominant_share`` = its |z| / |sum z| (above 1 when the other tasks move the other way; inf when
-        the sum is 0); ``single_task_verdict``: two or more tasks, ``dominant_share > share`` and the
-        dominant |z| >= ``min_z``.
-    """
-    finite = {t: float(z) for t, z in z_by_task.items() if is_finite_number(z)}
-    if not finite:
-        return {"combined_z": math.nan, "dominant_task": None, "dominant_share": math.nan, "single_task_verdict": False}
-    total = sum(finite.values())
-    combined = total / math.sqrt(len(finite))
-    dominant = max(finite, key=lambda t: abs(finite[t]))
-    top = abs(finite[dominant])
-    ratio = top / abs(total) if total != 0 else (math.inf if top > 0 else math.nan)
-    flag = len(finite) >= 2 and top >= min_z and ratio > share
-    return {"combined_z": combined, "dominant_task": dominant, "dominant_share": ratio, "single_task_verdict": bool(flag)}
-
-
-def fit_repeat_curve(visits: Sequence[int], deltas: Sequence[float]) -> dict[str, Any]:
-    """Least-squares fit of ``Perf(n) - Perf(1) = a (n-1) - b (n-1)^2`` (n = visits; ``Perf(1)`` = base).
-
-    Points with n = 1 (delta 0 by definition) may be included; they do not move the fit. ``a`` and ``b``
-    need two distinct n > 1; with one, only ``a`` is fitted (``b`` = 0, ``underdetermined``).
-
-    Returns:
-        ``a``, ``b``, ``n_peak`` (``1 + a / (2 b)`` for ``b > 0``, the visits at the fitted maximum),
-        ``perf_peak`` (fitted delta there), ``residual_rms``, ``points``, ``underdetermined``.
-    """
-    pairs = [(int(n), float(d)) for n, d in zip(visits, deltas) if is_finite_number(d)]
-    x = np.array([n - 1 for n, _ in pairs], dtype=float)
-    y = np.array([d for _, d in pairs], dtype=float)
-    distinct = {v for v in x.tolist() if v > 0}
-    out: dict[str, Any] = {"points": [[n, d] for n, d in pairs], "underdetermined": len(distinct) < 2}
-    if not distinct:
-        return {**out, "a": math.nan, "b": math.nan, "n_peak": math.nan, "perf_peak": math.nan, "residual_rms": math.nan}
-    if len(distinct) < 2:
-        design = x[:, None]
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        a, b = float(coef[0]), 0.0
-    else:
-        design = np.stack([x, -(x**2)], axis=1)
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        a, b = float(coef[0]), float(coef[1])
-    fitted = a * x - b * x**2
-    n_peak = 1.0 + a / (2.0 * b) if b > 0 else math.nan
-    perf_peak = a * (n_peak - 1) - b * (n_peak - 1) ** 2 if b > 0 else math.nan
-    return {
-        **out,
-        "a": a,
-        "b": b,
-        "n_peak": n_peak,
-        "perf_peak": perf_peak,
-        "residual_rms": float(np.sqrt(np.mean((y - fitted) ** 2))) if y.size else math.nan,
-    }
-
-
-def _task_slug(task: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
-
-
-# --------------------------------------------------------------------------- lm-eval glue
-
-
-def _evaluate_once(model: Any, tokenizer: Any, manager: Any, names: Sequence[str], **kwargs: Any) -> dict[str, Any]:
-    """One lm-eval run of the model as it is now (tests count or interrupt calls here)."""
-    return _ev._run_lm_eval(model, tokenizer, manager, names, **kwargs)
-
-
-def _resolve(tasks: Sequence[str], include_path: Any) -> tuple[Any, list[str]]:
-    """Task manager and validated names; lm-eval's registry is indexed only when a name is not local
-    (the same fallback as ``rys_forge.evaluate.evaluate``)."""
-    manager = task_manager(include_path, include_defaults=False)
-    try:
-        return manager, resolve_tasks(tasks, manager)
-    except TaskError:
-        requested = [part.strip() for item in tasks for part in str(item).split(",") if part.strip()]
-        if all(name in set(manager.all_tasks) for name in requested):
-            raise
-        manager = task_manager(include_path, include_defaults=True)
-        return manager, resolve_tasks(tasks, manager)
-
-
-def _reported_tasks(rows: Sequence[dict[str, Any]], groups: dict[str, Any] | None = None) -> list[str]:
-    """The tasks a sweep scores: every top-level task, and for a top-level group its direct members
-    (``rys_suite`` -> its six tasks; ``mmlu`` -> its four category groups, scored by their aggregates), so
-    the per-task z-scores and the single-task flag see the benchmarks one by one."""
-    groups = groups or {}
-    seen: list[str] = []
-    for row in rows:
-        if row.get("in_group") or row["task"] in seen:
-            continue
-        members = [m for m in groups.get(row["task"]) or [] if any(r["task"] == m for r in rows)]
-        for name in members or [row["task"]]:
-            if name not in seen:
-                seen.append(name)
-    return seen
-
-
-def _kept(rows: Sequence[dict[str, Any]], paired: dict[str, Any], tasks: Sequence[str]):
-    """``(task, row, entry)`` for each task with a kept metric: its comparison row and its paired items."""
-    for task in tasks:
-        row = pick_metric(rows, task)
-        if row is not None:
-            yield task, row, (paired.get(task) or {}).get(row["filter"]) or {}
-
-
-def _base_summary(rows: Sequence[dict[str, Any]], paired: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
-    """Per task with a kept metric: its base value, stderr and per-item results (from the base run's
-    self-comparison ``rows, paired``)."""
-    out: dict[str, Any] = {}
-    for task, row, entry in _kept(rows, paired, tasks):
-        out[task] = {
-            "metric": row["metric"],
-            "filter": row["filter"],
-            "value": row["base"],
-            "stderr": row["base_stderr"],
-            "n": row.get("n"),
-            "higher_is_better": row.get("higher_is_better"),
-            "doc_ids": entry.get("doc_ids"),
-            "items": (entry.get(row["metric"]) or {}).get("base"),
-        }
-    return out
-
-
-def _window_record(
-    window: Window, repeats: int, base_run: dict[str, Any], rys_run: dict[str, Any], tasks: Sequence[str],
-    seed: int, seconds: float,
-) -> dict[str, Any]:
-    rows, paired, notes = _ev._compare(base_run, rys_run, n_resamples=2000, seed=seed)
-    per_task: dict[str, Any] = {}
-    for task, row, entry in _kept(rows, paired, tasks):
-        items = (entry.get(row["metric"]) or {}).get("rys")
-        n = row.get("n") or (len(items) if items else None)
-        per_task[task] = {
-            "metric": row["metric"],
-            "filter": row["filter"],
-            "base": row["base"],
-            "rys": row["rys"],
-            "delta": row["delta"],
-            "base_stderr": row["base_stderr"],
-            "rys_stderr": row["rys_stderr"],
-            "test": row.get("test"),
-            "p_value": row.get("p_value"),
-            "n": n,
-            "b": row.get("b"),
-            "c": row.get("c"),
-            "higher_is_better": row.get("higher_is_better"),
-            # z is oriented so that positive = better (a lower-is-better metric's delta is negated)
-            "z": (-1.0 if row.get("higher_is_better") is False else 1.0)
-            * task_z(row["delta"], row["base_stderr"], row["rys_stderr"], n),
-            "items": items,
-        }
-    combined = combine_z({t: v["z"] for t, v in per_task.items()})
-    deltas = [v["delta"] for v in per_task.values() if is_finite_number(v["delta"])]
-    record: dict[str, Any] = {
-        "window": str(window),
-        "i": window.start,
-        "j": window.end,
-        "width": window.width,
-        "repeats": repeats,
-        "key": f"{window}x{repeats}",
-        "tasks": per_task,
-        **combined,
-        "mean_delta": float(np.mean(deltas)) if deltas else math.nan,
-        "seconds": seconds,
-    }
-    if notes:
-        record["notes"] = notes
-    for task, values in per_task.items():
-        for name, key in (("delta", "delta"), ("z", "z"), ("p", "p_value"), ("rys", "rys")):
-            record[f"{name}:{task}"] = values[key]
-    return record
-
-
 class _SweepFolder(RunFolder):
     """rank's RunFolder with the log in ``sweep.jsonl`` and records keyed by (window, repeats), a later
     record replacing an earlier one."""
 
     stem, key, merge = "sweep", "key", False
+
+
+@dataclass
+class _Context:
+    """What every run of one sweep shares: the model, its tasks and lm-eval settings, the run folder and
+    the records finished so far (``done``, by ``"<window>x<repeats>"``)."""
+
+    model: Any
+    tokenizer: Any
+    manager: Any
+    names: list[str]
+    task_objects: list[Any] | None
+    run_kwargs: dict[str, Any]
+    folder: _SweepFolder | None
+    done: dict[str, Any]
+    seed: int
+    limit: int | None
+
+
+@dataclass
+class _Base:
+    """The base run, the seconds it took here, whether it came from ``base.json``, and the cached
+    engine's ``HFLM`` (None with the lm-eval engine)."""
+
+    run: dict[str, Any]
+    seconds: float
+    reused: bool
+    lm: Any = None
+
+
+def _evaluate_once(model: Any, tokenizer: Any, manager: Any, names: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+    """One lm-eval run of the model as it is now (tests count or interrupt calls here)."""
+    return run_lm_eval(model, tokenizer, manager, names, **kwargs)
+
+
+def _task_slug(task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
 
 
 def _parse_repeats(repeats: Any) -> list[int]:
@@ -346,29 +164,192 @@ def _parse_repeats(repeats: Any) -> list[int]:
     return values
 
 
+def _choose_engine(engine: str, manager: Any, names: list[str]) -> tuple[str, list[Any] | None]:
+    """The engine to use (``auto`` resolved) and, for the cached engine, the loaded task objects."""
+    if engine == "lm-eval":
+        return engine, None
+    from rys_forge.research.sweep_engine import check_cached_tasks, uncached_tasks
+
+    with lm_eval_environment(False):
+        task_objects = load_task_objects(manager, names)
+    if engine == "cached":
+        check_cached_tasks(task_objects)
+        return engine, task_objects
+    if uncached_tasks(task_objects):  # auto: a generation task needs one lm-eval run per window
+        return "lm-eval", None
+    return "cached", task_objects
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def _read_base(folder: _SweepFolder | None) -> dict[str, Any] | None:
+    """The base run stored in the run folder by an earlier session, if any."""
+    base_file = folder.path / BASE_FILE if folder else None
+    if base_file is None or not base_file.exists():
+        return None
+    try:
+        return json.loads(base_file.read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _run_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, progress: bool, shard: Shard) -> _Base:
+    """The base run: read from ``base.json``, else evaluated (and stored by rank 0). The cached engine
+    runs its base pass whenever windows are ``pending`` (it fills the activation cache)."""
+    stored = _read_base(ctx.folder)
+    base = _Base(run=stored, seconds=0.0, reused=stored is not None)  # type: ignore[arg-type]
+    if engine == "cached" and (pending or stored is None):
+        from rys_forge.research.sweep_engine import capturing_lm
+
+        base.lm = capturing_lm(ctx.model, ctx.tokenizer, batch_tokens=batch_tokens)
+        say(progress, f"base pass and activation cache over {', '.join(ctx.names)}")
+        t0 = time.perf_counter()
+        fresh = _evaluate_once(ctx.model, ctx.tokenizer, ctx.manager, ctx.names, lm=base.lm,
+                               task_objects=ctx.task_objects, **ctx.run_kwargs)
+        base.seconds = time.perf_counter() - t0
+        base.run = base.run or fresh
+    if base.run is None:
+        say(progress, f"evaluating the base model on {', '.join(ctx.names)}")
+        t0 = time.perf_counter()
+        base.run = _evaluate_once(ctx.model, ctx.tokenizer, ctx.manager, ctx.names, **ctx.run_kwargs)
+        base.seconds = time.perf_counter() - t0
+    if not base.reused and ctx.folder is not None and shard.rank == 0:
+        write_atomic(ctx.folder.path / BASE_FILE, json.dumps(json_safe({"run": base.run, "seconds": base.seconds})))
+    return base
+
+
+def _finish_window(ctx: _Context, record: dict[str, Any], advance: Any) -> None:
+    ctx.done[record["key"]] = record
+    if ctx.folder:
+        ctx.folder.append(record)
+    advance()
+
+
+def _lm_eval_windows(ctx: _Context, todo: Sequence[tuple[Window, int]], base_run: dict[str, Any],
+                     reported: Sequence[str], num_layers: int, advance: Any) -> None:
+    """Every (window, visits) in ``todo`` as one full lm-eval run under its repeat."""
+    for window, n_visits in todo:
+        plan = LayerPlan.from_windows([window], num_layers, n_visits)
+        t0 = time.perf_counter()
+        with repeated(ctx.model, plan):
+            rys_run = _evaluate_once(ctx.model, ctx.tokenizer, ctx.manager, ctx.names, **ctx.run_kwargs)
+        seconds = time.perf_counter() - t0
+        _finish_window(ctx, window_record(window, n_visits, base_run, rys_run, reported, ctx.seed, seconds), advance)
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    keys = ("window", "repeats", "combined_z", "mean_delta", "single_task_verdict", "dominant_task")
+    return {**{k: row.get(k) for k in keys}, "delta": {t: v["delta"] for t, v in row["tasks"].items()}}
+
+
+_DEFINITIONS = {
+    "delta": "rys - base of the task's metric",
+    "p": "paired test on per-item results (exact McNemar for 0/1 items, else paired bootstrap)",
+    "z": "delta / sqrt(se_base^2 + se_rys^2) (lm-eval stderrs; floored at 1/(2n) when both are 0);"
+    " negated for lower-is-better metrics, so positive z = better",
+    "combined_z": "Stouffer: sum of per-task z / sqrt(#tasks)",
+    "single_task_verdict": f"one task's |z| > {SINGLE_TASK_SHARE:.0%} of |sum z| and >= {SINGLE_TASK_MIN_Z}"
+    " (with >= 2 tasks): the gain rests on one task (calibration shift?)",
+    "repeats_fit": "Perf(n) = Perf(1) + a(n-1) - b(n-1)^2, n = visits, Perf(1) = base; least squares",
+}
+
+
+def _summary(model: Any, info: dict[str, Any], num_layers: int, settings: dict[str, Any], base: dict[str, Any],
+             rows: list[dict[str, Any]], fits: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``: settings, base scores, metrics used, definitions, best window, fits, timings."""
+    per_window = [r["seconds"] for r in rows if is_finite_number(r.get("seconds"))]
+    ranked = (r for r in rows if is_finite_number(r.get("combined_z")))
+    return {
+        "rys_forge_sweep": SWEEP_FORMAT,
+        "model": info,
+        "architecture": {"model_type": getattr(getattr(model, "config", None), "model_type", None), "num_layers": num_layers},
+        "convention": WINDOW_CONVENTION.replace("L", str(num_layers)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "tasks": list(base),
+        "metrics": {t: base[t]["metric"] + ("" if base[t]["filter"] in ("none", None) else f",{base[t]['filter']}") for t in base},
+        "metric_rule": "acc_norm where the task has it, else acc, else the task's first metric",
+        "base": {t: {k: v for k, v in b.items() if k not in ("items", "doc_ids")} for t, b in base.items()},
+        "definitions": dict(_DEFINITIONS),
+        "windows": len({r["window"] for r in rows}),
+        "rows": len(rows),
+        "best": _brief(max(ranked, key=lambda r: r["combined_z"], default=None)),
+        "single_task_flags": sum(bool(r.get("single_task_verdict")) for r in rows),
+        "repeats_fits": fits,
+        "timings": {
+            **{k: v for k, v in timings.items() if k != "total_s"},
+            "per_window_s": {r["key"]: r.get("seconds") for r in rows},
+            "mean_per_window_s": float(np.mean(per_window)) if per_window else math.nan,
+            "total_s": timings["total_s"],
+        },
+        "versions": {"lm_eval": lm_eval_version(), "rys_forge": rys_forge_version()},
+    }
+
+
 # --------------------------------------------------------------------------- entry point
 
 
+def _check_arguments(model: Any, windows: Sequence[str] | None, min_width: int, max_width: int | None, repeats: Any,
+                     limit: int | None, num_fewshot: int | None, batch_size: int | str, engine: str,
+                     batch_tokens: int) -> tuple[list[int], int | str, int, list[Window]]:
+    """Visit counts, checked batch size, the model's depth and the windows to sweep (UsageError, WindowError)."""
+    repeat_list = _parse_repeats(repeats)
+    check_counts(limit, num_fewshot)
+    batch_size = check_batch_size(batch_size)
+    num_layers = len(get_path(model, spec_for_model(model).layers_path))
+    chosen = select_windows(num_layers, windows, min_width, max_width)
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if not is_count(batch_tokens, 1):
+        raise UsageError(f"--batch-tokens must be a positive integer, got {batch_tokens!r}")
+    return repeat_list, batch_size, num_layers, chosen
+
+
+def _scored_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, progress: bool,
+                 shard: Shard) -> tuple[_Base, dict[str, Any]]:
+    """The base run and its per-task summary (:func:`~rys_forge.research.sweep_rows.base_summary`)."""
+    base_run = _run_base(ctx, engine, pending, batch_tokens, progress, shard)
+    base_rows, base_paired, _ = compare_runs(base_run.run, base_run.run, n_resamples=1, seed=0)
+    base = base_summary(base_rows, base_paired, reported_tasks(base_rows, base_run.run.get("groups")))
+    if not base:
+        raise EvaluationError(f"lm-eval produced no usable metric for {', '.join(ctx.names)}")
+    return base_run, base
+
+
+def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo: list[tuple[Window, int]],
+                      total: int, num_layers: int, progress: bool) -> float:
+    """Every (window, visits) in ``todo`` with the base run's engine; returns the seconds taken."""
+    started = time.perf_counter()
+    reported = list(base)
+    with progress_bar(progress, total, total - len(todo), "evaluating windows") as advance:
+        if base_run.lm is not None:
+            from rys_forge.research.sweep_engine import score_cached_windows
+
+            score_cached_windows(base_run.lm, ctx.task_objects or [], todo, base_run.run, base, reported,
+                                 limit=ctx.limit, seed=ctx.seed,
+                                 on_record=lambda record: _finish_window(ctx, record, advance))
+        else:
+            _lm_eval_windows(ctx, todo, base_run.run, reported, num_layers, advance)
+    return time.perf_counter() - started
+
+
+def _random_order(items: list[tuple[Window, int]], seed: int) -> list[tuple[Window, int]]:
+    """`items` in a seeded random order: a sweep cut short (time limit, Ctrl-C) is an unbiased sample."""
+    return [items[k] for k in np.random.default_rng(seed).permutation(len(items))]
+
+
 def sweep_windows(
-    model: Any,
-    tokenizer: Any,
-    *,
-    tasks: Sequence[str] | str,
-    windows: Sequence[str] | None = None,
-    min_width: int = 2,
-    max_width: int | None = None,
-    repeats: Sequence[int] | int | str = (2,),
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    seed: int = 0,
-    batch_size: int | str = 1,
-    include_path: Any = None,
-    bootstrap_iters: int = 1000,
-    model_info: dict[str, Any] | None = None,
-    engine: str = "auto",
+    model: Any, tokenizer: Any, *, tasks: Sequence[str] | str, windows: Sequence[str] | None = None,
+    min_width: int = 2, max_width: int | None = None, repeats: Sequence[int] | int | str = (2,),
+    limit: int | None = None, num_fewshot: int | None = None, out_dir: str | Path | None = None, resume: bool = False,
+    progress: bool = True, seed: int = 0, batch_size: int | str = 1, include_path: Any = None,
+    bootstrap_iters: int = 1000, model_info: dict[str, Any] | None = None, engine: str = "auto",
     batch_tokens: int = 16384,
 ) -> SweepResult:
     """Evaluate the base once, then every window's in-memory repeat, on lm-eval tasks.
@@ -390,8 +371,8 @@ def sweep_windows(
         bootstrap_iters: lm-eval's stderr bootstrap iterations (non-mean metrics).
         model_info: provenance (``source``, ``path``, ...) stored in the summary and the fingerprint.
         engine: ``cached`` (one base pass, each window replayed from the cached stream at its end; see
-            :mod:`rys_forge.sweep_engine`), ``lm-eval`` (one full lm-eval run per window, any task type),
-            or ``auto`` (``cached`` when every task is a loglikelihood task).
+            :mod:`rys_forge.research.sweep_engine`), ``lm-eval`` (one full lm-eval run per window, any task
+            type), or ``auto`` (``cached`` when every task is a loglikelihood task).
         batch_tokens: padded tokens per forward batch of the cached engine.
 
     Returns:
@@ -403,212 +384,49 @@ def sweep_windows(
     """
     started = time.perf_counter()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    repeat_list = _parse_repeats(repeats)
-    if limit is not None and not _ev._is_count(limit, 1):
-        raise UsageError(f"--limit must be a positive integer (items per task), got {limit!r}")
-    if num_fewshot is not None and not _ev._is_count(num_fewshot, 0):
-        raise UsageError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
-    batch_size = _ev._check_batch_size(batch_size)
-    num_layers = _ev._num_layers(model)
-    chosen = select_windows(num_layers, windows, min_width, max_width)
-    if engine not in ENGINES:
-        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if not _ev._is_count(batch_tokens, 1):
-        raise UsageError(f"--batch-tokens must be a positive integer, got {batch_tokens!r}")
-    manager, names = _resolve(tasks, include_path)
-    task_objects = None
-    if engine != "lm-eval":
-        from rys_forge.research.sweep_engine import check_cached_tasks, uncached_tasks
-
-        with _ev._lm_eval_environment(False):
-            task_objects = _ev._load_task_objects(manager, names)
-        if engine == "cached":
-            check_cached_tasks(task_objects)
-        elif uncached_tasks(task_objects):  # auto: a generation task needs one lm-eval run per window
-            engine, task_objects = "lm-eval", None
-        else:
-            engine = "cached"
+    repeat_list, batch_size, num_layers, chosen = _check_arguments(
+        model, windows, min_width, max_width, repeats, limit, num_fewshot, batch_size, engine, batch_tokens)
+    manager, names = resolve_task_names(tasks, include_path)
+    engine, task_objects = _choose_engine(engine, manager, names)
     info = dict(model_info or {})
-    source = info.get("source") or info.get("path") or type(model).__name__
-    fingerprint = {
-        "format": SWEEP_FORMAT,
-        "model": str(source),
-        "adapter": info.get("adapter"),  # a resume with another adapter is refused
-        "num_layers": num_layers,
-        "tasks": list(names),
-        "limit": limit,
-        "num_fewshot": num_fewshot,
-        "seed": seed,
-        "batch_size": str(batch_size),
-        "bootstrap_iters": bootstrap_iters,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "windows": [str(w) for w in chosen],
-        "repeats": repeat_list,
-        "lm_eval": _ev._lm_eval_version(),
-        "engine": engine,
+    fingerprint = {  # run.json: a resume must match it (another adapter, for one, is refused)
+        "format": SWEEP_FORMAT, "model": str(info.get("source") or info.get("path") or type(model).__name__),
+        "adapter": info.get("adapter"), "num_layers": num_layers, "tasks": list(names), "limit": limit,
+        "num_fewshot": num_fewshot, "seed": seed, "batch_size": str(batch_size), "bootstrap_iters": bootstrap_iters,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "windows": [str(w) for w in chosen],
+        "repeats": repeat_list, "lm_eval": lm_eval_version(), "engine": engine,
     }
     shard = current_shard()
     folder = _SweepFolder.open(out_dir, fingerprint, resume, shard)
-    done = folder.finished() if folder else {}
-    run_kwargs = dict(
-        limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed, bootstrap_iters=bootstrap_iters,
-        progress=False,
-    )
-
-    base_run: dict[str, Any] | None = None
-    base_file = folder.path / BASE_FILE if folder else None
-    base_seconds = 0.0
-    if base_file is not None and base_file.exists():
-        try:
-            base_run = json.loads(base_file.read_text())["run"]
-        except (OSError, ValueError, KeyError, TypeError):
-            base_run = None
-    base_reused = base_run is not None
+    ctx = _Context(model, tokenizer, manager, names, task_objects, folder=folder, done=folder.finished() if folder else {},
+                   run_kwargs=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
+                                   bootstrap_iters=bootstrap_iters, progress=False), seed=seed, limit=limit)
     plan_items = [(w, r) for r in repeat_list for w in chosen]
-    todo_all = [(w, r) for w, r in plan_items if f"{w}x{r}" not in done]
+    todo_all = _random_order([(w, r) for w, r in plan_items if f"{w}x{r}" not in ctx.done], seed)
     todo = shard.take(todo_all)  # under torchrun: this process's share
-    lm = None
-    if engine == "cached" and (todo or base_run is None):
-        from rys_forge.research.sweep_engine import capturing_lm
-
-        lm = capturing_lm(model, tokenizer, batch_tokens=batch_tokens)
-        _ev._say(progress, f"base pass and activation cache over {', '.join(names)}")
-        t0 = time.perf_counter()
-        fresh = _evaluate_once(model, tokenizer, manager, names, lm=lm, task_objects=task_objects, **run_kwargs)
-        base_seconds = time.perf_counter() - t0
-        base_run = base_run or fresh
-    if base_run is None:
-        _ev._say(progress, f"evaluating the base model on {', '.join(names)}")
-        t0 = time.perf_counter()
-        base_run = _evaluate_once(model, tokenizer, manager, names, **run_kwargs)
-        base_seconds = time.perf_counter() - t0
-    if not base_reused and base_file is not None and shard.rank == 0:
-        write_atomic(base_file, json.dumps(json_safe({"run": base_run, "seconds": base_seconds})))
-    base_rows, base_paired, _ = _ev._compare(base_run, base_run, n_resamples=1, seed=0)
-    base = _base_summary(base_rows, base_paired, _reported_tasks(base_rows, base_run.get("groups")))
-    reported = list(base)
-    if not reported:
-        raise _ev.EvaluationError(f"lm-eval produced no usable metric for {', '.join(names)}")
-
-    sweep_started = time.perf_counter()
-    with progress_bar(progress, len(plan_items), len(plan_items) - len(todo), "evaluating windows") as advance:
-        if lm is not None:
-            _cached_windows(lm, task_objects, todo, base_run, base, reported, limit, seed, folder, done, advance)
-            todo_lm_eval: list[tuple[Window, int]] = []
-        else:
-            todo_lm_eval = todo
-        for window, n_visits in todo_lm_eval:
-            plan = LayerPlan.from_windows([window], num_layers, n_visits)
-            t0 = time.perf_counter()
-            with repeated(model, plan):
-                rys_run = _evaluate_once(model, tokenizer, manager, names, **run_kwargs)
-            seconds = time.perf_counter() - t0
-            record = _window_record(window, n_visits, base_run, rys_run, reported, seed, seconds)
-            done[record["key"]] = record
-            if folder:
-                folder.append(record)
-            advance()
-    sweep_seconds = time.perf_counter() - sweep_started
+    base_run, base = _scored_base(ctx, engine, bool(todo), batch_tokens, progress, shard)
+    sweep_seconds = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress)
+    out = Path(out_dir) if out_dir else None
     if shard.parallel:
         shard.barrier()
-        done = folder.finished()  # type: ignore[union-attr]
-        if shard.rank != 0:  # rank 0 writes the merged outputs
-            rows = [_restore(done[f"{w}x{r}"]) for w, r in plan_items]
-            return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}},
-                               out_dir=Path(out_dir) if out_dir else None)
-
-    rows = [_restore(done[f"{w}x{r}"]) for w, r in plan_items]
-    fits = repeat_fits(rows, reported) if len(repeat_list) > 1 else {}
-    per_window = [r["seconds"] for r in rows if is_finite_number(r.get("seconds"))]
-    summary = {
-        "rys_forge_sweep": SWEEP_FORMAT,
-        "model": info,
-        "architecture": {"model_type": getattr(getattr(model, "config", None), "model_type", None), "num_layers": num_layers},
-        "convention": WINDOW_CONVENTION.replace("L", str(num_layers)),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width,
-                     "include_path": None if include_path is None else str(include_path)},
-        "tasks": reported,
-        "metrics": {t: base[t]["metric"] + ("" if base[t]["filter"] in ("none", None) else f",{base[t]['filter']}") for t in base},
-        "metric_rule": "acc_norm where the task has it, else acc, else the task's first metric",
-        "base": {t: {k: v for k, v in b.items() if k not in ("items", "doc_ids")} for t, b in base.items()},
-        "definitions": {
-            "delta": "rys - base of the task's metric",
-            "p": "paired test on per-item results (exact McNemar for 0/1 items, else paired bootstrap)",
-            "z": "delta / sqrt(se_base^2 + se_rys^2) (lm-eval stderrs; floored at 1/(2n) when both are 0);"
-            " negated for lower-is-better metrics, so positive z = better",
-            "combined_z": "Stouffer: sum of per-task z / sqrt(#tasks)",
-            "single_task_verdict": f"one task's |z| > {SINGLE_TASK_SHARE:.0%} of |sum z| and >= {SINGLE_TASK_MIN_Z}"
-            " (with >= 2 tasks): the gain rests on one task (calibration shift?)",
-            "repeats_fit": "Perf(n) = Perf(1) + a(n-1) - b(n-1)^2, n = visits, Perf(1) = base; least squares",
-        },
-        "windows": len({r["window"] for r in rows}),
-        "rows": len(rows),
-        "best": _brief(max((r for r in rows if is_finite_number(r.get("combined_z"))), key=lambda r: r["combined_z"], default=None)),
-        "single_task_flags": sum(bool(r.get("single_task_verdict")) for r in rows),
-        "repeats_fits": fits,
-        "timings": {
-            "base_eval_s": base_seconds,
-            "base_reused": base_reused,
-            "windows_s": sweep_seconds,
-            "windows_evaluated_this_session": len(todo_all),
-            "processes": shard.world,
-            "per_window_s": {r["key"]: r.get("seconds") for r in rows},
-            "mean_per_window_s": float(np.mean(per_window)) if per_window else math.nan,
-            "total_s": time.perf_counter() - started,
-        },
-        "versions": {"lm_eval": _ev._lm_eval_version(), "rys_forge": _ev._rys_forge_version()},
-    }
-    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=Path(out_dir) if out_dir else None, fits=fits)
+        ctx.done = folder.finished()  # type: ignore[union-attr]
+    rows = [_restore(ctx.done[f"{w}x{r}"]) for w, r in plan_items]
+    if shard.rank != 0:  # rank 0 writes the merged outputs
+        return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
+    fits = repeat_fits(rows, list(base)) if len(repeat_list) > 1 else {}
+    settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width,
+                "include_path": None if include_path is None else str(include_path)}
+    timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
+               "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
+               "total_s": time.perf_counter() - started}
+    summary = _summary(model, info, num_layers, settings, base, rows, fits, timings)
+    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits)
     if folder:
         write_outputs(result, num_layers)
     return result
 
 
-def _trim_run(run: dict[str, Any], keep: dict[str, str]) -> dict[str, Any]:
-    """``run`` reduced to the kept ``"metric,filter"`` of each task (what a cached-engine window run holds)."""
-    out: dict[str, Any] = {"results": {}, "groups": {}, "metric_info": {}, "items": {}}
-    for task, key in keep.items():
-        metric, filt = key.split(",", 1)
-        stderr_key = f"{metric}_stderr,{filt}"
-        out["results"][task] = {k: v for k, v in run["results"][task].items() if k in (key, stderr_key)}
-        out["metric_info"][task] = (run.get("metric_info") or {}).get(task) or {}
-        items = (run["items"].get(task) or {}).get(filt) or {}
-        out["items"][task] = {filt: {d: {**rec, "values": {metric: rec["values"].get(metric)}} for d, rec in items.items()}}
-    return out
-
-
-def _cached_windows(
-    lm: Any, task_objects: Any, todo: Sequence[tuple[Window, int]], base_run: dict[str, Any], base: dict[str, Any],
-    reported: Sequence[str], limit: int | None, seed: int, folder: _SweepFolder | None, done: dict[str, Any],
-    advance: Any,
-) -> None:
-    """Every (window, visits) in ``todo`` through the cached engine, scored with lm-eval's task code."""
-    from rys_forge.research.sweep_engine import WindowScorer, leaf_tasks
-
-    if not todo:  # nothing left to score (a resumed or empty share): just free the cache
-        lm.engine.release()
-        return
-    keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
-    trimmed = _trim_run(base_run, keep)
-    scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
-    clock = [time.perf_counter()]
-
-    def finish(index: int, run: Any) -> None:
-        window, n_visits = todo[index]
-        rys_run = scorer(run)
-        now = time.perf_counter()
-        record = _window_record(window, n_visits, trimmed, rys_run, reported, seed, now - clock[0])
-        clock[0] = now
-        done[record["key"]] = record
-        if folder:
-            folder.append(record)
-        advance()
-
-    try:
-        lm.engine.run([(w.start, w.end, n) for w, n in todo], on_done=finish)
-    finally:
-        lm.engine.release()
+# --------------------------------------------------------------------------- the run folder
 
 
 def _restore(record: dict[str, Any]) -> dict[str, Any]:
@@ -618,29 +436,6 @@ def _restore(record: dict[str, Any]) -> dict[str, Any]:
         if row.get(key) is None:
             row[key] = math.nan
     return row
-
-
-def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    keys = ("window", "repeats", "combined_z", "mean_delta", "single_task_verdict", "dominant_task")
-    return {**{k: row.get(k) for k in keys}, "delta": {t: v["delta"] for t, v in row["tasks"].items()}}
-
-
-def repeat_fits(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
-    """Per window: the repeats fit of each task's delta and of the mean delta against visits."""
-    by_window: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_window.setdefault(row["window"], []).append(row)
-    fits: dict[str, Any] = {}
-    for window, group in by_window.items():
-        group = sorted(group, key=lambda r: r["repeats"])
-        visits = [1] + [r["repeats"] for r in group]
-        entry = {"mean_delta": fit_repeat_curve(visits, [0.0] + [r.get("mean_delta") for r in group])}
-        for task in tasks:
-            entry[task] = fit_repeat_curve(visits, [0.0] + [(r["tasks"].get(task) or {}).get("delta") for r in group])
-        fits[window] = entry
-    return fits
 
 
 def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -657,9 +452,6 @@ def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     else:
         raise UsageError(f"{folder} is not a sweep run folder (no sweep.json or {SWEEP_LOG})")
     return [_restore(r) for r in rows], summary
-
-
-# --------------------------------------------------------------------------- outputs
 
 
 def write_outputs(result: SweepResult, num_layers: int) -> None:
@@ -679,14 +471,13 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
         writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()})
     write_atomic(out / "sweep.csv", buffer.getvalue())
     write_atomic(out / "summary.json", json.dumps(json_safe(result.summary), indent=2))
-    _plots(result, num_layers, tasks)
+    _figures(result, num_layers, tasks, out)
 
 
-def _plots(result: SweepResult, num_layers: int, tasks: Sequence[str]) -> None:
-    from rys_forge import plots
+def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: Path) -> None:
+    """Per repeat count: a delta heatmap per task and the combined-z heatmap; with several, the fits."""
+    from rys_forge.plots import repeat_fit_curves, window_heatmap
 
-    out = result.out_dir
-    assert out is not None
     name = (result.summary.get("model") or {}).get("source", "")
     repeat_values = sorted({r["repeats"] for r in result.rows})
     for n_visits in repeat_values:
@@ -694,45 +485,15 @@ def _plots(result: SweepResult, num_layers: int, tasks: Sequence[str]) -> None:
         suffix = "" if n_visits == 2 else f"_x{n_visits}"
         for task in tasks:
             metric = result.summary["metrics"].get(task, "")
-            plots.window_heatmap(
+            window_heatmap(
                 rows, f"delta:{task}", num_layers, out / f"heatmap_delta_{_task_slug(task)}{suffix}.png",
                 f"{name}: {task} {metric} delta (rys - base), x{n_visits}", centre=0.0,
             )
         flagged = [r["window"] for r in rows if r.get("single_task_verdict")]
-        plots.window_heatmap(
+        window_heatmap(
             rows, "combined_z", num_layers, out / f"heatmap_combined_z{suffix}.png",
             f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task",
             centre=0.0, highlight=flagged,
         )
     if len(repeat_values) > 1:
-        repeats_plot(result, out / "repeats_fit.png", tasks)
-
-
-def repeats_plot(result: SweepResult, path: Path, tasks: Sequence[str]) -> None:
-    """Delta against visits, one line per window (dots: measured; line: the fit), per task and mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rys_forge.plots import save_figure
-
-    panels = ["mean_delta", *tasks]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for window, fit in result.fits.items():
-            entry = fit.get(panel) or {}
-            points = entry.get("points") or []
-            if not points:
-                continue
-            n = np.array([p[0] for p in points], dtype=float)
-            d = np.array([p[1] for p in points], dtype=float)
-            line = ax.plot(n, d, marker="o", linestyle="none", label=window)[0]
-            if is_finite_number(entry.get("a")):
-                fine = np.linspace(1, n.max(), 50)
-                ax.plot(fine, entry["a"] * (fine - 1) - entry["b"] * (fine - 1) ** 2, color=line.get_color())
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set(xlabel="visits of the block n", ylabel="delta vs base", title=panel)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Perf(n) - Perf(1) = a(n-1) - b(n-1)^2", fontsize=10)
-    save_figure(fig, path)
+        repeat_fit_curves(result.fits, ["mean_delta", *tasks], out / "repeats_fit.png")

@@ -20,6 +20,7 @@ requests form several cache groups, each captured again for every group of windo
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +33,13 @@ from torch import nn
 from rys_forge.rank.activations import capture_layer_inputs, head_logits, replay_layers, run_decoder
 from rys_forge.architectures import get_path, spec_for_model
 from rys_forge.errors import TaskError
+from rys_forge.plan import Window
+from rys_forge.research.sweep_rows import window_record
 
-__all__ = ["CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "capturing_lm", "check_cached_tasks", "leaf_tasks", "uncached_tasks", "WindowScorer"]
+__all__ = [
+    "CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "WindowScorer", "capturing_lm", "check_cached_tasks",
+    "leaf_tasks", "score_cached_windows", "uncached_tasks",
+]
 
 #: lm-eval output types the cached engine can answer.
 CACHED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
@@ -323,7 +329,7 @@ class _TaskPlan:
 class WindowScorer:
     """Scores runs of the engine with lm-eval's task code (``apply_filters``, ``process_results``,
     ``aggregation``, ``stderr_for_metric``); the result is a normalised run (the shape
-    :func:`rys_forge.evaluate._normalise` makes) holding the kept metric of each task.
+    :func:`rys_forge.evaluate.runner.normalise_results` makes) holding the kept metric of each task.
 
     The documents are read once and the tasks' per-document accessors (``doc_to_choice``,
     ``doc_to_target``, ``doc_to_text``, jinja templates compiled on every call) are memoised for
@@ -429,3 +435,58 @@ def _plain(value: Any) -> Any:
         value = float(value)
         return value if math.isfinite(value) else None
     return value
+
+
+# --------------------------------------------------------------------------- a sweep's windows
+
+
+def _trim_run(run: dict[str, Any], keep: dict[str, str]) -> dict[str, Any]:
+    """``run`` reduced to the kept ``"metric,filter"`` of each task (what a cached-engine window run holds)."""
+    out: dict[str, Any] = {"results": {}, "groups": {}, "metric_info": {}, "items": {}}
+    for task, key in keep.items():
+        metric, filt = key.split(",", 1)
+        stderr_key = f"{metric}_stderr,{filt}"
+        out["results"][task] = {k: v for k, v in run["results"][task].items() if k in (key, stderr_key)}
+        out["metric_info"][task] = (run.get("metric_info") or {}).get(task) or {}
+        items = (run["items"].get(task) or {}).get(filt) or {}
+        out["items"][task] = {filt: {d: {**rec, "values": {metric: rec["values"].get(metric)}} for d, rec in items.items()}}
+    return out
+
+
+def score_cached_windows(
+    lm: Any, task_objects: Sequence[Any], todo: Sequence[tuple[Window, int]], base_run: dict[str, Any],
+    base: dict[str, Any], reported: Sequence[str], *, limit: int | None, seed: int,
+    on_record: Callable[[dict[str, Any]], None],
+) -> None:
+    """Every (window, visits) in ``todo`` through the engine of ``lm`` (:func:`capturing_lm`, after its base
+    pass), scored with lm-eval's task code; the cache is released afterwards.
+
+    Args:
+        lm, task_objects: the capturing ``HFLM`` and the top-level task objects of its base pass.
+        todo: ``(window, visits)`` pairs to score.
+        base_run, base: the normalised base run and the sweep's per-task base summary (kept metrics).
+        reported: the tasks scored.
+        limit, seed: the base run's ``limit``; the paired bootstrap's seed.
+        on_record: receives each window's row (:func:`rys_forge.research.sweep_rows.window_record`) as it
+            finishes.
+    """
+    if not todo:  # nothing left to score (a resumed or empty share): just free the cache
+        lm.engine.release()
+        return
+    keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
+    trimmed = _trim_run(base_run, keep)
+    scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
+    clock = [time.perf_counter()]
+
+    def finish(index: int, run: WindowRun) -> None:
+        window, n_visits = todo[index]
+        rys_run = scorer(run)
+        now = time.perf_counter()
+        record = window_record(window, n_visits, trimmed, rys_run, reported, seed, now - clock[0])
+        clock[0] = now
+        on_record(record)
+
+    try:
+        lm.engine.run([(w.start, w.end, n) for w, n in todo], on_done=finish)
+    finally:
+        lm.engine.release()

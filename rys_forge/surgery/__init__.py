@@ -1,15 +1,10 @@
 """Surgery: turn a LayerPlan into a checkpoint on disk (weight-tied layer list, or a mergekit passthrough merge).
 
-`build` (in `builder.py`) is the entry point; `modeling_rys.py` is the self-contained modelling file copied
-into layer-list exports (and the one implementation of per-visit layer copies, also used in memory).
+`build` (in `builder.py`) is the entry point: it loads the base, writes the export with `layerlist.py` (which
+copies the self-contained `rys_forge/modeling_rys.py` into it) or `mergekit_export.py`, and verifies it before
+renaming it into place.
 """
 
+from rys_forge.surgery.builder import FORMATS, BuildResult, build
+
 __all__ = ["FORMATS", "BuildResult", "build"]
-
-
-def __getattr__(name: str):  # lazy: `repeat` imports `modeling_rys` from this package
-    if name in __all__:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.builder"), name)
-    raise AttributeError(name)

@@ -7,20 +7,22 @@ when verification passes; a failed build leaves no folder at `out` (its report i
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rys_forge.artifacts import VERIFICATION_FILE, RysRecord, rys_forge_version, timestamp, update_rys, weight_bytes
 from rys_forge.errors import RysForgeError, UsageError
 from rys_forge.models import LoadedModel, load_model, offloaded
 from rys_forge.plan import LayerPlan
 from rys_forge.surgery.layerlist import export_layerlist
+from rys_forge.surgery.mergekit_export import default_recipe_name, export_mergekit
+from rys_forge.verify import OFFLOAD_LAYERLIST
+from rys_forge.verify import verify as run_verify
 
 FORMATS = ("layerlist", "mergekit")
 
@@ -36,19 +38,17 @@ class BuildResult:
     seconds: dict[str, float]
 
 
-def _rys_block(loaded: LoadedModel, fmt: str) -> dict[str, Any]:
-    from rys_forge import __version__
-
-    block = {
-        "format": fmt,
-        "rys_forge_version": __version__,
-        "base_model": loaded.source,
-        "base_info": {k: v for k, v in loaded.info.items() if k not in ("source", "adapter")},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if loaded.info.get("adapter"):  # merged into the base before the plan; verify re-applies it
-        block["adapter"] = loaded.info["adapter"]
-    return block
+def _record(loaded: LoadedModel, fmt: str) -> RysRecord:
+    """The export's `rys` record: what the base was and who built it (the exporter adds the plan)."""
+    return RysRecord(
+        format=fmt,
+        rys_forge_version=rys_forge_version(),
+        base_model=loaded.source,
+        base_info={k: v for k, v in loaded.info.items() if k not in ("source", "adapter")},
+        created=timestamp(),
+        # merged into the base before the plan; verify re-applies it
+        adapter=loaded.info.get("adapter") or None,
+    )
 
 
 def _check_disk(out: Path, needed: int) -> None:
@@ -82,7 +82,8 @@ def build(
         repeats: visits of each window's block.
         force: replace an existing `out` (only after the new build verified).
         dtype, device: for loading the base and for verification.
-        recipes_dir: where the mergekit recipe YAML is kept as well (the repo's `recipes/`).
+        recipes_dir: a folder where a copy of the mergekit recipe is kept as well (`<name>.yml`); without it the
+            recipe is only `out/rys_recipe.yml` and nothing is written outside `out`.
         verify: run verification (a failed verification raises and leaves `out` untouched).
         adapter: a PEFT adapter merged into the base before the plan (with a model spec; an already
             loaded model carries its own record in `info["adapter"]`). Recorded as `rys.adapter`.
@@ -105,15 +106,11 @@ def build(
         raise UsageError("pass the adapter to load_model(..., adapter=...) when giving an already loaded model")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, adapter=adapter, **(placement or {}))
     if format == "layerlist" and offloaded(loaded.model):
-        from rys_forge.verify import OFFLOAD_LAYERLIST
-
         raise UsageError(OFFLOAD_LAYERLIST)
     num_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
     plan = windows if isinstance(windows, LayerPlan) else LayerPlan.from_windows(windows, num_layers, repeats)
     if plan.num_layers != num_layers:
         raise UsageError(f"plan is for {plan.num_layers} layers but {loaded.source} has {num_layers}")
-    from rys_forge.verify import REPORT, weight_bytes
-
     base_bytes = weight_bytes(loaded.path) or sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     _check_disk(out, base_bytes * (len(plan.order) / plan.num_layers if format == "mergekit" else 1))
     timings["load_s"] = time.perf_counter() - t0
@@ -121,38 +118,15 @@ def build(
     target = staging / "export"
     try:
         t0 = time.perf_counter()
-        block = _rys_block(loaded, format)
-        if format == "layerlist":
-            target.mkdir()
-            export_layerlist(loaded.model, loaded.tokenizer, plan, target, block)
-        else:
-            from rys_forge.surgery.mergekit_export import default_recipe_name, export_mergekit
-
-            source_path = loaded.path
-            if block.get("adapter"):  # mergekit reads weights from disk: give it the merged base
-                source_path = str(staging / "merged-base")
-                loaded.model.save_pretrained(source_path)
-                loaded.tokenizer.save_pretrained(source_path)
-            export_mergekit(
-                source_path, plan, target, recipe_name=default_recipe_name(loaded.source, plan),
-                recipes_dir=Path(recipes_dir) if recipes_dir else None,
-                base_label=loaded.source + (f" + adapter {block['adapter']['path']} (merged into a temporary copy)"
-                                            if block.get("adapter") else ""),
-            )
-            config_file = target / "config.json"
-            config = json.loads(config_file.read_text())
-            config.setdefault("rys", {}).update({k: v for k, v in block.items() if k != "format"})
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _export(loaded, plan, format, target, recipes_dir)
         timings["export_s"] = time.perf_counter() - t0
         report = None
         if verify:
-            from rys_forge.verify import verify as run_verify
-
             t0 = time.perf_counter()
             try:
                 report = run_verify(target, loaded, dtype=dtype, device=device, placement=placement).to_dict()
             except RysForgeError:
-                failed = target / REPORT
+                failed = target / VERIFICATION_FILE
                 if failed.exists():
                     shutil.copyfile(failed, out.with_name(f"{out.name}.verification-failed.json"))
                 raise
@@ -163,3 +137,25 @@ def build(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(path=out, plan=plan, format=format, verification=report, seconds=timings)
+
+
+def _export(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: Path, recipes_dir: str | Path | None) -> None:
+    """Write the export of `plan` into `target` (a new folder inside the build's staging folder)."""
+    record = _record(loaded, fmt)
+    if fmt == "layerlist":
+        target.mkdir()
+        export_layerlist(loaded.model, loaded.tokenizer, plan, target, record)
+        return
+    source_path = loaded.path
+    if record.adapter:  # mergekit reads weights from disk: give it the merged base
+        source_path = str(target.parent / "merged-base")
+        loaded.model.save_pretrained(source_path)
+        loaded.tokenizer.save_pretrained(source_path)
+    export_mergekit(
+        source_path, plan, target, recipe_name=default_recipe_name(loaded.source, plan),
+        recipes_dir=Path(recipes_dir) if recipes_dir else None,
+        base_label=loaded.source + (f" + adapter {record.adapter['path']} (merged into a temporary copy)"
+                                    if record.adapter else ""),
+    )
+    # The mergekit exporter records the plan, format and recipe; the base and the build's provenance come from here.
+    update_rys(target, **{k: v for k, v in asdict(record).items() if k not in ("format", "extra") and v is not None})

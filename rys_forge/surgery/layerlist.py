@@ -11,17 +11,18 @@ Folder layout::
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from rys_forge.architectures import arch_spec, layer_config
+from rys_forge.artifacts import MODELING_FILE, RysRecord, write_config
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "modeling_rys.py"
+TEMPLATE = Path(__file__).resolve().parent.parent / MODELING_FILE
 
 
 def render_modeling(model: nn.Module) -> str:
@@ -32,8 +33,9 @@ def render_modeling(model: nn.Module) -> str:
     return text.replace('_LAYERS_PATH = "model.layers"', f'_LAYERS_PATH = "{spec.layers_path}"', 1)
 
 
-def layerlist_config(model: nn.Module, plan: LayerPlan, rys_block: dict[str, Any]) -> dict[str, Any]:
-    """config.json of the export: the base config with the plan's per-layer fields and the `rys` block."""
+def layerlist_config(model: nn.Module, plan: LayerPlan, record: RysRecord) -> dict[str, Any]:
+    """config.json of the export: the base config with the plan's per-layer fields and the `rys` block
+    (`record` with this format, the plan and the base values of the per-layer fields)."""
     spec = arch_spec(model.config.model_type)
     base = model.config.to_dict()
     cfg = layer_config(model.config, spec)
@@ -42,16 +44,15 @@ def layerlist_config(model: nn.Module, plan: LayerPlan, rys_block: dict[str, Any
     target = base if not spec.config_path else base[spec.config_path]
     target.update(plan_fields)
     base["architectures"] = ["RysForCausalLM"]
-    base["auto_map"] = {"AutoModelForCausalLM": "modeling_rys.RysForCausalLM"}
-    base["rys"] = {**rys_block, "format": "layerlist", "plan": plan.to_dict(), "base_fields": base_fields}
+    base["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.RysForCausalLM"}
+    base["rys"] = replace(record, format="layerlist", plan=plan.to_dict(), base_fields=base_fields).to_dict()
     return base
 
 
-def export_layerlist(model: nn.Module, tokenizer: Any, plan: LayerPlan, folder: Path, rys_block: dict[str, Any]) -> None:
+def export_layerlist(model: nn.Module, tokenizer: Any, plan: LayerPlan, folder: Path, record: RysRecord) -> None:
     """Write a layer-list export of `model` (no plan applied) into an existing empty `folder`."""
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    config = layerlist_config(model, plan, rys_block)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "modeling_rys.py").write_text(render_modeling(model))
+    write_config(folder, layerlist_config(model, plan, record))
+    (folder / MODELING_FILE).write_text(render_modeling(model))

@@ -20,7 +20,11 @@ mergekit's Python API. What stock mergekit 0.1.5 gets wrong, and what is fixed h
 Usage::
 
     plan = LayerPlan.from_windows(["6:10"], 18)
-    export = export_mergekit("/path/to/base", plan, Path("out/gemma-rys-6-10"), recipes_dir=Path("recipes"))
+    export = export_mergekit("/path/to/base", plan, Path("out/gemma-rys-6-10"))  # recipe: out/.../rys_recipe.yml
+
+The recipe is written into the export folder; a copy goes elsewhere only to a folder named with `recipes_dir`.
+`recipe_yaml` gives the text without building anything (the repository's `recipes/` is regenerated from it by
+`python bench/reference_recipes.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import threading
 import time
@@ -41,11 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from rys_forge.architectures import ArchSpec, arch_spec, layer_config
+from rys_forge.artifacts import CONFIG_FILE, RECIPE_FILE, RysRecord, rys_forge_version, safetensors_header, write_config
 from rys_forge.errors import MergekitExportError, ModelLoadError, UsageError, WindowError, first_line
+from rys_forge.files import write_atomic
+from rys_forge.models import parse_dtype, resolve_source
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields
 
-RECIPE_FILENAME = "rys_recipe.yml"
 WINDOW_CONVENTION_LINE = "i:j = layers i..j-1, 0-based, half-open"
 
 # Files copied from the base when mergekit did not (mergekit copies most of these itself).
@@ -66,8 +71,6 @@ SIDECAR_FILES = (
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 _PATCH_LOCK = threading.Lock()
-
-
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,6 @@ def plan_to_slices(order: Sequence[int]) -> list[tuple[int, int]]:
         start = prev = k
     slices.append((start, prev + 1))
     return slices
-
-
-def _rys_version(explicit: str | None) -> str:
-    if explicit is not None:
-        return explicit
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("rys-forge")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"
 
 
 def _yaml_str(text: str) -> str:
@@ -174,12 +166,9 @@ def default_recipe_name(base: str | Path, plan: LayerPlan) -> str:
     return f"{name}-rys-{tag}"
 
 
-
 def _resolve_base(base: str | Path) -> Path:
     """A local folder holding the base's config and weights (built-ins/GGUF via the conversion cache,
     hub ids via a snapshot download)."""
-    from rys_forge.models import resolve_source
-
     source, _info = resolve_source(str(base))
     path = Path(source).expanduser()
     if not path.is_dir():  # a hub id
@@ -202,8 +191,6 @@ def _resolve_base(base: str | Path) -> Path:
 
 
 def _dtype_name(dtype: str | None, config: Any) -> str:
-    from rys_forge.models import parse_dtype
-
     if dtype is None:
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
         try:
@@ -216,16 +203,7 @@ def _dtype_name(dtype: str | None, config: Any) -> str:
 
 def _safetensors_sizes(folder: Path) -> dict[str, int]:
     """Tensor name -> data bytes, read from the safetensors headers only."""
-    sizes: dict[str, int] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                start, end = meta["data_offsets"]
-                sizes[name] = end - start
-    return sizes
+    return {name: meta["data_offsets"][1] - meta["data_offsets"][0] for name, meta in safetensors_header(folder).items()}
 
 
 def _config_section(data: dict, dotted: str) -> dict:
@@ -282,17 +260,12 @@ def _write_config(
     version: str,
 ) -> None:
     """config.json = the base's config.json, per-layer fields remapped, dtype set, `rys` block added."""
-    data = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    data = json.loads((base_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     _config_section(data, spec.config_path).update(new_fields)
     data.pop("torch_dtype", None)
     data["dtype"] = dtype
-    data["rys"] = {
-        "plan": plan.to_dict(),
-        "format": "mergekit",
-        "rys_forge_version": version,
-        "recipe": RECIPE_FILENAME,
-    }
-    (out_dir / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    data["rys"] = RysRecord(format="mergekit", plan=plan.to_dict(), rys_forge_version=version, recipe=RECIPE_FILE).to_dict()
+    write_config(out_dir, data)
 
 
 def _check_output(
@@ -330,80 +303,17 @@ def _check_output(
         raise MergekitExportError("exported config changed tie_word_embeddings")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def export_mergekit(
-    base: str | Path,
-    plan: LayerPlan,
-    out_dir: str | Path,
-    *,
-    recipe_name: str | None = None,
-    recipes_dir: str | Path | None = None,
-    dtype: str | None = None,
-    rys_version: str | None = None,
-    base_label: str | None = None,
-    quiet: bool = True,
-) -> MergekitExport:
-    """Build the duplicated-weights checkpoint of `plan` with mergekit's passthrough merge.
-
-    Args:
-        base: local model folder (safetensors), built-in short name, `.gguf` file or hub id.
-        plan: the layer plan (its `num_layers` must equal the base's layer count).
-        out_dir: the folder to create; must not exist.
-        recipe_name: file stem of the recipe under `recipes_dir` (default `default_recipe_name`).
-        recipes_dir: also write the recipe to `recipes_dir/<recipe_name>.yml` (after success).
-        dtype: output dtype (`float32`, `bfloat16`, `float16`); default the base config's dtype.
-        rys_version: version recorded in the recipe and config (default: the installed rys-forge).
-        base_label: how the recipe header names the base (default `str(base)`; pass the user's
-            spec, e.g. `gemma-3-270m`, when `base` is a resolved cache folder).
-        quiet: hide mergekit's progress bars.
-
-    Returns:
-        MergekitExport(path, recipe_path, slices, seconds).
+def _merge_setup(text: str, config: Any, quiet: bool) -> tuple[Any, Any]:
+    """mergekit's configuration of the recipe and its options, after checking mergekit knows the architecture.
 
     Raises:
-        UsageError: out_dir exists; the architecture is not supported (by rys-forge or mergekit).
-        WindowError: the plan was made for another layer count.
-        ModelLoadError: the base is missing or unreadable.
-        MergekitExportError: mergekit failed or wrote something other than the plan.
+        MergekitExportError: mergekit rejects the recipe.
+        UsageError: mergekit has no (layer) definition for the model type.
     """
-    started = time.perf_counter()
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() or out_dir.is_symlink():
-        raise UsageError(f"output folder {out_dir} already exists; remove it or choose another")
-    version = _rys_version(rys_version)
-
-    from transformers import AutoConfig
-
-    base_dir = _resolve_base(base)
-    try:
-        config = AutoConfig.from_pretrained(base_dir)
-    except Exception as exc:
-        raise ModelLoadError(f"could not read the config of '{base}': {first_line(exc)}") from None
-    spec = arch_spec(config.model_type)
-    cfg = layer_config(config, spec)
-    if cfg.num_hidden_layers != plan.num_layers:
-        raise WindowError(f"plan is for {plan.num_layers} layers but '{base}' has {cfg.num_hidden_layers}")
-    new_fields = remap_layer_fields(cfg, spec, plan.order)
-    ties = _ties_embeddings(config, spec)
-    dtype_name = _dtype_name(dtype, config)
-    slices = tuple(plan_to_slices(plan.order))
-    text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base) if base_label is None else base_label)
-
     import yaml
     from mergekit.architecture import get_architecture_info
     from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
+    from mergekit.merge import MergeOptions
 
     try:
         merge_config = MergeConfiguration.model_validate(yaml.safe_load(text))
@@ -432,6 +342,14 @@ def export_mergekit(
             f"mergekit has no layer definition for model type '{config.model_type}' ({architectures});"
             " use the layer-list format instead"
         )
+    return merge_config, options
+
+
+def _merge_into(out_dir: Path, base_dir: Path, text: str, merge_config: Any, options: Any, spec: ArchSpec,
+                plan: LayerPlan, new_fields: dict[str, Any], dtype_name: str, version: str, ties: bool) -> None:
+    """Run the merge in a temporary sibling of `out_dir`, fix its config, add the sidecar files and the recipe,
+    check it, and rename it into place (the sibling is removed on any failure)."""
+    from mergekit.merge import run_merge
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -446,7 +364,7 @@ def export_mergekit(
         for name in SIDECAR_FILES:
             if (base_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(base_dir / name, tmp / name)
-        (tmp / RECIPE_FILENAME).write_text(text, encoding="utf-8")
+        (tmp / RECIPE_FILE).write_text(text, encoding="utf-8")
         _check_output(base_dir, tmp, spec, plan, new_fields, ties)
         if out_dir.exists() or out_dir.is_symlink():
             raise UsageError(f"output folder {out_dir} appeared while exporting; not replacing it")
@@ -455,10 +373,73 @@ def export_mergekit(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    recipe_path = out_dir / RECIPE_FILENAME
+
+def export_mergekit(
+    base: str | Path,
+    plan: LayerPlan,
+    out_dir: str | Path,
+    *,
+    recipe_name: str | None = None,
+    recipes_dir: str | Path | None = None,
+    dtype: str | None = None,
+    rys_version: str | None = None,
+    base_label: str | None = None,
+    quiet: bool = True,
+) -> MergekitExport:
+    """Build the duplicated-weights checkpoint of `plan` with mergekit's passthrough merge.
+
+    Args:
+        base: local model folder (safetensors), built-in short name, `.gguf` file or hub id.
+        plan: the layer plan (its `num_layers` must equal the base's layer count).
+        out_dir: the folder to create; must not exist.
+        recipe_name: file stem of the recipe under `recipes_dir` (default `default_recipe_name`).
+        recipes_dir: also write the recipe to `recipes_dir/<recipe_name>.yml` (after success); without it,
+            nothing is written outside `out_dir`.
+        dtype: output dtype (`float32`, `bfloat16`, `float16`); default the base config's dtype.
+        rys_version: version recorded in the recipe and config (default: the installed rys-forge).
+        base_label: how the recipe header names the base (default `str(base)`; pass the user's
+            spec, e.g. `gemma-3-270m`, when `base` is a resolved cache folder).
+        quiet: hide mergekit's progress bars.
+
+    Returns:
+        MergekitExport(path, recipe_path, slices, seconds).
+
+    Raises:
+        UsageError: out_dir exists; the architecture is not supported (by rys-forge or mergekit).
+        WindowError: the plan was made for another layer count.
+        ModelLoadError: the base is missing or unreadable.
+        MergekitExportError: mergekit failed or wrote something other than the plan.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() or out_dir.is_symlink():
+        raise UsageError(f"output folder {out_dir} already exists; remove it or choose another")
+    version = rys_version if rys_version is not None else rys_forge_version()
+
+    from transformers import AutoConfig
+
+    base_dir = _resolve_base(base)
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the config of '{base}': {first_line(exc)}") from None
+    spec = arch_spec(config.model_type)
+    cfg = layer_config(config, spec)
+    if cfg.num_hidden_layers != plan.num_layers:
+        raise WindowError(f"plan is for {plan.num_layers} layers but '{base}' has {cfg.num_hidden_layers}")
+    new_fields = remap_layer_fields(cfg, spec, plan.order)
+    ties = _ties_embeddings(config, spec)
+    dtype_name = _dtype_name(dtype, config)
+    slices = tuple(plan_to_slices(plan.order))
+    text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base) if base_label is None else base_label)
+
+    merge_config, options = _merge_setup(text, config, quiet)
+    _merge_into(out_dir, base_dir, text, merge_config, options, spec, plan, new_fields, dtype_name, version, ties)
+    recipe_path = out_dir / RECIPE_FILE
     if recipes_dir is not None:
         recipe_path = Path(recipes_dir).expanduser() / f"{recipe_name or default_recipe_name(base, plan)}.yml"
-        _write_text_atomic(recipe_path, text)
+        recipe_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(recipe_path, text)
     return MergekitExport(
         path=out_dir, recipe_path=recipe_path, slices=slices, seconds=time.perf_counter() - started
     )

@@ -1,0 +1,114 @@
+"""What ``eval`` compares: an export folder against its base, or a model against its in-memory repeat.
+
+An export is read through its ``config.json``'s ``rys`` record (``config.rys``, else
+``config.text_config.rys``): plan, recorded base model, base adapter; a healed export also has its heal
+folder (:func:`rys_forge.artifacts.heal_adapter_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rys_forge.artifacts import heal_adapter_dir, rys_block
+from rys_forge.errors import ModelLoadError, UsageError, first_line
+from rys_forge.models import resolve_source
+from rys_forge.plan import LayerPlan
+
+__all__ = ["Subject", "export_subject", "in_memory_subject"]
+
+
+@dataclass
+class Subject:
+    """What is compared.
+
+    Attributes:
+        base_source: the base model (name, folder or hub id).
+        rys_label: how the RYS model is named in the report.
+        plan: the export's plan (in memory: set once the model's depth is known).
+        export_info: the export's ``rys`` record without the plan (empty in memory).
+        target_folder: the export's resolved folder (None in memory).
+        adapter: the record of a PEFT adapter merged into the base (``adapters.adapter_record``), or None.
+        heal_dir: a healed export's adapter folder, or None.
+    """
+
+    base_source: str
+    rys_label: str
+    plan: LayerPlan | None = None
+    export_info: dict[str, Any] = field(default_factory=dict)
+    target_folder: str | None = None
+    adapter: dict[str, Any] | None = None
+    heal_dir: Path | None = None
+
+
+def _read_target_config(target: str) -> tuple[str, dict[str, Any]]:
+    """Resolve an export target and read its config (a local folder's config.json, else the hub config).
+
+    Raises:
+        ModelLoadError: the target does not exist or its config cannot be read.
+    """
+    folder, _info = resolve_source(target)
+    config_file = Path(folder) / "config.json"
+    if config_file.is_file():
+        try:
+            return folder, json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not read {config_file}: {first_line(exc)}") from None
+    try:
+        from transformers import AutoConfig
+
+        return folder, AutoConfig.from_pretrained(folder, trust_remote_code=True).to_dict()
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the config of '{target}': {first_line(exc)}") from None
+
+
+def _export_base(target: str, folder: str, block: dict[str, Any] | None, base: str | None) -> str:
+    """The base of an export: ``base``, else its recorded ``rys.base_model`` (a relative path recorded
+    relative to the export is found beside it)."""
+    base_source = base or (block or {}).get("base_model")
+    if not base_source:
+        raise UsageError(f"no base model for {target}: its config records none (rys.base_model); pass --base M")
+    base_source = str(base_source)
+    if base is None and not Path(base_source).expanduser().exists():
+        beside = Path(folder) / base_source
+        if not Path(base_source).is_absolute() and (beside / "config.json").is_file():
+            base_source = str(beside)
+    return base_source
+
+
+def export_subject(target: str, base: str | None, heal: bool) -> Subject:
+    """An export against its base (``base``, else the recorded one); ``heal``: look for its heal folder.
+
+    Raises:
+        ModelLoadError: the export's config cannot be found or read.
+        UsageError: no base is given or recorded.
+    """
+    folder, config = _read_target_config(target)
+    block = rys_block(config)
+    subject = Subject(base_source=_export_base(target, folder, block, base), rys_label=target, target_folder=folder)
+    if block is not None:
+        subject.export_info = {k: v for k, v in block.items() if k != "plan"}
+        if isinstance(block.get("plan"), dict):
+            subject.plan = LayerPlan.from_dict(block["plan"])
+    if block is not None and isinstance(block.get("adapter"), dict):
+        from rys_forge.adapters import check_adapter
+
+        subject.adapter = block["adapter"]
+        check_adapter(subject.adapter)
+    if heal and Path(folder).is_dir():
+        subject.heal_dir = heal_adapter_dir(folder)
+    return subject
+
+
+def in_memory_subject(model: str, windows: Sequence[str], repeats: int, adapter: str | None) -> Subject:
+    """A model against its own repeat over ``windows`` (``adapter``: merged into the model first)."""
+    label = f"{model} with {', '.join(str(w) for w in windows)} x{repeats} (in memory)"
+    subject = Subject(base_source=str(model), rys_label=label)
+    if adapter is not None:
+        from rys_forge.adapters import adapter_record
+
+        subject.adapter = adapter_record(adapter)
+    return subject
