@@ -14,12 +14,14 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from rys_forge.errors import RysForgeError
-from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan, Window
-from rys_forge.repeat import apply_plan, repeated, restore
 
 
-_LAZY = {  # public name -> module holding it; heavier stages load on first use
+_LAZY = {  # public name -> module holding it; everything that imports torch loads on first use
+    "load_model": "rys_forge.models",
+    "apply_plan": "rys_forge.repeat",
+    "repeated": "rys_forge.repeat",
+    "restore": "rys_forge.repeat",
     "rank_windows": "rys_forge.rank",
     "build": "rys_forge.surgery",
     "verify": "rys_forge.verify",

@@ -9,15 +9,24 @@ An export folder (`rys-forge build`)::
     README.md            the model card (`publish`)   } left out of its hashes
     heal/                `heal`'s per-visit LoRA adapter (a PEFT folder) and heal.json
 
+The rules that keep users' files and machines safe live here, once, for every command: an export holds regular
+files only and no code but the `modeling_rys.py` rys-forge generates (`check_export`, before anything is loaded);
+`publish` and `eval` take only exports whose passing report still matches every file (`check_verified`); `--force`
+replaces only a folder rys-forge wrote, never the base or a folder holding foreign files (`check_replaceable`).
+
 A run folder (`rank`, `sweep`): `run.json` (the settings fingerprint), append-only logs, final files
 (`RunFolder`). Everything that reads or writes these goes through the names and helpers here; this module
 imports no other stage (a leaf: errors, files and distributed only).
 """
 
+# long because: the one owner of both folder formats (STYLE 14): names, records, safety checks and run folders;
+# splitting it into an artifacts/ package (exports, runs) needs no contract change and is the next step.
+
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -27,7 +36,7 @@ from typing import Any
 
 from rys_forge.distributed import Shard
 from rys_forge.errors import UsageError, VerificationError
-from rys_forge.files import json_safe, sha256_file, write_atomic
+from rys_forge.files import irregular_entries, json_keys, json_safe, relative_files, sha256_file, write_atomic
 
 # --------------------------------------------------------------------------- file names
 
@@ -45,6 +54,18 @@ ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 #: Files written into an export after its verification, so not covered by its hashes.
 AFTER_VERIFICATION = (VERIFICATION_FILE, CARD_FILE, EVAL_FILE)
+#: Tokenizer and generation files an export carries over from its base (the mergekit exporter copies these).
+SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                 "generation_config.json")
+#: Every name rys-forge writes into an export (besides `*.safetensors`): what `--force` may replace (`check_replaceable`).
+EXPORT_NAMES = frozenset((CONFIG_FILE, MODELING_FILE, RECIPE_FILE, "model.safetensors.index.json", "spiece.model",
+                          "sentencepiece.bpe.model", "vocab.txt", *AFTER_VERIFICATION, *SIDECAR_FILES))
+#: What `heal` writes into `DIR/heal` (peft's adapter files and heal.json).
+HEAL_NAMES = frozenset((ADAPTER_CONFIG_FILE, *ADAPTER_WEIGHT_FILES, HEAL_FILE, CARD_FILE))
+#: `heal`'s staging folder inside the export (`files.staging_dir`): the new adapter, and the previous one while the
+#: new one is verified; not part of the export (left out of its hashes, removed afterwards).
+HEAL_STAGING = f".{HEAL_DIR}.tmp-"
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -197,13 +218,19 @@ def read_json(path: Path, what: str) -> Any:
         raise UsageError(f"cannot read {what} {path}: {exc}") from None
 
 
-def file_hashes(folder: str | Path) -> dict[str, str]:
-    """sha256 of every file of an export except those written after verification (`AFTER_VERIFICATION`)."""
+def file_hashes(folder: str | Path, skip_weights: bool = False) -> dict[str, str]:
+    """sha256 of every file of an export except those written after verification (`AFTER_VERIFICATION`) and heal's
+    staging folder (`HEAL_STAGING`); `skip_weights`: weight files are listed with an empty digest instead (not read).
+
+    Raises:
+        VerificationError: the folder holds something that is not a regular file (`check_regular_files`).
+    """
+    check_regular_files(folder)
     hashes = {}
-    for path in sorted(Path(folder).rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in AFTER_VERIFICATION and "__pycache__" not in rel:
-            hashes[rel] = sha256_file(path)
+    for rel in relative_files(folder):
+        if rel not in AFTER_VERIFICATION and "__pycache__" not in rel and not rel.startswith(HEAL_STAGING):
+            skip = skip_weights and rel.endswith(WEIGHT_SUFFIXES)
+            hashes[rel] = "" if skip else sha256_file(Path(folder) / rel)
     return hashes
 
 
@@ -227,6 +254,85 @@ def safetensors_header(folder: str | Path) -> dict[str, dict[str, Any]]:
     return entries
 
 
+# --------------------------------------------------------------------------- what an export may hold
+
+#: The code rys-forge writes into a layer-list export: the template with two slots filled in at export time.
+MODELING_TEMPLATE = Path(__file__).resolve().parent / MODELING_FILE
+_SLOTS = {"_BASE_CLASS": ("LlamaForCausalLM", r"[A-Za-z_][A-Za-z0-9_]*"),
+          "_LAYERS_PATH": ("model.layers", r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")}
+#: The one `auto_map` of a layer-list export's config.json (mergekit exports have none).
+LAYERLIST_AUTO_MAP = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.RysForCausalLM"}
+
+
+def modeling_code(base_class: str, layers_path: str) -> str:
+    """The `modeling_rys.py` rys-forge writes for a base model class (`Gemma3ForCausalLM`) and the dotted path of
+    its decoder layers (`model.layers`)."""
+    text = MODELING_TEMPLATE.read_text(encoding="utf-8")
+    for (slot, (default, _pattern)), value in zip(_SLOTS.items(), (base_class, layers_path)):
+        text = text.replace(f'{slot} = "{default}"', f'{slot} = "{value}"', 1)
+    return text
+
+
+def check_regular_files(folder: str | Path) -> None:
+    """Exports hold regular files and folders only: a symbolic link (say to `~/.cache/huggingface/token`), FIFO,
+    socket or device would be read, hashed or uploaded as if it were the export's own file.
+
+    Raises:
+        VerificationError: naming the first such entry.
+    """
+    bad = irregular_entries(folder)
+    if bad:
+        raise VerificationError(f"{folder} holds {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}, which"
+                                " is not a regular file (a symbolic link or a special file); an export holds regular"
+                                " files only: replace it by a copy or remove it")
+
+
+def check_export_code(folder: str | Path, config: dict[str, Any], record: RysRecord) -> None:
+    """No code runs from an export but the `modeling_rys.py` rys-forge generates, compared byte for byte with
+    `modeling_code` before anything imports it. A layer-list export holds exactly that Python file and config.json's
+    `auto_map` names it; a mergekit export holds no Python file and no `auto_map`; no other JSON file has one.
+
+    Raises:
+        VerificationError: naming the file that does not belong.
+    """
+    folder, layerlist = Path(folder), record.format == "layerlist"
+    code = [rel for rel in relative_files(folder) if rel.endswith(".py") and "__pycache__" not in rel.split("/")]
+    extra = [rel for rel in code if not (layerlist and rel == MODELING_FILE)]
+    if extra:
+        raise VerificationError(f"{folder} holds {extra[0]}: an export of rys-forge holds no Python code but the"
+                                f" generated {MODELING_FILE} (layer-list format); refusing to run it")
+    expected = LAYERLIST_AUTO_MAP if layerlist else None
+    maps = [where for where in json_keys(folder, "auto_map") if where != f"{CONFIG_FILE}:auto_map"]
+    if config.get("auto_map") != expected or maps:
+        raise VerificationError(f"{folder}: {(maps or [f'{CONFIG_FILE}:auto_map'])[0]} points transformers at code"
+                                f" rys-forge did not write (expected {expected}); refusing to load it")
+    if not layerlist:
+        return
+    path = folder / MODELING_FILE
+    data = path.read_bytes() if path.is_file() else b""
+    text = data.decode("utf-8", errors="replace")
+    values = [re.search(rf'^{slot} = "({pattern})"', text, re.M) for slot, (_, pattern) in _SLOTS.items()]
+    if not (all(values) and modeling_code(*(m[1] for m in values)).encode("utf-8") == data):
+        raise VerificationError(f"{path} is missing or not the {MODELING_FILE} rys-forge generates (edited, or written"
+                                " by another version); refusing to run it: rebuild the export with `rys-forge build`")
+
+
+def check_export(folder: str | Path) -> tuple[dict[str, Any], RysRecord]:
+    """What every reader of an export calls before loading anything from it: regular files only, a config.json
+    with the `rys` record, no code but the generated one (`check_export_code`). Returns the config and record.
+
+    Raises:
+        VerificationError: the folder is missing, not an export, or holds something it should not.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VerificationError(f"export folder not found: {folder}")
+    check_regular_files(folder)
+    config, record = read_export_config(folder)
+    check_export_code(folder, config, record)
+    return config, record
+
+
 # --------------------------------------------------------------------------- the verification report
 
 
@@ -235,25 +341,119 @@ def write_verification(folder: str | Path, report: dict[str, Any]) -> None:
     write_atomic(Path(folder) / VERIFICATION_FILE, json.dumps(report, indent=2) + "\n")
 
 
-def check_verified(folder: str | Path) -> dict[str, Any]:
-    """The folder's passing verification report, if every file still matches it.
+def read_report(path: Path) -> dict[str, Any]:
+    """A verification report (`verification.json`, or a failed build's `<out>.verification-failed.json`), checked
+    for shape: `passed` a bool, `files` a dict of hashes, `failures` a list. It may have failed.
 
     Raises:
-        VerificationError: no report, a failed report, or files added, missing or changed since.
+        VerificationError: missing, not valid JSON, or not shaped like `verify` writes it.
+    """
+    folder = path.parent
+    if not path.is_file():
+        raise VerificationError(f"{folder} has no {path.name}; run `rys-forge verify {folder}` first")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VerificationError(f"{path} is not a readable report ({type(exc).__name__}: {str(exc)[:80]});"
+                                f" run `rys-forge verify {folder}` to write a new one") from None
+    if not (isinstance(report, dict) and isinstance(report.get("passed"), bool)
+            and isinstance(report.get("files"), dict) and isinstance(report.get("failures", []), list)):
+        raise VerificationError(f"{path} is not a verification report of rys-forge (it needs 'passed': true/false,"
+                                f" 'files' and 'failures'); run `rys-forge verify {folder}` to write a new one")
+    return report
+
+
+def read_verification(folder: str | Path) -> dict[str, Any]:
+    """The folder's `verification.json` (`read_report`)."""
+    return read_report(Path(folder) / VERIFICATION_FILE)
+
+
+def check_verified(folder: str | Path) -> dict[str, Any]:
+    """The folder's passing verification report, if the folder passes `check_export` and every file still
+    matches the report: the gate of `publish` and `eval`.
+
+    Raises:
+        VerificationError: a folder `check_export` refuses; no report, an unreadable or failed one; or files
+            added, missing or changed since.
     """
     folder = Path(folder)
-    report_file = folder / VERIFICATION_FILE
-    if not report_file.is_file():
-        raise VerificationError(f"{folder} has no {VERIFICATION_FILE}; run `rys-forge verify {folder}` first")
-    report = json.loads(report_file.read_text())
-    if not report.get("passed"):
-        raise VerificationError(f"{folder} failed verification: {'; '.join(report.get('failures', []))}")
-    current = file_hashes(folder)
-    recorded = report.get("files", {})
+    if not folder.is_dir():
+        raise VerificationError(f"export folder not found: {folder}")
+    report = read_verification(folder)
+    if report["passed"] is not True:
+        failures = "; ".join(str(f) for f in report.get("failures") or []) or "no reason recorded"
+        raise VerificationError(f"{folder} failed verification: {failures} (rebuild it, or run"
+                                f" `rys-forge verify {folder}` again)")
+    current, recorded = file_hashes(folder), report["files"]
     changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
     if changed:
         raise VerificationError(f"{folder} changed since verification ({', '.join(changed[:5])}); verify again")
+    check_export(folder)  # a forged report may list edited code with its new hash
     return report
+
+
+# --------------------------------------------------------------------------- replacing a folder (--force)
+
+
+def _written_by_rys_forge(rel: str) -> bool:
+    """Whether a file of an export folder is one rys-forge writes there (or its own interrupted leftover)."""
+    top, *rest = rel.split("/")
+    if "__pycache__" in rest or top.startswith(HEAL_STAGING):
+        return True
+    if top == HEAL_DIR:
+        return len(rest) == 1 and rest[0] in HEAL_NAMES
+    return not rest and (top in EXPORT_NAMES or top.endswith((".safetensors", ".tiktoken"))
+                         or top.startswith(".") and top.endswith(".tmp"))  # write_atomic's temporary file
+
+
+def check_replaceable(out: Path, force: bool, protected: dict[str, Path]) -> None:
+    """The `--out` rules of every command that writes an export folder, checked before any work: `out` neither is
+    nor contains a protected folder (`{"the base model": path, ...}`); an existing `out` is a folder, replaced
+    only with `force` and only when empty or a rys-forge export (config.json with a `rys` record) holding nothing
+    but what rys-forge writes there.
+
+    Raises:
+        UsageError: naming the rule and what stands in the way.
+    """
+    for label, path in protected.items():
+        if out == path or out in path.parents:
+            raise UsageError(f"--out {out} {'is' if out == path else 'contains'} {label}; choose another --out")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder; choose another --out")
+    problem = None
+    if any(out.iterdir()):
+        try:
+            read_export_config(out)
+            # By name, not by the report's file list: `verify` hashes whatever the folder holds, a user's file too.
+            foreign = irregular_entries(out) + [rel for rel in relative_files(out) if not _written_by_rys_forge(rel)]
+            problem = f"also holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else None
+        except VerificationError:
+            problem = "is not a rys-forge export (no readable 'rys' record in config.json)"
+    if problem:
+        raise UsageError(f"output folder {out} {problem}; --force replaces only a folder rys-forge wrote: choose"
+                         " another --out, or move those files away yourself")
+    if not force:
+        raise UsageError(f"output folder {out} exists; pass --force to replace it")
+
+
+def check_heal_replaceable(path: Path) -> None:
+    """`heal` replaces `DIR/heal` (with `--force`) only if rys-forge wrote it: a folder holding heal.json and adapter
+    files only, no link or special file.
+
+    Raises:
+        UsageError: anything else is there.
+    """
+    try:
+        ours = isinstance(read_json(path / HEAL_FILE, "heal record").get("rys_forge_heal"), int)
+    except (UsageError, AttributeError):
+        ours = False
+    others = [] if path.is_symlink() or not path.is_dir() else irregular_entries(path) + [
+        rel for rel in relative_files(path) if rel not in HEAL_NAMES]
+    if not ours or others or path.is_symlink():
+        raise UsageError(f"{path} exists and is not a heal adapter rys-forge wrote{f' (it holds {others[0]})' if others else ''};"
+                         " move it away yourself (heal --force replaces only its own adapter)")
 
 
 # --------------------------------------------------------------------------- the heal folder
@@ -295,50 +495,185 @@ def heal_summary(heal_dir: Path) -> dict[str, Any]:
 class RunFolder:
     """A run's folder: settings fingerprint in run.json, append-only fsynced logs (one per process:
     ``<stem>.jsonl`` or ``<stem>.rank<r>.jsonl``), atomic final files. rank's records are merged per
-    window (a later record, e.g. a Jacobian, updates the window's row)."""
+    window (a later record, e.g. a Jacobian, updates the window's row).
+
+    `session` is the way in and holds the rules of every run folder: the fingerprint always includes
+    `model_identity` (a resume is refused when anything that changes the numbers differs); an advisory lock
+    (`flock`) held for the run refuses a second process; a run that fails before anything is recorded
+    leaves nothing behind (no run.json, so no `--resume` needed); a failed write is one line naming the
+    file, what was recorded stays and `--resume` continues."""
 
     stem, key, merge = "windows", "window", True
+    #: Digest of a model file: SAMPLES blocks of BLOCK bytes spread over it (weights are gigabytes).
+    DIGEST_SAMPLES, DIGEST_BLOCK = 64, 1 << 16
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool, log_name: str | None = None):
+    def __init__(self, path: Path, log_name: str | None = None):
         self.path = Path(path)
         self.log = self.path / (log_name or f"{self.stem}.jsonl")
-        settings_file = self.path / RUN_FILE
-        if self.path.exists() and any(self.path.iterdir()):
-            if not resume:
-                raise UsageError(f"run folder {self.path} already exists; pass --resume to continue it or choose another --out")
-            if not settings_file.exists():
-                raise UsageError(f"{self.path} is not a rank run folder (no run.json); choose another --out")
-            stored = json.loads(settings_file.read_text())
-            current = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
-            if stored != current:
-                changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-                raise UsageError(f"cannot resume {self.path}: settings differ from the original run ({', '.join(changed)})")
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            write_atomic(settings_file, json.dumps(fingerprint, indent=2))
+        self._created: list[Path] = []  # what `claim` created, deepest first: run.json, new folders
+        self._lock_fd: int | None = None
+        self._log_checked = False
 
     @classmethod
-    def open(cls, out_dir: str | Path | None, fingerprint: dict[str, Any], resume: bool, shard: Shard) -> "RunFolder | None":
-        """This process's view of the run folder (None without `out_dir`): rank 0 creates or checks it,
-        then every process appends to its own log."""
+    def session(cls, out_dir: str | Path | None, fingerprint: dict[str, Any], resume: bool, shard: Shard, *,
+                model: Any, model_info: dict[str, Any] | None) -> Any:
+        """``with RunFolder.session(...) as folder:`` this process's run folder (None without `out_dir`). Rank 0
+        creates or checks it (`fingerprint` plus `model_identity`) and holds its lock; every process appends
+        to its own log.
+
+        Raises:
+            UsageError: a parallel run without `out_dir`; a folder that exists without `resume`, is not a run
+                folder, is in use, cannot be created or written, or holds another fingerprint.
+        """
+        from contextlib import nullcontext
+
         if out_dir is None:
             if shard.parallel:
                 raise UsageError("a window-parallel run needs a run folder (--out) to merge the processes' results")
-            return None
-        shard.on_rank0(lambda: cls(Path(out_dir), fingerprint, resume))
-        return cls(Path(out_dir), fingerprint, True, shard.log_name(cls.stem))
+            return nullcontext()
+        folder = cls(Path(out_dir), shard.log_name(cls.stem))
+        full = {**fingerprint, "model_identity": cls.model_identity(model, model_info)}
+        shard.on_rank0(lambda: folder.claim(json_safe(full), resume))
+        return folder
+
+    def claim(self, fingerprint: dict[str, Any], resume: bool) -> None:
+        """Lock the folder, then create it with run.json, or check an existing one against `fingerprint`."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path} is a file, not a run folder; choose another --out")
+        self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise UsageError(f"run folder {self.path} is not writable; choose another --out")
+            settings = self.path / RUN_FILE
+            if not any(self.path.iterdir()):
+                self.write(RUN_FILE, json.dumps(fingerprint, indent=2))
+                self._created.insert(0, settings)
+            elif not resume:
+                raise UsageError(f"run folder {self.path} already exists; pass --resume to continue it or choose another --out")
+            elif not settings.is_file():
+                raise UsageError(f"{self.path} is not a run folder (no {RUN_FILE}); choose another --out")
+            elif changed := self._differences(read_json(settings, "run settings"), fingerprint):
+                raise UsageError(f"cannot resume {self.path}: settings differ from the original run ({'; '.join(changed[:6])})")
+        except OSError as exc:
+            from rys_forge.errors import OutputError, os_error_message
+
+            self._close(failed=True)
+            raise OutputError(f"cannot create the run folder: {os_error_message(exc)}") from None
+        except BaseException:
+            self._close(failed=True)
+            raise
+
+    @classmethod
+    def _differences(cls, old: Any, new: Any, key: str = "") -> list[str]:
+        """Dotted keys where two fingerprints differ (with both values when they are short)."""
+        if isinstance(old, dict) and isinstance(new, dict):
+            return [d for k in sorted(set(old) | set(new)) for d in cls._differences(old.get(k), new.get(k), f"{key}.{k}".lstrip("."))]
+        text = f"{key}: {json.dumps(old)} -> {json.dumps(new)}"
+        return [] if old == new else [text if len(text) < 100 else key or RUN_FILE]
+
+    def _lock(self) -> None:
+        """An exclusive advisory lock on the folder until `_close` (none without `flock`: Windows, some mounts)."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd, fd = fd, -1
+        except BlockingIOError:
+            raise UsageError(f"run folder {self.path} is in use by another rys-forge process; wait for it or choose another --out") from None
+        except OSError:
+            pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, traceback: Any) -> None:
+        self._close(failed=exc is not None)
+        name = exc.filename if isinstance(exc, OSError) else None
+        if name and Path(os.path.abspath(name)).is_relative_to(os.path.abspath(self.path)):
+            raise self._write_error(Path(name), exc) from None  # type: ignore[arg-type]
+
+    def _close(self, failed: bool) -> None:
+        """Release the lock; after a failure with nothing recorded (only run.json), remove what `claim` created."""
+        try:
+            if failed and self.path.is_dir() and all(p.name == RUN_FILE for p in self.path.iterdir()):
+                for path in self._created:  # run.json, then the new folders, deepest first
+                    path.rmdir() if path.is_dir() else path.unlink()
+        except OSError:
+            pass  # best effort: a folder is no longer empty
+        finally:
+            self._created = []
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+    def _write_error(self, path: Path, exc: OSError) -> Exception:
+        from rys_forge.errors import RysForgeError, os_error_message
+
+        return RysForgeError(f"cannot write {os_error_message(exc, path)} (what was recorded is kept: continue with"
+                             f" --resume --out {self.path})")
+
+    def write(self, name: str, data: Any) -> Path:
+        """Write the folder's file `name`: `data` (str or bytes, atomically: a temporary sibling renamed into
+        place) or, if callable, `data(path)` (a figure); an OSError is one line naming the file."""
+        path = self.path / name
+        return self._guarded(path, lambda: data(path) if callable(data) else write_atomic(path, data))
+
+    def _guarded(self, path: Path, action: Any) -> Path:
+        """`action()`; an OSError becomes one line naming `path`, raised outside the handler so that it is not
+        chained to the OSError (whose generic one-line form would hide the file and the `--resume` hint)."""
+        try:
+            action()
+            return path
+        except OSError as exc:
+            error = self._write_error(path, exc)
+        raise error
+
+    @classmethod
+    def model_identity(cls, model: Any, info: dict[str, Any] | None) -> dict[str, Any]:
+        """What changes a run's numbers besides its settings: the model (`source`, `adapter`, and `[size,
+        digest]` of each file of its folder `path`; None for a hub id), its parameters' dtypes and device types,
+        the attention implementation, and the rys-forge, torch and transformers versions."""
+        import hashlib
+
+        info, files = info or {}, None
+        folder = Path(str(info["path"])) if info.get("path") else None
+        if folder is not None and folder.is_dir():
+            files = {}
+            for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in AFTER_VERIFICATION):
+                size, digest = path.stat().st_size, hashlib.sha256()
+                with path.open("rb") as handle:
+                    for offset in range(0, size, max(cls.DIGEST_BLOCK, size // cls.DIGEST_SAMPLES)):
+                        handle.seek(offset)
+                        digest.update(handle.read(cls.DIGEST_BLOCK))
+                files[path.name] = [size, digest.hexdigest()[:16]]
+        params = list(model.parameters())
+        return {
+            "source": info.get("source"), "adapter": info.get("adapter"), "files": files,
+            "dtype": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+            "device_type": sorted({p.device.type for p in params}),
+            "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "versions": versions("torch", "transformers"),
+        }
 
     @classmethod
     def records(cls, path: str | Path) -> dict[str, dict[str, Any]]:
-        """The records of every process's log, by key (merged or replaced; a torn last line is ignored)."""
+        """The records of every process's log, by key (merged or replaced; a torn or garbled line is ignored)."""
         rows: dict[str, dict[str, Any]] = {}
         for log in sorted(Path(path).glob(f"{cls.stem}*.jsonl")):
-            for line in log.read_text().splitlines():
+            for line in log.read_bytes().decode("utf-8", errors="replace").splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if not isinstance(record, dict) or cls.key not in record:
+                if not isinstance(record, dict) or not isinstance(record.get(cls.key), str):
                     continue
                 if cls.merge:
                     rows.setdefault(record[cls.key], {}).update(record)
@@ -351,7 +686,19 @@ class RunFolder:
         return self.records(self.path)
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.log.open("a") as handle:
-            handle.write(json.dumps(json_safe(record)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Append `record` to this process's log, fsynced (a torn last line, left by a crash, is ended first)."""
+        line = json.dumps(json_safe(record)) + "\n"
+
+        def write() -> None:
+            with self.log.open("a+b") as handle:  # appends go to the end whatever the read position
+                size = handle.seek(0, os.SEEK_END)
+                if size and not self._log_checked:
+                    handle.seek(size - 1)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")  # end a torn last line left by a crash
+                self._log_checked = True
+                handle.write(line.encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+
+        self._guarded(self.log, write)

@@ -1,7 +1,9 @@
 """`rys-forge` command line: one thin command per pipeline stage.
 
-Each command parses and validates its options, calls one library function and prints. Library errors
-(`RysForgeError`) become one line on stderr with exit code 2 (usage) or 1 (failure); set
+Each command parses and validates its options, calls one library function and prints. Whatever goes wrong
+becomes one line on stderr (`RysForgeGroup` is the one place that maps it): library errors
+(`RysForgeError`) exit 2 (usage) or 1 (failure), file-system errors name the file and what to do, click's
+usage errors exit 2, Ctrl-C exits 130 (SIGTERM 143) at any moment, imports included; set
 `RYS_FORGE_DEBUG=1` to see the traceback of an unexpected error.
 """
 
@@ -9,60 +11,229 @@ Each command parses and validates its options, calls one library function and pr
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import signal
 import sys
-from collections.abc import Callable
-from typing import Any
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
-from rys_forge.errors import RysForgeError
+from rys_forge.errors import (
+    OutputError,
+    RysForgeError,
+    Terminated,
+    os_error_errno,
+    os_error_message,
+    output_problem,
+    redact,
+)
 from rys_forge.plan import WINDOW_CONVENTION
 
 MODEL_HELP = "Model: built-in name (gemma-3-270m, smollm2-135m), local folder, .gguf file or hub id."
 
+#: Library warnings that are not the user's business: transformers' notices about its own keyword
+#: renames, raised from inside transformers' calls. Matched by message (from its start); rys-forge's own
+#: warnings are never filtered.
+LIBRARY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"`past_key_values` is deprecated and will be removed in version [\w.]+ for `[\w.]+`\. Use `cache` instead"),
+    (FutureWarning, r"Both `past_key_values` and `cache` are set for `[\w.]+`"),
+)
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"rys-forge: error: {message}", err=True)
+#: Termination signals raised as `Terminated` in the main thread, so every cleanup written for Ctrl-C
+#: (temporary folders, kept windows) runs for them too.
+TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """Print `rys-forge: error: MESSAGE` as one line (credentials redacted) and exit with `code`."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    click.echo(f"rys-forge: error: {redact(text)}", err=True)
     sys.exit(code)
 
 
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Map library errors to one stderr line and an exit code; never show a traceback for them."""
+def _forget_interrupt() -> None:
+    """Make the exit code we choose stick after a handled Ctrl-C.
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    CPython (3.11+) remembers a KeyboardInterrupt that escaped an `exec()` of source text (dataclasses and
+    namedtuples build their methods that way, so imports are full of them) and, at exit, kills the process
+    with SIGINT instead of using our exit code. A successful `exec()` of text clears that flag.
+    """
+    exec("pass", {})  # noqa: S102 - a constant, see above
+
+
+def exit_for(exc: BaseException) -> NoReturn:
+    """The one mapping from an exception that escaped a command to one stderr line and an exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        _forget_interrupt()
+    if isinstance(exc, Terminated):
+        _fail(f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+    if isinstance(exc, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    if isinstance(exc, RysForgeError):
+        _fail(str(exc), exc.exit_code)
+    if isinstance(exc, OSError) or os_error_errno(exc) is not None:
+        _fail(os_error_message(exc), 1)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        _fail("out of memory; try a smaller --batch-size, --dtype bfloat16, or another --device", 1)
+    if os.environ.get("RYS_FORGE_DEBUG"):
+        raise exc
+    first = (str(exc).strip().splitlines() or [""])[0]
+    _fail(f"unexpected {type(exc).__name__}: {first} (set RYS_FORGE_DEBUG=1 for the traceback)", 1)
+
+
+def _click_line(exc: click.ClickException) -> str:
+    """A click usage error as one line, pointing at the command's help."""
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see '{ctx.command_path} -h')" if ctx is not None else message
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _command_environment() -> Iterator[None]:
+    """Known library warnings silenced and termination signals raised as `Terminated`, for one command;
+    both restored afterwards (in-process callers such as tests keep their own)."""
+    previous: dict[int, Any] = {}
+    with warnings.catch_warnings():
+        for category, message in LIBRARY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for name in TERMINATING_SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None and signal.getsignal(number) is not signal.SIG_IGN:  # nohup stays nohup
+                    previous[number] = signal.signal(number, _raise_terminated)
         try:
-            return func(*args, **kwargs)
-        except RysForgeError as exc:
-            _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except Exception as exc:  # an unexpected bug: still one line unless debugging
-            if os.environ.get("RYS_FORGE_DEBUG"):
-                raise
-            first = (str(exc).strip().splitlines() or [""])[0]
-            _fail(f"unexpected {type(exc).__name__}: {first} (set RYS_FORGE_DEBUG=1 for the traceback)", 1)
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
-    return wrapper
+
+class RysForgeGroup(click.Group):
+    """The `rys-forge` group: the one place where everything a command does is guarded.
+
+    From option parsing through the lazy imports to the work, an exception that escapes becomes one stderr
+    line and an exit code (`exit_for`); click's usage errors become one line too. Known library warnings are
+    silenced and SIGTERM/SIGHUP arrive as `Terminated` (`_command_environment`).
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        with _command_environment():
+            try:
+                value = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.ClickException as exc:
+                if not standalone_mode:
+                    raise
+                if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                    exc.show()  # bare `rys-forge`: the help text, as click prints it
+                    sys.exit(exc.exit_code)
+                _fail(_click_line(exc), exc.exit_code)
+            except (click.Abort, KeyboardInterrupt, EOFError) as exc:  # Ctrl-C while click parses
+                if not standalone_mode:
+                    raise
+                exit_for(exc.__context__ if isinstance(exc.__context__, KeyboardInterrupt) else KeyboardInterrupt())
+        if not standalone_mode:
+            return value
+        sys.exit(value if isinstance(value, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # stdout closed (`| head`): click quiets the pipe
+                raise
+            exit_for(exc)
+        except (Exception, KeyboardInterrupt) as exc:
+            exit_for(exc)
+
+
+@contextlib.contextmanager
+def _resumable(command: str, out: str) -> Iterator[None]:
+    """A run folder's command (`rank`, `sweep`): Ctrl-C, SIGTERM or a file-system error (a full disk) keep
+    the finished windows; the one line says how to continue."""
+    from rys_forge.artifacts import RUN_FILE
+
+    try:
+        yield
+    except RysForgeError:
+        raise  # its message is final
+    except (Exception, KeyboardInterrupt) as exc:
+        is_file_error = not isinstance(exc, KeyboardInterrupt) and os_error_errno(exc) is not None
+        if not (Path(out) / RUN_FILE).is_file() or not (is_file_error or isinstance(exc, KeyboardInterrupt)):
+            raise
+        hint = f"finished windows are kept; continue with: rys-forge {command} ... --resume --out {out}"
+        if is_file_error:
+            _fail(f"{os_error_message(exc)}; {hint}", 1)
+        code = 128 + exc.signum if isinstance(exc, Terminated) else 130
+        _fail(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; {hint}", code)
+
+
+def _output_check(folder: bool, existing_only: bool = False) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """Callback of an output option or argument: a location that could not be written is refused while the
+    options are parsed, before any work (`errors.output_problem`), not after a long build or evaluation.
+
+    Args:
+        folder: the value is a folder to create or write into (else a file).
+        existing_only: check only a folder that exists (a FOLDER argument the command writes into; a
+            missing one gets the command's own message).
+    """
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None or (existing_only and not Path(value).expanduser().is_dir()):
+            return value
+        problem = output_problem(value, folder=folder)
+        if problem is not None:
+            name = param.opts[0] if param.param_type_name == "option" else (param.name or "").upper()
+            raise OutputError(f"cannot write {name} {value}: {problem}")
+        return value
+
+    return check
+
+
+def _at_least_two(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """--repeats of a command that builds or evaluates a repeat: 1 visit is the base model itself."""
+    if value < 2:
+        raise click.BadParameter(f"{value} visit{'s' if value != 1 else ''} of the block is no repeat (the base model"
+                                 " itself); use 2 or more")
+    return value
+
+
+class _DefaultModelOption(click.Option):
+    """--model, whose default (`models.DEFAULT_MODEL`) is looked up only when needed: importing the CLI must
+    not import torch, so that a Ctrl-C during the slow imports reaches `RysForgeGroup`'s guard."""
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        from rys_forge.models import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--model, --dtype, --device, shared by every command that loads a model."""
-    from rys_forge.models import DEFAULT_MODEL
-
     func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")(func)
     func = click.option(
         "--dtype", default="float32", show_default=True, help="Weights dtype: float32, bfloat16 or float16."
     )(func)
-    func = click.option("--model", "-m", "model_name", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)(func)
+    func = click.option("--model", "-m", "model_name", cls=_DefaultModelOption, show_default=True, help=MODEL_HELP)(func)
     return func
 
 
 def placement_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--device-map, --max-memory, --offload-folder (accelerate big-model placement), handed to the
-    command as one `placement` dict of `load_model` keywords. Put it under `@handle_errors`."""
+    command as one `placement` dict of `load_model` keywords."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, device_map: str | None, max_memory: str | None, offload_folder: str | None, **kwargs: Any) -> Any:
@@ -87,7 +258,7 @@ def adapter_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RysForgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rys-forge")
 def main() -> None:
     """rys-forge: find, build, verify, evaluate and publish RYS layer-repeat models.
@@ -112,7 +283,6 @@ def _quiet_libraries() -> None:
 @click.option("--window", "windows", multiple=True, help=f"Show the plan for a window ({WINDOW_CONVENTION}).")
 @click.option("--repeats", default=2, show_default=True, type=int, help="Visits of each window's block.")
 @adapter_option
-@handle_errors
 def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, adapter: str | None) -> None:
     """Print architecture, layer count, attention type per layer, parameters and window notation."""
     from rys_forge.models import describe_model, load_model
@@ -156,7 +326,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--iterations", default=4, show_default=True, type=int, help="Iterates z_1..z_n of the block map.")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(), help="Prompt file (.txt: one per line; .jsonl: text field).")
 @click.option("--families", default=None, help="Comma list of shipped prompt families (default: all).")
-@click.option("--prompts-per-family", default=8, show_default=True, type=int, help="Prompts taken from each family.")
+@click.option("--prompts-per-family", default=None, type=int, help="Prompts taken from each family (default: 8 of each shipped family; a --prompts file is used whole).")
 @click.option("--max-tokens", default=48, show_default=True, type=int, help="Tokens kept per prompt.")
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per batch.")
 @click.option("--kl-positions", default=4, show_default=True, type=int, help="Positions per prompt where logits are compared.")
@@ -173,15 +343,14 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
 @click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
-@click.option("--out", default=None, type=click.Path(), help="Run folder (default: runs/rank-<model>-<time>).")
+@click.option("--out", default=None, type=click.Path(), callback=_output_check(folder=True), help="Run folder (default: runs/rank-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @adapter_option
-@handle_errors
 @placement_options
 def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min_width: int, max_width: int | None,
          probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
-         prompts_per_family: int, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
+         prompts_per_family: int | None, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
          debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
          outlier_factor: float, shortlist_overlap: float,
          stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool,
@@ -193,7 +362,10 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     continue with --resume --out DIR.
     """
     from rys_forge.models import load_model
-    from rys_forge.rank import RankSettings, ScoreConfig, load_prompts, probe_descriptions, rank_windows, select_probes
+    from rys_forge.rank import (
+        RankSettings, ScoreConfig, check_score_inputs, load_prompts, per_family_limit, probe_descriptions, rank_windows,
+        select_probes,
+    )
 
     if list_probes:
         for name, text in probe_descriptions().items():
@@ -208,18 +380,17 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     )
     settings.validate()
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
-    prompts = load_prompts(families=_split(families) or None, path=prompts_file, limit_per_family=prompts_per_family)
+    check_score_inputs(select_probes(settings.probes), settings.kl_positions, config)
+    prompts = load_prompts(families=_split(families) or None, path=prompts_file,
+                           limit_per_family=per_family_limit(prompts_file, prompts_per_family))
     _check_windows(windows)
     shard, out, device = _run_setup("rank", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter, **placement)
-    try:
+    with _resumable("rank", out):
         result = rank_windows(
             loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
             progress=not no_progress and shard.rank == 0, model_info={**loaded.info, "path": loaded.path},
         )
-    except KeyboardInterrupt:
-        click.echo(f"rys-forge: interrupted; finished windows are kept. Continue with: rys-forge rank ... --resume --out {out}", err=True)
-        raise SystemExit(130) from None
     if shard.rank != 0:
         return
     _print_top(result, top_k)
@@ -242,15 +413,15 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
 @main.command()
 @model_options
 @click.option("--window", "windows", multiple=True, required=True, help=f"Window to repeat (repeatable). {WINDOW_CONVENTION}.")
-@click.option("--repeats", default=2, show_default=True, type=int, help="Visits of each window's block.")
+@click.option("--repeats", default=2, show_default=True, type=int, callback=_at_least_two,
+              help="Visits of each window's block (2 or more).")
 @click.option("--format", "fmt", type=click.Choice(["layerlist", "mergekit"]), default="layerlist", show_default=True,
               help="layerlist: weights stored once + modeling_rys.py (trust_remote_code); mergekit: passthrough recipe, duplicated weights.")
-@click.option("--out", required=True, type=click.Path(), help="Output folder.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (after the new build verified).")
-@click.option("--recipes-dir", default=None, type=click.Path(), help="Also keep a copy of the mergekit recipe here, as <name>.yml (default: only OUT/rys_recipe.yml; nothing is written outside --out).")
+@click.option("--out", required=True, type=click.Path(), callback=_output_check(folder=True), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder that rys-forge wrote (never the base or a folder with other files), after the new build verified.")
+@click.option("--recipes-dir", default=None, type=click.Path(), callback=_output_check(folder=True), help="Also keep a copy of the mergekit recipe here, as <name>.yml (default: only OUT/rys_recipe.yml; nothing is written outside --out).")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the folder then cannot be published).")
 @adapter_option
-@handle_errors
 @placement_options
 def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, fmt: str, out: str,
           force: bool, recipes_dir: str | None, no_verify: bool, adapter: str | None, placement: dict[str, Any]) -> None:
@@ -273,11 +444,10 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
 
 
 @main.command()
-@click.argument("folder", type=click.Path())
+@click.argument("folder", type=click.Path(), callback=_output_check(folder=True, existing_only=True))
 @click.option("--model", "-m", "model_name", default=None, help="Base model (default: the one recorded at build time).")
 @click.option("--dtype", default="float32", show_default=True, help="dtype of both models; thresholds follow it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@handle_errors
 @placement_options
 def verify(folder: str, model_name: str | None, dtype: str, device: str, placement: dict[str, Any]) -> None:
     """Check that an export computes exactly what the in-memory repeat of its base computes.
@@ -297,7 +467,8 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
 @click.argument("target", required=False)
 @click.option("--model", "-m", "model_name", default=None, help="Evaluate the in-memory repeat of this model (with --window) instead of an export.")
 @click.option("--window", "windows", multiple=True, help=f"With --model: window(s) to repeat. {WINDOW_CONVENTION}.")
-@click.option("--repeats", default=2, show_default=True, type=int, help="With --model: visits of each window's block.")
+@click.option("--repeats", default=2, show_default=True, type=int, callback=_at_least_two,
+              help="With --model: visits of each window's block (2 or more).")
 @click.option("--base", default=None, help="Base model of TARGET (default: the one recorded at build time).")
 @click.option("--tasks", required=True, help="Comma list of tasks: local (rys_arc_easy, rys_piqa, ..., rys_suite) or lm-eval registry names.")
 @click.option("--limit", default=None, type=int, help="Items per task (default: all).")
@@ -310,11 +481,10 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of lm-eval and the bootstrap.")
 @click.option("--adapter", default=None, help="With --model: PEFT adapter merged into the model first (an export records its own).")
 @click.option("--no-heal", is_flag=True, help="Ignore TARGET's heal adapter (evaluate the plain export only).")
-@handle_errors
 def eval_command(target: str | None, model_name: str | None, windows: tuple[str, ...], repeats: int, base: str | None,
                  tasks: str, limit: int | None, num_fewshot: int | None, include_path: str | None, batch_size: str,
                  device: str, dtype: str, out: str | None, seed: int, adapter: str | None, no_heal: bool) -> None:
-    """Evaluate TARGET (an export folder) or --model M --window i:j against its base with lm-eval.
+    """Evaluate TARGET (a verified local export folder) or --model M --window i:j against its base with lm-eval.
 
     Prints base, RYS, delta and standard errors per task and metric, with a paired test per task
     (McNemar's exact test for accuracies, a paired bootstrap otherwise); saves eval.json.
@@ -339,7 +509,7 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
 
 
 @main.command()
-@click.argument("folder", type=click.Path())
+@click.argument("folder", type=click.Path(), callback=_output_check(folder=True, existing_only=True))
 @click.option("--data", required=True, type=click.Path(), help="Training text: .txt (one text per line) or .jsonl (a \"text\" field per line).")
 @click.option("--rank", "lora_rank", default=8, show_default=True, type=int, help="LoRA rank r.")
 @click.option("--alpha", default=None, type=float, help="LoRA alpha (scaling alpha/r; default: alpha = r).")
@@ -354,10 +524,9 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of LoRA initialisation and batch order.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
 @click.option("--dtype", default="float32", show_default=True, help="dtype of the export while training (LoRA weights stay float32).")
-@click.option("--force", is_flag=True, help="Replace an existing FOLDER/heal.")
+@click.option("--force", is_flag=True, help="Replace FOLDER/heal if rys-forge wrote it; the old adapter stays until the new one passed verification.")
 @click.option("--no-verify", is_flag=True, help="Skip verifying the healed folder (it then cannot be published).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@handle_errors
 def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int, lr: float, batch_size: int,
          max_length: int, visits: str, modules: str | None, kl_weight: float, seed: int, device: str, dtype: str,
          force: bool, no_verify: bool, no_progress: bool) -> None:
@@ -389,7 +558,6 @@ def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int
 @click.argument("folder", type=click.Path())
 @click.option("--rank-run", default=None, type=click.Path(), help="Rank run folder: adds the window's probe metrics and score heatmap.")
 @click.option("--repo-id", default=None, help="Hub repo id the card will live at (for load snippets).")
-@handle_errors
 def card(folder: str, rank_run: str | None, repo_id: str | None) -> None:
     """Write or refresh FOLDER/README.md, the model card of an export (nothing else is touched)."""
     from rys_forge.publish import write_card
@@ -405,7 +573,6 @@ def card(folder: str, rank_run: str | None, repo_id: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; upload nothing.")
 @click.option("--exist-ok", is_flag=True, help="Allow pushing into a repository that already has files.")
 @click.option("--rank-run", default=None, type=click.Path(), help="Rank run folder for the card's probe metrics and heatmap.")
-@handle_errors
 def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_run: bool, exist_ok: bool,
             rank_run: str | None) -> None:
     """Push a verified export with a generated model card to the Hugging Face Hub.
@@ -430,7 +597,7 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 @click.option("--limit", default=None, type=int, help="Items per task.")
 @click.option("--num-fewshot", default=None, type=int, help="Few-shot examples (default: the task's).")
 @click.option("--batch-size", default="1", show_default=True, help="lm-eval batch size.")
-@click.option("--out", default=None, type=click.Path(), help="Run folder (default: runs/sweep-<model>-<time>).")
+@click.option("--out", default=None, type=click.Path(), callback=_output_check(folder=True), help="Run folder (default: runs/sweep-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "cached", "lm-eval"]),
@@ -439,7 +606,6 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 @click.option("--batch-tokens", default=16384, show_default=True, type=int, help="Padded tokens per batch (cached engine).")
 @click.option("--attn", "attn_implementation", default="eager", show_default=True, type=click.Choice(["eager", "sdpa"]),
               help="Attention kernels (sdpa is faster on GPU).")
-@handle_errors
 @placement_options
 def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[str, ...], min_width: int,
           max_width: int | None, repeats: str, limit: int | None, num_fewshot: int | None, batch_size: str,
@@ -456,16 +622,13 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
 
     shard, out, device = _run_setup("sweep", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation, **placement)
-    try:
+    with _resumable("sweep", out):
         result = sweep_windows(
             loaded.model, loaded.tokenizer, tasks=_split(tasks), windows=list(windows) or None, min_width=min_width,
             max_width=max_width, repeats=repeats, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
             out_dir=out, resume=resume, progress=not no_progress and shard.rank == 0,
             model_info={**loaded.info, "path": loaded.path}, engine=engine, batch_tokens=batch_tokens,
         )
-    except KeyboardInterrupt:
-        click.echo(f"rys-forge: interrupted; finished windows are kept. Continue with: rys-forge sweep ... --resume --out {out}", err=True)
-        raise SystemExit(130) from None
     if shard.rank != 0:
         return
     best = result.summary.get("best")
@@ -479,20 +642,17 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
 @main.command()
 @click.argument("rank_run", type=click.Path())
 @click.argument("sweep_run", type=click.Path())
-@click.option("--out", default=None, type=click.Path(), help="Where validation.json and plots go (default: SWEEP_RUN/validation).")
+@click.option("--out", default=None, type=click.Path(), callback=_output_check(folder=True), help="Where validation.json and plots go (default: SWEEP_RUN/validation).")
 @click.option("--top-fraction", default=0.1, show_default=True, type=float, help="Top share of windows by score (the seeds' decile).")
 @click.option("--permutations", default=10000, show_default=True, type=int, help="Draws for the CKA-matched baseline.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the permutation test.")
 @click.option("--score-config", default=None, type=click.Path(), help="Re-score the rank rows with these constants (e.g. from calibrate).")
-@handle_errors
 def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float, permutations: int, seed: int,
              score_config: str | None) -> None:
     """Does the ranking find the benchmark-positive windows? Correlations, enrichment, evaluations-to-best.
 
     Says so plainly when it does not.
     """
-    from pathlib import Path
-
     from rys_forge.rank import ScoreConfig
     from rys_forge.research.validate import validate_runs
 
@@ -505,13 +665,12 @@ def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float
 @main.command()
 @click.argument("sweep_run", type=click.Path())
 @click.argument("rank_run", type=click.Path())
-@click.option("--out", "-o", required=True, type=click.Path(), help="Where the fitted score config (JSON) goes.")
+@click.option("--out", "-o", required=True, type=click.Path(), callback=_output_check(folder=False), help="Where the fitted score config (JSON) goes.")
 @click.option("--target", default="combined_z", show_default=True, help="Sweep column: combined_z, mean_delta or delta:<task>.")
 @click.option("--repeats", default=2, show_default=True, type=int, help="Sweep rows with this many visits.")
 @click.option("--trials", default=2000, show_default=True, type=int, help="Random candidates of the search (per fit).")
 @click.option("--folds", default=5, show_default=True, type=int, help="Folds of the cross-validated Spearman (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the search and the folds.")
-@handle_errors
 def calibrate(sweep_run: str, rank_run: str, out: str, target: str, repeats: int, trials: int, folds: int, seed: int) -> None:
     """Fit the score constants on a calibration model (its sweep and rank runs); freeze them for others.
 
@@ -542,7 +701,6 @@ def _run_setup(command: str, model_name: str, out: str | None, device: str) -> t
     since every process writes into the same one. Default folder: runs/<command>-<model>-<time>."""
     import datetime
     import re
-    from pathlib import Path
 
     from rys_forge.distributed import init_from_environment
     from rys_forge.errors import UsageError

@@ -1,10 +1,20 @@
-"""Small file helpers shared by the pipeline stages: atomic writes, sha256 digests, JSON-safe values."""
+"""Small file helpers shared by the pipeline stages: atomic writes, sha256 digests, JSON-safe values, and
+folders built in a hidden staging sibling and swapped into place (cleaned up on errors, Ctrl-C and SIGTERM)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import os
+import shutil
+import signal
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +33,12 @@ def sha256_file(path: str | Path) -> str:
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write a file via a temporary sibling and `os.replace` (the sibling never survives a failed write)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with terminate_as_interrupt():
+        try:
+            tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 def json_safe(value: Any) -> Any:
     """Convert to plain JSON types: non-finite floats -> None, numpy scalars -> Python, tuples -> lists."""
@@ -44,3 +55,124 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, str):
         return value
     return str(value)
+
+
+# --------------------------------------------------------------------------- folders: staging, swapping, walking
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While active, SIGTERM and SIGHUP raise KeyboardInterrupt, so `finally` blocks clean up as on Ctrl-C
+    (a signal left at its default ends the process without running them). Only default handlers are replaced:
+    one the program installed (the CLI raises `errors.Terminated`) or an ignored signal (nohup) stays as it is.
+    The previous handlers come back afterwards. Outside the main thread (where Python cannot install handlers)
+    it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+            previous[number] = signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+@contextmanager
+def staging_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A new hidden folder `parent/.<name>.tmp-XXXX` (mode 0755) to build something in, removed on leaving
+    whatever happens, including SIGTERM (`terminate_as_interrupt`); `parent` is created if missing and, after a
+    failure, removed again if this made it and it is empty."""
+    with terminate_as_interrupt():
+        made = _make_parents(parent)
+        ok = False
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+            try:
+                os.chmod(staging, 0o755)  # mkdtemp makes it 0700; what is renamed out of it reads like any folder
+                yield staging
+                ok = True
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            for folder in reversed(made if not ok else []):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+@contextmanager
+def swapped_in(new: Path, target: Path, aside: Path) -> Iterator[None]:
+    """Rename `new` to `target`, moving a previous `target` to `aside` first (`aside`: a free path on the same
+    file system, e.g. inside a `staging_dir`, which then removes it). If the body raises (or is interrupted),
+    the swap is undone: the new one is removed and the previous one put back."""
+    had = os.path.lexists(target)
+    if had:
+        os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if had:
+            os.replace(aside, target)
+        raise
+    try:
+        yield
+    except BaseException:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+        if had:
+            os.replace(aside, target)
+        raise
+
+
+def irregular_entries(folder: str | Path) -> list[str]:
+    """Entries below `folder` (relative POSIX paths) that are neither regular files nor folders: symbolic links
+    (to files or folders, never followed), FIFOs, sockets, devices. Nothing is opened."""
+    root = Path(folder)
+    found = []
+    for current, dirs, names in os.walk(root, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(current) / name
+            mode = path.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                found.append(path.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def relative_files(folder: str | Path) -> list[str]:
+    """Relative POSIX paths of the regular files below `folder` (links are not followed), sorted."""
+    root = Path(folder)
+    return sorted((Path(current) / name).relative_to(root).as_posix()
+                  for current, _dirs, names in os.walk(root) for name in names
+                  if stat.S_ISREG((Path(current) / name).lstat().st_mode))
+
+
+def json_keys(folder: str | Path, key: str) -> list[str]:
+    """Where the top-level `*.json` files of `folder` hold `key`, at their top level or one level down, as
+    `file.json:key` / `file.json:section.key` (files that are not JSON objects are skipped)."""
+    found = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            found += [f"{path.name}:{key}"] if key in data else []
+            found += [f"{path.name}:{name}.{key}" for name, value in data.items() if isinstance(value, dict) and key in value]
+    return found

@@ -22,7 +22,9 @@ Output, written to a temporary folder and renamed into place::
     DIR/heal/heal.json                                         settings, data, loss before/after, loss curve
 
 then the folder is verified again (`verification.json` then covers `heal/`; `verify` runs the same LoRA on
-the in-memory repeat through `adapters.attach_visit_adapters`). The folder's names and its reading
+the in-memory repeat through `adapters.attach_visit_adapters`). A previous adapter (`--force`, only one rys-forge
+wrote) is kept beside it until that verification passed; if it fails, the folder is put back as it was. The
+export's code is checked (`artifacts.check_export`) before it is loaded. The folder's names and its reading
 (`heal_adapter_dir`, `read_heal_record`) belong to `rys_forge.artifacts`. Load it with::
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
@@ -34,8 +36,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,10 +46,20 @@ from torch import nn
 
 from rys_forge.adapters import quiet_peft
 from rys_forge.architectures import arch_spec, get_path
-from rys_forge.artifacts import CONFIG_FILE, HEAL_DIR, HEAL_FILE, RysRecord, timestamp, versions
+from rys_forge.artifacts import (
+    CONFIG_FILE,
+    HEAL_DIR,
+    HEAL_FILE,
+    VERIFICATION_FILE,
+    RysRecord,
+    check_export,
+    check_heal_replaceable,
+    timestamp,
+    versions,
+)
 from rys_forge.divergence import kl_from_logits
 from rys_forge.errors import RysForgeError, UsageError
-from rys_forge.files import sha256_file
+from rys_forge.files import sha256_file, staging_dir, swapped_in, write_atomic
 from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan
 from rys_forge.verify import verify as run_verify
@@ -382,25 +392,31 @@ def _record(wrapped: Any, plan: LayerPlan, settings: HealSettings, data: str | P
     }
 
 
-def _save(wrapped: Any, folder: Path, record: dict[str, Any]) -> Path:
-    """Save the adapter and heal.json as `folder/heal`: written beside it, then swapped into place."""
-    target = folder / HEAL_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f".{HEAL_DIR}.tmp-", dir=folder))
-    fresh = staging / HEAL_DIR  # made by save_pretrained with the usual permissions (mkdtemp's are 0700)
-    old = folder / f".{HEAL_DIR}.old"
+def _stage(wrapped: Any, staging: Path, record: dict[str, Any]) -> Path:
+    """Write the adapter and heal.json, complete, as `staging/heal` (save_pretrained makes it with the usual
+    permissions)."""
+    fresh = staging / HEAL_DIR
+    wrapped.save_pretrained(fresh)
+    (fresh / "README.md").unlink(missing_ok=True)  # peft's empty card template; the export's card covers it
+    (fresh / HEAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return fresh
+
+
+def _swap_in_checked(fresh: Path, folder: Path, staging: Path, check: Any) -> None:
+    """Swap the staged adapter in as `folder/heal` and run `check` (the verification, or nothing). A previous adapter
+    waits inside `staging` until `check` passed; if it fails (or anything interrupts it, SIGTERM included), the new
+    adapter is removed and the previous adapter and `verification.json` are put back as they were."""
+    report = folder / VERIFICATION_FILE
+    previous_report = report.read_bytes() if report.is_file() else None
     try:
-        wrapped.save_pretrained(fresh)
-        (fresh / "README.md").unlink(missing_ok=True)  # peft's empty card template; the export's card covers it
-        (fresh / HEAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(fresh, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old.exists() and not target.exists():  # the swap failed half-way: keep the previous adapter
-            os.replace(old, target)
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+        with swapped_in(fresh, folder / HEAL_DIR, staging / "previous"):
+            check()
+    except BaseException:
+        if previous_report is None:
+            report.unlink(missing_ok=True)
+        else:
+            write_atomic(report, previous_report)
+        raise
 
 
 def heal(
@@ -421,20 +437,25 @@ def heal(
         data: `.txt` or `.jsonl` training text.
         settings: see `HealSettings`.
         device, dtype: where and in which dtype the export is loaded and trained (LoRA weights stay float32).
-        force: replace an existing `folder/heal`.
+        force: replace an existing `folder/heal`, if rys-forge wrote it (`artifacts.check_heal_replaceable`).
         verify: verify the folder again afterwards (the export + adapter against the in-memory repeat + adapter).
         progress: show a progress bar with the loss.
 
     Raises:
         UsageError: bad folder, not a layer-list export, existing adapter without `force`, bad data or settings.
-        VerificationError: the healed folder fails verification (the adapter stays; the report says why).
+        VerificationError: the folder holds code rys-forge did not write (`artifacts.check_export`, before
+            loading), or the healed folder fails verification (the new adapter is removed; a previous adapter
+            and its verification.json are kept as they were).
     """
     settings = settings or HealSettings()
     settings.validate()
     folder = Path(folder).expanduser().resolve()
     plan = _read_plan(folder)
-    if (folder / HEAL_DIR).exists() and not force:
-        raise UsageError(f"{folder / HEAL_DIR} exists; pass --force to replace it")
+    if os.path.lexists(folder / HEAL_DIR):
+        check_heal_replaceable(folder / HEAL_DIR)  # someone's own folder is never replaced, --force or not
+        if not force:
+            raise UsageError(f"{folder / HEAL_DIR} exists; pass --force to replace it")
+    check_export(folder)  # the folder's code is the generated one: before it is loaded (and run)
     texts = read_texts(data)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -451,13 +472,18 @@ def heal(
     loss_after = mean_loss(wrapped, eval_blocks, settings.batch_size)
     record = _record(wrapped, plan, settings, data, texts, blocks, eval_blocks, (loss_before, loss_after), curve,
                      dtype, timings)
-    target = _save(wrapped, folder, record)
-    result = HealResult(path=target, settings=settings, visits=record["adapter"]["visits"],
+    result = HealResult(path=folder / HEAL_DIR, settings=settings, visits=record["adapter"]["visits"],
                         modules=wrapped.rys_heal["modules"], trainable_parameters=record["adapter"]["trainable_parameters"],
                         loss_before=loss_before, loss_after=loss_after, curve=curve, seconds=timings)
-    del wrapped, loaded
-    if verify:
-        t0 = time.perf_counter()
-        result.verification = run_verify(folder, dtype=dtype, device=device).to_dict()
-        result.seconds["verify_s"] = time.perf_counter() - t0
+
+    def check() -> None:
+        if verify:
+            t0 = time.perf_counter()
+            result.verification = run_verify(folder, dtype=dtype, device=device).to_dict()
+            result.seconds["verify_s"] = time.perf_counter() - t0
+
+    with staging_dir(folder, HEAL_DIR) as staging:  # artifacts.HEAL_STAGING: not part of the verified export
+        fresh = _stage(wrapped, staging, record)
+        del wrapped, loaded  # verification loads the export again
+        _swap_in_checked(fresh, folder, staging, check)
     return result

@@ -131,7 +131,8 @@ class LoadedModel:
     Attributes:
         model: the `*ForCausalLM` module, in eval mode.
         tokenizer: its tokenizer (a pad token is set if the model had none).
-        source: what the user asked for (short name, path or hub id).
+        source: what the user asked for: a built-in short name or hub id as given, a local file or folder
+            as an absolute path (`canonical_source`); what records and reports store.
         path: the folder the weights were read from (the GGUF cache folder for GGUF/built-ins).
         info: provenance (builtin description, licence, base hub id, gguf file) for cards and summaries.
     """
@@ -263,8 +264,37 @@ def convert_gguf(gguf_file: Path, name: str | None = None) -> Path:
     return target
 
 
+def is_local_source(source: str) -> bool:
+    """Whether a model spec names a local file or folder rather than a built-in or a hub id.
+
+    Local: anything that exists on disk (relative to the current folder, `~` expanded; so an existing
+    folder `owner/name` is local, not a hub id) and anything written as a path (starting with `.`, `/` or
+    `~`, or with more than one `/`, which no hub id has). A built-in short name is never local.
+    """
+    if source in BUILTIN_MODELS:
+        return False
+    if source.startswith((".", "/", "~")) or source.strip("/").count("/") > 1 or (os.altsep and os.altsep in source):
+        return True
+    return Path(source).expanduser().exists()
+
+
+def canonical_source(source: str) -> str:
+    """The form of a model spec that outputs record: a local file or folder as an absolute path (so a
+    record still names it from another working folder, and `a/b` is never taken for a hub id later); a
+    built-in short name or hub id as given."""
+    source = str(source)
+    return str(Path(source).expanduser().resolve()) if is_local_source(source) else source
+
+
 def resolve_source(source: str) -> tuple[str, dict[str, Any]]:
-    """Map a user's model spec to a loadable folder or hub id, plus provenance info."""
+    """Map a user's model spec to a loadable folder or hub id, plus provenance info.
+
+    Local paths are resolved to absolute ones (see `canonical_source`) and marked `info["local"] = True`.
+
+    Raises:
+        ModelLoadError: a local path that does not exist or holds no model, an unknown name.
+    """
+    source = str(source)
     if source in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[source]
         gguf = builtin.gguf_path()
@@ -276,17 +306,17 @@ def resolve_source(source: str) -> tuple[str, dict[str, Any]]:
             "gguf_file": gguf.name,
         }
         return str(convert_gguf(gguf, builtin.name)), info
-    path = Path(source).expanduser()
+    path = Path(canonical_source(source))
     if source.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {source}")
-        return str(convert_gguf(path)), {"gguf_file": path.name}
-    if path.exists():
+        return str(convert_gguf(path)), {"gguf_file": path.name, "local": True}
+    if is_local_source(source):
+        if not path.exists():
+            raise ModelLoadError(f"model path not found: {source}")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model folder {source} has no config.json")
-        return str(path), {}
-    if source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"model path not found: {source}")
+        return str(path), {"local": True}
     known = ", ".join(BUILTIN_MODELS)
     if "/" not in source:
         raise ModelLoadError(
@@ -309,7 +339,8 @@ def load_model(
     """Load a causal LM and its tokenizer for probing, building or evaluating.
 
     Args:
-        source: built-in short name, local folder, `.gguf` file, or hub id.
+        source: built-in short name, local folder, `.gguf` file, or hub id (an existing relative path, even
+            one shaped like `owner/name`, is local; see `canonical_source`, which `LoadedModel.source` holds).
         dtype: weights dtype (`float32`, `bfloat16`, `float16`).
         device: `cpu`, `cuda[:N]`, `mps` or `auto`.
         trust_remote_code: allow the folder's own modelling code (rys-forge layer-list exports).
@@ -332,6 +363,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
     folder, info = resolve_source(source)
+    source = canonical_source(source)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError with multi-line texts

@@ -4,8 +4,13 @@ On a prompt set, with the same device and dtype: KL(in-memory repeat || reloaded
 (mean, max), max abs logit difference, top-1 agreement; the export's incremental decoding with the KV
 cache against its full forward; greedy generation with the cache equal to generation without it and to
 the in-memory repeat's; and the stored weight bytes against the base's. The report, with a sha256 of
-every file of the export, goes to `verification.json` (`artifacts.write_verification`); `publish` refuses
-folders whose files no longer match it (`artifacts.check_verified`).
+every file of the export, goes to `verification.json` (`artifacts.write_verification`); `publish` and `eval`
+refuse folders whose files no longer match it (`artifacts.check_verified`).
+
+Nothing of the folder runs before `artifacts.check_export` passed (regular files only, no code but the
+`modeling_rys.py` rys-forge generates, byte for byte), and the files are hashed before the export is loaded, so
+a report never vouches for edited code. Every threshold is compared through `within` / `at_least`, where NaN
+and inf fail: a base with NaN weights does not pass.
 
 Adapters: an export built with `--adapter` records it (`rys.adapter`); the base is loaded with the same adapter
 merged in, and a recorded local adapter whose files changed since is refused. A healed layer-list export
@@ -16,6 +21,7 @@ through plain `PeftModel.from_pretrained`, the in-memory repeat with the same Lo
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ from rys_forge.adapters import adapter_record, apply_adapter, attach_visit_adapt
 from rys_forge.architectures import arch_spec, layer_config
 from rys_forge.artifacts import (
     RysRecord,
+    check_export,
     decoder_config,
     file_hashes,
     heal_adapter_dir,
@@ -206,25 +213,38 @@ def _compare(base: LoadedModel, export: Any, plan: LayerPlan, heal_dir: Path | N
     }
 
 
-def _failures(metrics: dict[str, Any], limits: dict[str, float], fmt: str, dtype_name: str, cache_scale: float) -> list[str]:
-    """One line per threshold the metrics miss."""
+def within(value: Any, limit: float) -> bool:
+    """`value <= limit` for a finite value, written so that NaN (also as the limit) and inf fail: every threshold of
+    a report goes through here or `at_least`, so a model computing NaN or inf never passes."""
+    return math.isfinite(value) and bool(value <= limit)
+
+
+def at_least(value: Any, floor: float) -> bool:
+    """`value >= floor` for a finite value (NaN and inf fail, see `within`)."""
+    return math.isfinite(value) and bool(value >= floor)
+
+
+def threshold_failures(metrics: dict[str, Any], limits: dict[str, float], fmt: str, dtype_name: str,
+                       cache_scale: float) -> list[str]:
+    """One line per threshold the metrics miss (NaN or inf in a metric or a logit scale misses it)."""
     scale = metrics["logit_scale"]
     failures = []
-    if metrics["kl_mean"] > limits["kl_mean"]:
+    if not within(metrics["kl_mean"], limits["kl_mean"]):
         failures.append(f"mean KL {metrics['kl_mean']:.3g} > {limits['kl_mean']:g}")
-    if metrics["kl_max"] > limits["kl_max"]:
+    if not within(metrics["kl_max"], limits["kl_max"]):
         failures.append(f"max KL {metrics['kl_max']:.3g} > {limits['kl_max']:g}")
-    if metrics["max_abs_diff"] > limits["max_abs_rel"] * max(scale, 1.0):
+    if not (within(scale, math.inf) and within(metrics["max_abs_diff"], limits["max_abs_rel"] * max(scale, 1.0))):
         failures.append(f"max abs logit diff {metrics['max_abs_diff']:.3g} > {limits['max_abs_rel']:g} x logit scale {scale:.3g}")
-    if metrics["top1_agreement"] < limits["top1"]:
+    if not at_least(metrics["top1_agreement"], limits["top1"]):
         failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {limits['top1']}")
-    if metrics["cache_max_abs_diff"] > limits["cache_rel"] * max(cache_scale, 1.0):
+    if not (within(cache_scale, math.inf)
+            and within(metrics["cache_max_abs_diff"], limits["cache_rel"] * max(cache_scale, 1.0))):
         failures.append(f"KV-cache decoding differs from the full forward by {metrics['cache_max_abs_diff']:.3g}")
     if not metrics["generate_cache_equals_no_cache"]:
         failures.append("greedy generation with the KV cache differs from generation without it")
     if not metrics["generate_equals_in_memory"] and dtype_name == "float32":
         failures.append("greedy generation differs from the in-memory repeat's")
-    if fmt == "layerlist" and metrics["base_weight_bytes"] and metrics["bytes_ratio"] > 1.01:
+    if fmt == "layerlist" and metrics["base_weight_bytes"] and not within(metrics["bytes_ratio"], 1.01):
         failures.append(f"layer-list export stores {metrics['bytes_ratio']:.3f}x the base's weight bytes (expected ~1)")
     return failures
 
@@ -272,6 +292,7 @@ def verify(
     """
     started = time.perf_counter()
     folder = Path(path)
+    check_export(folder)  # regular files, no code but the generated one: before anything of the folder runs
     config, record, plan = read_export(folder)
     fmt = record.format or "unknown"
     text_cfg = decoder_config(config)
@@ -296,6 +317,7 @@ def verify(
     if base_layers != plan.num_layers:
         raise VerificationError(f"base {base} has {base_layers} layers but the plan was made for {plan.num_layers}")
     _check_layer_fields(text_cfg, base_loaded.model, plan)
+    files = file_hashes(folder)  # before loading: the report vouches for what was loaded
     export = _load_export(folder, fmt, torch_dtype, torch_device, placement, heal_dir)
     texts = texts or DEFAULT_TEXTS
     metrics = _compare(base_loaded, export, plan, heal_dir, texts, max_new_tokens, torch_device)
@@ -304,18 +326,29 @@ def verify(
     metrics.update(export_weight_bytes=export_bytes, base_weight_bytes=base_bytes,
                    bytes_ratio=export_bytes / base_bytes if base_bytes else float("nan"), seconds=0.0)
     limits = THRESHOLDS[dtype_name]
-    failures = _failures(metrics, limits, fmt, dtype_name, cache_scale)
+    failures = threshold_failures(metrics, limits, fmt, dtype_name, cache_scale)
     metrics["seconds"] = time.perf_counter() - started
     settings = {"base": base, "dtype": dtype_name, "device": str(torch_device), "device_map": placement.get("device_map"),
                 "prompts": len(texts), "base_adapter": adapter["path"] if adapter else None,
                 "heal_adapter": heal_dir.relative_to(folder).as_posix() if heal_dir is not None else None}
+    _check_unchanged(folder, files)
     report = VerificationReport(passed=not failures, format=fmt, plan=plan.to_dict(), metrics=metrics, thresholds=limits,
-                                failures=failures, files=file_hashes(folder), settings=settings)
+                                failures=failures, files=files, settings=settings)
     if write_report:
         write_verification(folder, report.to_dict())
     if failures:
         raise VerificationError(f"verification of {folder} failed: {'; '.join(failures)}")
     return report
+
+
+def _check_unchanged(folder: Path, files: dict[str, str]) -> None:
+    """The folder still holds what was hashed before the export was loaded (weights by name: reading them again
+    would double the cost), so a report never vouches for a folder changed while it was verified."""
+    check_export(folder)
+    now = file_hashes(folder, skip_weights=True)
+    changed = sorted(k for k in set(now) | set(files) if k not in now or k not in files or now[k] not in ("", files[k]))
+    if changed:
+        raise VerificationError(f"{folder} changed while it was verified ({', '.join(changed[:5])}); verify again")
 
 
 def _check_layer_fields(export_cfg: dict[str, Any], base_model: Any, plan: LayerPlan) -> None:

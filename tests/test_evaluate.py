@@ -23,6 +23,7 @@ from rys_forge.evaluate.runner import offline_env  # noqa: E402
 from rys_forge.models import load_model  # noqa: E402
 from rys_forge.plan import LayerPlan  # noqa: E402
 from rys_forge.stats import mcnemar_exact  # noqa: E402
+from rys_forge.verify import verify  # noqa: E402
 from test_repeat import materialised_reference  # noqa: E402
 
 TASKS = ["rys_arc_easy", "rys_lambada_openai"]
@@ -167,6 +168,7 @@ def _fake_export(folder: Path, base_dir: Path, window: str, base_model: str | No
 def test_export_folder_target(reports, tiny_model_dirs, tmp_path):
     base_dir = tiny_model_dirs["llama"]
     export = _fake_export(tmp_path / "export", base_dir, WINDOW, base_model=str(base_dir))
+    verify(export)  # eval runs verified exports only
     out = tmp_path / "out"
     report = evaluate(str(export), tasks=TASKS, limit=LIMIT, progress=False, out=out)
     assert report.base_cache_reused  # same base and settings as the in-memory run
@@ -192,7 +194,7 @@ def test_layerlist_export_target(reports, tiny_model_dirs, tmp_path):
     from rys_forge.surgery.builder import build
 
     base_dir = tiny_model_dirs["gemma3_text"]
-    export = build(str(base_dir), [WINDOW], tmp_path / "export", verify=False).path
+    export = build(str(base_dir), [WINDOW], tmp_path / "export").path
     assert json.loads((export / "config.json").read_text())["rys"]["format"] == "layerlist"
     report = evaluate(str(export), tasks=TASKS, limit=LIMIT, progress=False)
     assert report.base_cache_reused and report.settings["base"] == str(base_dir)
@@ -202,6 +204,7 @@ def test_layerlist_export_target(reports, tiny_model_dirs, tmp_path):
 
 def test_export_without_base_is_a_usage_error(isolated, tiny_model_dirs, tmp_path):
     export = _fake_export(tmp_path / "export", tiny_model_dirs["llama"], WINDOW, base_model=None)
+    verify(export, str(tiny_model_dirs["llama"]))
     with pytest.raises(UsageError, match="--base"):
         evaluate(str(export), tasks=TASKS, limit=LIMIT, progress=False, out=tmp_path / "out")
     assert not (export / EVAL_FILE).exists() and not (tmp_path / "out").exists()
@@ -346,8 +349,8 @@ def test_mergekit_export_scores_equal_layerlist(reports, tiny_model_dirs, tmp_pa
     from rys_forge.surgery.builder import build
 
     base_dir = tiny_model_dirs["gemma3_text"]
-    merged = build(str(base_dir), [WINDOW], tmp_path / "mk", format="mergekit", verify=False).path
-    layered = build(str(base_dir), [WINDOW], tmp_path / "ll", verify=False).path
+    merged = build(str(base_dir), [WINDOW], tmp_path / "mk", format="mergekit").path
+    layered = build(str(base_dir), [WINDOW], tmp_path / "ll").path
     a = evaluate(str(merged), tasks=TASKS, limit=LIMIT, progress=False)
     b = evaluate(str(layered), tasks=TASKS, limit=LIMIT, progress=False)
     for task, metric in [("rys_arc_easy", "acc"), ("rys_arc_easy", "acc_norm"), ("rys_lambada_openai", "acc")]:

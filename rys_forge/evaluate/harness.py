@@ -23,7 +23,9 @@ without and with its per-visit LoRA adapters (one load); the main rows compare b
 ``healing_rows`` compare unhealed and healed with the same paired tests.
 
 ``eval.json`` (:mod:`rys_forge.evaluate.report`) is written atomically into ``out`` and, for a local export
-folder, into the folder; nothing is written when anything fails.
+folder, into the folder; nothing is written when anything fails, and where it goes is checked for
+writability before any model is loaded. Local models are recorded by absolute path
+(:func:`rys_forge.models.canonical_source`).
 """
 
 from __future__ import annotations
@@ -36,10 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from rys_forge.artifacts import EVAL_FILE, heal_summary, versions
-from rys_forge.errors import EvaluationError, UsageError
+from rys_forge.errors import EvaluationError, UsageError, output_problem
 from rys_forge.evaluate.cache import base_cache_key, cache_path, key_digest, read_cache, write_cache
 from rys_forge.evaluate.compare import compare_runs
-from rys_forge.evaluate.report import EvalReport, format_table, report_path, write_texts_atomically
+from rys_forge.evaluate.report import (
+    EvalReport,
+    check_writable,
+    format_table,
+    report_path,
+    write_texts_atomically,
+)
 from rys_forge.evaluate.runner import (
     check_batch_size,
     check_counts,
@@ -49,7 +57,7 @@ from rys_forge.evaluate.runner import (
 )
 from rys_forge.evaluate.subject import Subject, export_subject, in_memory_subject
 from rys_forge.files import json_safe
-from rys_forge.models import load_model, parse_device, parse_dtype
+from rys_forge.models import canonical_source, load_model, parse_device, parse_dtype
 from rys_forge.plan import LayerPlan
 
 # format_table is re-exported for callers that import it from here (cli.py, tests/test_peft.py).
@@ -102,6 +110,9 @@ class _Options:
         self.batch_size = check_batch_size(self.batch_size)
         self.torch_dtype = parse_dtype(self.dtype)
         self.torch_device = parse_device(self.device)
+        # Local models by absolute path: eval.json and the base cache name them from any working folder.
+        self.target, self.model, self.base = (
+            canonical_source(s) if s is not None else None for s in (self.target, self.model, self.base))
 
     @property
     def dtype_name(self) -> str:
@@ -251,7 +262,8 @@ def _run_export(options: _Options, subject: Subject, manager: Any, names: list[s
     target, heal_dir = options.target, subject.heal_dir
     say(options.progress, f"loading {target}")
     t0 = time.perf_counter()
-    loaded = _load(options, str(target), True)
+    # The checked folder, and remote code only for a layer-list export (whose modeling_rys.py was checked).
+    loaded = _load(options, subject.target_folder or str(target), subject.export_info.get("format") == "layerlist")
     timings["rys_load"] = time.perf_counter() - t0
     say(options.progress, f"evaluating {target}{' before healing' if heal_dir else ''} on {', '.join(names)}")
     runs = _Runs(base=base_run, rys=_timed_run(timings, "rys_eval", loaded.model, loaded.tokenizer, manager,
@@ -359,15 +371,32 @@ def _is_builtin_cache(target: str, folder: str) -> bool:
     return Path(target).expanduser().resolve() != Path(folder).resolve()
 
 
-def _write_report(report: EvalReport, options: _Options, subject: Subject) -> None:
-    """``eval.json`` into ``out`` and a local export folder (one atomic write for all)."""
+def _report_destinations(options: _Options, subject: Subject) -> list[Path]:
+    """Where ``eval.json`` goes, checked before any work: ``out`` (must be writable) and a local export
+    folder (skipped, with a stage message, when ``out`` is given and the folder is read-only; else it must be
+    writable).
+
+    Raises:
+        OutputError: a destination cannot be written.
+    """
     destinations: list[Path] = []
     if options.out is not None:
         destinations.append(report_path(options.out))
     folder = subject.target_folder
     if folder is not None and Path(folder).is_dir() and not _is_builtin_cache(str(options.target), folder):
-        destinations.append(Path(folder) / EVAL_FILE)
-    destinations = list(dict.fromkeys(p.resolve() for p in destinations))
+        in_folder = Path(folder) / EVAL_FILE
+        problem = output_problem(in_folder) if destinations else None
+        if problem is None:
+            destinations.append(in_folder)
+        else:
+            say(options.progress, f"not writing {in_folder} ({problem}); the report goes to {destinations[0]}")
+    destinations = list(dict.fromkeys(p.expanduser().resolve() for p in destinations))
+    check_writable(destinations)
+    return destinations
+
+
+def _write_report(report: EvalReport, options: _Options, destinations: list[Path]) -> None:
+    """``eval.json`` into every destination (one atomic write for all)."""
     if destinations:
         text = report.to_json()
         write_texts_atomically({path: text for path in destinations})
@@ -440,9 +469,11 @@ def evaluate(
     manager, names = resolve_task_names(options.tasks, include_path)
     timings = {"tasks": time.perf_counter() - t0}
     if target is not None:
-        subject = export_subject(target, base, heal)
+        subject = export_subject(str(options.target), options.base, heal)
     else:
-        subject = in_memory_subject(str(model), options.windows, repeats, adapter)
+        subject = in_memory_subject(str(options.model), options.windows, repeats, adapter)
+    subject.base_source = canonical_source(subject.base_source)
+    destinations = _report_destinations(options, subject)  # an unwritable --out fails now, not at the end
     cache = _base_cache(options, subject, manager, names)
     cached_run = cache.read()
     run = _run_export if target is not None else _run_in_memory
@@ -454,5 +485,5 @@ def evaluate(
         rows=rows, settings=json_safe(settings), timings={k: round(v, 3) for k, v in timings.items()},
         notes=notes, items=json_safe(paired_items), healing_rows=json_safe(healing_rows),
     )
-    _write_report(report, options, subject)
+    _write_report(report, options, destinations)
     return report

@@ -4,7 +4,9 @@ Also the one place for number formatting in printed text (:func:`format_number`,
 :func:`format_significant`): tables, verdicts and summaries of ``eval``, ``validate`` and ``calibrate``.
 
 ``eval.json`` is written atomically (temporary sibling + ``os.replace``); a report saved to several places
-(``--out`` and the export folder) is staged in full before any file is renamed into place.
+(``--out`` and the export folder) is staged in full before any file is renamed into place. Where it will go is
+checked before any work (:func:`check_writable`), so an unwritable ``--out`` fails in a second, not after
+the whole evaluation.
 """
 
 from __future__ import annotations
@@ -12,19 +14,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rys_forge.artifacts import EVAL_FILE
-from rys_forge.errors import RysForgeError
+from rys_forge.errors import OutputError, RysForgeError, os_error_message, output_problem
 from rys_forge.files import json_safe
 from rys_forge.stats import is_finite_number
 
 __all__ = [
     "EVAL_FORMAT",
     "EvalReport",
+    "check_writable",
     "format_number",
     "format_p",
     "format_significant",
@@ -135,10 +138,23 @@ def write_texts_atomically(files: Mapping[Path, str]) -> None:
         for tmp, target in staged:
             os.replace(tmp, target)
     except OSError as exc:
-        raise RysForgeError(f"could not write {EVAL_FILE}: {exc}") from None
+        raise RysForgeError(f"could not write {EVAL_FILE}: {os_error_message(exc)}") from None
     finally:
         for tmp, _target in staged:
             tmp.unlink(missing_ok=True)
+
+
+def check_writable(targets: Iterable[Path]) -> None:
+    """Fail before any work if one of ``targets`` (files to be written at the end) could not be written
+    (:func:`rys_forge.errors.output_problem`).
+
+    Raises:
+        OutputError: names the file and what to do.
+    """
+    for target in targets:
+        problem = output_problem(target)
+        if problem is not None:
+            raise OutputError(f"cannot write {target}: {problem}")
 
 
 # --------------------------------------------------------------------------- number formatting

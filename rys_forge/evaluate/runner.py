@@ -36,6 +36,7 @@ from rys_forge.evaluate.local_tasks import resolve_tasks, task_manager
 from rys_forge.files import json_safe
 
 __all__ = [
+    "LM_EVAL_NOTICES",
     "OFFLINE_ENV_VARS",
     "check_batch_size",
     "check_counts",
@@ -216,6 +217,23 @@ def _light_env_info(storage: dict[str, Any]) -> None:
     storage.update({"transformers_version": transformers.__version__, "lm_eval_version": lm_eval_version()})
 
 
+#: lm-eval log lines about how rys-forge hands it the model (an already-loaded one, on purpose): not the
+#: user's business. Matched at the start of the message.
+LM_EVAL_NOTICES = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+#: The loggers lm-eval writes them to (its model module; older lm-eval versions used one "lm-eval" logger).
+_NOTICE_LOGGERS = ("lm_eval.models.huggingface", "lm_eval", "lm-eval")
+
+
+class _DropNotices(logging.Filter):
+    """Drops the records of :data:`LM_EVAL_NOTICES`; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LM_EVAL_NOTICES)
+
+
 class _Discard(io.TextIOBase):
     """A text stream that drops everything (quiet runs: lm-eval's bars and prints)."""
 
@@ -247,7 +265,8 @@ def lm_eval_environment(progress: bool) -> Iterator[None]:
       process that holds the model (and maybe a CUDA context);
     * lm-eval's ``print`` output (stdout) goes to stderr, so a caller's stdout (tables, JSON) stays clean;
       without ``progress``, progress bars (written to ``sys.stderr``) are dropped and lm-eval's INFO logging
-      is muted (warnings still reach logging's handlers);
+      is muted (warnings still reach logging's handlers); lm-eval's notices about being handed an
+      already-loaded model (:data:`LM_EVAL_NOTICES`) are dropped either way;
     * lm-eval's environment dump (``collect_env`` subprocesses) and ``git describe`` replaced by cheap stand-ins;
     * the caller's ``random``/``numpy``/``torch`` RNG states: ``simple_evaluate`` seeds them globally.
     """
@@ -264,6 +283,9 @@ def lm_eval_environment(progress: bool) -> Iterator[None]:
     if not progress:
         for lg in loggers:
             lg.setLevel(logging.WARNING)
+    notices, notice_loggers = _DropNotices(), [logging.getLogger(name) for name in _NOTICE_LOGGERS]
+    for lg in notice_loggers:
+        lg.addFilter(notices)
     patched = []
     for attr, replacement in (("add_env_info", _light_env_info), ("get_git_commit_hash", lambda: None)):
         if hasattr(evaluator, attr):
@@ -284,6 +306,8 @@ def lm_eval_environment(progress: bool) -> Iterator[None]:
             setattr(evaluator, attr, original)
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        for lg in notice_loggers:
+            lg.removeFilter(notices)
         for var in env_added:
             os.environ.pop(var, None)
 

@@ -2,20 +2,20 @@
 
 An export is read through its ``config.json``'s ``rys`` record (``config.rys``, else
 ``config.text_config.rys``): plan, recorded base model, base adapter; a healed export also has its heal
-folder (:func:`rys_forge.artifacts.heal_adapter_dir`).
+folder (:func:`rys_forge.artifacts.heal_adapter_dir`). ``eval`` runs only a local export that passes
+:func:`rys_forge.artifacts.check_verified` (its code is the generated one, its report passed and still matches
+every file): an unverified, failed or changed export is refused before anything of it is loaded.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rys_forge.artifacts import heal_adapter_dir, rys_block
-from rys_forge.errors import ModelLoadError, UsageError, first_line
-from rys_forge.models import resolve_source
+from rys_forge.artifacts import check_verified, heal_adapter_dir, read_export_config, rys_block
+from rys_forge.errors import ModelLoadError, UsageError, VerificationError
 from rys_forge.plan import LayerPlan
 
 __all__ = ["Subject", "export_subject", "in_memory_subject"]
@@ -44,25 +44,30 @@ class Subject:
     heal_dir: Path | None = None
 
 
-def _read_target_config(target: str) -> tuple[str, dict[str, Any]]:
-    """Resolve an export target and read its config (a local folder's config.json, else the hub config).
+def _verified_export(target: str) -> tuple[str, dict[str, Any]]:
+    """The folder and config of an export ``eval`` may run: a local folder that passes
+    :func:`rys_forge.artifacts.check_verified` (regular files only, no code but the generated ``modeling_rys.py``,
+    a passing report that every file still matches). Nothing of the folder is loaded before that.
 
     Raises:
-        ModelLoadError: the target does not exist or its config cannot be read.
+        ModelLoadError: the target does not exist.
+        UsageError: the target is not a local folder (a hub id or a built-in model name).
+        VerificationError: the folder is not verified, failed verification or changed since.
     """
-    folder, _info = resolve_source(target)
-    config_file = Path(folder) / "config.json"
-    if config_file.is_file():
-        try:
-            return folder, json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not read {config_file}: {first_line(exc)}") from None
+    path = Path(target).expanduser()
+    if not path.is_dir():
+        hub_like = target.count("/") == 1 and not target.startswith((".", "/", "~")) and not path.exists()
+        if not hub_like:
+            raise ModelLoadError(f"export folder not found: {target} (eval TARGET is a local export folder; for a"
+                                 " model's in-memory repeat use --model M --window i:j)")
+        raise UsageError(f"eval TARGET must be a local export folder, not the Hub id '{target}': download it first"
+                         " (`hf download REPO --local-dir DIR`), check it with `rys-forge verify DIR`, then evaluate DIR")
     try:
-        from transformers import AutoConfig
-
-        return folder, AutoConfig.from_pretrained(folder, trust_remote_code=True).to_dict()
-    except Exception as exc:
-        raise ModelLoadError(f"could not read the config of '{target}': {first_line(exc)}") from None
+        check_verified(path)
+    except VerificationError as exc:
+        raise VerificationError(f"not evaluating {target}: {exc}") from None
+    config, _record = read_export_config(path)
+    return str(path), config
 
 
 def _export_base(target: str, folder: str, block: dict[str, Any] | None, base: str | None) -> str:
@@ -83,10 +88,11 @@ def export_subject(target: str, base: str | None, heal: bool) -> Subject:
     """An export against its base (``base``, else the recorded one); ``heal``: look for its heal folder.
 
     Raises:
-        ModelLoadError: the export's config cannot be found or read.
-        UsageError: no base is given or recorded.
+        ModelLoadError: the export folder does not exist.
+        UsageError: not a local folder, or no base is given or recorded.
+        VerificationError: the export is not verified, failed verification or changed since (`check_verified`).
     """
-    folder, config = _read_target_config(target)
+    folder, config = _verified_export(target)
     block = rys_block(config)
     subject = Subject(base_source=_export_base(target, folder, block, base), rys_label=target, target_folder=folder)
     if block is not None:

@@ -309,12 +309,8 @@ def publish(
     rendered = render_card(folder, rank_run, repo_id=repo_id, verified=report)
     files = {rel: path for rel, path in hub.upload_files(folder).items() if rel not in rendered.assets}
     files.update(rendered.assets)
-    notes: list[str] = []
     record = read_export_config(folder)[1]
-    source = str(record.base_model or "")
-    if source.startswith(("/", "~", ".")) or Path(source).is_absolute():
-        notes.append(f"config.json, {VERIFICATION_FILE} (and a mergekit recipe) record the local base path {source}; they are"
-                     " uploaded as they are (verified files), the card shows only the folder name")
+    notes = _local_path_notes(record, folder)
     if dry_run:
         return _dry_run(repo_id, rendered, files, notes, revision=revision, private=private, token=token)
     api, endpoint = hub.connect(token, endpoint)
@@ -335,6 +331,24 @@ def publish(
     listing = sorted((rel, path.stat().st_size) for rel, path in files.items())
     return PublishResult(repo_id, url, commit_url, revision, private, False, listing, card,
                          rendered.text, existed=existed, stale_remote_files=stale, notes=notes)
+
+
+def _local_path_notes(record: RysRecord, folder: Path) -> list[str]:
+    """Local paths (which name the user's home folder) that the uploaded, verified files record: the base, a merged
+    adapter, heal's training data. They stay (verification and `verify` from any directory need them); the card
+    shows only folder names, and the user is told before the upload."""
+    found = []
+    source = str(record.base_model or "")
+    if source.startswith(("/", "~", ".")) or Path(source).is_absolute():
+        found.append(f"the base {source} (config.json, {VERIFICATION_FILE}, a mergekit recipe)")
+    if record.adapter and record.adapter.get("local"):
+        found.append(f"the merged adapter {record.adapter.get('path')} (config.json, {VERIFICATION_FILE})")
+    heal = read_heal_record(folder) or {}
+    data = (heal.get("data") or {}).get("path") if isinstance(heal.get("data"), dict) else None
+    if data:
+        found.append(f"the heal data {data} (heal/heal.json)")
+    return [f"the upload records local paths: {'; '.join(found)}; they are uploaded as they are (verified files),"
+            " the card shows only folder names"] if found else []
 
 
 def _dry_run(repo_id: str, rendered: RenderedCard, files: dict[str, Path], notes: list[str], *, revision: str | None,

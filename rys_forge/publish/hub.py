@@ -41,14 +41,21 @@ class RepoExistsError(UsageError):
 
 
 def upload_files(folder: Path) -> dict[str, Path]:
-    """Files of the export that are uploaded: everything but hidden files/folders and Python caches."""
+    """Files of the export that are uploaded: everything but hidden files/folders and Python caches.
+
+    Raises:
+        PublishError: an entry that would be uploaded is not a regular file (a symbolic link, say to the Hub
+            token, or a special file); `artifacts.check_verified` refuses those first.
+    """
     files = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if (not path.is_file() or any(part.startswith(".") for part in rel.parts)
-                or "__pycache__" in rel.parts or path.suffix == ".pyc"):
+        if any(part.startswith(".") for part in rel.parts) or "__pycache__" in rel.parts or path.suffix == ".pyc":
             continue
-        files[rel.as_posix()] = path
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise PublishError(f"{folder} holds {rel.as_posix()}, which is not a regular file; refusing to upload it")
+        if path.is_file():
+            files[rel.as_posix()] = path
     return files
 
 

@@ -8,7 +8,6 @@ verification metrics, `verification_section` from verification.json, `eval_secti
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from rys_forge.artifacts import (
     check_verified,
     decoder_config,
     read_json,
+    read_verification,
 )
 from rys_forge.errors import UsageError, VerificationError
 from rys_forge.plan import LayerPlan
@@ -276,9 +276,12 @@ def verification_section(folder: Path, checked: dict[str, Any] | None) -> tuple[
         status = (f"**Passed.** Every file of this repo except the card and the reports matches the sha256 recorded in"
                   f" `{VERIFICATION_FILE}`; `rys-forge publish` refuses to upload otherwise.")
     except VerificationError as exc:
-        report = json.loads(report_file.read_text(encoding="utf-8"))
+        try:
+            report = read_verification(folder)
+        except VerificationError:  # garbled or not a report: the status line says why
+            report = {}
         status = f"**Not valid:** {exc}"
-    m, t, s = report.get("metrics", {}), report.get("thresholds", {}), report.get("settings", {})
+    m, t, s = (report.get(key) if isinstance(report.get(key), dict) else {} for key in ("metrics", "thresholds", "settings"))
     scale = compact(m.get("logit_scale"))
     rows = [
         ["mean KL(in-memory repeat ‖ export) per token", compact(m.get("kl_mean")), f"<= {compact(t.get('kl_mean'))}"],
@@ -303,7 +306,7 @@ def verification_section(folder: Path, checked: dict[str, Any] | None) -> tuple[
         lines[2] += (f" Both sides ran with the per-visit LoRA adapters of `{s['heal_adapter']}/` (the export through"
                      " `PeftModel.from_pretrained`, the in-memory repeat with the same LoRA injected per visit).")
     if report.get("failures"):
-        lines += ["", "Failures: " + "; ".join(report["failures"])]
+        lines += ["", "Failures: " + "; ".join(str(f) for f in report["failures"])]
     return "\n".join(lines), report
 
 
@@ -426,6 +429,9 @@ def probe_section(run: Path, plan: LayerPlan) -> tuple[str, dict[str, Path]]:
         ]
     assets = {}
     heatmap = run / SCORE_HEATMAP_FILE
+    if heatmap.is_symlink() or (heatmap.exists() and not heatmap.is_file()):
+        raise UsageError(f"{heatmap} is not a regular file (a symbolic link or a special file); the card uploads only"
+                         " files of the rank run itself: replace it by a copy or remove it")
     if heatmap.is_file():
         assets[HEATMAP_FILE] = heatmap
         lines += ["", f"![score over all windows i:j]({HEATMAP_FILE})", "",

@@ -10,13 +10,22 @@ The names below are the stage's public API; callers outside `rys_forge.rank` imp
     from rys_forge.rank import RankSettings, ScoreConfig, load_prompts, rank_windows
 """
 
+from rys_forge.rank.outputs import read_rank_run
 from rys_forge.rank.pipeline import RankResult, RankSettings, rank_windows
 from rys_forge.rank.probes import PROBES, list_probes, probe_descriptions, register_probe, select_probes
-from rys_forge.rank.prompts import DEFAULT_FAMILIES, Prompt, available_families, load_prompts
-from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, score, score_terms
+from rys_forge.rank.prompts import (
+    DEFAULT_FAMILIES,
+    DEFAULT_PER_FAMILY,
+    Prompt,
+    available_families,
+    load_prompts,
+    per_family_limit,
+)
+from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, check_score_inputs, score, score_terms
 
 __all__ = [
     "DEFAULT_FAMILIES",
+    "DEFAULT_PER_FAMILY",
     "PROBES",
     "SCORE_INPUTS",
     "Prompt",
@@ -24,10 +33,13 @@ __all__ = [
     "RankSettings",
     "ScoreConfig",
     "available_families",
+    "check_score_inputs",
     "list_probes",
     "load_prompts",
+    "per_family_limit",
     "probe_descriptions",
     "rank_windows",
+    "read_rank_run",
     "register_probe",
     "score",
     "score_terms",

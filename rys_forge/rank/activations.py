@@ -171,6 +171,19 @@ def head_logits(model: nn.Module, spec: ArchSpec, x_last: torch.Tensor) -> torch
     return logits
 
 
+#: Characters kept of a prompt before tokenising, per token kept: no tokenizer's token covers more than a
+#: few dozen characters, so the first `max_tokens` tokens are those of the whole text, and a huge prompt
+#: line (megabytes) costs no more than a short one.
+CHARS_PER_TOKEN = 64
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> Any:
+    """The first `max_tokens` tokens of each text (ids and special-token masks), tokenising only the first
+    `CHARS_PER_TOKEN * max_tokens` characters of it."""
+    cut = [text[: CHARS_PER_TOKEN * max_tokens] for text in texts]
+    return tokenizer(cut, truncation=True, max_length=max_tokens, return_special_tokens_mask=True)
+
+
 def _kl_positions(valid: torch.Tensor, per_row: int, prompt_ids: list[int], seed: int) -> torch.Tensor:
     """`per_row` random valid positions of each row, a function of (seed, prompt index) only, so
     they do not depend on how prompts were batched."""
@@ -244,7 +257,7 @@ def cache_activations(
     num_layers = len(get_path(model, spec.layers_path))
     device = next(model.parameters()).device
     families = list(families) if families is not None else ["prompts"] * len(texts)
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens, return_special_tokens_mask=True)
+    encoded = tokenize(tokenizer, texts, max_tokens)
     chunks = _batch_plan([len(ids) for ids in encoded["input_ids"]], batch_size, kl_positions, deep_fraction, kl_fraction)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches: list[CachedBatch] = []
@@ -278,11 +291,26 @@ def cache_activations(
             )
     cache = ActivationCache(model=model, spec=spec, batches=batches, num_layers=num_layers)
     mark_outliers(batches, num_layers, outlier_factor) if outlier_factor > 0 else None
-    cache.tokens = int(sum(b.valid.sum() for b in batches))
-    if cache.tokens == 0:
-        raise PromptError("the prompts contain no tokens besides special tokens")
+    cache.tokens = _check_tokens(cache)
     cache.timings["base_pass_s"] = time.perf_counter() - started
     return cache
+
+
+def _check_tokens(cache: ActivationCache) -> int:
+    """The number of tokens that enter the statistics, which must not all be one token (every CKA, every
+    relative step would be 0/0).
+
+    Raises:
+        PromptError: no such token, or the same token everywhere (e.g. `--max-tokens 2` on prompts that all
+            start alike).
+    """
+    tokens = int(sum(b.valid.sum() for b in cache.batches))
+    if tokens == 0:
+        raise PromptError("the prompts contain no tokens besides special tokens")
+    embedded = cache.pooled(0)
+    if (embedded - embedded[:1]).abs().max() == 0:
+        raise PromptError(f"the prompts' {tokens} tokens are all the same token; use more --max-tokens or other prompts")
+    return tokens
 
 
 def mark_outliers(batches: Sequence[CachedBatch], num_layers: int, factor: float) -> None:
@@ -313,6 +341,8 @@ def _batch_plan(
         if not 0.0 < value <= 1.0:
             raise PromptError(f"{name} fraction must be in (0, 1], got {value}")
     is_deep = [int((r + 1) * deep_fraction) > int(r * deep_fraction) for r in range(len(by_length))]
+    if by_length and not any(is_deep):  # a share of very few prompts rounds to none: the deep probes need one
+        is_deep[len(is_deep) // 2] = True
     deep_set = [k for k, d in zip(by_length, is_deep) if d]
     deep_members = set(deep_set)
     kl_set = _kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0)

@@ -10,7 +10,10 @@ Run folder (`--out`, default `runs/rank-<model>-<time>`):
   repeat-count curves of the top-k windows.
 
 An interrupted run keeps every finished window; `--resume` continues it after checking that the
-settings are the same (`rys_forge.artifacts.RunFolder`). The final files are written by
+settings and the model (weights, dtype, attention, device type) are the same; a run that fails before
+its first window leaves no folder, and one process at a time works in a folder
+(`rys_forge.artifacts.RunFolder`). Inputs the score needs are checked first (`check_score_inputs`), and a
+run in which no window got a finite score fails (`check_scored`). The final files are written by
 `rys_forge.rank.outputs`, each to a temporary name renamed into place.
 """
 
@@ -40,10 +43,18 @@ from rys_forge.rank.activations import ActivationCache, cache_activations
 from rys_forge.rank.outputs import write_outputs
 from rys_forge.rank.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window, select_probes
 from rys_forge.rank.prompts import Prompt
-from rys_forge.rank.score import ScoreConfig, classify, score
+from rys_forge.rank.score import ScoreConfig, check_score_inputs, check_scored, classify, score
 
 #: `--stats-dtype` choices: float64, float32, or float32 with TF32 tensor-core CKA products (CUDA).
 STATS_DTYPES = ("float64", "float32", "tf32")
+
+
+#: Smallest allowed value of each integer setting. Two tokens per prompt at least: the first is often a BOS
+#: token (left out of every statistic), and a one-token context never exercises attention.
+MINIMUMS = {
+    "max_tokens": 2, "batch_size": 1, "kl_positions": 0, "mmd_samples": 2, "top_k": 1, "jacobian_top": 1,
+    "jacobian_prompts": 1, "jacobian_tokens": 2, "jacobian_k": 1, "jacobian_iters": 1, "seed": 0,
+}
 
 
 @dataclass
@@ -94,9 +105,10 @@ class RankSettings:
             raise UsageError(f"--jacobian {self.jacobian!r}: choose top, all or none")
         if self.stats_dtype not in STATS_DTYPES:
             raise UsageError(f"--stats-dtype {self.stats_dtype!r}: choose {', '.join(STATS_DTYPES)}")
-        for name in ("max_tokens", "batch_size", "top_k", "jacobian_prompts", "jacobian_tokens", "jacobian_k"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, low in MINIMUMS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
         for name in ("deep_fraction", "kl_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed (0, 1]")
@@ -171,54 +183,53 @@ def rank_windows(
         A `RankResult` whose rows are sorted by score (best first).
 
     Raises:
-        UsageError: bad windows, probes, settings, or a resume with different settings.
+        UsageError: bad windows, probes, settings (one the score needs switched off), or a resume with
+            different settings or model (`RunFolder.session`).
+        RysForgeError: no window got a finite score; a run-folder write failed (the records stay).
     """
     settings = settings or RankSettings()
     score_config = score_config or ScoreConfig()
     settings.validate()
     probes = select_probes(settings.probes)
+    check_score_inputs(probes, settings.kl_positions, score_config)
     num_layers = len(get_path(model, spec_for_model(model).layers_path))
     windows = select_windows(num_layers, settings.windows, settings.min_width, settings.max_width)
     _check_overlap_families(prompts, settings.overlap_families)
     shard = current_shard()
-    fingerprint = _fingerprint(model, model_info, num_layers, prompts, settings, windows)
-    folder = RunFolder.open(out_dir, fingerprint, resume, shard)
-    done = folder.finished() if folder else {}
-    started = time.perf_counter()
-
-    cache = cache_activations(
-        model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
-        batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0, seed=settings.seed,
-        deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction, outlier_factor=settings.outlier_factor,
-    )
-    self_check = _self_check(cache, windows[0])
-    todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
-    mine = shard.take(todo)  # this process's share
-    window_seconds = _probe_windows(cache, mine, len(windows), probes, settings, done, folder, progress)
-    if shard.parallel:
-        shard.barrier()
-        done = folder.finished()  # type: ignore[union-attr]
-
-    rows = _ranked_rows(done, windows, score_config)
-    for position, row in enumerate(rows, start=1):
-        row["rank"] = position
-    shortlist(rows, settings.top_k, settings.shortlist_overlap)
-    out = Path(out_dir) if out_dir else None
-    if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
-        return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
-
-    timings = {
-        "base_pass_s": cache.timings["base_pass_s"],
-        "windows_s": window_seconds,
-        "windows_probed_this_session": len(todo),
-        "processes": shard.world,
-        "per_window_s": window_seconds / max(1, len(mine)),
-        "jacobian_s": _shortlist_jacobians(model, tokenizer, prompts, rows, probes, settings, folder, progress),
-    }
-    summary = _summary(model, model_info, prompts, cache, settings, probes, score_config, rows, self_check, timings, started)
-    if folder:
-        write_outputs(folder.path, rows, summary, num_layers)
-    return RankResult(rows=rows, summary=summary, out_dir=out)
+    fingerprint = _fingerprint(model_info, num_layers, prompts, settings, windows)
+    with RunFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=model_info) as folder:
+        started = time.perf_counter()
+        done = folder.finished() if folder else {}
+        shard.barrier()  # every process reads the same finished windows before any of them probes
+        cache = cache_activations(
+            model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
+            batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0,
+            seed=settings.seed, deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction,
+            outlier_factor=settings.outlier_factor,
+        )
+        todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
+        mine = shard.take(todo)  # this process's share
+        window_seconds = _probe_windows(cache, mine, len(windows), probes, settings, done, folder, progress)
+        if shard.parallel:
+            shard.barrier()
+            done = folder.finished()  # type: ignore[union-attr]
+        rows = _ranked_rows(done, windows, score_config)
+        check_scored(rows, score_config)
+        for position, row in enumerate(rows, start=1):
+            row["rank"] = position
+        shortlist(rows, settings.top_k, settings.shortlist_overlap)
+        out = Path(out_dir) if out_dir else None
+        if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
+            return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
+        timings = {"base_pass_s": cache.timings["base_pass_s"], "windows_s": window_seconds,
+                   "windows_probed_this_session": len(todo), "processes": shard.world,
+                   "per_window_s": window_seconds / max(1, len(mine)),
+                   "jacobian_s": _shortlist_jacobians(model, tokenizer, prompts, rows, probes, settings, folder, progress)}
+        summary = _summary(model, model_info, prompts, cache, settings, probes, score_config, rows,
+                           _self_check(cache, windows[0]), timings, started)
+        if folder:
+            write_outputs(folder, rows, summary, num_layers)
+        return RankResult(rows=rows, summary=summary, out_dir=out)
 
 
 def _check_overlap_families(prompts: Sequence[Prompt], overlap_families: Sequence[str]) -> None:
@@ -229,13 +240,13 @@ def _check_overlap_families(prompts: Sequence[Prompt], overlap_families: Sequenc
 
 
 def _fingerprint(
-    model: nn.Module, model_info: dict[str, Any] | None, num_layers: int, prompts: Sequence[Prompt],
-    settings: RankSettings, windows: Sequence[Window],
+    model_info: dict[str, Any] | None, num_layers: int, prompts: Sequence[Prompt], settings: RankSettings,
+    windows: Sequence[Window],
 ) -> dict[str, Any]:
-    """What a resumed run must share with the original (stored as the run folder's run.json)."""
+    """What a resumed run must share with the original, besides the model's identity (weights, dtype,
+    attention, device: `RunFolder.model_identity`): stored as the run folder's run.json."""
     return {
-        "model": (model_info or {}).get("source", type(model).__name__),
-        "adapter": (model_info or {}).get("adapter"),  # a resume with another adapter is refused
+        "model": (model_info or {}).get("source"),
         "num_layers": num_layers,
         "prompts": {"count": len(prompts), "sha256": _prompt_digest(prompts)},
         "settings": asdict(settings),
@@ -471,7 +482,7 @@ def _repeat_curves(
             curve = {
                 "cka_drift": drift,
                 "delta": [metrics.relative_step(t.z(n, True), t.z(n + 1, True), dtype=settings.stats_dtype) for n in range(n_max)],
-                "n2_a_pure": [metrics.quadratic_fit(drift).a_pure],
+                "n2_a_pure": [metrics.quadratic_fit(drift).a_pure if all(map(math.isfinite, drift)) else math.nan],
             }
             if with_kl:
                 curve["kl"] = [0.0] + [float(t.kl_per_position(v, deep=True)[0].mean()) for v in range(2, n_max + 1)]

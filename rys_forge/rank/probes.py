@@ -211,6 +211,8 @@ def probe_cka(t: Trajectory) -> Numbers:
 def probe_n2_fit(t: Trajectory) -> Numbers:
     m = t.cka(deep=True)  # one token set for every n
     drift = [1.0 - float(m[n, 0]) for n in range(1, t.settings.iterations + 1)]
+    if not all(math.isfinite(d) for d in drift):  # degenerate tokens (CKA 0/0): no fit, like any other NaN metric
+        return dict.fromkeys(("n2_a", "n2_b", "n2_c", "n2_r2", "n2_a_pure", "n2_r2_pure"), math.nan)
     fit = metrics.quadratic_fit(drift)
     return {"n2_a": fit.a, "n2_b": fit.b, "n2_c": fit.c, "n2_r2": fit.r2, "n2_a_pure": fit.a_pure, "n2_r2_pure": fit.r2_pure}
 

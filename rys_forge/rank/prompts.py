@@ -45,10 +45,14 @@ from typing import Any, Iterable, Sequence
 
 from rys_forge.errors import PromptError
 
-__all__ = ["DEFAULT_FAMILIES", "Prompt", "available_families", "load_prompts"]
+__all__ = ["DEFAULT_FAMILIES", "DEFAULT_PER_FAMILY", "Prompt", "available_families", "load_prompts", "per_family_limit"]
 
 #: Shipped families in the order :func:`load_prompts` concatenates them by default.
 DEFAULT_FAMILIES: tuple[str, ...] = ("math", "reasoning", "code", "multilingual", "prose")
+
+#: Prompts `rank` takes from each shipped family when the user sets no ``--prompts-per-family``. A user's
+#: ``--prompts`` file is used whole unless a limit is given (see :func:`per_family_limit`).
+DEFAULT_PER_FAMILY = 8
 
 #: File suffixes accepted for a user prompt file (compared case-insensitively).
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl")
@@ -101,6 +105,14 @@ def _available_families() -> tuple[str, ...]:
         if entry.name.endswith(".jsonl") and entry.is_file()
     ]
     return tuple(sorted(names))
+
+
+def per_family_limit(path: str | os.PathLike[str] | None, requested: int | None) -> int | None:
+    """The per-family limit of a run: ``requested`` when the user gave one; else :data:`DEFAULT_PER_FAMILY`
+    of each shipped family, and a user's file (``path``) whole: a file the user wrote is never cut silently."""
+    if requested is not None:
+        return requested
+    return None if path is not None else DEFAULT_PER_FAMILY
 
 
 def load_prompts(

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from rys_forge.errors import UsageError
+from rys_forge.errors import RysForgeError, UsageError, os_error_message
+from rys_forge.evaluate.report import check_writable
 from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, score_terms
 from rys_forge.research.sweep import read_sweep
@@ -190,18 +191,17 @@ def calibrate_score(
     Raises:
         UsageError: bad folders, an unknown target, or fewer than 10 windows with every input.
     """
-    if trials < 0 or folds < 0:
-        raise UsageError("--trials and --folds must be non-negative")
+    _check_options(trials, folds, seed, repeats, out)
     sweep_dir, rank_dir = Path(sweep_dir), Path(rank_dir)
     rank_rows, rank_summary = read_rank_run(rank_dir)
     sweep_rows, sweep_summary = read_sweep(sweep_dir)
     joined, inputs, y = _joined(rank_rows, sweep_rows, sweep_dir, target, repeats)
+    if folds > len(joined):
+        raise UsageError(f"--folds {folds} is more than the {len(joined)} windows to split")
     defaults = ScoreConfig()
     start = {k: getattr(defaults, k) for k in BOUNDS}
     best, best_value = fit_constants(inputs, y, start=start, trials=trials, seed=seed)
     default_value = _spearman(_scores(inputs, start), scipy_stats.rankdata(y))
-    if folds > len(joined):
-        raise UsageError(f"--folds {folds} is more than the {len(joined)} windows to split")
     per_fold, per_fold_default = _cross_validate(inputs, y, start, folds=folds, trials=trials, seed=seed)
 
     model = rank_summary.get("model") or {}
@@ -235,7 +235,18 @@ def calibrate_score(
         " validate on other models",
     }
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, json.dumps(json_safe(report), indent=2))
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(out), json.dumps(json_safe(report), indent=2))
+        except OSError as exc:
+            raise RysForgeError(f"cannot write {os_error_message(exc, out)}") from None
     return CalibrationResult(config=config, report=report)
+
+
+def _check_options(trials: int, folds: int, seed: int, repeats: int, out: str | Path | None) -> None:
+    """The numeric options, and whether ``out`` can be written, before any work (UsageError, OutputError)."""
+    for name, value, low in (("--trials", trials, 0), ("--folds", folds, 0), ("--seed", seed, 0), ("--repeats", repeats, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    if out is not None:
+        check_writable([Path(out)])

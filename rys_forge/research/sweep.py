@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from rys_forge.architectures import get_path, spec_for_model
-from rys_forge.artifacts import RunFolder, rys_forge_version
+from rys_forge.artifacts import RunFolder, read_json, rys_forge_version
 from rys_forge.distributed import Shard, current_shard
 from rys_forge.errors import EvaluationError, UsageError
 from rys_forge.evaluate import (
@@ -66,11 +66,11 @@ from rys_forge.evaluate import (
     run_lm_eval,
     say,
 )
-from rys_forge.files import json_safe, write_atomic
+from rys_forge.files import json_safe
 from rys_forge.plan import WINDOW_CONVENTION, LayerPlan, Window, select_windows
 from rys_forge.progress import progress_bar
 from rys_forge.repeat import repeated
-from rys_forge.research.sweep_rows import base_summary, repeat_fits, reported_tasks, window_record
+from rys_forge.research.sweep_rows import base_summary, parse_repeats, repeat_fits, reported_tasks, window_record
 from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
 
 __all__ = ["SweepResult", "read_sweep", "sweep_windows", "write_outputs"]
@@ -148,22 +148,6 @@ def _task_slug(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
 
 
-def _parse_repeats(repeats: Any) -> list[int]:
-    if isinstance(repeats, str):
-        parts = [p.strip() for p in repeats.split(",") if p.strip()]
-    elif isinstance(repeats, int):
-        parts = [repeats]
-    else:
-        parts = list(repeats)
-    try:
-        values = sorted({int(p) for p in parts})
-    except (TypeError, ValueError):
-        raise UsageError(f"--repeats takes visit counts such as 2 or 2,3,4, got {repeats!r}") from None
-    if not values or values[0] < 2:
-        raise UsageError(f"--repeats values must be >= 2 (visits of the block; 2 = RYS), got {repeats!r}")
-    return values
-
-
 def _choose_engine(engine: str, manager: Any, names: list[str]) -> tuple[str, list[Any] | None]:
     """The engine to use (``auto`` resolved) and, for the cached engine, the loaded task objects."""
     if engine == "lm-eval":
@@ -215,7 +199,7 @@ def _run_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, prog
         base.run = _evaluate_once(ctx.model, ctx.tokenizer, ctx.manager, ctx.names, **ctx.run_kwargs)
         base.seconds = time.perf_counter() - t0
     if not base.reused and ctx.folder is not None and shard.rank == 0:
-        write_atomic(ctx.folder.path / BASE_FILE, json.dumps(json_safe({"run": base.run, "seconds": base.seconds})))
+        ctx.folder.write(BASE_FILE, json.dumps(json_safe({"run": base.run, "seconds": base.seconds})))
     return base
 
 
@@ -297,9 +281,9 @@ def _summary(model: Any, info: dict[str, Any], num_layers: int, settings: dict[s
 
 def _check_arguments(model: Any, windows: Sequence[str] | None, min_width: int, max_width: int | None, repeats: Any,
                      limit: int | None, num_fewshot: int | None, batch_size: int | str, engine: str,
-                     batch_tokens: int) -> tuple[list[int], int | str, int, list[Window]]:
+                     batch_tokens: int, seed: int) -> tuple[list[int], int | str, int, list[Window]]:
     """Visit counts, checked batch size, the model's depth and the windows to sweep (UsageError, WindowError)."""
-    repeat_list = _parse_repeats(repeats)
+    repeat_list = parse_repeats(repeats)
     check_counts(limit, num_fewshot)
     batch_size = check_batch_size(batch_size)
     num_layers = len(get_path(model, spec_for_model(model).layers_path))
@@ -308,6 +292,8 @@ def _check_arguments(model: Any, windows: Sequence[str] | None, min_width: int, 
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not is_count(batch_tokens, 1):
         raise UsageError(f"--batch-tokens must be a positive integer, got {batch_tokens!r}")
+    if not is_count(seed, 0):
+        raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
     return repeat_list, batch_size, num_layers, chosen
 
 
@@ -385,45 +371,45 @@ def sweep_windows(
     started = time.perf_counter()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     repeat_list, batch_size, num_layers, chosen = _check_arguments(
-        model, windows, min_width, max_width, repeats, limit, num_fewshot, batch_size, engine, batch_tokens)
+        model, windows, min_width, max_width, repeats, limit, num_fewshot, batch_size, engine, batch_tokens, seed)
     manager, names = resolve_task_names(tasks, include_path)
     engine, task_objects = _choose_engine(engine, manager, names)
     info = dict(model_info or {})
-    fingerprint = {  # run.json: a resume must match it (another adapter, for one, is refused)
+    fingerprint = {  # run.json, with the model's identity (RunFolder.session): a resume must match it
         "format": SWEEP_FORMAT, "model": str(info.get("source") or info.get("path") or type(model).__name__),
-        "adapter": info.get("adapter"), "num_layers": num_layers, "tasks": list(names), "limit": limit,
-        "num_fewshot": num_fewshot, "seed": seed, "batch_size": str(batch_size), "bootstrap_iters": bootstrap_iters,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "windows": [str(w) for w in chosen],
-        "repeats": repeat_list, "lm_eval": lm_eval_version(), "engine": engine,
+        "num_layers": num_layers, "tasks": list(names), "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
+        "batch_size": str(batch_size), "bootstrap_iters": bootstrap_iters, "windows": [str(w) for w in chosen],
+        "repeats": repeat_list, "lm_eval": lm_eval_version(), "engine": engine, "batch_tokens": batch_tokens,
+        "include_path": None if include_path is None else str(include_path),
     }
     shard = current_shard()
-    folder = _SweepFolder.open(out_dir, fingerprint, resume, shard)
-    ctx = _Context(model, tokenizer, manager, names, task_objects, folder=folder, done=folder.finished() if folder else {},
-                   run_kwargs=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
-                                   bootstrap_iters=bootstrap_iters, progress=False), seed=seed, limit=limit)
-    plan_items = [(w, r) for r in repeat_list for w in chosen]
-    todo_all = _random_order([(w, r) for w, r in plan_items if f"{w}x{r}" not in ctx.done], seed)
-    todo = shard.take(todo_all)  # under torchrun: this process's share
-    base_run, base = _scored_base(ctx, engine, bool(todo), batch_tokens, progress, shard)
-    sweep_seconds = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress)
-    out = Path(out_dir) if out_dir else None
-    if shard.parallel:
-        shard.barrier()
-        ctx.done = folder.finished()  # type: ignore[union-attr]
-    rows = [_restore(ctx.done[f"{w}x{r}"]) for w, r in plan_items]
-    if shard.rank != 0:  # rank 0 writes the merged outputs
-        return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
-    fits = repeat_fits(rows, list(base)) if len(repeat_list) > 1 else {}
-    settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width,
-                "include_path": None if include_path is None else str(include_path)}
-    timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
-               "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
-               "total_s": time.perf_counter() - started}
-    summary = _summary(model, info, num_layers, settings, base, rows, fits, timings)
-    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits)
-    if folder:
-        write_outputs(result, num_layers)
-    return result
+    with _SweepFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=info) as folder:
+        ctx = _Context(model, tokenizer, manager, names, task_objects, folder=folder, done=folder.finished() if folder else {},
+                       run_kwargs=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
+                                       bootstrap_iters=bootstrap_iters, progress=False), seed=seed, limit=limit)
+        shard.barrier()  # every process reads the same finished windows before any of them evaluates
+        plan_items = [(w, r) for r in repeat_list for w in chosen]
+        todo_all = _random_order([(w, r) for w, r in plan_items if f"{w}x{r}" not in ctx.done], seed)
+        todo = shard.take(todo_all)  # under torchrun: this process's share
+        base_run, base = _scored_base(ctx, engine, bool(todo), batch_tokens, progress, shard)
+        sweep_seconds = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress)
+        out = Path(out_dir) if out_dir else None
+        if shard.parallel:
+            shard.barrier()
+            ctx.done = folder.finished()  # type: ignore[union-attr]
+        rows = [_restore(ctx.done[f"{w}x{r}"]) for w, r in plan_items]
+        if shard.rank != 0:  # rank 0 writes the merged outputs
+            return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
+        fits = repeat_fits(rows, list(base)) if len(repeat_list) > 1 else {}
+        settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width}
+        timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
+                   "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
+                   "total_s": time.perf_counter() - started}
+        summary = _summary(model, info, num_layers, settings, base, rows, fits, timings)
+        result = SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits)
+        if folder:
+            write_outputs(result, num_layers)
+        return result
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -440,26 +426,35 @@ def _restore(record: dict[str, Any]) -> dict[str, Any]:
 
 def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows and summary of a sweep folder: ``sweep.json`` when the sweep finished, else the rows of
-    ``sweep.jsonl`` (an interrupted sweep) and an empty summary."""
+    ``sweep.jsonl`` (an interrupted sweep) and an empty summary.
+
+    Raises:
+        UsageError: not a sweep folder, or a file of it that is unreadable, not JSON or of the wrong shape.
+    """
     folder = Path(path)
     table = folder / "sweep.json"
     summary_file = folder / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    if table.exists():
-        rows = json.loads(table.read_text())["rows"]
+    summary = read_json(summary_file, "sweep summary") if summary_file.is_file() else {}
+    if table.is_file():
+        rows = read_json(table, "sweep table")
+        rows = rows.get("rows") if isinstance(rows, dict) else None
     elif any(folder.glob("sweep*.jsonl")):
         rows = list(_SweepFolder.records(folder).values())
     else:
         raise UsageError(f"{folder} is not a sweep run folder (no sweep.json or {SWEEP_LOG})")
+    if not isinstance(summary, dict) or not isinstance(rows, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("window"), str) for r in rows):
+        raise UsageError(f"{folder} is not a readable sweep run folder: sweep.json or summary.json has the wrong shape")
     return [_restore(r) for r in rows], summary
 
 
 def write_outputs(result: SweepResult, num_layers: int) -> None:
-    """Table (JSON, CSV), summary and figures into the run folder, each written atomically."""
-    out = result.out_dir
-    assert out is not None
+    """Table (JSON, CSV), summary and figures into the run folder, each written atomically (a failed write
+    is one line naming the file: `RunFolder.write`)."""
+    assert result.out_dir is not None
+    out = _SweepFolder(result.out_dir)
     tasks = list(result.summary["tasks"])
-    write_atomic(out / "sweep.json", json.dumps(json_safe({"rows": result.rows}), indent=1))
+    out.write("sweep.json", json.dumps(json_safe({"rows": result.rows}), indent=1))
     columns = ["window", "i", "j", "width", "repeats", "combined_z", "mean_delta", "single_task_verdict",
                "dominant_task", "dominant_share", "seconds"]
     for task in tasks:
@@ -469,12 +464,12 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
     writer.writeheader()
     for row in result.rows:
         writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()})
-    write_atomic(out / "sweep.csv", buffer.getvalue())
-    write_atomic(out / "summary.json", json.dumps(json_safe(result.summary), indent=2))
+    out.write("sweep.csv", buffer.getvalue())
+    out.write("summary.json", json.dumps(json_safe(result.summary), indent=2))
     _figures(result, num_layers, tasks, out)
 
 
-def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: Path) -> None:
+def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: RunFolder) -> None:
     """Per repeat count: a delta heatmap per task and the combined-z heatmap; with several, the fits."""
     from rys_forge.plots import repeat_fit_curves, window_heatmap
 
@@ -484,16 +479,12 @@ def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: Pa
         rows = [r for r in result.rows if r["repeats"] == n_visits]
         suffix = "" if n_visits == 2 else f"_x{n_visits}"
         for task in tasks:
-            metric = result.summary["metrics"].get(task, "")
-            window_heatmap(
-                rows, f"delta:{task}", num_layers, out / f"heatmap_delta_{_task_slug(task)}{suffix}.png",
-                f"{name}: {task} {metric} delta (rys - base), x{n_visits}", centre=0.0,
-            )
+            title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), x{n_visits}"
+            out.write(f"heatmap_delta_{_task_slug(task)}{suffix}.png", lambda path, rows=rows, task=task, title=title:
+                      window_heatmap(rows, f"delta:{task}", num_layers, path, title, centre=0.0))
         flagged = [r["window"] for r in rows if r.get("single_task_verdict")]
-        window_heatmap(
-            rows, "combined_z", num_layers, out / f"heatmap_combined_z{suffix}.png",
-            f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task",
-            centre=0.0, highlight=flagged,
-        )
+        title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task"
+        out.write(f"heatmap_combined_z{suffix}.png", lambda path, rows=rows, title=title, flagged=flagged:
+                  window_heatmap(rows, "combined_z", num_layers, path, title, centre=0.0, highlight=flagged))
     if len(repeat_values) > 1:
-        repeat_fit_curves(result.fits, ["mean_delta", *tasks], out / "repeats_fit.png")
+        out.write("repeats_fit.png", lambda path: repeat_fit_curves(result.fits, ["mean_delta", *tasks], path))

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from rys_forge.errors import UsageError
 from rys_forge.evaluate import compare_runs
 from rys_forge.plan import Window
 from rys_forge.stats import combine_z, fit_repeat_curve, is_finite_number, task_z
@@ -154,3 +155,20 @@ def repeat_fits(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[st
             entry[task] = fit_repeat_curve(visits, [0.0] + [(r["tasks"].get(task) or {}).get("delta") for r in group])
         fits[window] = entry
     return fits
+
+
+def parse_repeats(repeats: Any) -> list[int]:
+    """Visit counts from ``2``, ``"2,3,4"`` or a list: sorted, distinct, each >= 2 (UsageError otherwise)."""
+    if isinstance(repeats, str):
+        parts = [p.strip() for p in repeats.split(",") if p.strip()]
+    elif isinstance(repeats, int):
+        parts = [repeats]
+    else:
+        parts = list(repeats)
+    try:
+        values = sorted({int(p) for p in parts})
+    except (TypeError, ValueError):
+        raise UsageError(f"--repeats takes visit counts such as 2 or 2,3,4, got {repeats!r}") from None
+    if not values or values[0] < 2:
+        raise UsageError(f"--repeats values must be >= 2 (visits of the block; 2 = RYS), got {repeats!r}")
+    return values

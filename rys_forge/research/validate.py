@@ -49,9 +49,11 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from rys_forge.errors import UsageError
+from rys_forge.errors import RysForgeError, UsageError, os_error_message
 from rys_forge.evaluate import format_p, format_significant
+from rys_forge.evaluate.report import check_writable
 from rys_forge.files import json_safe, write_atomic
+from rys_forge.rank import read_rank_run
 from rys_forge.research.sweep import read_sweep
 from rys_forge.stats import (
     bottom_mask,
@@ -67,6 +69,7 @@ __all__ = [
     "POSITIVE_P",
     "POSITIVE_Z",
     "ValidationReport",
+    "check_options",
     "model_label",
     "outcome_columns",
     "read_rank_run",
@@ -148,19 +151,19 @@ class ValidationReport:
 # --------------------------------------------------------------------------- reading runs
 
 
-def read_rank_run(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (``windows.json``) and summary (``summary.json``, or ``{}``) of a finished rank run folder.
+def check_options(top_fraction: float, n_permutations: int, seed: int, cka_bins: int = 10, out: Path | None = None) -> None:
+    """The numeric options of ``validate`` and whether ``out`` can be written, before any work.
 
     Raises:
-        UsageError: the folder has no ``windows.json``.
+        UsageError: naming the option, its value and what is allowed (OutputError: ``out`` cannot be written).
     """
-    table = path / "windows.json"
-    if not table.exists():
-        raise UsageError(f"{path} is not a finished rank run folder (no windows.json)")
-    rows = json.loads(table.read_text())
-    summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return rows, summary
+    if not (isinstance(top_fraction, (int, float)) and 0.0 < top_fraction <= 1.0):
+        raise UsageError(f"--top-fraction must be in (0, 1], got {top_fraction}")
+    for name, value, low in (("--permutations", n_permutations, 1), ("--seed", seed, 0), ("cka_bins", cka_bins, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    if out is not None:
+        check_writable([Path(out)])
 
 
 def _model_names(info: Any) -> set[str]:
@@ -408,8 +411,7 @@ def validate_runs(
     Raises:
         UsageError: a folder is not a run of the right kind, no window is in both, or ``metric`` is unknown.
     """
-    if not 0.0 < top_fraction <= 1.0:
-        raise UsageError(f"--top-fraction must be in (0, 1], got {top_fraction}")
+    check_options(top_fraction, n_permutations, seed, cka_bins, None if out_dir is None else Path(out_dir) / VALIDATION_FILE)
     rank_dir, sweep_dir = Path(rank_dir), Path(sweep_dir)
     rank_rows, rank_summary = read_rank_run(rank_dir)
     if score_config is not None:
@@ -460,13 +462,16 @@ def validate_runs(
 
 def _write(report: ValidationReport, out: Path, joined: Sequence[dict[str, Any]], outcomes_raw: dict[str, Any], score_key: str) -> None:
     """Figures, then ``validation.json`` (a figure that fails leaves a note, not a missing report)."""
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        _figures(report, joined, outcomes_raw, score_key, out)
-    except Exception as exc:  # a figure must not cost the numbers
-        report.notes.append(f"figures not written: {type(exc).__name__}: {exc}")
     target = out / VALIDATION_FILE
-    write_atomic(target, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            _figures(report, joined, outcomes_raw, score_key, out)
+        except Exception as exc:  # a figure must not cost the numbers
+            report.notes.append(f"figures not written: {type(exc).__name__}: {exc}")
+        write_atomic(target, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise RysForgeError(f"cannot write {os_error_message(exc, target)}") from None
     report.saved_to.append(str(target))
 
 

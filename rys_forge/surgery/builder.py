@@ -1,26 +1,43 @@
 """`build`: a LayerPlan -> a real checkpoint (layer-list or mergekit), verified before it lands.
 
-The export is written into a temporary sibling of `out`, verified there, and renamed into place only
-when verification passes; a failed build leaves no folder at `out` (its report is kept beside it as
-`<out>.verification-failed.json`).
+The export is written into a hidden staging sibling of `out`, verified there, and renamed into place only
+when verification passes; a failed or interrupted build (Ctrl-C, SIGTERM) leaves no folder at `out` and no
+staging folder (a failed verification's report is kept beside it as `<out>.verification-failed.json`, unless a
+file of that name is someone else's).
+
+What `--out` may be is checked before anything is loaded (`artifacts.check_replaceable`): a new folder, or with
+`force` an empty one or an export rys-forge wrote, never the base model, the adapter or the current directory
+(nor a folder holding them), never a file. A `recipes_dir` copy of a mergekit recipe is written only after the
+build succeeded, and replaces only a recipe rys-forge wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rys_forge.artifacts import VERIFICATION_FILE, RysRecord, rys_forge_version, timestamp, update_rys, weight_bytes
-from rys_forge.errors import RysForgeError, UsageError
+from rys_forge.artifacts import (
+    RECIPE_FILE,
+    VERIFICATION_FILE,
+    RysRecord,
+    check_replaceable,
+    read_report,
+    rys_forge_version,
+    timestamp,
+    update_rys,
+    weight_bytes,
+)
+from rys_forge.errors import OutputError, RysForgeError, UsageError, VerificationError, os_error_message, output_problem
+from rys_forge.files import staging_dir, swapped_in, write_atomic
 from rys_forge.models import LoadedModel, load_model, offloaded
-from rys_forge.plan import LayerPlan
+from rys_forge.plan import LayerPlan, Window
 from rys_forge.surgery.layerlist import export_layerlist
-from rys_forge.surgery.mergekit_export import default_recipe_name, export_mergekit
+from rys_forge.surgery.mergekit_export import check_recipe_copy, default_recipe_name, export_mergekit, save_recipe_copy
 from rys_forge.verify import OFFLOAD_LAYERLIST
 from rys_forge.verify import verify as run_verify
 
@@ -51,10 +68,67 @@ def _record(loaded: LoadedModel, fmt: str) -> RysRecord:
     )
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """`path` or its nearest parent that exists."""
+    return next(p for p in (path, *path.parents) if os.path.lexists(p))
+
+
+def _check_out_parent(out: Path) -> None:
+    """The folder `out` goes into can be made and written to (`errors.output_problem`, before any work)."""
+    problem = output_problem(out.parent, folder=True)
+    if problem is not None:
+        raise OutputError(f"cannot write --out {out}: {problem}")
+
+
 def _check_disk(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out.parent).free
+    where = _existing_ancestor(out.parent)
+    free = shutil.disk_usage(where).free
     if needed and free < needed * 1.1:
-        raise RysForgeError(f"not enough disk space in {out.parent}: need ~{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+        raise RysForgeError(f"not enough disk space in {where}: need ~{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+def _protected(model: str | LoadedModel, adapter: str | None) -> dict[str, Path]:
+    """Folders `--out` must neither be nor contain: the current directory, the base model and the adapter."""
+    found: dict[str, Path] = {}
+    with contextlib.suppress(OSError):
+        found["the current directory"] = Path.cwd().resolve()
+    base = model.path if isinstance(model, LoadedModel) else model
+    for label, spec in (("the base model", base), ("the adapter", adapter)):
+        if isinstance(spec, (str, Path)) and spec and Path(spec).expanduser().exists():
+            found[label] = Path(spec).expanduser().resolve()
+    return found
+
+
+def _recipe_copy(recipes_dir: str | Path | None, model: str | LoadedModel, windows: list[str] | LayerPlan,
+                 repeats: int) -> Path | None:
+    """Where the mergekit recipe's copy goes (`recipes_dir/<name>.yml`), checked before any work: it may replace
+    only a recipe rys-forge wrote. The name needs the plan's windows only, not the model's depth."""
+    if recipes_dir is None:
+        return None
+    source = model.source if isinstance(model, LoadedModel) else str(model)
+    if not isinstance(windows, LayerPlan):
+        depth = max((Window.parse(w).end for w in windows), default=1)
+        windows = LayerPlan.from_windows(windows, depth, repeats)
+    path = Path(recipes_dir).expanduser() / f"{default_recipe_name(source, windows)}.yml"
+    check_recipe_copy(path)
+    return path
+
+
+def _keep_failed_report(target: Path, out: Path) -> None:
+    """Keep a failed verification's report beside `out` as `<out>.verification-failed.json`, unless a file of that
+    name is there that rys-forge did not write (someone's own file is never replaced)."""
+    failed, keep = target / VERIFICATION_FILE, out.with_name(f"{out.name}.verification-failed.json")
+    if not failed.is_file():
+        return
+    if os.path.lexists(keep):
+        try:
+            read_report(keep)
+        except VerificationError:
+            return
+        if keep.is_symlink():
+            return
+    with contextlib.suppress(OSError):  # a convenience: never in the way of the verification's own error
+        write_atomic(keep, failed.read_bytes())
 
 
 def build(
@@ -77,12 +151,13 @@ def build(
     Args:
         model: a model spec (built-in name, folder, .gguf, hub id) or an already loaded model.
         windows: `["i:j", ...]` or a ready `LayerPlan`.
-        out: output folder; refused if it exists unless `force`.
+        out: output folder; refused if it exists unless `force` (see `artifacts.check_replaceable`).
         format: `layerlist` (weights stored once, `trust_remote_code`) or `mergekit` (passthrough).
         repeats: visits of each window's block.
-        force: replace an existing `out` (only after the new build verified).
+        force: replace an existing `out` that rys-forge wrote (only after the new build verified).
         dtype, device: for loading the base and for verification.
-        recipes_dir: a folder where a copy of the mergekit recipe is kept as well (`<name>.yml`); without it the
+        recipes_dir: a folder where a copy of the mergekit recipe is kept as well (`<name>.yml`, written after
+            the build succeeded; an existing file there is replaced only if rys-forge wrote it); without it the
             recipe is only `out/rys_recipe.yml` and nothing is written outside `out`.
         verify: run verification (a failed verification raises and leaves `out` untouched).
         adapter: a PEFT adapter merged into the base before the plan (with a model spec; an already
@@ -91,15 +166,16 @@ def build(
             base and the verification; replaces `device`.
 
     Raises:
-        UsageError: bad format/windows, existing `out` without `force`.
+        UsageError: bad format/windows, an `out` or recipe copy that may not be written or replaced.
         VerificationError: the export does not match the in-memory repeat.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown format '{format}'; choose one of {', '.join(FORMATS)}")
     out = Path(out).expanduser().resolve()
-    if out.exists() and not force:
-        raise UsageError(f"output folder {out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    protected = _protected(model, adapter)
+    check_replaceable(out, force, protected)  # before any work: never the base, never someone's own files
+    _check_out_parent(out)
+    recipe_copy = _recipe_copy(recipes_dir, model, windows, repeats) if format == "mergekit" else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if adapter and isinstance(model, LoadedModel):
@@ -114,32 +190,41 @@ def build(
     base_bytes = weight_bytes(loaded.path) or sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     _check_disk(out, base_bytes * (len(plan.order) / plan.num_layers if format == "mergekit" else 1))
     timings["load_s"] = time.perf_counter() - t0
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    target = staging / "export"
-    try:
-        t0 = time.perf_counter()
-        _export(loaded, plan, format, target, recipes_dir)
-        timings["export_s"] = time.perf_counter() - t0
-        report = None
-        if verify:
-            t0 = time.perf_counter()
-            try:
-                report = run_verify(target, loaded, dtype=dtype, device=device, placement=placement).to_dict()
-            except RysForgeError:
-                failed = target / VERIFICATION_FILE
-                if failed.exists():
-                    shutil.copyfile(failed, out.with_name(f"{out.name}.verification-failed.json"))
-                raise
-            timings["verify_s"] = time.perf_counter() - t0
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(target, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staging_dir(out.parent, out.name) as staging:  # removed whatever happens, SIGTERM included
+        target = staging / "export"
+        report = _export_and_verify(loaded, plan, format, target, out, timings,
+                                    dict(dtype=dtype, device=device, placement=placement) if verify else None)
+        check_replaceable(out, force, protected)  # again: the folder may have changed while building
+        with swapped_in(target, out, staging / "previous"):  # the previous `out` goes with the staging folder
+            pass
+    if recipe_copy is not None:
+        save_recipe_copy(recipe_copy, (out / RECIPE_FILE).read_text(encoding="utf-8"))
     return BuildResult(path=out, plan=plan, format=format, verification=report, seconds=timings)
 
 
-def _export(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: Path, recipes_dir: str | Path | None) -> None:
+def _export_and_verify(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: Path, out: Path,
+                       timings: dict[str, float], verify: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Write the export into `target` and verify it there (`verify`: the verification's keywords, None to skip);
+    the report, or None. A failed verification's report is kept beside `out` (`_keep_failed_report`)."""
+    t0 = time.perf_counter()
+    try:
+        _export(loaded, plan, fmt, target)
+    except OSError as exc:  # a full disk, a quota: one line naming the file, nothing left behind
+        raise RysForgeError(f"could not write the export of {out}: {os_error_message(exc)}") from None
+    timings["export_s"] = time.perf_counter() - t0
+    if verify is None:
+        return None
+    t0 = time.perf_counter()
+    try:
+        report = run_verify(target, loaded, **verify).to_dict()
+    except RysForgeError:
+        _keep_failed_report(target, out)
+        raise
+    timings["verify_s"] = time.perf_counter() - t0
+    return report
+
+
+def _export(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: Path) -> None:
     """Write the export of `plan` into `target` (a new folder inside the build's staging folder)."""
     record = _record(loaded, fmt)
     if fmt == "layerlist":
@@ -152,8 +237,7 @@ def _export(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: Path, recipe
         loaded.model.save_pretrained(source_path)
         loaded.tokenizer.save_pretrained(source_path)
     export_mergekit(
-        source_path, plan, target, recipe_name=default_recipe_name(loaded.source, plan),
-        recipes_dir=Path(recipes_dir) if recipes_dir else None,
+        source_path, plan, target,
         base_label=loaded.source + (f" + adapter {record.adapter['path']} (merged into a temporary copy)"
                                     if record.adapter else ""),
     )

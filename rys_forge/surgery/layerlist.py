@@ -18,19 +18,15 @@ from typing import Any
 from torch import nn
 
 from rys_forge.architectures import arch_spec, layer_config
-from rys_forge.artifacts import MODELING_FILE, RysRecord, write_config
+from rys_forge.artifacts import LAYERLIST_AUTO_MAP, MODELING_FILE, RysRecord, modeling_code, write_config
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields
 
-TEMPLATE = Path(__file__).resolve().parent.parent / MODELING_FILE
-
 
 def render_modeling(model: nn.Module) -> str:
-    """`modeling_rys.py` for this model's class and layer path."""
-    spec = arch_spec(model.config.model_type)
-    text = TEMPLATE.read_text()
-    text = text.replace('_BASE_CLASS = "LlamaForCausalLM"', f'_BASE_CLASS = "{type(model).__name__}"', 1)
-    return text.replace('_LAYERS_PATH = "model.layers"', f'_LAYERS_PATH = "{spec.layers_path}"', 1)
+    """`modeling_rys.py` for this model's class and layer path (`artifacts.modeling_code`: the one rendering,
+    which every loader of an export compares the folder's file with before running it)."""
+    return modeling_code(type(model).__name__, arch_spec(model.config.model_type).layers_path)
 
 
 def layerlist_config(model: nn.Module, plan: LayerPlan, record: RysRecord) -> dict[str, Any]:
@@ -44,7 +40,7 @@ def layerlist_config(model: nn.Module, plan: LayerPlan, record: RysRecord) -> di
     target = base if not spec.config_path else base[spec.config_path]
     target.update(plan_fields)
     base["architectures"] = ["RysForCausalLM"]
-    base["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.RysForCausalLM"}
+    base["auto_map"] = dict(LAYERLIST_AUTO_MAP)
     base["rys"] = replace(record, format="layerlist", plan=plan.to_dict(), base_fields=base_fields).to_dict()
     return base
 
@@ -55,4 +51,4 @@ def export_layerlist(model: nn.Module, tokenizer: Any, plan: LayerPlan, folder: 
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     write_config(folder, layerlist_config(model, plan, record))
-    (folder / MODELING_FILE).write_text(render_modeling(model))
+    (folder / MODELING_FILE).write_bytes(render_modeling(model).encode("utf-8"))

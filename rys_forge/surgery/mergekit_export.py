@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -44,28 +43,26 @@ from pathlib import Path
 from typing import Any
 
 from rys_forge.architectures import ArchSpec, arch_spec, layer_config
-from rys_forge.artifacts import CONFIG_FILE, RECIPE_FILE, RysRecord, rys_forge_version, safetensors_header, write_config
+from rys_forge.artifacts import (
+    CONFIG_FILE,
+    RECIPE_FILE,
+    SIDECAR_FILES,
+    RysRecord,
+    rys_forge_version,
+    safetensors_header,
+    write_config,
+)
 from rys_forge.errors import MergekitExportError, ModelLoadError, UsageError, WindowError, first_line
-from rys_forge.files import write_atomic
+from rys_forge.files import staging_dir, write_atomic
 from rys_forge.models import parse_dtype, resolve_source
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields
 
 WINDOW_CONVENTION_LINE = "i:j = layers i..j-1, 0-based, half-open"
+#: The first line of every recipe rys-forge writes: how a recipe copy it may replace is recognised.
+RECIPE_HEADER = "# rys-forge mergekit passthrough recipe"
 
-# Files copied from the base when mergekit did not (mergekit copies most of these itself).
-SIDECAR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+# Files copied from the base when mergekit did not (mergekit copies most of these itself): `artifacts.SIDECAR_FILES`.
 
 # mergekit's own dtype names.
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -133,7 +130,7 @@ def recipe_yaml(
     """
     model = _yaml_str(model_path)
     lines = [
-        "# rys-forge mergekit passthrough recipe (Repeat Your Self: a window of layers runs again)",
+        f"{RECIPE_HEADER} (Repeat Your Self: a window of layers runs again)",
         f"# plan: {plan.describe()}",
         f"# window convention: {WINDOW_CONVENTION_LINE}; mergekit's layer_range [a, b] is half-open too",
         f"# layer order (base layer index of each visit): [{', '.join(str(k) for k in plan.order)}]",
@@ -259,10 +256,14 @@ def _write_config(
     plan: LayerPlan,
     version: str,
 ) -> None:
-    """config.json = the base's config.json, per-layer fields remapped, dtype set, `rys` block added."""
+    """config.json = the base's config.json, per-layer fields remapped, dtype set, `rys` block added; a base's
+    `auto_map` (remote code for an architecture transformers now ships) is left out: a mergekit export runs no
+    code of its own (`artifacts.check_export_code`)."""
     data = json.loads((base_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     _config_section(data, spec.config_path).update(new_fields)
     data.pop("torch_dtype", None)
+    for section in (data, *(v for v in data.values() if isinstance(v, dict))):
+        section.pop("auto_map", None)
     data["dtype"] = dtype
     data["rys"] = RysRecord(format="mergekit", plan=plan.to_dict(), rys_forge_version=version, recipe=RECIPE_FILE).to_dict()
     write_config(out_dir, data)
@@ -347,14 +348,13 @@ def _merge_setup(text: str, config: Any, quiet: bool) -> tuple[Any, Any]:
 
 def _merge_into(out_dir: Path, base_dir: Path, text: str, merge_config: Any, options: Any, spec: ArchSpec,
                 plan: LayerPlan, new_fields: dict[str, Any], dtype_name: str, version: str, ties: bool) -> None:
-    """Run the merge in a temporary sibling of `out_dir`, fix its config, add the sidecar files and the recipe,
-    check it, and rename it into place (the sibling is removed on any failure)."""
+    """Run the merge in a staging sibling of `out_dir`, fix its config, add the sidecar files and the recipe,
+    check it, and rename it into place (the staging folder is removed whatever happens, SIGTERM included)."""
     from mergekit.merge import run_merge
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the finished folder should read like any other
+    with staging_dir(out_dir.parent, out_dir.name) as staging:
+        tmp = staging / "export"
+        tmp.mkdir()
         try:
             with _mergekit_out_config_fixed(spec, new_fields):
                 run_merge(merge_config, str(tmp), options=options, config_source=text)
@@ -369,9 +369,38 @@ def _merge_into(out_dir: Path, base_dir: Path, text: str, merge_config: Any, opt
         if out_dir.exists() or out_dir.is_symlink():
             raise UsageError(f"output folder {out_dir} appeared while exporting; not replacing it")
         os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def check_recipe_copy(path: Path) -> None:
+    """A recipe copy (`--recipes-dir`) may replace only a recipe rys-forge wrote: a regular file starting with
+    `RECIPE_HEADER`; a folder of that name, or its parent being a file, is refused too.
+
+    Raises:
+        UsageError: naming the file that is someone else's.
+    """
+    parent = next((p for p in path.parents if os.path.lexists(p)), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"--recipes-dir: {parent} is a file, not a folder; choose another --recipes-dir")
+    if not os.path.lexists(path):
+        return
+    try:
+        ours = path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8").startswith(RECIPE_HEADER)
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise UsageError(f"not overwriting {path}: rys-forge did not write it; move it away or choose another"
+                         " --recipes-dir")
+
+
+def save_recipe_copy(path: Path, text: str) -> Path:
+    """Write a recipe copy (after `check_recipe_copy`, creating its folder) and return its path."""
+    check_recipe_copy(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+    except OSError as exc:
+        raise UsageError(f"cannot write the recipe copy {path}: {exc}") from None
+    return path
 
 
 def export_mergekit(
@@ -393,8 +422,9 @@ def export_mergekit(
         plan: the layer plan (its `num_layers` must equal the base's layer count).
         out_dir: the folder to create; must not exist.
         recipe_name: file stem of the recipe under `recipes_dir` (default `default_recipe_name`).
-        recipes_dir: also write the recipe to `recipes_dir/<recipe_name>.yml` (after success); without it,
-            nothing is written outside `out_dir`.
+        recipes_dir: also write the recipe to `recipes_dir/<recipe_name>.yml` (after success; an existing file
+            there is replaced only if rys-forge wrote it, `check_recipe_copy`); without it, nothing is written
+            outside `out_dir`.
         dtype: output dtype (`float32`, `bfloat16`, `float16`); default the base config's dtype.
         rys_version: version recorded in the recipe and config (default: the installed rys-forge).
         base_label: how the recipe header names the base (default `str(base)`; pass the user's
@@ -434,12 +464,11 @@ def export_mergekit(
     text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base) if base_label is None else base_label)
 
     merge_config, options = _merge_setup(text, config, quiet)
+    copy = None if recipes_dir is None else Path(recipes_dir).expanduser() / f"{recipe_name or default_recipe_name(base, plan)}.yml"
+    if copy is not None:
+        check_recipe_copy(copy)  # before the merge: someone's own file of that name is never replaced
     _merge_into(out_dir, base_dir, text, merge_config, options, spec, plan, new_fields, dtype_name, version, ties)
-    recipe_path = out_dir / RECIPE_FILE
-    if recipes_dir is not None:
-        recipe_path = Path(recipes_dir).expanduser() / f"{recipe_name or default_recipe_name(base, plan)}.yml"
-        recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(recipe_path, text)
+    recipe_path = out_dir / RECIPE_FILE if copy is None else save_recipe_copy(copy, text)
     return MergekitExport(
         path=out_dir, recipe_path=recipe_path, slices=slices, seconds=time.perf_counter() - started
     )
