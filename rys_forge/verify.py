@@ -328,7 +328,7 @@ def verify(
     limits = THRESHOLDS[dtype_name]
     failures = threshold_failures(metrics, limits, fmt, dtype_name, cache_scale)
     metrics["seconds"] = time.perf_counter() - started
-    settings = {"base": base, "dtype": dtype_name, "device": str(torch_device), "device_map": placement.get("device_map"),
+    settings = {"base": base_loaded.source, "dtype": dtype_name, "device": str(torch_device), "device_map": placement.get("device_map"),
                 "prompts": len(texts), "base_adapter": adapter["path"] if adapter else None,
                 "heal_adapter": heal_dir.relative_to(folder).as_posix() if heal_dir is not None else None}
     _check_unchanged(folder, files)

@@ -34,7 +34,7 @@ from rys_forge.artifacts import (
 )
 from rys_forge.errors import OutputError, RysForgeError, UsageError, VerificationError, os_error_message, output_problem
 from rys_forge.files import staging_dir, swapped_in, write_atomic
-from rys_forge.models import LoadedModel, load_model, offloaded
+from rys_forge.models import LoadedModel, canonical_source, load_model, offloaded
 from rys_forge.plan import LayerPlan, Window
 from rys_forge.surgery.layerlist import export_layerlist
 from rys_forge.surgery.mergekit_export import check_recipe_copy, default_recipe_name, export_mergekit, save_recipe_copy
@@ -105,7 +105,7 @@ def _recipe_copy(recipes_dir: str | Path | None, model: str | LoadedModel, windo
     only a recipe rys-forge wrote. The name needs the plan's windows only, not the model's depth."""
     if recipes_dir is None:
         return None
-    source = model.source if isinstance(model, LoadedModel) else str(model)
+    source = model.source if isinstance(model, LoadedModel) else canonical_source(str(model))
     if not isinstance(windows, LayerPlan):
         depth = max((Window.parse(w).end for w in windows), default=1)
         windows = LayerPlan.from_windows(windows, depth, repeats)
