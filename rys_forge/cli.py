@@ -17,7 +17,6 @@ import functools
 import os
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,9 +47,6 @@ LIBRARY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
 
 #: Termination signals raised as `Terminated` in the main thread, so every cleanup written for Ctrl-C
 #: (temporary folders, kept windows) runs for them too.
-TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
-
-
 def _fail(message: str, code: int) -> NoReturn:
     """Print `rys-forge: error: MESSAGE` as one line (credentials redacted) and exit with `code`."""
     text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
@@ -95,28 +91,16 @@ def _click_line(exc: click.ClickException) -> str:
     return f"{message} (see '{ctx.command_path} -h')" if ctx is not None else message
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
-
-
 @contextlib.contextmanager
 def _command_environment() -> Iterator[None]:
     """Known library warnings silenced and termination signals raised as `Terminated`, for one command;
     both restored afterwards (in-process callers such as tests keep their own)."""
-    previous: dict[int, Any] = {}
-    with warnings.catch_warnings():
+    from rys_forge.files import signals_raise
+
+    with warnings.catch_warnings(), signals_raise(Terminated, only_default=False):
         for category, message in LIBRARY_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for name in TERMINATING_SIGNALS:
-                number = getattr(signal, name, None)
-                if number is not None and signal.getsignal(number) is not signal.SIG_IGN:  # nohup stays nohup
-                    previous[number] = signal.signal(number, _raise_terminated)
-        try:
-            yield
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+        yield
 
 
 class RysForgeGroup(click.Group):

@@ -13,7 +13,7 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,30 +60,41 @@ def json_safe(value: Any) -> Any:
 # --------------------------------------------------------------------------- folders: staging, swapping, walking
 
 
+#: The signals that end a process politely; rys-forge turns them into exceptions so `finally` blocks clean up.
+TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """While active, SIGTERM and SIGHUP raise KeyboardInterrupt, so `finally` blocks clean up as on Ctrl-C
-    (a signal left at its default ends the process without running them). Only default handlers are replaced:
-    one the program installed (the CLI raises `errors.Terminated`) or an ignored signal (nohup) stays as it is.
-    The previous handlers come back afterwards. Outside the main thread (where Python cannot install handlers)
-    it does nothing."""
+def signals_raise(make: Callable[[int], BaseException], *, only_default: bool) -> Iterator[None]:
+    """While active, SIGTERM and SIGHUP raise `make(signum)`, so `finally` blocks clean up as on Ctrl-C (a
+    signal left at its default ends the process without running them). `only_default`: replace only default
+    handlers (one the program installed stays); otherwise any handler but an ignored signal (nohup stays nohup).
+    The previous handlers come back afterwards. Outside the main thread (where Python cannot install
+    handlers) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def handler(signum: int, frame: Any) -> None:
+        raise make(signum)
 
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in TERMINATING_SIGNALS:
         number = getattr(signal, name, None)
-        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
-            previous[number] = signal.signal(number, interrupt)
+        current = signal.getsignal(number) if number is not None else None
+        if number is not None and (current is signal.SIG_DFL if only_default else current is not signal.SIG_IGN):
+            previous[number] = signal.signal(number, handler)
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt while active, where their handlers are still the default
+    (the CLI's own handler, raising `errors.Terminated`, stays)."""
+    return signals_raise(lambda signum: KeyboardInterrupt(f"signal {signum}"), only_default=True)
 
 
 def _make_parents(folder: Path) -> list[Path]:
