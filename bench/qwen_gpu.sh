@@ -34,14 +34,6 @@ out = loaded.model.generate(ids, max_new_tokens=40, do_sample=False)
 print("greedy:", repr(tok.decode(out[0])))
 EOF
 fi
-mkdir -p ~/runs
-for job in "$@"; do
-  label=${job%%:*}; rest=${job#*:}; limit=${rest%%:*}; args=${rest#*:}
-  echo "=== $label (limit ${limit}s): rys-forge $args"
-  start=$(date +%s)
-  timeout "$limit" python3 -m rys_forge.cli $args > ~/runs/$label.log 2>&1
-  echo "=== $label rc=$? in $(( $(date +%s) - start )) s"; tail -c 2500 ~/runs/$label.log | tr '\r' '\n' | grep -v "^\s*$" | tail -n 25
-done
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+source "$(dirname "$0")/device_jobs.sh"
 tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.gguf' -C ~ runs || true
 ls -la "$OUT"

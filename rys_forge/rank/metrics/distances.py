@@ -25,6 +25,21 @@ def _subsample(
     return x[idx.to(x.device)]
 
 
+def _paired_samples(
+    x: torch.Tensor, y: torch.Tensor, min_rows_y: int, dtype: torch.dtype, max_samples: int | None,
+    generator: torch.Generator | None, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both samples as ``[N, d]`` matrices of ``dtype`` (same device and width checked), each subsampled to
+    ``max_samples`` rows with one generator, ``x`` first."""
+    xm = as_matrix(x, "x", dtype, min_rows=2)
+    ym = as_matrix(y, "y", dtype, min_rows=min_rows_y)
+    same_device(xm, ym, "x", "y")
+    if xm.shape[1] != ym.shape[1]:
+        raise ValueError(f"x has d={xm.shape[1]} features but y has d={ym.shape[1]}")
+    gen = make_generator(generator, seed)
+    return _subsample(xm, max_samples, gen), _subsample(ym, max_samples, gen)
+
+
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[n_a, n_b]`` squared Euclidean distances, clamped at 0."""
     d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
@@ -96,14 +111,7 @@ def mmd2_rbf(
         raise ValueError(f"max_samples must be >= 2 or None, got {max_samples}")
     if bandwidth is not None and not bandwidth > 0:
         raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
-    xm = as_matrix(x, "x", dtype, min_rows=2)
-    ym = as_matrix(y, "y", dtype, min_rows=2)
-    same_device(xm, ym, "x", "y")
-    if xm.shape[1] != ym.shape[1]:
-        raise ValueError(f"x has d={xm.shape[1]} features but y has d={ym.shape[1]}")
-    gen = make_generator(generator, seed)
-    xs = _subsample(xm, max_samples, gen)
-    ys = _subsample(ym, max_samples, gen)
+    xs, ys = _paired_samples(x, y, 2, dtype, max_samples, generator, seed)
     m, n = xs.shape[0], ys.shape[0]
 
     d_xx = _sq_dists(xs, xs)
@@ -288,14 +296,7 @@ def mahalanobis_shift(
     """
     if max_samples is not None and max_samples < 2:
         raise ValueError(f"max_samples must be >= 2 or None, got {max_samples}")
-    xm = as_matrix(x, "x", dtype, min_rows=2)
-    ym = as_matrix(y, "y", dtype, min_rows=1)
-    same_device(xm, ym, "x", "y")
-    if xm.shape[1] != ym.shape[1]:
-        raise ValueError(f"x has d={xm.shape[1]} features but y has d={ym.shape[1]}")
-    gen = make_generator(generator, seed)
-    xs = _subsample(xm, max_samples, gen)
-    ys = _subsample(ym, max_samples, gen)
+    xs, ys = _paired_samples(x, y, 1, dtype, max_samples, generator, seed)
     ref = reference if reference is not None else mahalanobis_reference(xs, shrinkage=shrinkage, dtype=dtype)
     if ref.cholesky is None:
         return MahalanobisShift(NAN, NAN, ref.shrinkage, ref.n, ys.shape[0])
