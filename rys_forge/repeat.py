@@ -27,7 +27,7 @@ from torch import nn
 from rys_forge.architectures import ArchSpec, get_path, layer_config, set_path, spec_for_model
 from rys_forge.errors import UsageError, WindowError
 from rys_forge.plan import LayerPlan
-from rys_forge.modeling_rys import visit_copy as _template_visit_copy
+from rys_forge.modeling_rys import visit_copy as template_visit_copy
 
 _STATE_ATTR = "_rys_forge_original"
 
@@ -50,7 +50,7 @@ def visit_copy(module: nn.Module, layer_idx: int, deep: bool = False) -> nn.Modu
     With `deep`, every submodule is copied (own module objects sharing the base tensors), as `heal`
     needs to give one visit its own adapter.
     """
-    clone = _template_visit_copy(module, layer_idx, deep)
+    clone = template_visit_copy(module, layer_idx, deep)
     _rehook_tree(module, clone)
     return clone
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rys_forge.artifacts import RUN_FILE, RunFolder
+from rys_forge.artifacts import RUN_FILE
+from rys_forge.runs import RunFolder
 from rys_forge.cli import main
 from rys_forge.distributed import Shard
 from rys_forge.errors import PromptError, RysForgeError, UsageError
@@ -298,7 +299,7 @@ def test_out_in_a_read_only_folder_is_one_line(llama, tmp_path, monkeypatch):
 
 
 def test_a_full_disk_names_the_file_and_says_resume(llama, tiny_model_dirs, tmp_path, monkeypatch):
-    import rys_forge.artifacts as artifacts
+    import rys_forge.runs as artifacts  # RunFolder writes through its module's write_atomic
 
     real_write = artifacts.write_atomic
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from rys_forge import plots
-from rys_forge.artifacts import SUMMARY_FILE, WINDOWS_FILE, RunFolder, read_json
+from rys_forge.artifacts import SUMMARY_FILE, WINDOWS_FILE, read_json
+from rys_forge.runs import RunFolder
 from rys_forge.errors import UsageError
 from rys_forge.files import json_safe
 

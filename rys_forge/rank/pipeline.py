@@ -12,7 +12,7 @@ Run folder (`--out`, default `runs/rank-<model>-<time>`):
 An interrupted run keeps every finished window; `--resume` continues it after checking that the
 settings and the model (weights, dtype, attention, device type) are the same; a run that fails before
 its first window leaves no folder, and one process at a time works in a folder
-(`rys_forge.artifacts.RunFolder`). Inputs the score needs are checked first (`check_score_inputs`), and a
+(`rys_forge.runs.RunFolder`). Inputs the score needs are checked first (`check_score_inputs`), and a
 run in which no window got a finite score fails (`check_scored`). The final files are written by
 `rys_forge.rank.outputs`, each to a temporary name renamed into place.
 """
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from rys_forge.architectures import get_path, spec_for_model
-from rys_forge.artifacts import RunFolder, versions
+from rys_forge.artifacts import versions
+from rys_forge.runs import RunFolder
 from rys_forge.distributed import current_shard
 from rys_forge.errors import UsageError
 from rys_forge.plan import WINDOW_CONVENTION, Window, select_windows

@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 
 from rys_forge.architectures import get_path, spec_for_model
-from rys_forge.artifacts import RunFolder, read_json, rys_forge_version
+from rys_forge.artifacts import read_json, rys_forge_version
+from rys_forge.runs import RunFolder
 from rys_forge.distributed import Shard, current_shard
 from rys_forge.errors import EvaluationError, UsageError
 from rys_forge.evaluate import (
