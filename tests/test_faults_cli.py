@@ -307,7 +307,7 @@ def test_known_library_warnings_are_silenced_ours_are_not(tiny, tmp_path):
     assert noise == []
     import re
 
-    from rys_forge.cli import LIBRARY_WARNINGS
+    from rys_forge.cli.framework import LIBRARY_WARNINGS
 
     ours = "--score-config constant 'alpha' is deprecated and will be removed"
     assert not any(re.match(pattern, ours) for _, pattern in LIBRARY_WARNINGS)

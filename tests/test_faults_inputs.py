@@ -79,7 +79,7 @@ def test_prompt_file_is_used_whole_unless_a_limit_is_given(tmp_path):
 
 
 def test_rank_cli_uses_every_prompt_of_a_file(tiny_model_dirs, tmp_path):
-    """Needs cli.py: `--prompts-per-family` default None, `limit_per_family=per_family_limit(prompts_file, ...)`."""
+    """Needs the CLI: `--prompts-per-family` default None, `limit_per_family=per_family_limit(prompts_file, ...)`."""
     path = tmp_path / "mine.txt"
     path.write_text("\n".join(f"prompt number {k} about the quick brown fox" for k in range(12)))
     result = _cli_rank(tiny_model_dirs["llama"], tmp_path / "run", "--prompts", str(path))

@@ -98,3 +98,13 @@ def make_generator(generator: torch.Generator | None, seed: int) -> torch.Genera
     if generator is not None:
         return generator
     return torch.Generator().manual_seed(int(seed))
+
+
+def as_real_alike(dtype: torch.dtype, **tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each named tensor through `as_real`, then checked against the first for shape and device (errors name
+    both tensors)."""
+    (first_name, first), *rest = [(name, as_real(x, name, dtype)) for name, x in tensors.items()]
+    for name, x in rest:
+        same_shape(first, x, first_name, name)
+        same_device(first, x, first_name, name)
+    return [first] + [x for _, x in rest]

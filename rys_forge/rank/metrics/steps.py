@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rys_forge.rank.metrics.conventions import DEFAULT_DTYPE, NAN, as_real, ratio_or_nan, same_device, same_shape
+from rys_forge.rank.metrics.conventions import DEFAULT_DTYPE, NAN, as_real_alike, ratio_or_nan
 
 
 def relative_step(
@@ -30,10 +30,7 @@ def relative_step(
     Raises:
         ValueError: If the shapes or devices differ.
     """
-    a = as_real(z_n, "z_n", dtype)
-    b = as_real(z_next, "z_next", dtype)
-    same_shape(a, b, "z_n", "z_next")
-    same_device(a, b, "z_n", "z_next")
+    a, b = as_real_alike(dtype, z_n=z_n, z_next=z_next)
     return ratio_or_nan(torch.linalg.vector_norm(b - a).item(), torch.linalg.vector_norm(a).item())
 
 
@@ -53,10 +50,7 @@ def frobenius_cosine(
     Raises:
         ValueError: If the shapes or devices differ.
     """
-    ta = as_real(a, "a", dtype)
-    tb = as_real(b, "b", dtype)
-    same_shape(ta, tb, "a", "b")
-    same_device(ta, tb, "a", "b")
+    ta, tb = as_real_alike(dtype, a=a, b=b)
     den = (torch.linalg.vector_norm(ta) * torch.linalg.vector_norm(tb)).item()
     return ratio_or_nan(torch.sum(ta * tb).item(), den)
 
@@ -120,10 +114,7 @@ def residual_force(
     Raises:
         ValueError: If the shapes or devices differ.
     """
-    a = as_real(x_i, "x_i", dtype)
-    b = as_real(x_j, "x_j", dtype)
-    same_shape(a, b, "x_i", "x_j")
-    same_device(a, b, "x_i", "x_j")
+    a, b = as_real_alike(dtype, x_i=x_i, x_j=x_j)
     s = b - a
     norm_x = torch.linalg.vector_norm(a).item()
     norm_s = torch.linalg.vector_norm(s).item()
@@ -165,13 +156,7 @@ def stationarity(
     Raises:
         ValueError: If the shapes or devices differ.
     """
-    a = as_real(z0, "z0", dtype)
-    b = as_real(z1, "z1", dtype)
-    c = as_real(z2, "z2", dtype)
-    same_shape(a, b, "z0", "z1")
-    same_shape(a, c, "z0", "z2")
-    same_device(a, b, "z0", "z1")
-    same_device(a, c, "z0", "z2")
+    a, b, c = as_real_alike(dtype, z0=z0, z1=z1, z2=z2)
     s0 = b - a
     s1 = c - b
     n0 = torch.linalg.vector_norm(s0).item()

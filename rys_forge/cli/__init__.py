@@ -7,239 +7,30 @@ usage errors exit 2, Ctrl-C exits 130 (SIGTERM 143) at any moment, imports inclu
 `RYS_FORGE_DEBUG=1` to see the traceback of an unexpected error.
 """
 
-# long because: one click command per pipeline stage, each option with its help text; no logic lives here.
-
 from __future__ import annotations
 
-import contextlib
-import errno
-import functools
-import os
-import signal
-import sys
-import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from rys_forge.errors import (
-    OutputError,
-    RysForgeError,
-    Terminated,
-    os_error_errno,
-    os_error_message,
-    output_problem,
-    redact,
-)
 from rys_forge.plan import WINDOW_CONVENTION
-
-MODEL_HELP = "Model: built-in name (gemma-3-270m, smollm2-135m), local folder, .gguf file or hub id."
-
-#: Library warnings that are not the user's business: transformers' notices about its own keyword
-#: renames, raised from inside transformers' calls. Matched by message (from its start); rys-forge's own
-#: warnings are never filtered.
-LIBRARY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
-    (FutureWarning, r"`past_key_values` is deprecated and will be removed in version [\w.]+ for `[\w.]+`\. Use `cache` instead"),
-    (FutureWarning, r"Both `past_key_values` and `cache` are set for `[\w.]+`"),
+from rys_forge.cli.framework import (
+    print_model_facts,
+    RysForgeGroup,
+    adapter_option,
+    at_least_two,
+    check_windows,
+    model_options,
+    output_check,
+    placement_options,
+    print_top,
+    print_verification,
+    quiet_libraries,
+    resumable,
+    run_setup,
+    split,
 )
-
-#: Termination signals raised as `Terminated` in the main thread, so every cleanup written for Ctrl-C
-#: (temporary folders, kept windows) runs for them too.
-def _fail(message: str, code: int) -> NoReturn:
-    """Print `rys-forge: error: MESSAGE` as one line (credentials redacted) and exit with `code`."""
-    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    click.echo(f"rys-forge: error: {redact(text)}", err=True)
-    sys.exit(code)
-
-
-def _forget_interrupt() -> None:
-    """Make the exit code we choose stick after a handled Ctrl-C.
-
-    CPython (3.11+) remembers a KeyboardInterrupt that escaped an `exec()` of source text (dataclasses and
-    namedtuples build their methods that way, so imports are full of them) and, at exit, kills the process
-    with SIGINT instead of using our exit code. A successful `exec()` of text clears that flag.
-    """
-    exec("pass", {})  # noqa: S102 - a constant, see above
-
-
-def exit_for(exc: BaseException) -> NoReturn:
-    """The one mapping from an exception that escaped a command to one stderr line and an exit code."""
-    if isinstance(exc, KeyboardInterrupt):
-        _forget_interrupt()
-    if isinstance(exc, Terminated):
-        _fail(f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
-    if isinstance(exc, KeyboardInterrupt):
-        _fail("interrupted", 130)
-    if isinstance(exc, RysForgeError):
-        _fail(str(exc), exc.exit_code)
-    if isinstance(exc, OSError) or os_error_errno(exc) is not None:
-        _fail(os_error_message(exc), 1)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        _fail("out of memory; try a smaller --batch-size, --dtype bfloat16, or another --device", 1)
-    if os.environ.get("RYS_FORGE_DEBUG"):
-        raise exc
-    first = (str(exc).strip().splitlines() or [""])[0]
-    _fail(f"unexpected {type(exc).__name__}: {first} (set RYS_FORGE_DEBUG=1 for the traceback)", 1)
-
-
-def _click_line(exc: click.ClickException) -> str:
-    """A click usage error as one line, pointing at the command's help."""
-    message = exc.format_message()
-    ctx = getattr(exc, "ctx", None)
-    return f"{message} (see '{ctx.command_path} -h')" if ctx is not None else message
-
-
-@contextlib.contextmanager
-def _command_environment() -> Iterator[None]:
-    """Known library warnings silenced and termination signals raised as `Terminated`, for one command;
-    both restored afterwards (in-process callers such as tests keep their own)."""
-    from rys_forge.files import signals_raise
-
-    with warnings.catch_warnings(), signals_raise(Terminated, only_default=False):
-        for category, message in LIBRARY_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
-
-
-class RysForgeGroup(click.Group):
-    """The `rys-forge` group: the one place where everything a command does is guarded.
-
-    From option parsing through the lazy imports to the work, an exception that escapes becomes one stderr
-    line and an exit code (`exit_for`); click's usage errors become one line too. Known library warnings are
-    silenced and SIGTERM/SIGHUP arrive as `Terminated` (`_command_environment`).
-    """
-
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        with _command_environment():
-            try:
-                value = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            except click.ClickException as exc:
-                if not standalone_mode:
-                    raise
-                if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
-                    exc.show()  # bare `rys-forge`: the help text, as click prints it
-                    sys.exit(exc.exit_code)
-                _fail(_click_line(exc), exc.exit_code)
-            except (click.Abort, KeyboardInterrupt, EOFError) as exc:  # Ctrl-C while click parses
-                if not standalone_mode:
-                    raise
-                exit_for(exc.__context__ if isinstance(exc.__context__, KeyboardInterrupt) else KeyboardInterrupt())
-        if not standalone_mode:
-            return value
-        sys.exit(value if isinstance(value, int) else 0)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:  # stdout closed (`| head`): click quiets the pipe
-                raise
-            exit_for(exc)
-        except (Exception, KeyboardInterrupt) as exc:
-            exit_for(exc)
-
-
-@contextlib.contextmanager
-def _resumable(command: str, out: str) -> Iterator[None]:
-    """A run folder's command (`rank`, `sweep`): Ctrl-C, SIGTERM or a file-system error (a full disk) keep
-    the finished windows; the one line says how to continue."""
-    from rys_forge.artifacts import RUN_FILE
-
-    try:
-        yield
-    except RysForgeError:
-        raise  # its message is final
-    except (Exception, KeyboardInterrupt) as exc:
-        is_file_error = not isinstance(exc, KeyboardInterrupt) and os_error_errno(exc) is not None
-        if not (Path(out) / RUN_FILE).is_file() or not (is_file_error or isinstance(exc, KeyboardInterrupt)):
-            raise
-        hint = f"finished windows are kept; continue with: rys-forge {command} ... --resume --out {out}"
-        if is_file_error:
-            _fail(f"{os_error_message(exc)}; {hint}", 1)
-        code = 128 + exc.signum if isinstance(exc, Terminated) else 130
-        _fail(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; {hint}", code)
-
-
-def _output_check(folder: bool, existing_only: bool = False) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """Callback of an output option or argument: a location that could not be written is refused while the
-    options are parsed, before any work (`errors.output_problem`), not after a long build or evaluation.
-
-    Args:
-        folder: the value is a folder to create or write into (else a file).
-        existing_only: check only a folder that exists (a FOLDER argument the command writes into; a
-            missing one gets the command's own message).
-    """
-
-    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None or (existing_only and not Path(value).expanduser().is_dir()):
-            return value
-        problem = output_problem(value, folder=folder)
-        if problem is not None:
-            name = param.opts[0] if param.param_type_name == "option" else (param.name or "").upper()
-            raise OutputError(f"cannot write {name} {value}: {problem}")
-        return value
-
-    return check
-
-
-def _at_least_two(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    """--repeats of a command that builds or evaluates a repeat: 1 visit is the base model itself."""
-    if value < 2:
-        raise click.BadParameter(f"{value} visit{'s' if value != 1 else ''} of the block is no repeat (the base model"
-                                 " itself); use 2 or more")
-    return value
-
-
-class _DefaultModelOption(click.Option):
-    """--model, whose default (`models.DEFAULT_MODEL`) is looked up only when needed: importing the CLI must
-    not import torch, so that a Ctrl-C during the slow imports reaches `RysForgeGroup`'s guard."""
-
-    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
-        from rys_forge.models import DEFAULT_MODEL
-
-        return DEFAULT_MODEL
-
-
-def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--model, --dtype, --device, shared by every command that loads a model."""
-    func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")(func)
-    func = click.option(
-        "--dtype", default="float32", show_default=True, help="Weights dtype: float32, bfloat16 or float16."
-    )(func)
-    func = click.option("--model", "-m", "model_name", cls=_DefaultModelOption, show_default=True, help=MODEL_HELP)(func)
-    return func
-
-
-def placement_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--device-map, --max-memory, --offload-folder (accelerate big-model placement), handed to the
-    command as one `placement` dict of `load_model` keywords."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, device_map: str | None, max_memory: str | None, offload_folder: str | None, **kwargs: Any) -> Any:
-        from rys_forge.models import placement
-
-        return func(*args, placement=placement(device_map, max_memory, offload_folder), **kwargs)
-
-    wrapper = click.option("--offload-folder", default=None, type=click.Path(), help="With --device-map: where weights mapped to disk go.")(wrapper)
-    wrapper = click.option("--max-memory", default=None, help="With --device-map: budgets per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")(wrapper)
-    return click.option(
-        "--device-map", default=None,
-        help="Spread a model too big for one device over the GPUs (and CPU/disk) with accelerate: auto, balanced, "
-        "balanced_low_0 or sequential. Replaces --device.",
-    )(wrapper)
-
-
-def adapter_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--adapter, for the commands that load a base model."""
-    return click.option(
-        "--adapter", default=None,
-        help="PEFT adapter (folder or hub id) loaded on the base and merged in (merge_and_unload) first; recorded in the outputs.",
-    )(func)
 
 
 @click.group(cls=RysForgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -250,16 +41,7 @@ def main() -> None:
     Pipeline: info -> rank (probe every window) -> build (export a window) -> [heal] -> verify -> eval -> publish.
     Windows are Python slices over decoder layers: i:j means layers i..j-1 (0-based, half-open).
     """
-    _quiet_libraries()
-
-
-def _quiet_libraries() -> None:
-    """rys-forge shows its own progress; silence transformers' per-load bars and advisory warnings."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
 
 
 @main.command()
@@ -273,31 +55,12 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
     from rys_forge.plan import LayerPlan
 
     plan = None
-    _check_windows(windows)
+    check_windows(windows)
     loaded = load_model(model_name, dtype=dtype, device=device, adapter=adapter)
     facts = describe_model(loaded.model)
     if windows:
         plan = LayerPlan.from_windows(windows, facts["num_layers"], repeats)
-    click.echo(f"model        {model_name}  ({loaded.path})")
-    if loaded.info.get("adapter"):
-        from rys_forge.adapters import describe_adapter
-
-        click.echo(f"adapter      {describe_adapter(loaded.info['adapter'])}, merged")
-    click.echo(f"architecture {facts['architecture']} (model_type={facts['model_type']})")
-    click.echo(
-        f"layers       {facts['num_layers']}  hidden={facts['hidden_size']}  heads={facts['num_attention_heads']}"
-        f"/{facts['num_key_value_heads']} kv  vocab={facts['vocab_size']}"
-    )
-    click.echo(f"parameters   {facts['parameters']:,} ({facts['parameters_per_layer']:,} per layer)  dtype={facts['dtype']}")
-    click.echo("attention    " + " ".join(f"{k}:{_short_type(t)}" for k, t in enumerate(facts["layer_types"])))
-    if facts.get("sliding_window"):
-        click.echo(f"             S = sliding window of {facts['sliding_window']} tokens, F = full attention")
-    n = facts["num_layers"]
-    click.echo(f"windows      {WINDOW_CONVENTION.replace('L', str(n))}; e.g. --window {n // 3}:{n // 3 + max(2, n // 5)}")
-    click.echo(f"             {n * (n - 1) // 2} windows of width >= 2")
-    if plan is not None:
-        click.echo(f"plan         {plan.describe()}")
-        click.echo(f"order        {list(plan.order)}")
+    print_model_facts(model_name, loaded, facts, plan)
 
 
 @main.command()
@@ -327,7 +90,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
 @click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
-@click.option("--out", default=None, type=click.Path(), callback=_output_check(folder=True), help="Run folder (default: runs/rank-<model>-<time>).")
+@click.option("--out", default=None, type=click.Path(), callback=output_check(folder=True), help="Run folder (default: runs/rank-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @adapter_option
@@ -357,27 +120,27 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
         return
     settings = RankSettings(
         windows=list(windows) or None, min_width=min_width, max_width=max_width,
-        probes=select_probes(_split(probes)) if probes else None, iterations=iterations, max_tokens=max_tokens,
+        probes=select_probes(split(probes)) if probes else None, iterations=iterations, max_tokens=max_tokens,
         batch_size=batch_size, kl_positions=kl_positions, kl_fraction=kl_fraction, deep_fraction=deep_fraction, debiased_cka=debiased_cka, jacobian=jacobian,
-        jacobian_top=jacobian_top, top_k=top_k, overlap_families=tuple(_split(overlap)), stats_dtype=stats_dtype, seed=seed,
+        jacobian_top=jacobian_top, top_k=top_k, overlap_families=tuple(split(overlap)), stats_dtype=stats_dtype, seed=seed,
         outlier_factor=outlier_factor, shortlist_overlap=shortlist_overlap,
     )
     settings.validate()
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
     check_score_inputs(select_probes(settings.probes), settings.kl_positions, config)
-    prompts = load_prompts(families=_split(families) or None, path=prompts_file,
+    prompts = load_prompts(families=split(families) or None, path=prompts_file,
                            limit_per_family=per_family_limit(prompts_file, prompts_per_family))
-    _check_windows(windows)
-    shard, out, device = _run_setup("rank", model_name, out, device)
+    check_windows(windows)
+    shard, out, device = run_setup("rank", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter, **placement)
-    with _resumable("rank", out):
+    with resumable("rank", out):
         result = rank_windows(
             loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
             progress=not no_progress and shard.rank == 0, model_info={**loaded.info, "path": loaded.path},
         )
     if shard.rank != 0:
         return
-    _print_top(result, top_k)
+    print_top(result, top_k)
     timings = result.summary["timings"]
     click.echo(
         f"{result.summary['windows']} windows, {result.summary['prompts']['tokens']} prompt tokens; "
@@ -397,13 +160,13 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
 @main.command()
 @model_options
 @click.option("--window", "windows", multiple=True, required=True, help=f"Window to repeat (repeatable). {WINDOW_CONVENTION}.")
-@click.option("--repeats", default=2, show_default=True, type=int, callback=_at_least_two,
+@click.option("--repeats", default=2, show_default=True, type=int, callback=at_least_two,
               help="Visits of each window's block (2 or more).")
 @click.option("--format", "fmt", type=click.Choice(["layerlist", "mergekit"]), default="layerlist", show_default=True,
               help="layerlist: weights stored once + modeling_rys.py (trust_remote_code); mergekit: passthrough recipe, duplicated weights.")
-@click.option("--out", required=True, type=click.Path(), callback=_output_check(folder=True), help="Output folder.")
+@click.option("--out", required=True, type=click.Path(), callback=output_check(folder=True), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder that rys-forge wrote (never the base or a folder with other files), after the new build verified.")
-@click.option("--recipes-dir", default=None, type=click.Path(), callback=_output_check(folder=True), help="Also keep a copy of the mergekit recipe here, as <name>.yml (default: only OUT/rys_recipe.yml; nothing is written outside --out).")
+@click.option("--recipes-dir", default=None, type=click.Path(), callback=output_check(folder=True), help="Also keep a copy of the mergekit recipe here, as <name>.yml (default: only OUT/rys_recipe.yml; nothing is written outside --out).")
 @click.option("--no-verify", is_flag=True, help="Skip verification (the folder then cannot be published).")
 @adapter_option
 @placement_options
@@ -415,20 +178,20 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
     """
     from rys_forge.surgery.builder import build as run_build
 
-    _check_windows(windows)
+    check_windows(windows)
     result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,
                        device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None, verify=not no_verify,
                        adapter=adapter, placement=placement)
     click.echo(f"built {result.format} export of {model_name}: {result.plan.describe()}")
     click.echo(f"order: {list(result.plan.order)}")
     if result.verification:
-        _print_verification(result.verification)
+        print_verification(result.verification)
     click.echo("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     click.echo(f"export: {result.path}")
 
 
 @main.command()
-@click.argument("folder", type=click.Path(), callback=_output_check(folder=True, existing_only=True))
+@click.argument("folder", type=click.Path(), callback=output_check(folder=True, existing_only=True))
 @click.option("--model", "-m", "model_name", default=None, help="Base model (default: the one recorded at build time).")
 @click.option("--dtype", default="float32", show_default=True, help="dtype of both models; thresholds follow it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
@@ -441,7 +204,7 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
     from rys_forge.verify import verify as run_verify
 
     report = run_verify(folder, model_name, dtype=dtype, device=device, placement=placement)
-    _print_verification(report.to_dict())
+    print_verification(report.to_dict())
     if report.settings.get("heal_adapter"):
         click.echo(f"healed: per-visit LoRA adapters in {report.settings['heal_adapter']}/ applied on both sides")
     click.echo(f"verified: {folder}")
@@ -451,7 +214,7 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
 @click.argument("target", required=False)
 @click.option("--model", "-m", "model_name", default=None, help="Evaluate the in-memory repeat of this model (with --window) instead of an export.")
 @click.option("--window", "windows", multiple=True, help=f"With --model: window(s) to repeat. {WINDOW_CONVENTION}.")
-@click.option("--repeats", default=2, show_default=True, type=int, callback=_at_least_two,
+@click.option("--repeats", default=2, show_default=True, type=int, callback=at_least_two,
               help="With --model: visits of each window's block (2 or more).")
 @click.option("--base", default=None, help="Base model of TARGET (default: the one recorded at build time).")
 @click.option("--tasks", required=True, help="Comma list of tasks: local (rys_arc_easy, rys_piqa, ..., rys_suite) or lm-eval registry names.")
@@ -483,7 +246,7 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
     if model_name and not windows:
         raise UsageError("--model needs at least one --window i:j")
     report = evaluate(
-        target, model=model_name, windows=list(windows), repeats=repeats, base=base, tasks=_split(tasks), limit=limit,
+        target, model=model_name, windows=list(windows), repeats=repeats, base=base, tasks=split(tasks), limit=limit,
         num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size, device=device, dtype=dtype,
         out=out, seed=seed, progress=True, adapter=adapter, heal=not no_heal,
     )
@@ -493,7 +256,7 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
 
 
 @main.command()
-@click.argument("folder", type=click.Path(), callback=_output_check(folder=True, existing_only=True))
+@click.argument("folder", type=click.Path(), callback=output_check(folder=True, existing_only=True))
 @click.option("--data", required=True, type=click.Path(), help="Training text: .txt (one text per line) or .jsonl (a \"text\" field per line).")
 @click.option("--rank", "lora_rank", default=8, show_default=True, type=int, help="LoRA rank r.")
 @click.option("--alpha", default=None, type=float, help="LoRA alpha (scaling alpha/r; default: alpha = r).")
@@ -525,7 +288,7 @@ def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int
     from rys_forge.heal import heal as run_heal
 
     settings = HealSettings(rank=lora_rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size,
-                            max_length=max_length, visits=visits, modules=tuple(_split(modules)) or None,
+                            max_length=max_length, visits=visits, modules=tuple(split(modules)) or None,
                             kl_weight=kl_weight, seed=seed)
     result = run_heal(folder, data, settings, device=device, dtype=dtype, force=force, verify=not no_verify,
                       progress=not no_progress)
@@ -534,7 +297,7 @@ def heal(folder: str, data: str, lora_rank: int, alpha: float | None, steps: int
     click.echo(f"trainable parameters: {result.trainable_parameters:,}")
     click.echo(f"loss on the data: {result.loss_before:.4f} -> {result.loss_after:.4f} ({settings.steps} steps)")
     if result.verification:
-        _print_verification(result.verification)
+        print_verification(result.verification)
     click.echo(f"adapter: {result.path}")
 
 
@@ -581,7 +344,7 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 @click.option("--limit", default=None, type=int, help="Items per task.")
 @click.option("--num-fewshot", default=None, type=int, help="Few-shot examples (default: the task's).")
 @click.option("--batch-size", default="1", show_default=True, help="lm-eval batch size.")
-@click.option("--out", default=None, type=click.Path(), callback=_output_check(folder=True), help="Run folder (default: runs/sweep-<model>-<time>).")
+@click.option("--out", default=None, type=click.Path(), callback=output_check(folder=True), help="Run folder (default: runs/sweep-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "cached", "lm-eval"]),
@@ -604,11 +367,11 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
     from rys_forge.models import load_model
     from rys_forge.research.sweep import sweep_windows
 
-    shard, out, device = _run_setup("sweep", model_name, out, device)
+    shard, out, device = run_setup("sweep", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation, **placement)
-    with _resumable("sweep", out):
+    with resumable("sweep", out):
         result = sweep_windows(
-            loaded.model, loaded.tokenizer, tasks=_split(tasks), windows=list(windows) or None, min_width=min_width,
+            loaded.model, loaded.tokenizer, tasks=split(tasks), windows=list(windows) or None, min_width=min_width,
             max_width=max_width, repeats=repeats, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
             out_dir=out, resume=resume, progress=not no_progress and shard.rank == 0,
             model_info={**loaded.info, "path": loaded.path}, engine=engine, batch_tokens=batch_tokens,
@@ -626,7 +389,7 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
 @main.command()
 @click.argument("rank_run", type=click.Path())
 @click.argument("sweep_run", type=click.Path())
-@click.option("--out", default=None, type=click.Path(), callback=_output_check(folder=True), help="Where validation.json and plots go (default: SWEEP_RUN/validation).")
+@click.option("--out", default=None, type=click.Path(), callback=output_check(folder=True), help="Where validation.json and plots go (default: SWEEP_RUN/validation).")
 @click.option("--top-fraction", default=0.1, show_default=True, type=float, help="Top share of windows by score (the seeds' decile).")
 @click.option("--permutations", default=10000, show_default=True, type=int, help="Draws for the CKA-matched baseline.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the permutation test.")
@@ -649,7 +412,7 @@ def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float
 @main.command()
 @click.argument("sweep_run", type=click.Path())
 @click.argument("rank_run", type=click.Path())
-@click.option("--out", "-o", required=True, type=click.Path(), callback=_output_check(folder=False), help="Where the fitted score config (JSON) goes.")
+@click.option("--out", "-o", required=True, type=click.Path(), callback=output_check(folder=False), help="Where the fitted score config (JSON) goes.")
 @click.option("--target", default="combined_z", show_default=True, help="Sweep column: combined_z, mean_delta or delta:<task>.")
 @click.option("--repeats", default=2, show_default=True, type=int, help="Sweep rows with this many visits.")
 @click.option("--trials", default=2000, show_default=True, type=int, help="Random candidates of the search (per fit).")
@@ -667,74 +430,3 @@ def calibrate(sweep_run: str, rank_run: str, out: str, target: str, repeats: int
                              folds=folds, seed=seed)
     click.echo(result.format_text())
     click.echo(f"score config: {out}")
-
-
-def _print_verification(report: dict) -> None:
-    m = report["metrics"]
-    click.echo(
-        f"verification {'PASSED' if report['passed'] else 'FAILED'} ({report['format']}, {m['tokens']} tokens): "
-        f"KL mean {m['kl_mean']:.2e} max {m['kl_max']:.2e}, max|dlogit| {m['max_abs_diff']:.2e}, "
-        f"top-1 {m['top1_agreement']:.4f}, cache gap {m['cache_max_abs_diff']:.2e}, "
-        f"generate cache==no-cache {m['generate_cache_equals_no_cache']}, bytes ratio {m['bytes_ratio']:.3f}"
-    )
-
-
-def _run_setup(command: str, model_name: str, out: str | None, device: str) -> tuple[Any, str, str]:
-    """Shard, run folder and device of a `rank` / `sweep` process. Under torchrun (WORLD_SIZE > 1) the
-    process group is initialised and each process gets its device; the run folder must then be given,
-    since every process writes into the same one. Default folder: runs/<command>-<model>-<time>."""
-    import datetime
-    import re
-
-    from rys_forge.distributed import init_from_environment
-    from rys_forge.errors import UsageError
-
-    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError(f"a window-parallel {command} (torchrun) needs --out: one run folder shared by all processes")
-    shard, device = init_from_environment(device)  # under torchrun: one process per device, windows split
-    if out is None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name or model_name).strip("-")
-        out = str(Path("runs") / f"{command}-{slug}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    return shard, out, device
-
-
-def _check_windows(windows: tuple[str, ...]) -> None:
-    """Parse i:j windows before any (slow) model load, so a typo fails fast with one line."""
-    from rys_forge.plan import Window
-
-    for window in windows:
-        Window.parse(window)
-
-
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
-def _print_top(result, top_k: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"short list: top {top_k} windows by Score(B), distinct regions (i:j = layers i..j-1)")
-    columns = [("window", "window"), ("raw rank", "rank"), ("score", "score"), ("class", "class"), ("CKA(x_i,x_j)", "cka_plateau"),
-               ("delta_0", "delta_0"), ("r_0", "r_0"), ("D_dec", "d_dec"), ("D_KL", "d_kl"), ("sigma_1(J)", "jac_sv_1")]
-    for title, _ in columns:
-        table.add_column(title, justify="right")
-    for row in result.top(top_k):
-        table.add_row(*[_fmt(row.get(key)) for _, key in columns])
-    Console(width=max(120, Console().width)).print(table)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if value != value else f"{value:.4g}"
-    return str(value)
-
-
-def _short_type(layer_type: str) -> str:
-    return "F" if layer_type.startswith("full") else "S" if layer_type.startswith("sliding") else layer_type
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
