@@ -13,7 +13,7 @@ pytest.importorskip("lm_eval")
 from rys_forge.research import sweep as sweep_mod  # noqa: E402
 from rys_forge.errors import UsageError  # noqa: E402
 from rys_forge.repeat import applied_plan_active  # noqa: E402
-from rys_forge.research.sweep import read_sweep, sweep_windows  # noqa: E402
+from rys_forge.research.sweep import read_sweep, report_unfinished, sweep_windows  # noqa: E402
 from rys_forge.research.sweep_rows import pick_metric, reported_tasks  # noqa: E402
 from rys_forge.research.validate import validate_runs  # noqa: E402
 from rys_forge.stats import combine_z, fit_repeat_curve, task_z  # noqa: E402
@@ -109,6 +109,12 @@ def test_resume_skips_finished_windows(loaded, tmp_path, monkeypatch):
     first = json.loads(logged[0])
     partial, summary = read_sweep(out)  # an unfinished sweep is read from its log
     assert [r["window"] for r in partial] == EVAL_ORDER[:1] and summary == {}
+    report = report_unfinished(out)  # outputs of the finished window, no model
+    assert report.summary["complete"] is False
+    assert (report.summary["windows_done"], report.summary["windows_planned"]) == (1, len(WINDOWS))
+    assert report.summary["best"]["window"] == EVAL_ORDER[0] and report.base[TASK]["n"] == LIMIT
+    assert (out / "heatmap_combined_z.png").is_file() and len((out / "sweep.csv").read_text().splitlines()) == 2
+    assert [r["window"] for r in read_sweep(out)[0]] == EVAL_ORDER[:1]
     # a resume with other settings is refused
     with pytest.raises(UsageError, match="settings differ"):
         _run(loaded, out, resume=True, windows=WINDOWS[:2])
@@ -124,6 +130,11 @@ def test_resume_skips_finished_windows(loaded, tmp_path, monkeypatch):
     again = next(r for r in result.rows if r["window"] == first["window"])
     assert again["tasks"][TASK]["delta"] == first["tasks"][TASK]["delta"]
     assert len((out / "sweep.jsonl").read_text().splitlines()) == len(WINDOWS)
+    assert "complete" not in result.summary  # the finished sweep replaced the unfinished report
+    with pytest.raises(UsageError, match="finished sweep"):
+        report_unfinished(out)
+    with pytest.raises(UsageError, match="not a sweep run folder"):
+        report_unfinished(tmp_path)
 
 
 def test_repeats_curves(loaded, tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ delta (rys - base), the paired test's p-value (exact McNemar for 0/1 items), and
   calibration-shift warning: on small models a repeat often moves one binary task by 10-20 points while
   the others drop, so a "positive" combined score that rests on one task is not a general gain.
 
-Run folder (``out_dir``):
+Run folder (``out_dir``; written by :mod:`rys_forge.research.sweep_outputs`, which also reports an unfinished
+sweep's windows without a model):
 
 * ``run.json``: the settings fingerprint (checked on ``resume``);
 * ``base.json``: the base run (written once; a resumed sweep never re-evaluates the base);
@@ -36,80 +37,33 @@ Run folder (``out_dir``):
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rys_forge.architectures import get_path, spec_for_model
-from rys_forge.artifacts import read_json, rys_forge_version
-from rys_forge.runs import RunFolder
 from rys_forge.distributed import Shard, current_shard
 from rys_forge.errors import EvaluationError, UsageError
-from rys_forge.evaluate import (
-    check_batch_size,
-    check_counts,
-    compare_runs,
-    is_count,
-    lm_eval_environment,
-    lm_eval_version,
-    load_task_objects,
-    resolve_task_names,
-    run_lm_eval,
-    say,
-)
+from rys_forge.evaluate import (check_batch_size, check_counts, compare_runs, is_count, lm_eval_environment,
+                                lm_eval_version, load_task_objects, resolve_task_names, run_lm_eval, say)
 from rys_forge.files import json_safe
-from rys_forge.plan import WINDOW_CONVENTION, LayerPlan, Window, select_windows
+from rys_forge.plan import LayerPlan, Window, select_windows
 from rys_forge.progress import progress_bar
 from rys_forge.repeat import repeated
+from rys_forge.research.sweep_outputs import (BASE_FILE, SWEEP_FORMAT, SweepFolder, SweepResult, read_stored_base,
+                                              read_sweep, report_unfinished, restore_record, summarise,
+                                              write_outputs)
 from rys_forge.research.sweep_rows import base_summary, parse_repeats, repeat_fits, reported_tasks, window_record
-from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
 
-__all__ = ["SweepResult", "read_sweep", "sweep_windows", "write_outputs"]
+__all__ = ["SweepResult", "read_sweep", "report_unfinished", "sweep_windows", "write_outputs"]
 
-SWEEP_LOG = "sweep.jsonl"
-BASE_FILE = "base.json"
-SWEEP_FORMAT = 1
 #: Sweep engines (see :func:`sweep_windows`).
 ENGINES = ("auto", "cached", "lm-eval")
-
-
-@dataclass
-class SweepResult:
-    """Rows of a sweep (one per window and repeat count, in evaluation order) and its summary.
-
-    Attributes:
-        rows: ``window``, ``i``, ``j``, ``width``, ``repeats``, ``tasks`` ({task: {metric, base, rys, delta,
-            base_stderr, rys_stderr, p_value, test, n, z, items}}), ``combined_z``, ``mean_delta``,
-            ``single_task_verdict``, ``dominant_task``, ``dominant_share``, ``seconds``, and flat copies
-            ``delta:<task>``, ``z:<task>``, ``p:<task>``, ``rys:<task>``.
-        base: per task: ``metric``, ``filter``, ``value``, ``stderr``, ``n``, ``doc_ids``, ``items``.
-        summary: settings, base scores, metrics used, repeats fits, timings.
-        out_dir: the run folder (None: in memory only).
-        fits: per window, the repeats fits (:func:`rys_forge.research.sweep_rows.repeat_fits`).
-    """
-
-    rows: list[dict[str, Any]]
-    base: dict[str, Any]
-    summary: dict[str, Any]
-    out_dir: Path | None = None
-    fits: dict[str, Any] = field(default_factory=dict)
-
-
-class _SweepFolder(RunFolder):
-    """rank's RunFolder with the log in ``sweep.jsonl`` and records keyed by (window, repeats), a later
-    record replacing an earlier one."""
-
-    stem, key, merge = "sweep", "key", False
 
 
 @dataclass
@@ -123,7 +77,7 @@ class _Context:
     names: list[str]
     task_objects: list[Any] | None
     run_kwargs: dict[str, Any]
-    folder: _SweepFolder | None
+    folder: SweepFolder | None
     done: dict[str, Any]
     seed: int
     limit: int | None
@@ -145,10 +99,6 @@ def _evaluate_once(model: Any, tokenizer: Any, manager: Any, names: Sequence[str
     return run_lm_eval(model, tokenizer, manager, names, **kwargs)
 
 
-def _task_slug(task: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
-
-
 def _choose_engine(engine: str, manager: Any, names: list[str]) -> tuple[str, list[Any] | None]:
     """The engine to use (``auto`` resolved) and, for the cached engine, the loaded task objects."""
     if engine == "lm-eval":
@@ -168,21 +118,12 @@ def _choose_engine(engine: str, manager: Any, names: list[str]) -> tuple[str, li
 # --------------------------------------------------------------------------- the runs
 
 
-def _read_base(folder: _SweepFolder | None) -> dict[str, Any] | None:
-    """The base run stored in the run folder by an earlier session, if any."""
-    base_file = folder.path / BASE_FILE if folder else None
-    if base_file is None or not base_file.exists():
-        return None
-    try:
-        return json.loads(base_file.read_text())["run"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _run_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, progress: bool, shard: Shard) -> _Base:
     """The base run: read from ``base.json``, else evaluated (and stored by rank 0). The cached engine
     runs its base pass whenever windows are ``pending`` (it fills the activation cache)."""
-    stored = _read_base(ctx.folder)
+    stored = read_stored_base(ctx.folder)
     base = _Base(run=stored, seconds=0.0, reused=stored is not None)  # type: ignore[arg-type]
     if engine == "cached" and (pending or stored is None):
         from rys_forge.research.sweep_engine import capturing_lm
@@ -221,60 +162,6 @@ def _lm_eval_windows(ctx: _Context, todo: Sequence[tuple[Window, int]], base_run
             rys_run = _evaluate_once(ctx.model, ctx.tokenizer, ctx.manager, ctx.names, **ctx.run_kwargs)
         seconds = time.perf_counter() - t0
         _finish_window(ctx, window_record(window, n_visits, base_run, rys_run, reported, ctx.seed, seconds), advance)
-
-
-# --------------------------------------------------------------------------- the summary
-
-
-def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    keys = ("window", "repeats", "combined_z", "mean_delta", "single_task_verdict", "dominant_task")
-    return {**{k: row.get(k) for k in keys}, "delta": {t: v["delta"] for t, v in row["tasks"].items()}}
-
-
-_DEFINITIONS = {
-    "delta": "rys - base of the task's metric",
-    "p": "paired test on per-item results (exact McNemar for 0/1 items, else paired bootstrap)",
-    "z": "delta / sqrt(se_base^2 + se_rys^2) (lm-eval stderrs; floored at 1/(2n) when both are 0);"
-    " negated for lower-is-better metrics, so positive z = better",
-    "combined_z": "Stouffer: sum of per-task z / sqrt(#tasks)",
-    "single_task_verdict": f"one task's |z| > {SINGLE_TASK_SHARE:.0%} of |sum z| and >= {SINGLE_TASK_MIN_Z}"
-    " (with >= 2 tasks): the gain rests on one task (calibration shift?)",
-    "repeats_fit": "Perf(n) = Perf(1) + a(n-1) - b(n-1)^2, n = visits, Perf(1) = base; least squares",
-}
-
-
-def _summary(model: Any, info: dict[str, Any], num_layers: int, settings: dict[str, Any], base: dict[str, Any],
-             rows: list[dict[str, Any]], fits: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
-    """``summary.json``: settings, base scores, metrics used, definitions, best window, fits, timings."""
-    per_window = [r["seconds"] for r in rows if is_finite_number(r.get("seconds"))]
-    ranked = (r for r in rows if is_finite_number(r.get("combined_z")))
-    return {
-        "rys_forge_sweep": SWEEP_FORMAT,
-        "model": info,
-        "architecture": {"model_type": getattr(getattr(model, "config", None), "model_type", None), "num_layers": num_layers},
-        "convention": WINDOW_CONVENTION.replace("L", str(num_layers)),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": settings,
-        "tasks": list(base),
-        "metrics": {t: base[t]["metric"] + ("" if base[t]["filter"] in ("none", None) else f",{base[t]['filter']}") for t in base},
-        "metric_rule": "acc_norm where the task has it, else acc, else the task's first metric",
-        "base": {t: {k: v for k, v in b.items() if k not in ("items", "doc_ids")} for t, b in base.items()},
-        "definitions": dict(_DEFINITIONS),
-        "windows": len({r["window"] for r in rows}),
-        "rows": len(rows),
-        "best": _brief(max(ranked, key=lambda r: r["combined_z"], default=None)),
-        "single_task_flags": sum(bool(r.get("single_task_verdict")) for r in rows),
-        "repeats_fits": fits,
-        "timings": {
-            **{k: v for k, v in timings.items() if k != "total_s"},
-            "per_window_s": {r["key"]: r.get("seconds") for r in rows},
-            "mean_per_window_s": float(np.mean(per_window)) if per_window else math.nan,
-            "total_s": timings["total_s"],
-        },
-        "versions": {"lm_eval": lm_eval_version(), "rys_forge": rys_forge_version()},
-    }
 
 
 # --------------------------------------------------------------------------- entry point
@@ -384,7 +271,7 @@ def sweep_windows(
         "include_path": None if include_path is None else str(include_path),
     }
     shard = current_shard()
-    with _SweepFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=info) as folder:
+    with SweepFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=info) as folder:
         ctx = _Context(model, tokenizer, manager, names, task_objects, folder=folder, done=folder.finished() if folder else {},
                        run_kwargs=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
                                        bootstrap_iters=bootstrap_iters, progress=False), seed=seed, limit=limit)
@@ -398,7 +285,7 @@ def sweep_windows(
         if shard.parallel:
             shard.barrier()
             ctx.done = folder.finished()  # type: ignore[union-attr]
-        rows = [_restore(ctx.done[f"{w}x{r}"]) for w, r in plan_items]
+        rows = [restore_record(ctx.done[f"{w}x{r}"]) for w, r in plan_items]
         if shard.rank != 0:  # rank 0 writes the merged outputs
             return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
         fits = repeat_fits(rows, list(base)) if len(repeat_list) > 1 else {}
@@ -406,86 +293,10 @@ def sweep_windows(
         timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
                    "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
                    "total_s": time.perf_counter() - started}
-        summary = _summary(model, info, num_layers, settings, base, rows, fits, timings)
+        summary = summarise(getattr(model.config, "model_type", None), info, num_layers, settings, base, rows, fits, timings)
         result = SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits)
         if folder:
             write_outputs(result, num_layers)
         return result
 
 
-# --------------------------------------------------------------------------- the run folder
-
-
-def _restore(record: dict[str, Any]) -> dict[str, Any]:
-    """A logged record with JSON nulls of float fields back to NaN (in-memory rows use NaN)."""
-    row = dict(record)
-    for key in ("combined_z", "mean_delta", "dominant_share", "seconds"):
-        if row.get(key) is None:
-            row[key] = math.nan
-    return row
-
-
-def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows and summary of a sweep folder: ``sweep.json`` when the sweep finished, else the rows of
-    ``sweep.jsonl`` (an interrupted sweep) and an empty summary.
-
-    Raises:
-        UsageError: not a sweep folder, or a file of it that is unreadable, not JSON or of the wrong shape.
-    """
-    folder = Path(path)
-    table = folder / "sweep.json"
-    summary_file = folder / "summary.json"
-    summary = read_json(summary_file, "sweep summary") if summary_file.is_file() else {}
-    if table.is_file():
-        rows = read_json(table, "sweep table")
-        rows = rows.get("rows") if isinstance(rows, dict) else None
-    elif any(folder.glob("sweep*.jsonl")):
-        rows = list(_SweepFolder.records(folder).values())
-    else:
-        raise UsageError(f"{folder} is not a sweep run folder (no sweep.json or {SWEEP_LOG})")
-    if not isinstance(summary, dict) or not isinstance(rows, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("window"), str) for r in rows):
-        raise UsageError(f"{folder} is not a readable sweep run folder: sweep.json or summary.json has the wrong shape")
-    return [_restore(r) for r in rows], summary
-
-
-def write_outputs(result: SweepResult, num_layers: int) -> None:
-    """Table (JSON, CSV), summary and figures into the run folder, each written atomically (a failed write
-    is one line naming the file: `RunFolder.write`)."""
-    assert result.out_dir is not None
-    out = _SweepFolder(result.out_dir)
-    tasks = list(result.summary["tasks"])
-    out.write("sweep.json", json.dumps(json_safe({"rows": result.rows}), indent=1))
-    columns = ["window", "i", "j", "width", "repeats", "combined_z", "mean_delta", "single_task_verdict",
-               "dominant_task", "dominant_share", "seconds"]
-    for task in tasks:
-        columns += [f"rys:{task}", f"delta:{task}", f"z:{task}", f"p:{task}"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()})
-    out.write("sweep.csv", buffer.getvalue())
-    out.write("summary.json", json.dumps(json_safe(result.summary), indent=2))
-    _figures(result, num_layers, tasks, out)
-
-
-def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: RunFolder) -> None:
-    """Per repeat count: a delta heatmap per task and the combined-z heatmap; with several, the fits."""
-    from rys_forge.plots import repeat_fit_curves, window_heatmap
-
-    name = (result.summary.get("model") or {}).get("source", "")
-    repeat_values = sorted({r["repeats"] for r in result.rows})
-    for n_visits in repeat_values:
-        rows = [r for r in result.rows if r["repeats"] == n_visits]
-        suffix = "" if n_visits == 2 else f"_x{n_visits}"
-        for task in tasks:
-            title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), x{n_visits}"
-            out.write(f"heatmap_delta_{_task_slug(task)}{suffix}.png", lambda path, rows=rows, task=task, title=title:
-                      window_heatmap(rows, f"delta:{task}", num_layers, path, title, centre=0.0))
-        flagged = [r["window"] for r in rows if r.get("single_task_verdict")]
-        title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task"
-        out.write(f"heatmap_combined_z{suffix}.png", lambda path, rows=rows, title=title, flagged=flagged:
-                  window_heatmap(rows, "combined_z", num_layers, path, title, centre=0.0, highlight=flagged))
-    if len(repeat_values) > 1:
-        out.write("repeats_fit.png", lambda path: repeat_fit_curves(result.fits, ["mean_delta", *tasks], path))

@@ -1,0 +1,247 @@
+"""A sweep's run folder and outputs: the folder (``run.json``, ``base.json``, ``sweep.jsonl``), reading a
+finished or unfinished sweep back, and the table, summary and heatmaps (see :mod:`rys_forge.research.sweep`
+for the columns). :func:`report_unfinished` writes those outputs for the windows an interrupted sweep has
+finished, without a model: a cut sweep (its windows run in a seeded random order) is an unbiased sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rys_forge.artifacts import RUN_FILE, read_json, rys_forge_version
+from rys_forge.errors import UsageError
+from rys_forge.evaluate import compare_runs, lm_eval_version
+from rys_forge.files import json_safe
+from rys_forge.plan import WINDOW_CONVENTION
+from rys_forge.research.sweep_rows import base_summary, reported_tasks
+from rys_forge.runs import RunFolder
+from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
+
+__all__ = [
+    "BASE_FILE", "SWEEP_FORMAT", "SWEEP_LOG", "SweepFolder", "SweepResult", "read_stored_base", "read_sweep",
+    "report_unfinished", "restore_record", "summarise", "write_outputs",
+]
+
+SWEEP_LOG = "sweep.jsonl"
+BASE_FILE = "base.json"
+SWEEP_FORMAT = 1
+
+
+@dataclass
+class SweepResult:
+    """Rows of a sweep (one per window and repeat count, in evaluation order) and its summary.
+
+    Attributes:
+        rows: ``window``, ``i``, ``j``, ``width``, ``repeats``, ``tasks`` ({task: {metric, base, rys, delta,
+            base_stderr, rys_stderr, p_value, test, n, z, items}}), ``combined_z``, ``mean_delta``,
+            ``single_task_verdict``, ``dominant_task``, ``dominant_share``, ``seconds``, and flat copies
+            ``delta:<task>``, ``z:<task>``, ``p:<task>``, ``rys:<task>``.
+        base: per task: ``metric``, ``filter``, ``value``, ``stderr``, ``n``, ``doc_ids``, ``items``.
+        summary: settings, base scores, metrics used, repeats fits, timings.
+        out_dir: the run folder (None: in memory only).
+        fits: per window, the repeats fits (:func:`rys_forge.research.sweep_rows.repeat_fits`).
+    """
+
+    rows: list[dict[str, Any]]
+    base: dict[str, Any]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+    fits: dict[str, Any] = field(default_factory=dict)
+
+
+
+class SweepFolder(RunFolder):
+    """rank's RunFolder with the log in ``sweep.jsonl`` and records keyed by (window, repeats), a later
+    record replacing an earlier one."""
+
+    stem, key, merge = "sweep", "key", False
+
+
+
+def _task_slug(task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
+
+
+
+def read_stored_base(folder: SweepFolder | None) -> dict[str, Any] | None:
+    """The base run stored in the run folder by an earlier session, if any."""
+    base_file = folder.path / BASE_FILE if folder else None
+    if base_file is None or not base_file.exists():
+        return None
+    try:
+        return json.loads(base_file.read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    keys = ("window", "repeats", "combined_z", "mean_delta", "single_task_verdict", "dominant_task")
+    return {**{k: row.get(k) for k in keys}, "delta": {t: v["delta"] for t, v in row["tasks"].items()}}
+
+
+_DEFINITIONS = {
+    "delta": "rys - base of the task's metric",
+    "p": "paired test on per-item results (exact McNemar for 0/1 items, else paired bootstrap)",
+    "z": "delta / sqrt(se_base^2 + se_rys^2) (lm-eval stderrs; floored at 1/(2n) when both are 0);"
+    " negated for lower-is-better metrics, so positive z = better",
+    "combined_z": "Stouffer: sum of per-task z / sqrt(#tasks)",
+    "single_task_verdict": f"one task's |z| > {SINGLE_TASK_SHARE:.0%} of |sum z| and >= {SINGLE_TASK_MIN_Z}"
+    " (with >= 2 tasks): the gain rests on one task (calibration shift?)",
+    "repeats_fit": "Perf(n) = Perf(1) + a(n-1) - b(n-1)^2, n = visits, Perf(1) = base; least squares",
+}
+
+
+def summarise(model_type: str | None, info: dict[str, Any], num_layers: int, settings: dict[str, Any], base: dict[str, Any],
+             rows: list[dict[str, Any]], fits: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``: settings, base scores, metrics used, definitions, best window, fits, timings."""
+    per_window = [r["seconds"] for r in rows if is_finite_number(r.get("seconds"))]
+    ranked = (r for r in rows if is_finite_number(r.get("combined_z")))
+    return {
+        "rys_forge_sweep": SWEEP_FORMAT,
+        "model": info,
+        "architecture": {"model_type": model_type, "num_layers": num_layers},
+        "convention": WINDOW_CONVENTION.replace("L", str(num_layers)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "tasks": list(base),
+        "metrics": {t: base[t]["metric"] + ("" if base[t]["filter"] in ("none", None) else f",{base[t]['filter']}") for t in base},
+        "metric_rule": "acc_norm where the task has it, else acc, else the task's first metric",
+        "base": {t: {k: v for k, v in b.items() if k not in ("items", "doc_ids")} for t, b in base.items()},
+        "definitions": dict(_DEFINITIONS),
+        "windows": len({r["window"] for r in rows}),
+        "rows": len(rows),
+        "best": _brief(max(ranked, key=lambda r: r["combined_z"], default=None)),
+        "single_task_flags": sum(bool(r.get("single_task_verdict")) for r in rows),
+        "repeats_fits": fits,
+        "timings": {
+            **{k: v for k, v in timings.items() if k != "total_s"},
+            "per_window_s": {r["key"]: r.get("seconds") for r in rows},
+            "mean_per_window_s": float(np.mean(per_window)) if per_window else math.nan,
+            "total_s": timings["total_s"],
+        },
+        "versions": {"lm_eval": lm_eval_version(), "rys_forge": rys_forge_version()},
+    }
+
+
+
+
+def restore_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A logged record with JSON nulls of float fields back to NaN (in-memory rows use NaN)."""
+    row = dict(record)
+    for key in ("combined_z", "mean_delta", "dominant_share", "seconds"):
+        if row.get(key) is None:
+            row[key] = math.nan
+    return row
+
+
+def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and summary of a sweep folder: ``sweep.json`` when the sweep finished, else the rows of
+    ``sweep.jsonl`` (an interrupted sweep) and an empty summary.
+
+    Raises:
+        UsageError: not a sweep folder, or a file of it that is unreadable, not JSON or of the wrong shape.
+    """
+    folder = Path(path)
+    table = folder / "sweep.json"
+    summary_file = folder / "summary.json"
+    summary = read_json(summary_file, "sweep summary") if summary_file.is_file() else {}
+    if table.is_file():
+        rows = read_json(table, "sweep table")
+        rows = rows.get("rows") if isinstance(rows, dict) else None
+    elif any(folder.glob("sweep*.jsonl")):
+        rows = list(SweepFolder.records(folder).values())
+    else:
+        raise UsageError(f"{folder} is not a sweep run folder (no sweep.json or {SWEEP_LOG})")
+    if not isinstance(summary, dict) or not isinstance(rows, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("window"), str) for r in rows):
+        raise UsageError(f"{folder} is not a readable sweep run folder: sweep.json or summary.json has the wrong shape")
+    return [restore_record(r) for r in rows], summary
+
+
+def write_outputs(result: SweepResult, num_layers: int) -> None:
+    """Table (JSON, CSV), summary and figures into the run folder, each written atomically (a failed write
+    is one line naming the file: `RunFolder.write`)."""
+    assert result.out_dir is not None
+    out = SweepFolder(result.out_dir)
+    tasks = list(result.summary["tasks"])
+    out.write("sweep.json", json.dumps(json_safe({"rows": result.rows}), indent=1))
+    columns = ["window", "i", "j", "width", "repeats", "combined_z", "mean_delta", "single_task_verdict",
+               "dominant_task", "dominant_share", "seconds"]
+    for task in tasks:
+        columns += [f"rys:{task}", f"delta:{task}", f"z:{task}", f"p:{task}"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()})
+    out.write("sweep.csv", buffer.getvalue())
+    out.write("summary.json", json.dumps(json_safe(result.summary), indent=2))
+    _figures(result, num_layers, tasks, out)
+
+
+def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: RunFolder) -> None:
+    """Per repeat count: a delta heatmap per task and the combined-z heatmap; with several, the fits."""
+    from rys_forge.plots import repeat_fit_curves, window_heatmap
+
+    name = (result.summary.get("model") or {}).get("source", "")
+    repeat_values = sorted({r["repeats"] for r in result.rows})
+    for n_visits in repeat_values:
+        rows = [r for r in result.rows if r["repeats"] == n_visits]
+        suffix = "" if n_visits == 2 else f"_x{n_visits}"
+        for task in tasks:
+            title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), x{n_visits}"
+            out.write(f"heatmap_delta_{_task_slug(task)}{suffix}.png", lambda path, rows=rows, task=task, title=title:
+                      window_heatmap(rows, f"delta:{task}", num_layers, path, title, centre=0.0))
+        flagged = [r["window"] for r in rows if r.get("single_task_verdict")]
+        title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task"
+        out.write(f"heatmap_combined_z{suffix}.png", lambda path, rows=rows, title=title, flagged=flagged:
+                  window_heatmap(rows, "combined_z", num_layers, path, title, centre=0.0, highlight=flagged))
+    if len(repeat_values) > 1:
+        out.write("repeats_fit.png", lambda path: repeat_fit_curves(result.fits, ["mean_delta", *tasks], path))
+
+
+def report_unfinished(out_dir: str | Path) -> SweepResult:
+    """Table, summary (``complete``: false, windows done / planned) and heatmaps of the windows an
+    interrupted sweep has finished, from its run folder alone (no model). A later ``--resume`` that finishes
+    the sweep overwrites them.
+
+    Raises:
+        UsageError: not a sweep run folder, no base run or no finished window yet, or a finished sweep.
+    """
+    folder = Path(out_dir)
+    settings = read_json(folder / RUN_FILE, "sweep settings") if (folder / RUN_FILE).is_file() else None
+    if not isinstance(settings, dict) or not isinstance(settings.get("windows"), list):
+        raise UsageError(f"{folder} is not a sweep run folder (no readable {RUN_FILE})")
+    if (folder / "summary.json").is_file() and (folder / "sweep.json").is_file() and read_json(
+            folder / "summary.json", "sweep summary").get("complete", True):
+        raise UsageError(f"{folder} holds a finished sweep; its outputs are already there")
+    base_run = read_stored_base(SweepFolder(folder))
+    done = SweepFolder.records(folder)
+    if base_run is None or not done:
+        raise UsageError(f"{folder} has no base run or no finished window yet: nothing to report")
+    base_rows, base_paired, _ = compare_runs(base_run, base_run, n_resamples=1, seed=0)
+    base = base_summary(base_rows, base_paired, reported_tasks(base_rows, base_run.get("groups")))
+    planned = [f"{w}x{r}" for r in settings.get("repeats", [2]) for w in settings["windows"]]
+    rows = [restore_record(done[key]) for key in planned if key in done]
+    num_layers = int(settings["num_layers"])
+    summary = summarise(None, {"source": settings.get("model")}, num_layers, settings, base, rows, {},
+                        {"total_s": math.nan})
+    summary.update(complete=False, windows_done=len(rows), windows_planned=len(planned),
+                   note="an unfinished sweep: windows ran in a seeded random order, so these are an unbiased sample;"
+                        " finish it with sweep --resume")
+    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=folder)
+    write_outputs(result, num_layers)
+    return result
