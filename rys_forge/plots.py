@@ -42,8 +42,10 @@ def window_heatmap(
     log: bool = False,
     highlight: Sequence[str] = (),
     centre: float | None = None,
+    missing: Sequence[str] = (),
 ) -> None:
-    """Heatmap of `metric` over windows i:j (x: end j, y: start i); `highlight` windows get a marker."""
+    """Heatmap of `metric` over windows i:j (x: end j, y: start i); `highlight` windows get a marker,
+    `missing` windows (planned, not evaluated) a grey cell."""
     grid = np.full((num_layers, num_layers + 1), np.nan)
     for row in rows:
         value = row.get(metric)
@@ -58,6 +60,14 @@ def window_heatmap(
         grid = np.where(grid > 0, grid, np.nan)
     elif centre is not None and finite.size and finite.min() < centre < finite.max():
         kwargs = {"cmap": "RdBu_r", "norm": TwoSlopeNorm(vcenter=centre, vmin=finite.min(), vmax=finite.max())}
+    if missing:
+        gaps = np.full(grid.shape, np.nan)
+        for name in missing:
+            i, j = (int(v) for v in name.split(":"))
+            gaps[i, j] = 1.0
+        ax.imshow(np.ma.masked_invalid(gaps), origin="upper", aspect="auto", interpolation="nearest", cmap="Greys",
+                  vmin=0.0, vmax=1.6)
+        title = f"{title}\ngrey: {len(missing)} windows not evaluated yet"
     image = ax.imshow(np.ma.masked_invalid(grid), origin="upper", aspect="auto", interpolation="nearest", **kwargs)
     fig.colorbar(image, ax=ax, label=metric)
     for name in highlight:

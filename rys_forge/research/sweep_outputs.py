@@ -51,6 +51,7 @@ class SweepResult:
         summary: settings, base scores, metrics used, repeats fits, timings.
         out_dir: the run folder (None: in memory only).
         fits: per window, the repeats fits (:func:`rys_forge.research.sweep_rows.repeat_fits`).
+        missing: windows planned but not evaluated (an unfinished sweep's report; grey in the heatmaps).
     """
 
     rows: list[dict[str, Any]]
@@ -58,6 +59,7 @@ class SweepResult:
     summary: dict[str, Any]
     out_dir: Path | None = None
     fits: dict[str, Any] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
 
 
 
@@ -204,11 +206,13 @@ def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: Ru
         for task in tasks:
             title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), x{n_visits}"
             out.write(f"heatmap_delta_{_task_slug(task)}{suffix}.png", lambda path, rows=rows, task=task, title=title:
-                      window_heatmap(rows, f"delta:{task}", num_layers, path, title, centre=0.0))
+                      window_heatmap(rows, f"delta:{task}", num_layers, path, title, centre=0.0,
+                                     missing=result.missing))
         flagged = [r["window"] for r in rows if r.get("single_task_verdict")]
         title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task"
         out.write(f"heatmap_combined_z{suffix}.png", lambda path, rows=rows, title=title, flagged=flagged:
-                  window_heatmap(rows, "combined_z", num_layers, path, title, centre=0.0, highlight=flagged))
+                  window_heatmap(rows, "combined_z", num_layers, path, title, centre=0.0, highlight=flagged,
+                                 missing=result.missing))
     if len(repeat_values) > 1:
         out.write("repeats_fit.png", lambda path: repeat_fit_curves(result.fits, ["mean_delta", *tasks], path))
 
@@ -242,6 +246,7 @@ def report_unfinished(out_dir: str | Path) -> SweepResult:
     summary.update(complete=False, windows_done=len(rows), windows_planned=len(planned),
                    note="an unfinished sweep: windows ran in a seeded random order, so these are an unbiased sample;"
                         " finish it with sweep --resume")
-    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=folder)
+    missing = sorted({key.rsplit("x", 1)[0] for key in planned if key not in done})
+    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=folder, missing=missing)
     write_outputs(result, num_layers)
     return result
