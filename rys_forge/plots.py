@@ -43,9 +43,10 @@ def window_heatmap(
     highlight: Sequence[str] = (),
     centre: float | None = None,
     missing: Sequence[str] = (),
+    crossed: Sequence[str] = (),
 ) -> None:
-    """Heatmap of `metric` over windows i:j (x: end j, y: start i); `highlight` windows get a marker,
-    `missing` windows (planned, not evaluated) a grey cell."""
+    """Heatmap of `metric` over windows i:j (x: end j, y: start i); `highlight` windows get a red circle,
+    `crossed` ones (e.g. dropped by a race) a black cross, `missing` ones (planned, not evaluated) a grey cell."""
     grid = np.full((num_layers, num_layers + 1), np.nan)
     for row in rows:
         value = row.get(metric)
@@ -73,6 +74,9 @@ def window_heatmap(
     for name in highlight:
         i, j = (int(v) for v in name.split(":"))
         ax.plot(j, i, marker="o", markersize=7, markerfacecolor="none", markeredgecolor="red", markeredgewidth=1.5)
+    for name in crossed:
+        i, j = (int(v) for v in name.split(":"))
+        ax.plot(j, i, marker="x", markersize=5, color="black", markeredgewidth=1.0)
     ax.set_xlabel("window end j (exclusive)")
     ax.set_ylabel("window start i")
     ax.set_xlim(0.5, num_layers + 0.5)

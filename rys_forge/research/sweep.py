@@ -42,7 +42,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +59,9 @@ from rys_forge.research.sweep_outputs import (BASE_FILE, SWEEP_FORMAT, SweepFold
                                               read_sweep, report_unfinished, restore_record, summarise,
                                               write_outputs)
 from rys_forge.research.sweep_rows import base_summary, parse_repeats, repeat_fits, reported_tasks, window_record
+
+if TYPE_CHECKING:
+    from rys_forge.research.race import RaceSettings
 
 __all__ = ["SweepResult", "read_sweep", "report_unfinished", "sweep_windows", "write_outputs"]
 
@@ -197,12 +200,21 @@ def _scored_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, p
 
 
 def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo: list[tuple[Window, int]],
-                      total: int, num_layers: int, progress: bool) -> float:
-    """Every (window, visits) in ``todo`` with the base run's engine; returns the seconds taken."""
+                      total: int, num_layers: int, progress: bool, race: RaceSettings | None) -> tuple[float, Any]:
+    """Every (window, visits) in ``todo`` with the base run's engine (raced when ``race``); returns the
+    seconds taken and the race's totals (None without a race)."""
     started = time.perf_counter()
     reported = list(base)
-    with progress_bar(progress, total, total - len(todo), "evaluating windows") as advance:
-        if base_run.lm is not None:
+    totals = None
+    with progress_bar(progress, total, total - len(todo), "racing windows" if race else "evaluating windows") as advance:
+        if base_run.lm is not None and race is not None:
+            from rys_forge.research.race import race_cached_windows
+
+            totals = race_cached_windows(base_run.lm, ctx.task_objects or [], todo, base_run.run, base, reported,
+                                         limit=ctx.limit, seed=ctx.seed, settings=race,
+                                         folder=ctx.folder.path if ctx.folder else None,
+                                         on_record=lambda record: _finish_window(ctx, record, advance))
+        elif base_run.lm is not None:
             from rys_forge.research.sweep_engine import score_cached_windows
 
             score_cached_windows(base_run.lm, ctx.task_objects or [], todo, base_run.run, base, reported,
@@ -210,12 +222,31 @@ def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo
                                  on_record=lambda record: _finish_window(ctx, record, advance))
         else:
             _lm_eval_windows(ctx, todo, base_run.run, reported, num_layers, advance)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, totals
 
 
-def _random_order(items: list[tuple[Window, int]], seed: int) -> list[tuple[Window, int]]:
-    """`items` in a seeded random order: a sweep cut short (time limit, Ctrl-C) is an unbiased sample."""
-    return [items[k] for k in np.random.default_rng(seed).permutation(len(items))]
+def _ordered(items: list[tuple[Window, int]], seed: int, order: Sequence[str] | None) -> list[tuple[Window, int]]:
+    """`items` in the given window order (e.g. a rank run's; the rest after it), else in a seeded random
+    order, so that a sweep cut short (time limit, Ctrl-C, a race's budget) is an unbiased sample."""
+    shuffled = [items[k] for k in np.random.default_rng(seed).permutation(len(items))]
+    if not order:
+        return shuffled
+    position = {w: k for k, w in enumerate(order)}
+    return sorted(shuffled, key=lambda item: position.get(str(item[0]), len(position)))
+
+
+def _fingerprint(info: dict[str, Any], model: Any, num_layers: int, names: Sequence[str], chosen: Sequence[Window],
+                 repeat_list: list[int], engine: str, race: RaceSettings | None, order: Sequence[str] | None,
+                 **settings: Any) -> dict[str, Any]:
+    """run.json's settings (with the model's identity, added by RunFolder.session, a resume must match them)."""
+    fingerprint = {
+        "format": SWEEP_FORMAT, "model": str(info.get("source") or info.get("path") or type(model).__name__),
+        "num_layers": num_layers, "tasks": list(names), **settings, "windows": [str(w) for w in chosen],
+        "repeats": repeat_list, "lm_eval": lm_eval_version(), "engine": engine,
+    }
+    if race is not None:  # the budget may change between sessions; the schedule and the order may not
+        fingerprint["race"] = {"alpha": race.alpha, "looks": race.looks, "order": list(order) if order else None}
+    return fingerprint
 
 
 def sweep_windows(
@@ -224,7 +255,7 @@ def sweep_windows(
     limit: int | None = None, num_fewshot: int | None = None, out_dir: str | Path | None = None, resume: bool = False,
     progress: bool = True, seed: int = 0, batch_size: int | str = 1, include_path: Any = None,
     bootstrap_iters: int = 1000, model_info: dict[str, Any] | None = None, engine: str = "auto",
-    batch_tokens: int = 16384,
+    batch_tokens: int = 16384, race: RaceSettings | None = None, order: Sequence[str] | None = None,
 ) -> SweepResult:
     """Evaluate the base once, then every window's in-memory repeat, on lm-eval tasks.
 
@@ -248,6 +279,8 @@ def sweep_windows(
             :mod:`rys_forge.research.sweep_engine`), ``lm-eval`` (one full lm-eval run per window, any task
             type), or ``auto`` (``cached`` when every task is a loglikelihood task).
         batch_tokens: padded tokens per forward batch of the cached engine.
+        race: race the windows (:mod:`rys_forge.research.race`; cached engine, per-item-mean tasks).
+        order: windows in the order to evaluate them (e.g. a rank run's); None: seeded random.
 
     Returns:
         A :class:`SweepResult` (also written to ``out_dir``).
@@ -262,30 +295,30 @@ def sweep_windows(
         model, windows, min_width, max_width, repeats, limit, num_fewshot, batch_size, engine, batch_tokens, seed)
     manager, names = resolve_task_names(tasks, include_path)
     engine, task_objects = _choose_engine(engine, manager, names)
+    if race is not None and engine != "cached":
+        raise UsageError("--race needs the cached engine (loglikelihood tasks only, --engine auto or cached)")
     info = dict(model_info or {})
-    fingerprint = {  # run.json, with the model's identity (RunFolder.session): a resume must match it
-        "format": SWEEP_FORMAT, "model": str(info.get("source") or info.get("path") or type(model).__name__),
-        "num_layers": num_layers, "tasks": list(names), "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
-        "batch_size": str(batch_size), "bootstrap_iters": bootstrap_iters, "windows": [str(w) for w in chosen],
-        "repeats": repeat_list, "lm_eval": lm_eval_version(), "engine": engine, "batch_tokens": batch_tokens,
-        "include_path": None if include_path is None else str(include_path),
-    }
+    fingerprint = _fingerprint(info, model, num_layers, names, chosen, repeat_list, engine, race, order, limit=limit,
+                               num_fewshot=num_fewshot, seed=seed, batch_size=str(batch_size),
+                               bootstrap_iters=bootstrap_iters, batch_tokens=batch_tokens,
+                               include_path=None if include_path is None else str(include_path))
     shard = current_shard()
     with SweepFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=info) as folder:
-        ctx = _Context(model, tokenizer, manager, names, task_objects, folder=folder, done=folder.finished() if folder else {},
+        done = {k: r for k, r in (folder.finished() if folder else {}).items() if r.get("race_reason") != "budget"}
+        ctx = _Context(model, tokenizer, manager, names, task_objects, folder=folder, done=done,
                        run_kwargs=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
                                        bootstrap_iters=bootstrap_iters, progress=False), seed=seed, limit=limit)
         shard.barrier()  # every process reads the same finished windows before any of them evaluates
         plan_items = [(w, r) for r in repeat_list for w in chosen]
-        todo_all = _random_order([(w, r) for w, r in plan_items if f"{w}x{r}" not in ctx.done], seed)
+        todo_all = _ordered([(w, r) for w, r in plan_items if f"{w}x{r}" not in ctx.done], seed, order)
         todo = shard.take(todo_all)  # under torchrun: this process's share
         base_run, base = _scored_base(ctx, engine, bool(todo), batch_tokens, progress, shard)
-        sweep_seconds = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress)
+        sweep_seconds, race_totals = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress, race)
         out = Path(out_dir) if out_dir else None
         if shard.parallel:
             shard.barrier()
             ctx.done = folder.finished()  # type: ignore[union-attr]
-        rows = [restore_record(ctx.done[f"{w}x{r}"]) for w, r in plan_items]
+        rows = [restore_record(ctx.done[f"{w}x{r}"]) for w, r in plan_items if f"{w}x{r}" in ctx.done]
         if shard.rank != 0:  # rank 0 writes the merged outputs
             return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
         fits = repeat_fits(rows, list(base)) if len(repeat_list) > 1 else {}
@@ -293,6 +326,11 @@ def sweep_windows(
         timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
                    "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
                    "total_s": time.perf_counter() - started}
+        if race_totals is not None:
+            reasons = [r.get("race_reason") for r in rows]
+            timings["race"] = {**race.to_dict(), **race_totals,  # type: ignore[union-attr]
+                               "windows": {reason: reasons.count(reason) for reason in ("completed", "dropped", "budget")},
+                               "positive": [r["window"] for r in rows if r.get("race_positive")]}
         summary = summarise(getattr(model.config, "model_type", None), info, num_layers, settings, base, rows, fits, timings)
         result = SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits)
         if folder:

@@ -38,7 +38,7 @@ from rys_forge.research.sweep_rows import window_record
 
 __all__ = [
     "CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "WindowScorer", "capturing_lm", "check_cached_tasks",
-    "leaf_tasks", "score_cached_windows", "uncached_tasks",
+    "leaf_tasks", "score_cached_windows", "trim_run", "uncached_tasks",
 ]
 
 #: lm-eval output types the cached engine can answer.
@@ -280,7 +280,8 @@ def leaf_tasks(task_objects: Sequence[Any]) -> list[Any]:
 def capturing_lm(model: nn.Module, tokenizer: Any, **engine_kwargs: Any) -> Any:
     """An lm-eval ``HFLM`` whose loglikelihood requests are answered by a :class:`LoglikelihoodEngine`
     (the base model); afterwards ``lm.engine`` holds the engine and ``lm.instances`` the requests, in
-    the engine's order. Token encoding, truncation and everything else stay ``HFLM``'s."""
+    the engine's order, ``lm.request_tokens`` their ``(context, continuation)`` tokens. Token encoding,
+    truncation and everything else stay ``HFLM``'s."""
     from lm_eval.models.huggingface import HFLM
 
     class _CapturingLM(HFLM):
@@ -290,6 +291,7 @@ def capturing_lm(model: nn.Module, tokenizer: Any, **engine_kwargs: Any) -> Any:
 
         def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, override_bs: Any = None):
             pad = self.tokenizer.pad_token_id
+            self.request_tokens = [(context, continuation) for _, context, continuation in requests]
             self.engine = LoglikelihoodEngine(
                 self.model,
                 [(context, continuation) for _, context, continuation in requests],
@@ -307,7 +309,7 @@ def capturing_lm(model: nn.Module, tokenizer: Any, **engine_kwargs: Any) -> Any:
             raise TaskError("the cached sweep engine does not generate (use --engine lm-eval)")
 
     lm = _CapturingLM(pretrained=model, tokenizer=tokenizer, batch_size=1, backend="causal")
-    lm.engine, lm.instances = None, []
+    lm.engine, lm.instances, lm.request_tokens, lm.engine_kwargs = None, [], [], dict(engine_kwargs)
     return lm
 
 
@@ -341,6 +343,8 @@ class WindowScorer:
         limit: the base run's ``limit`` (the same documents).
         keep: task -> ``"metric,filter"`` to report.
         base_items: the base run's ``items`` (document hashes are copied from there).
+        only_docs: task -> document ids (as strings) to score; None: every document of the run (a race scores
+            the documents of one look, with ``instances`` those documents' requests).
     """
 
     def __init__(
@@ -350,6 +354,7 @@ class WindowScorer:
         limit: int | None,
         keep: dict[str, str],
         base_items: dict[str, dict[str, dict[str, Any]]],
+        only_docs: dict[str, set[str]] | None = None,
     ):
         from lm_eval.api.metrics import mean, stderr_for_metric
 
@@ -366,9 +371,11 @@ class WindowScorer:
             per_doc: dict[int, list[Any]] = defaultdict(list)
             for inst, _ in pairs:
                 per_doc[inst.doc_id].append(inst)
+            wanted = None if only_docs is None else only_docs.get(task.task_name, set())
             docs = [
                 (doc_id, doc, sorted(per_doc[doc_id], key=lambda x: x.idx))
                 for doc_id, doc in task.doc_iterator(rank=0, limit=limit, world_size=1)
+                if wanted is None or str(doc_id) in wanted
             ]
             for name in ("doc_to_choice", "doc_to_target", "doc_to_text"):
                 _memoise(task, name)
@@ -440,7 +447,7 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- a sweep's windows
 
 
-def _trim_run(run: dict[str, Any], keep: dict[str, str]) -> dict[str, Any]:
+def trim_run(run: dict[str, Any], keep: dict[str, str]) -> dict[str, Any]:
     """``run`` reduced to the kept ``"metric,filter"`` of each task (what a cached-engine window run holds)."""
     out: dict[str, Any] = {"results": {}, "groups": {}, "metric_info": {}, "items": {}}
     for task, key in keep.items():
@@ -474,7 +481,7 @@ def score_cached_windows(
         lm.engine.release()
         return
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
-    trimmed = _trim_run(base_run, keep)
+    trimmed = trim_run(base_run, keep)
     scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
     clock = [time.perf_counter()]
 

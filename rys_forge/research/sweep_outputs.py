@@ -29,13 +29,16 @@ from rys_forge.runs import RunFolder
 from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
 
 __all__ = [
-    "BASE_FILE", "SWEEP_FORMAT", "SWEEP_LOG", "SweepFolder", "SweepResult", "read_stored_base", "read_sweep",
+    "BASE_FILE", "RACE_COLUMNS", "SWEEP_FORMAT", "SWEEP_LOG", "SweepFolder", "SweepResult", "read_stored_base", "read_sweep",
     "report_unfinished", "restore_record", "summarise", "write_outputs",
 ]
 
 SWEEP_LOG = "sweep.jsonl"
 BASE_FILE = "base.json"
 SWEEP_FORMAT = 1
+#: Per-window columns of a raced sweep (rys_forge.research.race.race_record).
+RACE_COLUMNS = ("race_reason", "race_look", "race_items", "race_items_full", "race_estimate", "race_lower",
+                "race_upper", "race_positive")
 
 
 @dataclass
@@ -182,6 +185,8 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
     out.write("sweep.json", json.dumps(json_safe({"rows": result.rows}), indent=1))
     columns = ["window", "i", "j", "width", "repeats", "combined_z", "mean_delta", "single_task_verdict",
                "dominant_task", "dominant_share", "seconds"]
+    if any("race_reason" in r for r in result.rows):
+        columns += list(RACE_COLUMNS)
     for task in tasks:
         columns += [f"rys:{task}", f"delta:{task}", f"z:{task}", f"p:{task}"]
     buffer = io.StringIO()
@@ -203,16 +208,18 @@ def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: Ru
     for n_visits in repeat_values:
         rows = [r for r in result.rows if r["repeats"] == n_visits]
         suffix = "" if n_visits == 2 else f"_x{n_visits}"
+        dropped = [r["window"] for r in rows if r.get("race_reason") == "dropped"]
+        missing = sorted({*result.missing, *(r["window"] for r in rows if r.get("race_reason") == "budget")})
+        marks = {"centre": 0.0, "missing": missing, "crossed": dropped}
+        race_note = f"; x = dropped by the race ({len(dropped)})" if dropped else ""
         for task in tasks:
-            title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), x{n_visits}"
+            title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), x{n_visits}{race_note}"
             out.write(f"heatmap_delta_{_task_slug(task)}{suffix}.png", lambda path, rows=rows, task=task, title=title:
-                      window_heatmap(rows, f"delta:{task}", num_layers, path, title, centre=0.0,
-                                     missing=result.missing))
+                      window_heatmap(rows, f"delta:{task}", num_layers, path, title, **marks))
         flagged = [r["window"] for r in rows if r.get("single_task_verdict")]
-        title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task"
+        title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task{race_note}"
         out.write(f"heatmap_combined_z{suffix}.png", lambda path, rows=rows, title=title, flagged=flagged:
-                  window_heatmap(rows, "combined_z", num_layers, path, title, centre=0.0, highlight=flagged,
-                                 missing=result.missing))
+                  window_heatmap(rows, "combined_z", num_layers, path, title, highlight=flagged, **marks))
     if len(repeat_values) > 1:
         out.write("repeats_fit.png", lambda path: repeat_fit_curves(result.fits, ["mean_delta", *tasks], path))
 

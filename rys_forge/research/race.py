@@ -1,0 +1,399 @@
+"""Sweep racing: evaluate windows on growing item subsets and stop the clearly harmful ones early.
+
+The race is a fixed schedule of ``looks`` (default 4). At look ``k`` every window still running has been
+evaluated on the first ``n_k = ceil(N * 2^(k - looks))`` items of each task (``N`` = the task's items; the
+items are taken in a seeded random order fixed in advance, the same for every window), so the last look is
+the whole set. A window's statistic is the **mean paired difference** against the base on the same items,
+averaged over the tasks with equal weight:
+
+    d = (1/T) sum_t mean_i (rys_ti - base_ti),   se = sqrt(sum_t s_t^2 / n_t) / T
+
+where ``s_t^2`` is the variance of task ``t``'s differences with one ``+1`` and one ``-1`` pseudo-difference
+added (so that a handful of equal differences cannot give a zero-width interval). Intervals are
+``d +- z se`` with ``z = Phi^-1(1 - alpha / looks)``: a Bonferroni split of ``alpha`` over the looks fixed in
+advance, so that "positive" (the lower bound above 0 at any look) has one-sided level ``alpha`` per window
+however many looks are taken (tested by simulation in ``tests/test_race.py``). After each look a window is
+
+* **dropped** when its upper bound is below 0 *and* below the current best window's lower bound (it is
+  confidently worse than the base and than the best; it cannot be the best or positive);
+* kept otherwise; windows that reach the last look are ``completed`` (their full sweep row is written).
+
+A ``budget`` in item-evaluations (one window on one item of one task = 1) or seconds ends the race early;
+windows not yet decided then carry the interval they have (reason ``budget``), never a full-sweep score.
+Only tasks whose kept metric is a per-item mean (``acc``, ``acc_norm``, ...) can be raced.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from rys_forge.errors import UsageError
+from rys_forge.evaluate import is_count
+from rys_forge.plan import Window
+from rys_forge.research.sweep_engine import trim_run
+from rys_forge.research.sweep_rows import window_record
+from rys_forge.runs import RunFolder
+from rys_forge.stats import mean_stderr
+
+__all__ = [
+    "RACE_REASONS", "RaceLog", "RaceSettings", "WindowTally", "check_raceable", "critical_z", "decide", "look_sizes",
+    "race_cached_windows", "race_record", "run_race",
+]
+
+#: Why a window stopped: dropped (confidently worse than the base and the best), completed (every item),
+#: budget (the race's budget ran out first).
+RACE_REASONS = ("dropped", "completed", "budget")
+
+
+@dataclass(frozen=True)
+class RaceSettings:
+    """The race's level, looks and budget (``budget_items``: item-evaluations; ``budget_seconds``)."""
+
+    alpha: float = 0.05
+    looks: int = 4
+    budget_items: int | None = None
+    budget_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, float) and 0.0 < self.alpha < 0.5):
+            raise UsageError(f"--race-alpha must be in (0, 0.5), got {self.alpha!r}")
+        if not is_count(self.looks, 1) or self.looks > 12:
+            raise UsageError(f"--race-looks must be an integer in 1..12, got {self.looks!r}")
+        if self.budget_items is not None and not is_count(self.budget_items, 1):
+            raise UsageError(f"--budget must be a positive number of item-evaluations, got {self.budget_items!r}")
+        if self.budget_seconds is not None and not (math.isfinite(self.budget_seconds) and self.budget_seconds > 0):
+            raise UsageError(f"--budget must be a positive number of seconds, got {self.budget_seconds!r}")
+
+    @classmethod
+    def parse_budget(cls, text: str | None) -> tuple[int | None, float | None]:
+        """``"20000"`` -> item-evaluations; ``"600s"`` -> seconds; None -> no budget."""
+        if text is None:
+            return None, None
+        value = text.strip().lower()
+        try:
+            if value.endswith("s"):
+                return None, float(value[:-1])
+            return int(value), None
+        except ValueError:
+            raise UsageError(f"--budget must be item-evaluations (e.g. 20000) or seconds (e.g. 600s), got {text!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "looks": self.looks, "budget_items": self.budget_items,
+                "budget_seconds": self.budget_seconds, "critical_z": critical_z(self.alpha, self.looks)}
+
+
+def critical_z(alpha: float, looks: int) -> float:
+    """One-sided normal quantile of the Bonferroni split of ``alpha`` over ``looks``."""
+    return NormalDist().inv_cdf(1.0 - alpha / looks)
+
+
+def look_sizes(n_items: int, looks: int) -> list[int]:
+    """Items evaluated by look ``1..looks``: ``ceil(n * 2^(k - looks))``, at least 1, ending at ``n``."""
+    if n_items < 1:
+        return [0] * looks
+    sizes = [max(1, math.ceil(n_items * 2.0 ** (k - looks))) for k in range(1, looks + 1)]
+    return [min(s, n_items) for s in sizes]
+
+
+@dataclass
+class WindowTally:
+    """One window's paired differences so far, per task (in the race's item order)."""
+
+    diffs: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, task: str, values: Sequence[float]) -> None:
+        self.diffs.setdefault(task, []).extend(float(v) for v in values)
+
+    @property
+    def items(self) -> int:
+        return sum(len(v) for v in self.diffs.values())
+
+    def estimate(self) -> tuple[float, float]:
+        """``(d, se)`` as in the module docstring; ``(nan, inf)`` before any item."""
+        tasks = [v for v in self.diffs.values() if v]
+        if not tasks:
+            return math.nan, math.inf
+        means, variances = [], []
+        for values in tasks:
+            padded = np.asarray([*values, 1.0, -1.0], dtype=float)
+            means.append(float(np.mean(values)))
+            variances.append(float(np.var(padded, ddof=1)) / len(values))
+        return float(np.mean(means)), math.sqrt(sum(variances)) / len(tasks)
+
+    def interval(self, z: float) -> tuple[float, float, float]:
+        d, se = self.estimate()
+        return d, d - z * se, d + z * se
+
+
+def decide(tallies: dict[str, WindowTally], running: Sequence[str], z: float) -> dict[str, str]:
+    """After a look: ``{window: "dropped"}`` for each running window whose upper bound is below 0 and below
+    the best lower bound among all windows evaluated so far."""
+    bounds = {w: t.interval(z) for w, t in tallies.items() if t.items}
+    best_lower = max((b[1] for b in bounds.values()), default=-math.inf)
+    threshold = min(0.0, best_lower)
+    return {w: "dropped" for w in running if w in bounds and bounds[w][2] < threshold}
+
+
+def run_race(tallies: dict[str, WindowTally], running: Sequence[str], looks: int, z: float,
+             evaluate: Callable[[int, list[str]], bool], emit: Callable[[str, str, int], None],
+             positive: set[str]) -> None:
+    """The schedule. At look ``k`` (0-based) ``evaluate(k, keys)`` adds that look's differences of the running
+    windows to their ``tallies`` (False: the budget ran out; the running windows stop with reason ``budget``);
+    a window whose lower bound is above 0 joins ``positive``; then :func:`decide` drops windows. ``emit(key,
+    reason, looks_done)`` is called once per window as it stops."""
+    running = list(running)
+    for k in range(looks):
+        if not evaluate(k, running):
+            for key in running:
+                emit(key, "budget", k)
+            return
+        positive.update(key for key in running if tallies[key].interval(z)[1] > 0)
+        if k + 1 < looks:
+            for key in decide({key: t for key, t in tallies.items() if t.items}, running, z):
+                emit(key, "dropped", k + 1)
+                running.remove(key)
+    for key in running:
+        emit(key, "completed", looks)
+
+
+def race_record(window: str, tally: WindowTally, z: float, reason: str, look: int, looks: int,
+                task_items: dict[str, int]) -> dict[str, Any]:
+    """The race fields of a window's row: items per task, the interval, where and why it stopped."""
+    d, low, high = tally.interval(z)
+    return {
+        "race_reason": reason,
+        "race_look": look,
+        "race_looks": looks,
+        "race_items": tally.items,
+        "race_items_per_task": {t: len(v) for t, v in tally.diffs.items()},
+        "race_items_full": sum(task_items.values()),
+        "race_estimate": d,
+        "race_lower": low,
+        "race_upper": high,
+        "race_positive": bool(low > 0),
+        "race_mean_diff": {t: float(np.mean(v)) if v else math.nan for t, v in tally.diffs.items()},
+    }
+
+
+# --------------------------------------------------------------------------- the race on the cached engine
+
+
+class RaceLog(RunFolder):
+    """The race's per-look log (``race.jsonl``) beside the sweep's: one record per (window, look) with the
+    per-document values of that look's new documents, so that ``--resume`` rebuilds every tally."""
+
+    stem, key, merge = "race", "key", False
+
+
+@dataclass
+class _Look:
+    """One look's new documents per task and the engine requests that score them."""
+
+    docs: dict[str, list[str]]
+    requests: list[int]
+
+
+def _looks(base_run: dict[str, Any], keep: dict[str, str], instances: Sequence[Any], looks: int,
+           seed: int) -> tuple[list[_Look], dict[str, int]]:
+    """The fixed schedule: each task's documents in a seeded random order, cut at :func:`look_sizes`."""
+    rng = np.random.default_rng(seed)
+    order: dict[str, list[str]] = {}
+    for task, key in keep.items():
+        filt = key.split(",", 1)[1]
+        doc_ids = sorted((base_run["items"].get(task) or {}).get(filt) or {}, key=lambda d: (len(d), d))
+        order[task] = [doc_ids[k] for k in rng.permutation(len(doc_ids))]
+    by_doc: dict[tuple[str, str], list[int]] = {}
+    for index, inst in enumerate(instances):
+        by_doc.setdefault((inst.task_name, str(inst.doc_id)), []).append(index)
+    sizes = {task: look_sizes(len(ids), looks) for task, ids in order.items()}
+    schedule = []
+    for k in range(looks):
+        docs = {t: ids[(sizes[t][k - 1] if k else 0):sizes[t][k]] for t, ids in order.items()}
+        requests = sorted(i for t, ids in docs.items() for d in ids for i in by_doc.get((t, d), []))
+        schedule.append(_Look(docs, requests))
+    return schedule, {t: len(ids) for t, ids in order.items()}
+
+
+def _base_values(base_run: dict[str, Any], keep: dict[str, str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for task, key in keep.items():
+        metric, filt = key.split(",", 1)
+        items = (base_run["items"].get(task) or {}).get(filt) or {}
+        out[task] = {d: float(rec["values"][metric]) for d, rec in items.items()}
+    return out
+
+
+def check_raceable(base_run: dict[str, Any], keep: dict[str, str]) -> None:
+    """Racing needs per-item means: every kept metric's aggregate must equal the mean of its item values."""
+    values = _base_values(base_run, keep)
+    bad = []
+    for task, key in keep.items():
+        reported = base_run["results"][task].get(key)
+        items = list(values[task].values())
+        if not items or not isinstance(reported, (int, float)) or abs(float(np.mean(items)) - reported) > 1e-9:
+            bad.append(f"{task} ({key.split(',')[0]})")
+    if bad:
+        raise UsageError(f"--race needs tasks scored by a per-item mean; not: {', '.join(bad)}")
+
+
+def _full_run(values: dict[str, dict[str, float]], keep: dict[str, str], base_run: dict[str, Any]) -> dict[str, Any]:
+    """A normalised run holding a completed window's per-document values (what ``window_record`` compares)."""
+    results: dict[str, Any] = {}
+    items: dict[str, Any] = {}
+    for task, key in keep.items():
+        metric, filt = key.split(",", 1)
+        base_items = (base_run["items"].get(task) or {}).get(filt) or {}
+        mean, stderr = mean_stderr(list(values[task].values()))
+        results[task] = {key: mean, f"{metric}_stderr,{filt}": stderr}
+        items[task] = {filt: {d: {"doc_hash": base_items.get(d, {}).get("doc_hash"),
+                                  "prompt_hash": base_items.get(d, {}).get("prompt_hash"),
+                                  "values": {metric: v}} for d, v in values[task].items()}}
+    return {"results": results, "items": items}
+
+
+@dataclass
+class _Racer:
+    """The state of one race: tallies, per-document values and the log, per window key ``<window>x<visits>``."""
+
+    windows: dict[str, tuple[Window, int]]
+    keep: dict[str, str]
+    base_values: dict[str, dict[str, float]]
+    z: float
+    log: RaceLog | None
+    logged: dict[tuple[str, int], dict[str, dict[str, float]]]
+    tallies: dict[str, WindowTally] = field(default_factory=dict)
+    values: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    positive: set[str] = field(default_factory=set)
+    spent: int = 0
+
+    def add(self, key: str, look: int, docs: dict[str, list[str]], values: dict[str, dict[str, float]]) -> None:
+        """One look's values of one window (from the engine or the log): tally the paired differences."""
+        tally = self.tallies.setdefault(key, WindowTally())
+        store = self.values.setdefault(key, {t: {} for t in self.keep})
+        for task, ids in docs.items():
+            tally.add(task, [values[task][d] - self.base_values[task][d] for d in ids])
+            store[task].update({d: values[task][d] for d in ids})
+            self.spent += len(ids)
+        if self.log is not None and (key, look) not in self.logged:
+            self.log.append({"key": f"{key}#{look}", "window_key": key, "look": look, "values": values})
+
+    def row(self, key: str, reason: str, look: int, looks: int, task_items: dict[str, int], base_run: dict[str, Any],
+            reported: Sequence[str], seed: int) -> dict[str, Any]:
+        window, visits = self.windows[key]
+        race = race_record(str(window), self.tallies.get(key, WindowTally()), self.z, reason, look, looks, task_items)
+        race["race_positive"] = key in self.positive
+        if reason == "completed":
+            full = _full_run(self.values[key], self.keep, base_run)
+            return {**window_record(window, visits, trim_run(base_run, self.keep), full, reported, seed,
+                                    self.seconds.get(key, 0.0)), **race}
+        return {"window": str(window), "i": window.start, "j": window.end, "width": window.width, "repeats": visits,
+                "key": key, "tasks": {}, "combined_z": math.nan, "mean_delta": math.nan,
+                "seconds": self.seconds.get(key, 0.0), **race}
+
+
+def _logged_values(folder: Path | None) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
+    if folder is None or not folder.is_dir():
+        return {}
+    out = {}
+    for record in RaceLog.records(folder).values():
+        if isinstance(record.get("window_key"), str) and isinstance(record.get("look"), int):
+            out[(record["window_key"], record["look"])] = record.get("values") or {}
+    return out
+
+
+def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look, k: int, keys: list[str],
+                limit: int | None, settings: RaceSettings, started: float) -> bool:
+    """Evaluate ``keys`` on look ``k``'s documents (in chunks, checking the budget); False if it ran out."""
+    from rys_forge.research.sweep_engine import LoglikelihoodEngine, WindowScorer, leaf_tasks
+
+    if not keys:
+        return True
+    cost = sum(len(ids) for ids in look.docs.values())
+    pad = lm.tokenizer.pad_token_id
+    engine = LoglikelihoodEngine(lm.model, [lm.request_tokens[i] for i in look.requests], max_length=lm.max_length,
+                                 pad_id=pad if pad is not None else 0, **lm.engine_kwargs)
+    scorer = WindowScorer(leaf_tasks(task_objects), [lm.instances[i] for i in look.requests], limit, racer.keep,
+                          {}, only_docs={t: set(ids) for t, ids in look.docs.items()})
+    try:
+        position = 0
+        while position < len(keys):
+            affordable = len(keys) - position
+            if settings.budget_items is not None:
+                affordable = min(affordable, max(0, (settings.budget_items - racer.spent) // max(cost, 1)))
+            if settings.budget_seconds is not None and time.perf_counter() - started > settings.budget_seconds:
+                affordable = 0
+            if affordable == 0:
+                return False
+            chunk = keys[position:position + min(affordable, 8)]
+            clock = [time.perf_counter()]
+
+            def finish(index: int, run: Any, chunk: list[str] = chunk) -> None:
+                scored = scorer(run)
+                values = {}
+                for task, key in racer.keep.items():
+                    metric, filt = key.split(",", 1)
+                    items = scored["items"][task][filt]
+                    values[task] = {d: float(items[d]["values"][metric]) for d in look.docs[task]}
+                racer.add(chunk[index], k, look.docs, values)
+                now = time.perf_counter()
+                racer.seconds[chunk[index]] = racer.seconds.get(chunk[index], 0.0) + now - clock[0]
+                clock[0] = now
+
+            engine.run([(racer.windows[key][0].start, racer.windows[key][0].end, racer.windows[key][1]) for key in chunk],
+                       on_done=finish)
+            position += len(chunk)
+        return True
+    finally:
+        engine.release()
+
+
+def race_cached_windows(
+    lm: Any, task_objects: Sequence[Any], todo: Sequence[tuple[Window, int]], base_run: dict[str, Any],
+    base: dict[str, Any], reported: Sequence[str], *, limit: int | None, seed: int, settings: RaceSettings,
+    folder: Path | None, on_record: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Race ``todo`` (in the order given) on the engine of ``lm`` (:func:`capturing_lm` after its base pass).
+
+    Each window's final row goes to ``on_record`` when it stops (dropped, completed or budget); windows
+    finished in an earlier session are not in ``todo`` but their logged looks still count for the best
+    lower bound. Returns the race's totals (item-evaluations spent and the exhaustive equivalent).
+    """
+    lm.engine.release()
+    keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
+    check_raceable(base_run, keep)
+    schedule, task_items = _looks(base_run, keep, lm.instances, settings.looks, seed)
+    logged = _logged_values(folder)
+    windows = {f"{w}x{n}": (w, n) for w, n in todo}
+    for key, _look in logged:
+        if key not in windows:
+            window = Window.parse(key.rsplit("x", 1)[0])
+            windows[key] = (window, int(key.rsplit("x", 1)[1]))
+    racer = _Racer(windows, keep, _base_values(base_run, keep), critical_z(settings.alpha, settings.looks),
+                   RaceLog(folder) if folder is not None else None, logged)
+    started = time.perf_counter()
+    stopped: list[str] = []
+
+    def evaluate(k: int, running: list[str]) -> bool:
+        for key in windows:
+            if (key, k) in logged:
+                racer.add(key, k, schedule[k].docs, logged[(key, k)])
+        fresh = [key for key in running if (key, k) not in logged]
+        return _score_look(lm, task_objects, racer, schedule[k], k, fresh, limit, settings, started)
+
+    def emit(key: str, reason: str, looks_done: int) -> None:
+        stopped.append(reason)
+        on_record(racer.row(key, reason, looks_done, settings.looks, task_items, base_run, reported, seed))
+
+    run_race(racer.tallies, [f"{w}x{n}" for w, n in todo], settings.looks, racer.z, evaluate, emit, racer.positive)
+    return {"spent_this_session": racer.spent - sum(len(v) for vals in logged.values() for v in vals.values()),
+            "spent": racer.spent, "exhaustive": len(windows) * sum(task_items.values()),
+            "stopped_by_budget": "budget" in stopped}

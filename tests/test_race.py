@@ -1,0 +1,170 @@
+"""Sweep racing: the statistics by simulation (level under the null, planted windows found) and the race on
+a tiny model against the exhaustive cached sweep (completed windows give the same rows)."""
+
+from __future__ import annotations
+
+import json
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from rys_forge.errors import UsageError
+from rys_forge.research.race import (RaceSettings, WindowTally, critical_z, decide, look_sizes, run_race)
+
+LOOKS = 4
+ITEMS = 240  # per task
+TASKS = ("a", "b", "c")
+
+
+def test_look_sizes_and_critical_z():
+    assert look_sizes(500, 4) == [63, 125, 250, 500]
+    assert look_sizes(3, 4) == [1, 1, 2, 3]
+    assert look_sizes(10, 1) == [10]
+    assert critical_z(0.05, 4) == pytest.approx(NormalDist().inv_cdf(1 - 0.0125))
+    with pytest.raises(UsageError, match="race-alpha"):
+        RaceSettings(alpha=0.7)
+    with pytest.raises(UsageError, match="race-looks"):
+        RaceSettings(looks=0)
+    assert RaceSettings.parse_budget("600s") == (None, 600.0)
+    assert RaceSettings.parse_budget("20000") == (20000, None)
+    with pytest.raises(UsageError, match="--budget"):
+        RaceSettings.parse_budget("ten")
+
+
+def test_tally_estimate_against_formula():
+    rng = np.random.default_rng(1)
+    tally = WindowTally()
+    data = {t: rng.integers(-1, 2, size=n).astype(float) for t, n in zip(TASKS, (30, 50, 70))}
+    for task, values in data.items():
+        tally.add(task, values[:10])
+        tally.add(task, values[10:])
+    d, se = tally.estimate()
+    assert d == pytest.approx(np.mean([v.mean() for v in data.values()]))
+    variances = [np.var(np.r_[v, 1.0, -1.0], ddof=1) / len(v) for v in data.values()]  # the padded variance
+    assert se == pytest.approx(math.sqrt(sum(variances)) / 3)
+    assert tally.items == 150
+    empty = WindowTally()
+    assert math.isnan(empty.estimate()[0]) and empty.estimate()[1] == math.inf
+
+
+def test_decide_drops_only_windows_worse_than_base_and_best():
+    z = 2.0
+    tallies = {}
+    for name, values in (("good", [1.0] * 40), ("bad", [-1.0] * 40), ("flat", [0.0] * 40)):
+        tallies[name] = WindowTally()
+        tallies[name].add("a", values)
+    assert decide(tallies, ["good", "bad", "flat"], z) == {"bad": "dropped"}
+    # every window negative: the best (least bad) one is kept even though it is worse than the base
+    worse = {"x": WindowTally(), "y": WindowTally()}
+    worse["x"].add("a", [-1.0] * 5 + [0.0] * 95)
+    worse["y"].add("a", [-1.0] * 95 + [0.0] * 5)
+    assert decide(worse, ["x", "y"], z) == {"y": "dropped"}
+
+
+def _simulate(effects: dict[str, float], seed: int, settings: RaceSettings) -> tuple[dict[str, tuple[str, int]], set[str], int]:
+    """One race over synthetic windows: per item, base and RYS are 0/1 with P(rys=1) = 0.5 + effect/2 and
+    P(base=1) = 0.5 (independent), so the mean paired difference is `effect/2`."""
+    rng = np.random.default_rng(seed)
+    sizes = look_sizes(ITEMS, settings.looks)
+    streams = {w: {t: (rng.random(ITEMS) < 0.5 + e / 2).astype(float) - (rng.random(ITEMS) < 0.5).astype(float)
+                   for t in TASKS} for w, e in effects.items()}
+    tallies = {w: WindowTally() for w in effects}
+    spent = [0]
+
+    def evaluate(k: int, running: list[str]) -> bool:
+        lo = sizes[k - 1] if k else 0
+        for w in running:
+            for t in TASKS:
+                tallies[w].add(t, streams[w][t][lo:sizes[k]])
+                spent[0] += sizes[k] - lo
+        return True
+
+    stopped: dict[str, tuple[str, int]] = {}
+    positive: set[str] = set()
+    run_race(tallies, list(effects), settings.looks, critical_z(settings.alpha, settings.looks), evaluate,
+             lambda w, reason, look: stopped.__setitem__(w, (reason, look)), positive)
+    return stopped, positive, spent[0]
+
+
+def test_null_windows_are_called_positive_at_most_at_the_nominal_rate():
+    settings = RaceSettings(alpha=0.05, looks=LOOKS)
+    calls = total = 0
+    for seed in range(60):
+        effects = {f"w{k}": 0.0 for k in range(40)}
+        _stopped, positive, _spent = _simulate(effects, seed, settings)
+        calls += len(positive)
+        total += len(effects)
+    rate = calls / total
+    # 2400 null windows: the rate stays at or below alpha (plus 3 standard errors of the simulation)
+    assert rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / total), rate
+
+
+def test_planted_positive_window_is_always_found_and_harmful_ones_stop_early():
+    settings = RaceSettings(alpha=0.05, looks=LOOKS)
+    exhaustive = 0
+    for seed in range(30):
+        effects = {"planted": 0.4, **{f"null{k}": 0.0 for k in range(5)}, **{f"harm{k}": -0.8 for k in range(20)}}
+        stopped, positive, spent = _simulate(effects, seed, settings)
+        exhaustive = len(effects) * ITEMS * len(TASKS)
+        assert "planted" in positive and stopped["planted"] == ("completed", LOOKS)
+        assert all(stopped[f"harm{k}"][0] == "dropped" for k in range(20))
+        assert spent < 0.5 * exhaustive
+
+
+# --------------------------------------------------------------------------- on a tiny model
+
+pytest.importorskip("lm_eval")
+
+from rys_forge.research.sweep import read_sweep, sweep_windows  # noqa: E402
+
+REAL_TASKS = ["rys_arc_easy", "rys_piqa"]
+WINDOWS = ["1:3", "0:4", "2:6", "3:6", "0:6"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dirs, single_thread_loader):
+    return single_thread_loader(tiny_model_dirs["llama"])
+
+
+def _sweep(loaded, out, **kwargs):
+    return sweep_windows(loaded.model, loaded.tokenizer, tasks=REAL_TASKS, limit=12, windows=WINDOWS, out_dir=out,
+                         progress=False, engine="cached", model_info={"source": loaded.source}, **kwargs)
+
+
+def test_race_rows_equal_the_exhaustive_sweep_and_resume(loaded, tmp_path):
+    full = _sweep(loaded, tmp_path / "full")
+    raced = _sweep(loaded, tmp_path / "race", race=RaceSettings(looks=3), order=list(reversed(WINDOWS)))
+    by_window = {r["window"]: r for r in full.rows}
+    reasons = {r["window"]: r["race_reason"] for r in raced.rows}
+    assert set(reasons) == set(WINDOWS) and set(reasons.values()) <= {"completed", "dropped"}
+    for row in raced.rows:
+        if row["race_reason"] == "completed":  # every item: the same row as the exhaustive sweep
+            assert row["race_items"] == row["race_items_full"] == 24
+            for task in REAL_TASKS:
+                assert row["tasks"][task]["items"] == by_window[row["window"]]["tasks"][task]["items"]
+                assert row["tasks"][task]["delta"] == pytest.approx(by_window[row["window"]]["tasks"][task]["delta"])
+            assert row["combined_z"] == pytest.approx(by_window[row["window"]]["combined_z"])
+        else:  # stopped early: its interval, no full-sweep score
+            assert math.isnan(row["combined_z"]) and row["race_items"] < 24 and row["race_upper"] < 0
+        exact = np.mean([np.mean(np.array(by_window[row["window"]]["tasks"][t]["items"]) - np.array(full.base[t]["items"]))
+                         for t in REAL_TASKS])
+        if row["race_reason"] == "completed":
+            assert row["race_estimate"] == pytest.approx(exact)
+    race_info = raced.summary["timings"]["race"]
+    assert race_info["spent"] <= race_info["exhaustive"] == len(WINDOWS) * 24
+    # a budget cuts the race; the windows it did not decide carry their interval, and --resume continues them
+    out = tmp_path / "budget"
+    cut = _sweep(loaded, out, race=RaceSettings(looks=3, budget_items=30), order=WINDOWS)
+    assert {r["race_reason"] for r in cut.rows} == {"budget"} and cut.summary["timings"]["race"]["stopped_by_budget"]
+    logged = [json.loads(line) for line in (out / "race.jsonl").read_text().splitlines()]
+    assert logged and all(rec["look"] == 0 for rec in logged)
+    resumed = _sweep(loaded, out, race=RaceSettings(looks=3), order=WINDOWS, resume=True)
+    assert {r["window"]: r["race_reason"] for r in resumed.rows} == reasons
+    assert {r["window"]: r["race_estimate"] for r in resumed.rows} == pytest.approx(
+        {r["window"]: r["race_estimate"] for r in raced.rows})
+    rows, _summary = read_sweep(out)
+    assert len(rows) == len(WINDOWS)
+    with pytest.raises(UsageError, match="settings differ"):
+        _sweep(loaded, out, race=RaceSettings(looks=2), order=WINDOWS, resume=True)
