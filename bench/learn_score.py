@@ -1,11 +1,10 @@
-"""Learn a window score from every probe column across models and judge it leave-one-model-out.
+"""Learn a window score across models: a thin wrapper of ``rys-forge learn-score``, plus a synthetic smoke test.
 
-For each ``--run MODEL RANK_DIR SWEEP`` (a finished ``rank`` run folder, and a ``sweep`` run folder or its flat
-CSV table such as ``docs/results/sweep_gemma-3-270m_h100.csv`` with ``..._summary.json`` beside it), the
-windows are joined; for each model a ridge score is fitted on the other models (out-of-model) and on all of
-them (in-sample), and both are compared with the hand-set prior (the rank rows' ``score``): Spearman,
-evaluations in score order to 90% of the best outcome, benchmark-positive windows in the top decile.
-See :mod:`rys_forge.research.surrogate` for the model and the rule of the verdict.
+The arguments are those of ``rys-forge learn-score`` (see ``rys-forge learn-score -h``): for each
+``--run MODEL RANK_DIR SWEEP`` (a finished ``rank`` run folder, and a ``sweep`` run folder or its flat CSV table
+such as ``docs/results/sweep_gemma-3-270m_h100.csv`` with ``..._summary.json`` beside it) the windows are joined;
+per model a ridge score is fitted on the other models (out-of-model) and on all of them (in-sample), and both
+are compared with the hand-set prior. The model and the verdict's rule: :mod:`rys_forge.research.surrogate`.
 
 Usage (CPU, seconds; no model is loaded):
 
@@ -13,86 +12,70 @@ Usage (CPU, seconds; no model is loaded):
         --run gemma-3-270m runs/rank-gemma docs/results/sweep_gemma-3-270m_h100.csv \\
         --run smollm2-135m runs/rank-smollm2 docs/results/sweep_smollm2-135m_h100.csv \\
         --run qwen2.5-coder-1.5b runs/rank-qwen runs/sweep-qwen \\
-        --out bench/results/learn_score.json --surrogate-out bench/results/learned_score.json
+        --out bench/results/learned_score.json --report bench/results/learn_score.json
 
-``--synthetic`` runs it on three made-up models instead (a smoke test of the script).
+``--synthetic`` adds three made-up models (rank and sweep folders written to a temporary folder) and, without
+``--out``, writes the score there too: a smoke test of the whole command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from rys_forge.errors import RysForgeError
-from rys_forge.files import write_atomic
-from rys_forge.research.surrogate import TRANSFORMS, ModelRun, learn_score, leave_one_model_out
+from rys_forge.cli import main as cli_main
 
 
-def synthetic_runs(seed: int = 0) -> list[ModelRun]:
-    """Three made-up models whose combined z follows ``delta_0 - d_kl`` (plus noise), at other probe scales;
-    the prior ``score`` is unrelated noise."""
+def synthetic_models(seed: int = 0) -> list[tuple[str, list[dict], list[dict]]]:
+    """Three made-up models ``(name, rank rows, sweep rows)`` whose combined z follows ``delta_0 - d_kl`` (plus
+    noise), at other probe scales; the prior ``score`` is unrelated noise."""
     rng = np.random.default_rng(seed)
-    runs = []
+    models = []
     for name, layers, scale in (("synthetic-a", 12, 1.0), ("synthetic-b", 16, 40.0), ("synthetic-c", 14, 0.02)):
-        rows, outcome = [], {}
+        rows, sweep = [], []
         for i in range(layers):
             for j in range(i + 2, layers + 1):
                 probes = {p: float(rng.normal()) for p in ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl")}
                 z = probes["delta_0"] - probes["d_kl"] + float(rng.normal(0, 0.7))
-                rows.append({"window": f"{i}:{j}", "i": i, "j": j, "width": j - i, "score": float(rng.uniform()),
-                             **{k: v * scale for k, v in probes.items()}})
-                outcome[f"{i}:{j}"] = (z, z > 1.96)
-        runs.append(ModelRun(rows=rows, outcomes={"combined_z": outcome}, model=name))
-    return runs
+                window = {"window": f"{i}:{j}", "i": i, "j": j, "width": j - i}
+                rows.append({**window, "score": float(rng.uniform()), **{k: v * scale for k, v in probes.items()}})
+                sweep.append({**window, "repeats": 2, "combined_z": z, "tasks": {}})
+        models.append((name, rows, sweep))
+    return models
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", nargs=3, action="append", default=[], metavar=("MODEL", "RANK_DIR", "SWEEP"),
-                        help="a model's name, its rank run folder and its sweep folder or CSV table (repeatable)")
-    parser.add_argument("--synthetic", action="store_true", help="three made-up models instead of --run")
-    parser.add_argument("--target", default="combined_z", help="combined_z, delta:<task> or z:<task>")
-    parser.add_argument("--repeats", type=int, default=None, help="sweep rows with this many visits (default 2)")
-    parser.add_argument("--feature-transform", choices=TRANSFORMS, default="rank", help="per-model probe transform")
-    parser.add_argument("--target-transform", choices=TRANSFORMS, default="rank", help="per-model target transform")
-    parser.add_argument("--penalty", type=float, default=None, help="fixed ridge penalty (default: inner CV)")
-    parser.add_argument("--max-missing", type=float, default=0.5, help="largest NaN share of a used column")
-    parser.add_argument("--top-fraction", type=float, default=0.1, help="top set of the enrichment figures")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the inner folds (and of --synthetic)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON report")
-    parser.add_argument("--surrogate-out", type=Path, default=None, help="JSON of the score fitted on every model")
-    return parser.parse_args(argv)
+def write_synthetic(folder: Path, seed: int = 0) -> list[str]:
+    """Rank and sweep run folders of :func:`synthetic_models` under ``folder``; the ``--run`` arguments for them."""
+    args = []
+    for name, rows, sweep in synthetic_models(seed):
+        rank_dir, sweep_dir = folder / f"rank-{name}", folder / f"sweep-{name}"
+        rank_dir.mkdir(parents=True)
+        sweep_dir.mkdir(parents=True)
+        (rank_dir / "windows.json").write_text(json.dumps(rows))
+        (rank_dir / "summary.json").write_text(json.dumps({"model": {"source": name}}))
+        (sweep_dir / "sweep.json").write_text(json.dumps({"rows": sweep}))
+        (sweep_dir / "summary.json").write_text(json.dumps({"tasks": [], "model": {"source": name}}))
+        args += ["--run", name, str(rank_dir), str(sweep_dir)]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    options = dict(target=args.target, top_fraction=args.top_fraction, penalty=args.penalty, seed=args.seed,
-                   feature_transform=args.feature_transform, target_transform=args.target_transform,
-                   max_missing=args.max_missing)
-    try:
-        if args.synthetic:
-            report = leave_one_model_out(synthetic_runs(args.seed), **options)
-            for path, text in ((args.surrogate_out, report.surrogate.to_json()),
-                               (args.out, json.dumps(report.to_dict(), indent=2) + "\n")):
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_atomic(path, text)
-                    report.saved_to.append(str(path))
-        else:
-            report = learn_score(args.run, out=args.surrogate_out, report_out=args.out, repeats=args.repeats, **options)
-    except RysForgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report.format_text())
-    weights = list(report.surrogate.weights().items())[:8]
-    print("weights of the fit on every model (per sd): " + ", ".join(f"{k} {v:+.3f}" for k, v in weights))
-    print("\n".join(f"wrote {path}" for path in report.saved_to))
-    if args.surrogate_out is not None and not report.ship:
-        print("note: the verdict says do not ship; the surrogate file is for inspection, not a default")
+    """Run ``rys-forge learn-score`` with ``argv`` (``--synthetic``: on made-up models); its exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--synthetic" in args:
+            args.remove("--synthetic")
+            args = [*write_synthetic(Path(tmp)), *args]
+            if "--out" not in args and "-o" not in args:
+                args += ["--out", str(Path(tmp) / "learned_score.json")]
+        try:
+            cli_main(["learn-score", *args], prog_name="rys-forge")
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 1
     return 0
 
 

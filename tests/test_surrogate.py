@@ -13,8 +13,8 @@ import pytest
 from scipy import stats
 
 from rys_forge.errors import UsageError
+from rys_forge.rank.learned import LearnedScore
 from rys_forge.research.surrogate import (
-    Surrogate,
     feature_columns,
     fit_surrogate,
     leave_one_model_out,
@@ -158,17 +158,17 @@ def test_ranking_figures_against_the_stats_functions():
 def test_json_round_trip_and_bad_files():
     runs = [(*_planted(10, s, {"delta_0": 1.0})[:2], f"m{s}") for s in (0, 1)]
     fit = fit_surrogate(runs)
-    again = Surrogate.from_json(fit.to_json())
+    again = LearnedScore.from_json(fit.to_json())
     assert again == fit
     np.testing.assert_array_equal(again.predict(runs[0][0]), fit.predict(runs[0][0]))
     data = json.loads(fit.to_json())
     assert data["rys_forge_surrogate"] == 1 and data["trained_on"] == ["m0", "m1"]
     with pytest.raises(UsageError, match="unknown key 'alpha'"):
-        Surrogate.from_json(json.dumps({**data, "alpha": 1}))
+        LearnedScore.from_json(json.dumps({**data, "alpha": 1}))
     with pytest.raises(UsageError, match="format"):
-        Surrogate.from_json(json.dumps({"alpha": 1}))
+        LearnedScore.from_json(json.dumps({"alpha": 1}))
     with pytest.raises(UsageError, match="not valid JSON"):
-        Surrogate.from_json("{")
+        LearnedScore.from_json("{")
 
 
 def test_nan_columns_are_dropped_or_imputed_with_an_indicator():
@@ -238,6 +238,6 @@ def test_readers_agree_on_a_folder_and_its_flat_csv(tmp_path):
     report = learn_score([("m", rank, sweep), ("n", rank, table)], out=tmp_path / "out" / "score.json",
                          report_out=tmp_path / "out" / "report.json", penalty=1.0)
     assert report.saved_to == [str(tmp_path / "out" / "score.json"), str(tmp_path / "out" / "report.json")]
-    saved = Surrogate.from_json((tmp_path / "out" / "score.json").read_text())
+    saved = LearnedScore.from_json((tmp_path / "out" / "score.json").read_text())
     np.testing.assert_allclose(saved.predict(rows), report.surrogate.predict(rows))
     assert json.loads((tmp_path / "out" / "report.json").read_text())["settings"]["runs"][1] == ["n", str(rank), str(table)]

@@ -16,6 +16,7 @@ import click
 
 from rys_forge.plan import WINDOW_CONVENTION
 from rys_forge.cli.framework import (
+    print_learned,
     print_model_facts,
     RysForgeGroup,
     adapter_option,
@@ -85,6 +86,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--top-k", default=10, show_default=True, type=int, help="Windows in the short list, the table and the curves.")
 @click.option("--overlap", default=None, help="Two prompt families, e.g. math,reasoning: report their top-k overlap.")
 @click.option("--score-config", default=None, type=click.Path(), help="JSON overriding the score constants and class thresholds.")
+@click.option("--learned-score", default=None, type=click.Path(), help="Order the windows by this learned score (a file from `rys-forge learn-score`) instead of Score(B); the prior stays in the score column and summary.json: ordering says which score produced the order.")
 @click.option("--outlier-factor", default=5.0, show_default=True, help="Exclude tokens whose residual norm at some layer exceeds this multiple of the layer's median (massive activations, attention sinks); 0 keeps every token.")
 @click.option("--shortlist-overlap", default=0.3, show_default=True, help="Short list: skip a window whose layer overlap (intersection over union) with a better listed one exceeds this (1: raw score order).")
 @click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
@@ -99,7 +101,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
          probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
          prompts_per_family: int | None, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
          debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
-         outlier_factor: float, shortlist_overlap: float,
+         learned_score: str | None, outlier_factor: float, shortlist_overlap: float,
          stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool,
          adapter: str | None, placement: dict[str, Any]) -> None:
     """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
@@ -110,8 +112,8 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     """
     from rys_forge.models import load_model
     from rys_forge.rank import (
-        RankSettings, ScoreConfig, check_score_inputs, load_prompts, per_family_limit, probe_descriptions, rank_windows,
-        select_probes,
+        LearnedScore, RankSettings, ScoreConfig, check_score_inputs, load_prompts, per_family_limit, probe_descriptions,
+        rank_windows, select_probes,
     )
 
     if list_probes:
@@ -128,6 +130,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     settings.validate()
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()
     check_score_inputs(select_probes(settings.probes), settings.kl_positions, config)
+    learned = LearnedScore.load(learned_score) if learned_score else None
     prompts = load_prompts(families=split(families) or None, path=prompts_file,
                            limit_per_family=per_family_limit(prompts_file, prompts_per_family))
     check_windows(windows)
@@ -137,6 +140,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
         result = rank_windows(
             loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
             progress=not no_progress and shard.rank == 0, model_info={**loaded.info, "path": loaded.path},
+            learned_score=learned,
         )
     if shard.rank != 0:
         return
@@ -394,18 +398,21 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
 @click.option("--permutations", default=10000, show_default=True, type=int, help="Draws for the CKA-matched baseline.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the permutation test.")
 @click.option("--score-config", default=None, type=click.Path(), help="Re-score the rank rows with these constants (e.g. from calibrate).")
+@click.option("--learned-score", default=None, type=click.Path(), help="Judge this learned score (from learn-score) instead of the rank run's score.")
 def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float, permutations: int, seed: int,
-             score_config: str | None) -> None:
+             score_config: str | None, learned_score: str | None) -> None:
     """Does the ranking find the benchmark-positive windows? Correlations, enrichment, evaluations-to-best.
 
     Says so plainly when it does not.
     """
-    from rys_forge.rank import ScoreConfig
+    from rys_forge.rank import LearnedScore, ScoreConfig
     from rys_forge.research.validate import validate_runs
 
     config = ScoreConfig.from_json(score_config) if score_config else None
+    learned = LearnedScore.load(learned_score) if learned_score else None
     report = validate_runs(rank_run, sweep_run, out_dir=out or str(Path(sweep_run) / "validation"),
-                           top_fraction=top_fraction, n_permutations=permutations, seed=seed, score_config=config)
+                           top_fraction=top_fraction, n_permutations=permutations, seed=seed, score_config=config,
+                           learned_score=learned)
     click.echo(report.format_text())
 
 
@@ -430,3 +437,29 @@ def calibrate(sweep_run: str, rank_run: str, out: str, target: str, repeats: int
                              folds=folds, seed=seed)
     click.echo(result.format_text())
     click.echo(f"score config: {out}")
+
+
+@main.command(name="learn-score")
+@click.option("--run", "runs", type=(str, click.Path(), click.Path()), multiple=True, required=True,
+              metavar="MODEL RANK_DIR SWEEP", help="A model's name, its rank run folder and its sweep run folder (or the sweep's CSV table); two or more.")
+@click.option("--out", "-o", required=True, type=click.Path(), callback=output_check(folder=False), help="Where the learned score (JSON) goes; an existing file must be an earlier learned score.")
+@click.option("--report", default=None, type=click.Path(), callback=output_check(folder=False), help="Also write the leave-one-model-out report (JSON).")
+@click.option("--target", default="combined_z", show_default=True, help="Sweep outcome to learn: combined_z, delta:<task> or z:<task>.")
+@click.option("--transform", default="rank", show_default=True, type=click.Choice(["rank", "zscore", "none"]), help="Per-model transform of the probe columns and the target.")
+@click.option("--repeats", default=None, type=int, help="Sweep rows with this many visits (default: 2 if present).")
+@click.option("--penalty", default=None, type=float, help="Fixed ridge penalty (default: chosen by inner cross-validation).")
+@click.option("--top-fraction", default=0.1, show_default=True, type=float, help="Top share of windows for the positives count.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the inner cross-validation folds.")
+def learn_score(runs: tuple[tuple[str, str, str], ...], out: str, report: str | None, target: str, transform: str,
+                repeats: int | None, penalty: float | None, top_fraction: float, seed: int) -> None:
+    """Learn a window score from every probe column of several models' rank runs and sweeps.
+
+    Judges it leave-one-model-out: per model, the hand-set prior, the fit on all models (in-sample) and the
+    fit on the others (out-of-model), side by side: Spearman, evaluations to 90% of the best window, top-decile
+    positives. Writes the fit on all models to --out for `rank --learned-score` and `validate --learned-score`.
+    """
+    from rys_forge.research.surrogate import learn_score as run_learn_score
+
+    result = run_learn_score(list(runs), out=out, report_out=report, repeats=repeats, target=target, penalty=penalty,
+                             feature_transform=transform, target_transform=transform, top_fraction=top_fraction, seed=seed)
+    print_learned(result)

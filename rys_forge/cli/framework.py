@@ -285,17 +285,34 @@ def split(text: str | None) -> list[str]:
 
 
 def print_top(result, top_k: int) -> None:
+    """rank's short list as a table, titled by the score that ordered it (summary.json: ordering)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"short list: top {top_k} windows by Score(B), distinct regions (i:j = layers i..j-1)")
-    columns = [("window", "window"), ("raw rank", "rank"), ("score", "score"), ("class", "class"), ("CKA(x_i,x_j)", "cka_plateau"),
+    ordering = result.summary.get("ordering") or {}
+    learned = ordering.get("ordering_score") == "learned"
+    by = f"learned score ({ordering.get('file') or 'in memory'})" if learned else "Score(B)"
+    table = Table(title=f"short list: top {top_k} windows by {by}, distinct regions (i:j = layers i..j-1)")
+    columns = [("window", "window"), ("raw rank", "rank"), *([("learned", "learned_score")] if learned else []),
+               ("score", "score"), ("class", "class"), ("CKA(x_i,x_j)", "cka_plateau"),
                ("delta_0", "delta_0"), ("r_0", "r_0"), ("D_dec", "d_dec"), ("D_KL", "d_kl"), ("sigma_1(J)", "jac_sv_1")]
     for title, _ in columns:
         table.add_column(title, justify="right")
     for row in result.top(top_k):
         table.add_row(*[_fmt(row.get(key)) for _, key in columns])
     Console(width=max(120, Console().width)).print(table)
+
+
+def print_learned(report: Any) -> None:
+    """learn-score's report: per held-out model the prior, in-sample and out-of-model figures, the verdict,
+    the largest weights and the files written."""
+    click.echo(report.format_text())
+    weights = list(report.surrogate.weights().items())[:8]
+    click.echo("largest weights of the fit on every model (per sd): " + ", ".join(f"{k} {v:+.3f}" for k, v in weights))
+    for path in report.saved_to:
+        click.echo(f"wrote {path}")
+    if not report.ship:
+        click.echo("note: the verdict says do not ship; use the learned score to compare, not as a default")
 
 
 def _fmt(value) -> str:

@@ -4,17 +4,15 @@ Run folder (`--out`, default `runs/rank-<model>-<time>`):
 
 * `windows.jsonl`: one line per finished window, appended as it finishes (the resume log);
 * `windows.csv`, `windows.json`: the final table, one row per window with every metric;
-* `summary.json`: model, prompts, settings, score constants, library versions, timings, top-k,
-  self-check, layer CKA matrix, family overlap;
-* PNG heatmaps over i x j (score, KL, plateau CKA, delta_0, r_0), the layer CKA matrix, and
-  repeat-count curves of the top-k windows.
+* `summary.json`: model, prompts, settings, score constants, which score ordered the windows, versions,
+  timings, top-k, self-check, layer CKA matrix, family overlap;
+* PNG heatmaps over i x j (score, KL, plateau CKA, delta_0, r_0), layer CKA, top-k repeat curves.
 
 An interrupted run keeps every finished window; `--resume` continues it after checking that the
 settings and the model (weights, dtype, attention, device type) are the same; a run that fails before
 its first window leaves no folder, and one process at a time works in a folder
 (`rys_forge.runs.RunFolder`). Inputs the score needs are checked first (`check_score_inputs`), and a
-run in which no window got a finite score fails (`check_scored`). The final files are written by
-`rys_forge.rank.outputs`, each to a temporary name renamed into place.
+run in which no window got a finite score fails (`check_scored`). `rys_forge.rank.outputs` writes the files.
 """
 
 from __future__ import annotations
@@ -44,6 +42,7 @@ from rys_forge.rank.activations import ActivationCache, cache_activations
 from rys_forge.rank.outputs import write_outputs
 from rys_forge.rank.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window, select_probes
 from rys_forge.rank.prompts import Prompt
+from rys_forge.rank.learned import LearnedScore, order_rows
 from rys_forge.rank.score import ScoreConfig, check_score_inputs, check_scored, classify, score
 
 #: `--stats-dtype` choices: float64, float32, or float32 with TF32 tensor-core CKA products (CUDA).
@@ -162,6 +161,7 @@ def rank_windows(
     resume: bool = False,
     progress: bool = True,
     model_info: dict[str, Any] | None = None,
+    learned_score: LearnedScore | None = None,
 ) -> RankResult:
     """Probe and score every selected window of `model` from one cached activation pass.
 
@@ -179,6 +179,7 @@ def rank_windows(
         resume: continue an interrupted run in `out_dir`.
         progress: show a progress bar.
         model_info: provenance stored in the summary (source, path, ...).
+        learned_score: order the windows by this learned score (`rank.learned`) instead of the prior.
 
     Returns:
         A `RankResult` whose rows are sorted by score (best first).
@@ -216,8 +217,7 @@ def rank_windows(
             done = folder.finished()  # type: ignore[union-attr]
         rows = _ranked_rows(done, windows, score_config)
         check_scored(rows, score_config)
-        for position, row in enumerate(rows, start=1):
-            row["rank"] = position
+        rows, ordering = _final_order(rows, learned_score, num_layers)
         shortlist(rows, settings.top_k, settings.shortlist_overlap)
         out = Path(out_dir) if out_dir else None
         if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
@@ -227,7 +227,7 @@ def rank_windows(
                    "per_window_s": window_seconds / max(1, len(mine)),
                    "jacobian_s": _shortlist_jacobians(model, tokenizer, prompts, rows, probes, settings, folder, progress)}
         summary = _summary(model, model_info, prompts, cache, settings, probes, score_config, rows,
-                           _self_check(cache, windows[0]), timings, started)
+                           _self_check(cache, windows[0]), timings, started) | {"ordering": ordering}
         if folder:
             write_outputs(folder, rows, summary, num_layers)
         return RankResult(rows=rows, summary=summary, out_dir=out)
@@ -300,6 +300,15 @@ def shortlist(rows: list[dict[str, Any]], k: int, max_overlap: float) -> list[di
     for position, row in enumerate(kept, start=1):
         row["shortlist"] = position
     return kept
+
+
+def _final_order(rows: list[dict[str, Any]], learned: LearnedScore | None,
+                 num_layers: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows in their final order (a learned score's, else the prior's), numbered; summary.json's `ordering`."""
+    rows, ordering = order_rows(rows, learned, num_layers)
+    for position, row in enumerate(rows, start=1):
+        row["rank"] = position
+    return rows, ordering
 
 
 def _ranked_rows(done: dict[str, dict[str, Any]], windows: Sequence[Window], config: ScoreConfig) -> list[dict[str, Any]]:

@@ -3,12 +3,14 @@
 ``calibrate`` fits five constants of one formula on one model; here a ridge regression of a sweep outcome
 (default: each window's ``combined_z``) on *every* numeric probe column of the rank rows is fitted on the
 pooled windows of several models, and judged by fitting on all models but one and scoring the one left out,
-beside the hand-set prior (the rank rows' ``score``). Numpy and scipy only.
+beside the hand-set prior (the rank rows' ``score``). Numpy and scipy only. This module fits and judges; the
+fitted score (:class:`~rys_forge.rank.learned.LearnedScore`: its file, the features, the per-model transform
+and the prediction) lives in :mod:`rys_forge.rank.learned`, where ``rank --learned-score`` uses it.
 
-Features: every finite numeric rank-row column except :data:`NOT_FEATURES` (bookkeeping, timings, the prior
-``score`` and its terms; strings and booleans never count), plus the relative depths ``i/L`` and ``j/L``
-(``L`` = the largest ``j``). A column is used when it is finite in at least ``1 - max_missing`` of the rows
-of *every* training model (so the short-list-only Jacobian columns drop out); its gaps get the training
+Features: every finite numeric rank-row column except :data:`~rys_forge.rank.learned.NOT_FEATURES`
+(bookkeeping, timings, the prior ``score`` and its terms; strings and booleans never count), plus the relative
+depths ``i/L`` and ``j/L`` (``L`` = the largest ``j``). A column is used when it is finite in at least
+``1 - max_missing`` of the rows of *every* training model (so the short-list-only Jacobian columns drop out); its gaps get the training
 median and a 0/1 ``<column>:missing`` indicator. Per model, columns and target are transformed (``rank``,
 the default: within-model rank scaled to [-0.5, 0.5], so other probe scales and a heavy negative tail of
 combined z stop mattering; ``zscore``; ``none``); a per-model transform needs all windows of one model at
@@ -24,7 +26,8 @@ Judging (:func:`leave_one_model_out`), per held-out model, side by side for the 
 model (in-sample) and the fit on the others (out-of-model): Spearman with the outcome, evaluations in score
 order to 90% of the best outcome (the best itself when it is not positive), benchmark-positive windows in
 the top decile with the hypergeometric p. The learned score *wins* on a model when its out-of-model
-Spearman beats the prior's; ship it only if it wins on a majority. Script: ``bench/learn_score.py``.
+Spearman beats the prior's; ship it only if it wins on a majority. Command: ``rys-forge learn-score``
+(:func:`learn_score`).
 """
 
 from __future__ import annotations
@@ -33,164 +36,53 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy import stats as scipy_stats
 
-from rys_forge.artifacts import rys_forge_version
-from rys_forge.errors import UsageError
+from rys_forge.artifacts import read_json
+from rys_forge.errors import UsageError, output_problem
 from rys_forge.files import json_safe, write_atomic
+from rys_forge.rank.learned import TRANSFORMS, LearnedScore, feature_table, per_model, row_features, window_depth
 from rys_forge.research.sweep import read_sweep
-from rys_forge.research.validate import outcome_columns, read_rank_run
+from rys_forge.research.validate import model_label, outcome_columns, read_rank_run
 from rys_forge.stats import (correlation, evaluations_to_reach, expected_first_hit, hypergeom_enrichment_p,
                              is_finite_number, top_count)
 
 __all__ = [
-    "NOT_FEATURES", "LomoReport", "ModelRun", "Surrogate", "feature_columns", "fit_surrogate", "leave_one_model_out",
+    "LomoReport", "ModelRun", "check_learn_outputs", "feature_columns", "fit_surrogate", "leave_one_model_out",
     "learn_score", "load_run", "ranking_figures", "read_sweep_table", "ridge", "sweep_outcomes",
 ]
 
-SURROGATE_FORMAT = 1
-#: Rank-row columns that are bookkeeping, timings or the prior score itself, never features.
-NOT_FEATURES = frozenset({"i", "j", "rank", "shortlist", "probe_s", "jac_iters", "score", "P", "A", "S", "D", "repeats"})
 #: Penalty grid, as multiples of the number of training windows.
 PENALTY_FACTORS = tuple(float(f) for f in np.logspace(-3, 3, 13))
-TRANSFORMS = ("rank", "zscore", "none")
 MIN_WINDOWS = 10
+#: Key and version of the leave-one-model-out report file (``learn-score --report``).
+REPORT_KEY = "rys_forge_learned_score"
 
 
 class ModelRun(NamedTuple):
     """One model's rank rows, its sweep outcomes (``{outcome: {window: (value, positive)}}``, as
-    :func:`sweep_outcomes` returns) and its name. A plain ``(rows, outcomes, model)`` tuple works too."""
+    :func:`sweep_outcomes` returns), its name and the model its rank run recorded (``source``, optional).
+    A plain ``(rows, outcomes, model)`` tuple works too."""
 
     rows: list[dict[str, Any]]
     outcomes: dict[str, dict[str, tuple[Any, bool]]]
     model: str
-
-
-# --------------------------------------------------------------------------- features
-
-
-def _num_layers(rows: Sequence[dict[str, Any]]) -> int:
-    return max([int(r["j"]) for r in rows if is_finite_number(r.get("j"))] or [0])
-
-
-def _candidates(row: dict[str, Any], num_layers: int) -> dict[str, float]:
-    """The row's numeric feature values (non-finite -> NaN), with ``i/L`` and ``j/L``."""
-    out = {k: float(v) if is_finite_number(v) else math.nan for k, v in row.items()
-           if k not in NOT_FEATURES and isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))}
-    for key in ("i", "j"):
-        value = row.get(key)
-        out[f"{key}/L"] = float(value) / num_layers if is_finite_number(value) and num_layers else math.nan
-    return out
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], num_layers: int | None = None) -> np.ndarray:
-    """``[n, len(columns)]`` feature values, NaN where a column is missing or not finite."""
-    depth = num_layers or _num_layers(rows)
-    values = [_candidates(r, depth) for r in rows]
-    return np.array([[v.get(c, math.nan) for c in columns] for v in values], dtype=float).reshape(len(rows), len(columns))
+    source: str | None = None
 
 
 def feature_columns(runs: Sequence[Sequence[dict[str, Any]]], max_missing: float = 0.5) -> list[str]:
     """Columns finite in at least ``1 - max_missing`` of the rows of every run (sorted)."""
     common: set[str] | None = None
     for rows in runs:
-        names = sorted({k for r in rows for k in _candidates(r, _num_layers(rows))})
-        share = np.isfinite(_table(rows, names)).mean(axis=0) if rows else np.zeros(len(names))
+        names = sorted({k for r in rows for k in row_features(r, window_depth(rows))})
+        share = np.isfinite(feature_table(rows, names)).mean(axis=0) if rows else np.zeros(len(names))
         kept = {c for c, f in zip(names, share) if f >= 1.0 - max_missing}
         common = kept if common is None else common & kept
     return sorted(common or ())
-
-
-def _per_model(values: np.ndarray, how: str) -> np.ndarray:
-    """Column-wise within-model transform of ``[n, c]`` (NaN stays NaN)."""
-    out = np.full_like(values, np.nan)
-    for k in range(values.shape[1]):
-        column, ok = values[:, k], np.isfinite(values[:, k])
-        if how == "none" or ok.sum() < 2:
-            out[ok, k] = column[ok] if how == "none" else 0.0
-        elif how == "rank":
-            out[ok, k] = (scipy_stats.rankdata(column[ok]) - 1.0) / (ok.sum() - 1.0) - 0.5
-        else:
-            sd = column[ok].std()
-            out[ok, k] = (column[ok] - column[ok].mean()) / (sd if sd > 0 else 1.0)
-    return out
-
-
-# --------------------------------------------------------------------------- the model
-
-
-@dataclass
-class Surrogate:
-    """A fitted learned score: ``predict(rows)`` applies it to one model's rank rows.
-
-    Attributes: ``columns`` (base features, in order) and ``indicators`` (those with a ``:missing`` column);
-    ``medians`` (imputation per base column, after the per-model transform); ``means``/``scales`` (per design
-    column: base columns, then indicators); ``coefficients``/``intercept`` (ridge on the standardised design);
-    ``penalty`` (its ``lambda``); the transforms and ``target``; ``trained_on`` (models) and ``n_windows``;
-    ``cv`` (the inner cross-validation: ``scheme``, ``penalties``, ``mse``).
-    """
-
-    columns: list[str]
-    indicators: list[str]
-    medians: list[float]
-    means: list[float]
-    scales: list[float]
-    coefficients: list[float]
-    intercept: float
-    penalty: float
-    feature_transform: str
-    target: str
-    target_transform: str
-    trained_on: list[str]
-    n_windows: int
-    cv: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def design_names(self) -> list[str]:
-        return [*self.columns, *(f"{c}:missing" for c in self.indicators)]
-
-    def design(self, rows: Sequence[dict[str, Any]], num_layers: int | None = None) -> np.ndarray:
-        """``[n, d]`` standardised design of one model's rows (transform, impute, indicators, scale)."""
-        values = _per_model(_table(rows, self.columns, num_layers), self.feature_transform)
-        missing = ~np.isfinite(values)
-        values = np.where(missing, np.asarray(self.medians, dtype=float)[None, :], values)
-        full = np.concatenate([values, missing[:, [self.columns.index(c) for c in self.indicators]]], axis=1)
-        return (full - np.asarray(self.means)[None, :]) / np.asarray(self.scales)[None, :]
-
-    def predict(self, rows: Sequence[dict[str, Any]], num_layers: int | None = None) -> np.ndarray:
-        """``[n]`` learned score of ``rows`` (all windows of one model; higher = better)."""
-        return self.design(rows, num_layers) @ np.asarray(self.coefficients) + self.intercept
-
-    def weights(self) -> dict[str, float]:
-        """Coefficient per design column, largest magnitude first (per standard deviation of the column)."""
-        pairs = sorted(zip(self.design_names, self.coefficients), key=lambda p: -abs(p[1]))
-        return {k: float(v) for k, v in pairs}
-
-    def to_dict(self) -> dict[str, Any]:
-        return json_safe({"rys_forge_surrogate": SURROGATE_FORMAT, "rys_forge_version": rys_forge_version(), **asdict(self)})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> "Surrogate":
-        """The surrogate of :meth:`to_json` text. Raises UsageError on another format or unknown keys."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"learned score is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-        if not isinstance(data, dict) or data.get("rys_forge_surrogate") != SURROGATE_FORMAT:
-            raise UsageError(f"not a learned score of format {SURROGATE_FORMAT} (key rys_forge_surrogate)")
-        body = {k: v for k, v in data.items() if k not in ("rys_forge_surrogate", "rys_forge_version")}
-        unknown = sorted(set(body) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise UsageError(f"learned score: unknown key '{unknown[0]}'; allowed: {', '.join(cls.__dataclass_fields__)}")
-        return cls(**body)
 
 
 def ridge(x: np.ndarray, y: np.ndarray, penalties: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -240,12 +132,12 @@ def _training_data(runs: Sequence[ModelRun], target: str, how: tuple[str, str], 
     for run in runs:
         rows, column = _scored_rows(run, target)
         blocks.append(rows)
-        targets.append(_per_model(np.array([[column[r["window"]]] for r in rows], dtype=float), target_how)[:, 0])
+        targets.append(per_model(np.array([[column[r["window"]]] for r in rows], dtype=float), target_how)[:, 0])
         groups += [run.model] * len(rows)
     columns = feature_columns(blocks, max_missing)
     if not columns:
         raise UsageError("no probe column is finite in every training model's rank rows")
-    values = [_per_model(_table(rows, columns), feature_how) for rows in blocks]
+    values = [per_model(feature_table(rows, columns), feature_how) for rows in blocks]
     return columns, values, np.concatenate(targets), np.array(groups)
 
 
@@ -264,7 +156,7 @@ def fit_surrogate(
     runs: Sequence[ModelRun | tuple], *, target: str = "combined_z", penalty: float | None = None,
     feature_transform: str = "rank", target_transform: str = "rank", max_missing: float = 0.5, folds: int = 5,
     seed: int = 0,
-) -> Surrogate:
+) -> LearnedScore:
     """Fit the learned score on the pooled windows of ``runs``.
 
     Args:
@@ -276,7 +168,7 @@ def fit_surrogate(
         folds, seed: random folds of the inner cross-validation (with fewer than three models) and their seed.
 
     Raises:
-        UsageError: no runs, a bad transform, an unknown target, too few windows, or no common column.
+        UsageError: no runs, a bad transform or penalty, an unknown target, too few windows, or no common column.
     """
     runs = [ModelRun(*r) for r in runs]
     if not runs:
@@ -284,6 +176,8 @@ def fit_surrogate(
     for name, value in (("feature_transform", feature_transform), ("target_transform", target_transform)):
         if value not in TRANSFORMS:
             raise UsageError(f"{name} must be one of {', '.join(TRANSFORMS)}, got {value!r}")
+    if penalty is not None and not (is_finite_number(penalty) and penalty > 0):
+        raise UsageError(f"--penalty must be a finite number > 0, got {penalty!r}")
     columns, blocks, y, groups = _training_data(runs, target, (feature_transform, target_transform), max_missing)
     values = np.concatenate(blocks)
     missing = ~np.isfinite(values)
@@ -298,11 +192,12 @@ def fit_surrogate(
     if penalty is None:
         penalty, cv = _choose_penalty(x, y, groups, folds, seed)
     coefs, intercepts = ridge(x, y, [float(penalty)])
-    return Surrogate(
+    return LearnedScore(
         columns=columns, indicators=indicators, medians=medians, means=means.tolist(), scales=scales.tolist(),
         coefficients=coefs[0].tolist(), intercept=float(intercepts[0]), penalty=float(penalty),
         feature_transform=feature_transform, target=target, target_transform=target_transform,
         trained_on=[r.model for r in runs], n_windows=int(y.size), cv=cv,
+        rank_models=[r.source for r in runs if r.source],
     )
 
 
@@ -345,11 +240,11 @@ class LomoReport:
     target: str
     models: list[dict[str, Any]]
     settings: dict[str, Any]
-    surrogate: Surrogate
+    surrogate: LearnedScore
     saved_to: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe({"rys_forge_learned_score": 1, "verdict": self.verdict, "ship": self.ship, "target": self.target,
+        return json_safe({REPORT_KEY: 1, "verdict": self.verdict, "ship": self.ship, "target": self.target,
                           "settings": self.settings, "models": self.models, "surrogate": self.surrogate.to_dict()})
 
     def format_text(self) -> str:
@@ -369,7 +264,7 @@ class LomoReport:
         return "\n".join([*lines, "", self.verdict])
 
 
-def _judge(model: ModelRun, target: str, learned: dict[str, Surrogate], top_fraction: float) -> dict[str, Any]:
+def _judge(model: ModelRun, target: str, learned: dict[str, LearnedScore], top_fraction: float) -> dict[str, Any]:
     """Figures of the prior and each learned prediction on one model's windows with a finite target."""
     rows, column = _scored_rows(model, target)
     positive = [bool(model.outcomes[target][r["window"]][1]) for r in rows]
@@ -391,8 +286,11 @@ def leave_one_model_out(runs: Sequence[ModelRun | tuple], *, target: str = "comb
         **fit_kwargs: passed to :func:`fit_surrogate`.
 
     Raises:
-        UsageError: fewer than two models or a repeated model name (and what :func:`fit_surrogate` raises).
+        UsageError: fewer than two models, a repeated model name, a ``top_fraction`` outside (0, 1] (and what
+            :func:`fit_surrogate` raises).
     """
+    if not (is_finite_number(top_fraction) and 0.0 < top_fraction <= 1.0):
+        raise UsageError(f"--top-fraction must be in (0, 1], got {top_fraction!r}")
     runs = [ModelRun(*r) for r in runs]
     names = [r.model for r in runs]
     if len(runs) < 2 or len(set(names)) != len(names):
@@ -450,12 +348,18 @@ def read_sweep_table(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"sweep table not found: {path}")
-    with path.open(newline="") as handle:
-        rows = [{k: (v if k in ("window", "dominant_task") else _cell(v)) for k, v in r.items()} for r in csv.DictReader(handle)]
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [{k: (v if k in ("window", "dominant_task") else _cell(v)) for k, v in r.items()}
+                    for r in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read sweep table {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if rows and "window" not in rows[0]:
         raise UsageError(f"{path} is not a sweep table (no window column)")
     summary_file = next((f for f in (path.with_name(f"{path.stem}_summary.json"), path.with_name("summary.json")) if f.exists()), None)
-    summary = json.loads(summary_file.read_text()) if summary_file else {}
+    summary = read_json(summary_file, "sweep summary") if summary_file else {}
+    if not isinstance(summary, dict):
+        raise UsageError(f"sweep summary {summary_file} has the wrong shape (not a JSON object)")
     tasks = list(summary.get("tasks") or dict.fromkeys(k.split(":", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("delta:")))
     base = summary.get("base") or {}
     for row in rows:
@@ -472,7 +376,7 @@ def load_run(model: str, rank_dir: str | Path, sweep: str | Path, repeats: int |
     ``repeats``: sweep rows with this many visits (default: 2 if present, else the smallest). Raises UsageError
     on a bad folder or file, or without sweep rows with ``repeats``.
     """
-    rank_rows, _ = read_rank_run(Path(rank_dir))
+    rank_rows, rank_summary = read_rank_run(Path(rank_dir))
     sweep = Path(sweep)
     rows, summary = read_sweep_table(sweep) if sweep.suffix == ".csv" else read_sweep(sweep)
     available = sorted({int(r["repeats"]) for r in rows if is_finite_number(r.get("repeats"))})
@@ -481,18 +385,68 @@ def load_run(model: str, rank_dir: str | Path, sweep: str | Path, repeats: int |
         raise UsageError(f"{sweep} has no sweep rows with repeats={chosen}; it has {', '.join(map(str, available)) or 'none'}")
     rows = [r for r in rows if r.get("repeats") == chosen]
     tasks = list(summary.get("tasks") or dict.fromkeys(t for r in rows for t in (r.get("tasks") or {})))
-    return ModelRun(rows=rank_rows, outcomes=sweep_outcomes(rows, tasks), model=model)
+    source = model_label(rank_summary["model"]) if rank_summary.get("model") else None
+    return ModelRun(rows=rank_rows, outcomes=sweep_outcomes(rows, tasks), model=model, source=source)
+
+
+def check_learn_outputs(out: str | Path | None, report_out: str | Path | None) -> None:
+    """Before any work: ``out`` (the score file) and ``report_out`` (the report) can be written, are not the same
+    file, and replace nothing but an earlier learn-score file of their kind.
+
+    Raises:
+        UsageError: naming the option (``--out``, ``--report``), the path and what to do.
+    """
+    if out is not None and report_out is not None and Path(out).absolute() == Path(report_out).absolute():
+        raise UsageError(f"--out and --report are the same file ({out}); give the report its own name")
+    for flag, path, kind in (("--out", out, "learned score"), ("--report", report_out, "learn-score report")):
+        if path is None:
+            continue
+        problem = output_problem(path, folder=False)
+        if problem is not None:
+            raise UsageError(f"cannot write {flag} {path}: {problem}")
+        if Path(path).exists() and not _is_earlier(Path(path), flag):
+            raise UsageError(f"{flag} {path} exists and is not a {kind} file rys-forge learn-score wrote; choose"
+                             " another name or remove it")
+
+
+def _is_earlier(path: Path, flag: str) -> bool:
+    """Whether ``path`` holds a file learn-score wrote for ``flag`` (a score, or a report)."""
+    if flag == "--out":
+        try:
+            LearnedScore.load(path)
+        except UsageError:
+            return False
+        return True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get(REPORT_KEY) == 1
 
 
 def learn_score(runs: Sequence[tuple[str, str | Path, str | Path]], *, out: str | Path | None = None,
                 report_out: str | Path | None = None, repeats: int | None = None, **kwargs: Any) -> LomoReport:
     """Load ``(model, rank_dir, sweep)`` triples (:func:`load_run`), judge them with :func:`leave_one_model_out`
-    (``kwargs``), and write the fit on every model to ``out`` and the report to ``report_out`` (JSON)."""
+    (``kwargs``), and write the fit on every model to ``out`` and the report to ``report_out`` (JSON, atomically).
+
+    Everything is checked and computed before the first file is written: a bad input writes nothing.
+
+    Raises:
+        UsageError: fewer than two runs, a repeated model name, an output that cannot or must not be replaced
+            (:func:`check_learn_outputs`), a bad folder or file (:func:`load_run`), or what the fit raises.
+    """
+    names = [str(run[0]) for run in runs]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UsageError("learn-score needs --run for two or more distinct models (a leave-one-model-out needs a model"
+                         f" to leave out); got {', '.join(names) or 'none'}")
+    check_learn_outputs(out, report_out)
     report = leave_one_model_out([load_run(m, r, s, repeats) for m, r, s in runs], **kwargs)
     report.settings["runs"] = [[str(v) for v in run] for run in runs]
-    for path, text in ((out, report.surrogate.to_json()), (report_out, json.dumps(report.to_dict(), indent=2) + "\n")):
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(Path(path), text)
-            report.saved_to.append(str(path))
+    if out is not None:
+        report.surrogate.save(out)
+        report.saved_to.append(str(out))
+    if report_out is not None:
+        Path(report_out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(report_out), json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+        report.saved_to.append(str(report_out))
     return report

@@ -225,6 +225,13 @@ def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo
     return time.perf_counter() - started, totals
 
 
+def _race_summary(race: RaceSettings, totals: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The race's settings and totals, windows per stopping reason, and the windows called positive."""
+    reasons = [r.get("race_reason") for r in rows]
+    return {**race.to_dict(), **totals, "windows": {k: reasons.count(k) for k in ("completed", "dropped", "budget")},
+            "positive": [r["window"] for r in rows if r.get("race_positive")]}
+
+
 def _ordered(items: list[tuple[Window, int]], seed: int, order: Sequence[str] | None) -> list[tuple[Window, int]]:
     """`items` in the given window order (e.g. a rank run's; the rest after it), else in a seeded random
     order, so that a sweep cut short (time limit, Ctrl-C, a race's budget) is an unbiased sample."""
@@ -271,16 +278,13 @@ def sweep_windows(
         resume: continue an interrupted sweep in ``out_dir`` (the settings must match; the base is reused).
         progress: progress bar and stage messages on stderr.
         seed: lm-eval's seeds (as in ``rys-forge eval``) and the paired bootstrap's.
-        batch_size: lm-eval batch size.
-        include_path: extra folder(s) of lm-eval task YAMLs.
-        bootstrap_iters: lm-eval's stderr bootstrap iterations (non-mean metrics).
+        batch_size, include_path, bootstrap_iters: lm-eval's batch size, extra task folder(s), stderr bootstrap.
         model_info: provenance (``source``, ``path``, ...) stored in the summary and the fingerprint.
         engine: ``cached`` (one base pass, each window replayed from the cached stream at its end; see
             :mod:`rys_forge.research.sweep_engine`), ``lm-eval`` (one full lm-eval run per window, any task
             type), or ``auto`` (``cached`` when every task is a loglikelihood task).
         batch_tokens: padded tokens per forward batch of the cached engine.
-        race: race the windows (:mod:`rys_forge.research.race`; cached engine, per-item-mean tasks).
-        order: windows in the order to evaluate them (e.g. a rank run's); None: seeded random.
+        race, order: race the windows (:mod:`rys_forge.research.race`), in this order (None: seeded random).
 
     Returns:
         A :class:`SweepResult` (also written to ``out_dir``).
@@ -289,8 +293,7 @@ def sweep_windows(
         UsageError / WindowError / TaskError: bad arguments, windows, tasks, or a resume with other settings.
         EvaluationError: lm-eval failed.
     """
-    started = time.perf_counter()
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    started, tasks = time.perf_counter(), [tasks] if isinstance(tasks, str) else list(tasks)
     repeat_list, batch_size, num_layers, chosen = _check_arguments(
         model, windows, min_width, max_width, repeats, limit, num_fewshot, batch_size, engine, batch_tokens, seed)
     manager, names = resolve_task_names(tasks, include_path)
@@ -326,11 +329,8 @@ def sweep_windows(
         timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
                    "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
                    "total_s": time.perf_counter() - started}
-        if race_totals is not None:
-            reasons = [r.get("race_reason") for r in rows]
-            timings["race"] = {**race.to_dict(), **race_totals,  # type: ignore[union-attr]
-                               "windows": {reason: reasons.count(reason) for reason in ("completed", "dropped", "budget")},
-                               "positive": [r["window"] for r in rows if r.get("race_positive")]}
+        if race is not None and race_totals is not None:
+            timings["race"] = _race_summary(race, race_totals, rows)
         summary = summarise(getattr(model.config, "model_type", None), info, num_layers, settings, base, rows, fits, timings)
         result = SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits)
         if folder:

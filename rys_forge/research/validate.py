@@ -32,6 +32,8 @@ Statistics, per outcome (the functions live in :mod:`rys_forge.stats`):
 The verdict says plainly whether the claim holds, and whether the test is in-sample: the rank run's
 ``summary.json`` may record the model the score constants were fitted on (``fitted_on`` in
 ``score_config``, ``settings`` or top level); if that is the rank run's model, the validation is in-sample.
+``score_config`` re-scores the rank rows with other constants; ``learned_score`` (``--learned-score``, from
+``learn-score``) puts a learned score in the score's place, in-sample when fitted on the rank run's model.
 
 ``validation.json`` and figures (``evaluations_to_best.png``, ``score_vs_outcome.png``) are written
 atomically into ``out_dir``.
@@ -53,28 +55,13 @@ from rys_forge.errors import RysForgeError, UsageError, os_error_message
 from rys_forge.evaluate import format_p, format_significant
 from rys_forge.evaluate.report import check_writable
 from rys_forge.files import json_safe, write_atomic
-from rys_forge.rank import read_rank_run
+from rys_forge.rank import LearnedScore, order_rows, read_rank_run, score
 from rys_forge.research.sweep import read_sweep
-from rys_forge.stats import (
-    bottom_mask,
-    correlation,
-    evaluations_to_best,
-    hypergeom_enrichment_p,
-    is_finite_number,
-    matched_permutation,
-    top_count,
-)
+from rys_forge.stats import (bottom_mask, correlation, evaluations_to_best, hypergeom_enrichment_p, is_finite_number,
+                             matched_permutation, top_count)
 
-__all__ = [
-    "POSITIVE_P",
-    "POSITIVE_Z",
-    "ValidationReport",
-    "check_options",
-    "model_label",
-    "outcome_columns",
-    "read_rank_run",
-    "validate_runs",
-]
+__all__ = ["POSITIVE_P", "POSITIVE_Z", "ValidationReport", "check_options", "model_label", "outcome_columns",
+           "read_rank_run", "validate_runs"]
 
 VALIDATION_FILE = "validation.json"
 #: combined z above which a window counts as benchmark-positive.
@@ -117,19 +104,11 @@ class ValidationReport:
         return self.outcomes[self.metric]
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe(
-            {
-                "rys_forge_validation": 1,
-                "verdict": self.verdict,
-                "metric": self.metric,
-                "n_windows": self.n_windows,
-                "calibration": self.calibration,
-                "settings": self.settings,
-                "outcomes": self.outcomes,
-                "correlations": self.correlations,
-                "notes": self.notes,
-            }
-        )
+        return json_safe({
+            "rys_forge_validation": 1, "verdict": self.verdict, "metric": self.metric, "n_windows": self.n_windows,
+            "calibration": self.calibration, "settings": self.settings, "outcomes": self.outcomes,
+            "correlations": self.correlations, "notes": self.notes,
+        })
 
     def format_text(self) -> str:
         """Short terminal summary: verdict, headline enrichment, score correlations per outcome."""
@@ -185,25 +164,30 @@ def model_label(info: Any) -> str:
     return str(info)
 
 
-def _calibration(summary: dict[str, Any]) -> dict[str, Any]:
+def _calibration(summary: dict[str, Any], learned: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fitting model(s) (with ``learned``, a learned score's ordering record: its own) and whether it is in-sample."""
     fitted = None
-    for holder in (summary.get("score_config"), summary.get("settings"), summary):
+    holders = (learned,) if learned else (summary.get("score_config"), summary.get("settings"), summary)
+    for holder in holders:
         if isinstance(holder, dict) and holder.get("fitted_on"):
             fitted = holder["fitted_on"]
             break
     model = summary.get("model") or {}
     rank_names = _model_names(model)
-    fitted_names = _model_names(fitted) if fitted is not None else set()
+    fitted_list = fitted if isinstance(fitted, list) else [fitted]
+    fitted_names = set().union(*(_model_names(f) for f in [*fitted_list, *(learned or {}).get("rank_models", [])]))
     in_sample = bool(rank_names & fitted_names) if fitted is not None and rank_names else None
+    label = ", ".join(model_label(f) for f in fitted_list)
+    what = "learned score" if learned else "score constants"
     if in_sample is True:
         text = (
-            f"in-sample: the score constants were fitted on {model_label(fitted)}, the model validated here;"
-            " this is not an independent test of the claim"
+            f"in-sample: the {what} {'was' if learned else 'were'} fitted on {label}, including the model validated"
+            " here; this is not an independent test of the claim"
         )
     elif in_sample is False:
-        text = f"out-of-sample: score constants fitted on {model_label(fitted)}, validated on {model_label(model)}"
+        text = f"out-of-sample: {what} fitted on {label}, validated on {model_label(model)}"
     else:
-        text = "calibration model not recorded in the rank run (score constants: defaults or unknown origin)"
+        text = f"calibration model not recorded in the rank run ({what}: defaults or unknown origin)"
     return {"fitted_on": fitted, "rank_model": model.get("source") if isinstance(model, dict) else model,
             "in_sample": in_sample, "text": text}
 
@@ -376,6 +360,24 @@ def _verdict(metric: str, outcome: dict[str, Any], calibration: dict[str, Any]) 
 # --------------------------------------------------------------------------- entry point
 
 
+def _rescored(rows: list[dict[str, Any]], summary: dict[str, Any], config: Any, learned: LearnedScore | None) -> tuple[
+        list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """The rank rows with ``score`` recomputed from ``config`` or replaced by the ``learned`` score (the prior
+    kept as ``prior_score``), the summary, and the ordering record (which score orders the windows)."""
+    if config is not None and learned is not None:
+        raise UsageError("give --score-config or --learned-score, not both: each re-scores the rank rows")
+    if config is not None:
+        rows = [{**r, **score(r, config)} for r in rows]
+        return rows, {**summary, "score_config": config.to_dict()}, {"ordering_score": "score_config", "column": "score"}
+    if learned is None:
+        return rows, summary, {"ordering_score": "the rank run's score", "column": "score"}
+    depth = (summary.get("architecture") or {}).get("num_layers")
+    rows, ordering = order_rows([dict(r) for r in rows], learned, depth if is_finite_number(depth) and depth > 0 else None)
+    column = ordering["column"]  # the learned score takes the score's place
+    rows = [{**{k: v for k, v in r.items() if k != column}, "prior_score": r.get("score"), "score": r[column]} for r in rows]
+    return rows, summary, ordering
+
+
 def validate_runs(
     rank_dir: str | Path,
     sweep_dir: str | Path,
@@ -390,6 +392,7 @@ def validate_runs(
     cka_key: str = "cka_plateau",
     cka_bins: int = 10,
     score_config: Any = None,
+    learned_score: LearnedScore | None = None,
 ) -> ValidationReport:
     """Compare a rank run's score with a sweep run's benchmark outcomes (see the module docstring).
 
@@ -407,18 +410,17 @@ def validate_runs(
         cka_bins: quantile bins of the matched-CKA test.
         score_config: a :class:`rys_forge.rank.score.ScoreConfig` (e.g. from ``calibrate``) to re-score the
             rank rows with, from their stored probe metrics; its ``fitted_on`` decides in- vs out-of-sample.
+        learned_score: a :class:`~rys_forge.rank.LearnedScore` (from ``learn-score``) to order the rank rows by
+            instead: each row's ``score`` becomes its learned score (the prior is kept as ``prior_score``);
+            its ``fitted_on`` models decide in- vs out-of-sample. Not together with ``score_config``.
 
     Raises:
-        UsageError: a folder is not a run of the right kind, no window is in both, or ``metric`` is unknown.
+        UsageError: a folder is not a run of the right kind, no window is in both, ``metric`` is unknown, or
+            both ``score_config`` and ``learned_score`` are given (or the latter's columns are not in the rows).
     """
     check_options(top_fraction, n_permutations, seed, cka_bins, None if out_dir is None else Path(out_dir) / VALIDATION_FILE)
     rank_dir, sweep_dir = Path(rank_dir), Path(sweep_dir)
-    rank_rows, rank_summary = read_rank_run(rank_dir)
-    if score_config is not None:
-        from rys_forge.rank.score import score
-
-        rank_rows = [{**r, **score(r, score_config)} for r in rank_rows]
-        rank_summary = {**rank_summary, "score_config": score_config.to_dict()}
+    rank_rows, rank_summary, ordering = _rescored(*read_rank_run(rank_dir), score_config, learned_score)
     sweep_rows, sweep_summary, repeats, tasks = _sweep_rows(sweep_dir, repeats)
     outcomes_raw = outcome_columns(sweep_rows, tasks)
     if metric not in outcomes_raw and f"delta:{metric}" in outcomes_raw:
@@ -439,13 +441,14 @@ def validate_runs(
     windows = _Windows(names, top, cka, bottom_mask(cka, top_fraction))  # the same low set for every outcome
     outcomes = {name: _outcome(name, column, windows, n_permutations, seed, cka_bins) for name, column in outcomes_raw.items()}
     notes += _run_notes(sweep_rows, outcomes, rank_rows, rank_summary, sweep_summary)
-    calibration = _calibration(rank_summary)
+    calibration = _calibration(rank_summary, ordering if ordering["ordering_score"] == "learned" else None)
     settings = {
         "rank_dir": str(rank_dir), "sweep_dir": str(sweep_dir), "top_fraction": top_fraction,
         "n_permutations": n_permutations, "seed": seed, "metric": metric, "repeats": repeats, "score_key": score_key,
         "cka_key": cka_key, "cka_bins": cka_bins, "tasks": tasks,
         "positive_rule": {"combined_z": f"combined_z > {POSITIVE_Z}", "task": f"delta > 0 and paired p < {POSITIVE_P}"},
         "sweep_metrics": sweep_summary.get("metrics"),
+        "ordering": ordering,
     }
     report = ValidationReport(
         verdict=_verdict(metric, outcomes[metric], calibration), metric=metric, n_windows=len(joined),
