@@ -168,3 +168,35 @@ def test_race_rows_equal_the_exhaustive_sweep_and_resume(loaded, tmp_path):
     assert len(rows) == len(WINDOWS)
     with pytest.raises(UsageError, match="settings differ"):
         _sweep(loaded, out, race=RaceSettings(looks=2), order=WINDOWS, resume=True)
+
+
+def test_cli_race_order_and_report(tiny_model_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from rys_forge.cli import main
+
+    model = str(tiny_model_dirs["llama"])
+    windows = ["--window", "1:3", "--window", "2:5", "--window", "3:6"]
+    runner = CliRunner()
+    base = ["sweep", "--model", model, "--tasks", "rys_arc_easy", "--limit", "6", *windows, "--no-progress"]
+    for extra, message in ((["--budget", "100"], "need --race"), (["--race", "--budget", "ten"], "--budget must be"),
+                           (["--race", "--race-alpha", "0.9"], "--race-alpha"), (["--report-unfinished"], "needs --out"),
+                           (["--race", "--order-from", str(tmp_path / "none")], "not a finished rank run")):
+        refused = runner.invoke(main, [*base, *extra, "--out", str(tmp_path / "refused")] if extra != ["--report-unfinished"]
+                                else [*base, *extra])
+        assert refused.exit_code == 2, (extra, refused.output)
+        assert message in refused.output and len(refused.output.strip().splitlines()) == 1
+        assert not (tmp_path / "refused").exists()
+    ranked = runner.invoke(main, ["rank", "--model", model, *windows, "--prompts-per-family", "1", "--max-tokens", "12",
+                                  "--jacobian", "none", "--out", str(tmp_path / "rank"), "--no-progress"])
+    assert ranked.exit_code == 0, ranked.output
+    out = tmp_path / "race"
+    cut = runner.invoke(main, [*base, "--race", "--race-looks", "2", "--budget", "9", "--order-from", str(tmp_path / "rank"),
+                               "--out", str(out)])
+    assert cut.exit_code == 0, cut.output
+    assert "race: 9 of 18 item-evaluations" in cut.output  # 3 items per window at the first look: 3 windows fit
+    order = [r["window"] for r in json.loads((tmp_path / "rank" / "windows.json").read_text())]
+    logged = [json.loads(line)["window_key"] for line in (out / "race.jsonl").read_text().splitlines()]
+    assert logged == [f"{w}x2" for w in order]  # the rank run's order
+    reported = runner.invoke(main, ["sweep", "--report-unfinished", "--out", str(tmp_path / "rank")])
+    assert reported.exit_code == 2 and "not a sweep run folder" in reported.output

@@ -357,20 +357,41 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 @click.option("--batch-tokens", default=16384, show_default=True, type=int, help="Padded tokens per batch (cached engine).")
 @click.option("--attn", "attn_implementation", default="eager", show_default=True, type=click.Choice(["eager", "sdpa"]),
               help="Attention kernels (sdpa is faster on GPU).")
+@click.option("--race", is_flag=True, help="Race the windows: growing item subsets, harmful windows dropped early (cached engine).")
+@click.option("--budget", default=None, help="With --race: stop after this many item-evaluations (e.g. 20000) or seconds (600s).")
+@click.option("--race-alpha", default=0.05, show_default=True, type=float, help="With --race: one-sided level of a positive call.")
+@click.option("--race-looks", default=4, show_default=True, type=int, help="With --race: looks (item subsets doubling up to --limit).")
+@click.option("--order-from", default=None, type=click.Path(), help="Evaluate windows in this rank run's order (default: seeded random).")
+@click.option("--report-unfinished", is_flag=True, help="Only write the table, summary and heatmaps of the windows the unfinished sweep in --out has finished (no model is loaded).")
 @placement_options
 def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[str, ...], min_width: int,
           max_width: int | None, repeats: str, limit: int | None, num_fewshot: int | None, batch_size: str,
           out: str | None, resume: bool, no_progress: bool, engine: str, batch_tokens: int,
-          attn_implementation: str, placement: dict[str, Any]) -> None:
+          attn_implementation: str, race: bool, budget: str | None, race_alpha: float, race_looks: int,
+          order_from: str | None, report_unfinished: bool, placement: dict[str, Any]) -> None:
     """Brute force, Ng-style: evaluate every window in memory on the tasks (deltas, z-scores, heatmaps).
 
     The yardstick `validate` compares a rank run against. Resumable (--resume --out DIR). With
     loglikelihood tasks (all the local rys_* tasks but rys_gsm8k) the cached engine runs the base once
-    and replays each window from the cached residual stream at its end.
+    and replays each window from the cached residual stream at its end. --race stops clearly harmful
+    windows early (valid positive calls at --race-alpha).
     """
     from rys_forge.models import load_model
-    from rys_forge.research.sweep import sweep_windows
+    from rys_forge.rank.outputs import read_rank_run
+    from rys_forge.research.race import RaceSettings
+    from rys_forge.research.sweep import report_unfinished as report, sweep_windows
 
+    from rys_forge.errors import UsageError
+
+    if report_unfinished:
+        if out is None:
+            raise UsageError("--report-unfinished needs --out (the unfinished sweep's run folder)")
+        result = report(out)
+        click.echo(f"{result.summary['windows_done']} of {result.summary['windows_planned']} windows reported; "
+                   f"best: {result.summary.get('best')}\nrun folder: {out}")
+        return
+    race_settings = RaceSettings.from_options(race, budget, race_alpha, race_looks)
+    order = [str(r["window"]) for r in read_rank_run(Path(order_from))[0]] if order_from else None
     shard, out, device = run_setup("sweep", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation, **placement)
     with resumable("sweep", out):
@@ -379,11 +400,16 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
             max_width=max_width, repeats=repeats, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
             out_dir=out, resume=resume, progress=not no_progress and shard.rank == 0,
             model_info={**loaded.info, "path": loaded.path}, engine=engine, batch_tokens=batch_tokens,
+            race=race_settings, order=order,
         )
     if shard.rank != 0:
         return
     best = result.summary.get("best")
     click.echo(f"{len(result.rows)} rows; best: {best}")
+    if "race" in result.summary["timings"]:
+        info = result.summary["timings"]["race"]
+        click.echo(f"race: {info['spent']} of {info['exhaustive']} item-evaluations ({info['spent'] / max(info['exhaustive'], 1):.0%});"
+                   f" windows {info['windows']}; positive at one-sided {info['alpha']}: {', '.join(info['positive']) or 'none'}")
     flagged = sum(bool(r.get("single_task_verdict")) for r in result.rows)
     if flagged:
         click.echo(f"{flagged} windows move mostly one task (single_task_verdict): read them as calibration shifts, not reasoning")

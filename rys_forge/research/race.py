@@ -73,6 +73,16 @@ class RaceSettings:
             raise UsageError(f"--budget must be a positive number of seconds, got {self.budget_seconds!r}")
 
     @classmethod
+    def from_options(cls, race: bool, budget: str | None, alpha: float, looks: int) -> "RaceSettings | None":
+        """The CLI's --race, --budget, --race-alpha, --race-looks (None without --race; the others need it)."""
+        if not race:
+            if budget is not None or alpha != 0.05 or looks != 4:
+                raise UsageError("--budget, --race-alpha and --race-looks need --race")
+            return None
+        items, seconds = cls.parse_budget(budget)
+        return cls(alpha=float(alpha), looks=looks, budget_items=items, budget_seconds=seconds)
+
+    @classmethod
     def parse_budget(cls, text: str | None) -> tuple[int | None, float | None]:
         """``"20000"`` -> item-evaluations; ``"600s"`` -> seconds; None -> no budget."""
         if text is None:

@@ -225,6 +225,14 @@ def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo
     return time.perf_counter() - started, totals
 
 
+def _check_race(race: RaceSettings | None, engine: str) -> None:
+    """A race needs the cached engine and one process (each look needs every window's results)."""
+    if race is not None and engine != "cached":
+        raise UsageError("--race needs the cached engine (loglikelihood tasks only, --engine auto or cached)")
+    if race is not None and current_shard().parallel:
+        raise UsageError("--race runs in one process (each look needs every window's results); drop torchrun")
+
+
 def _race_summary(race: RaceSettings, totals: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The race's settings and totals, windows per stopping reason, and the windows called positive."""
     reasons = [r.get("race_reason") for r in rows]
@@ -298,8 +306,7 @@ def sweep_windows(
         model, windows, min_width, max_width, repeats, limit, num_fewshot, batch_size, engine, batch_tokens, seed)
     manager, names = resolve_task_names(tasks, include_path)
     engine, task_objects = _choose_engine(engine, manager, names)
-    if race is not None and engine != "cached":
-        raise UsageError("--race needs the cached engine (loglikelihood tasks only, --engine auto or cached)")
+    _check_race(race, engine)
     info = dict(model_info or {})
     fingerprint = _fingerprint(info, model, num_layers, names, chosen, repeat_list, engine, race, order, limit=limit,
                                num_fewshot=num_fewshot, seed=seed, batch_size=str(batch_size),
