@@ -340,7 +340,7 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 
 @main.command()
 @model_options
-@click.option("--tasks", required=True, help="Comma list of tasks (local rys_* tasks, or lm-eval names when online).")
+@click.option("--tasks", default=None, help="Comma list of tasks (local rys_* tasks, or lm-eval names when online); required.")
 @click.option("--window", "windows", multiple=True, help=f"Sweep only these windows (repeatable). {WINDOW_CONVENTION}.")
 @click.option("--min-width", default=2, show_default=True, type=int, help="Smallest window width j-i.")
 @click.option("--max-width", default=None, type=int, help="Largest window width (default: all).")
@@ -364,7 +364,7 @@ def publish(folder: str, repo_id: str, private: bool, revision: str | None, dry_
 @click.option("--order-from", default=None, type=click.Path(), help="Evaluate windows in this rank run's order (default: seeded random).")
 @click.option("--report-unfinished", is_flag=True, help="Only write the table, summary and heatmaps of the windows the unfinished sweep in --out has finished (no model is loaded).")
 @placement_options
-def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[str, ...], min_width: int,
+def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: tuple[str, ...], min_width: int,
           max_width: int | None, repeats: str, limit: int | None, num_fewshot: int | None, batch_size: str,
           out: str | None, resume: bool, no_progress: bool, engine: str, batch_tokens: int,
           attn_implementation: str, race: bool, budget: str | None, race_alpha: float, race_looks: int,
@@ -390,6 +390,8 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str, windows: tuple[s
         click.echo(f"{result.summary['windows_done']} of {result.summary['windows_planned']} windows reported; "
                    f"best: {result.summary.get('best')}\nrun folder: {out}")
         return
+    if not tasks:
+        raise UsageError("Missing option '--tasks' (a comma list of tasks)")
     race_settings = RaceSettings.from_options(race, budget, race_alpha, race_looks)
     order = [str(r["window"]) for r in read_rank_run(Path(order_from))[0]] if order_from else None
     shard, out, device = run_setup("sweep", model_name, out, device)

@@ -234,7 +234,7 @@ def report_unfinished(out_dir: str | Path) -> SweepResult:
     """
     folder = Path(out_dir)
     settings = read_json(folder / RUN_FILE, "sweep settings") if (folder / RUN_FILE).is_file() else None
-    if not isinstance(settings, dict) or not isinstance(settings.get("windows"), list):
+    if not isinstance(settings, dict) or not all(isinstance(settings.get(k), list) for k in ("windows", "tasks", "repeats")):
         raise UsageError(f"{folder} is not a sweep run folder (no readable {RUN_FILE})")
     if (folder / "summary.json").is_file() and (folder / "sweep.json").is_file() and read_json(
             folder / "summary.json", "sweep summary").get("complete", True):
