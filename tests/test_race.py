@@ -200,3 +200,15 @@ def test_cli_race_order_and_report(tiny_model_dirs, tmp_path):
     assert logged == [f"{w}x2" for w in order]  # the rank run's order
     reported = runner.invoke(main, ["sweep", "--report-unfinished", "--out", str(tmp_path / "rank")])
     assert reported.exit_code == 2 and "not a sweep run folder" in reported.output
+    # the race finished (no budget), then judged: validate's headline is every window's race estimate
+    done = runner.invoke(main, [*base, "--race", "--race-looks", "2", "--order-from", str(tmp_path / "rank"),
+                                "--out", str(out), "--resume"])
+    assert done.exit_code == 0, done.output
+    checked = runner.invoke(main, ["validate", str(tmp_path / "rank"), str(out), "--permutations", "100"])
+    assert checked.exit_code == 0, checked.output
+    report = json.loads((out / "validation" / "validation.json").read_text())
+    assert report["metric"] == "race_estimate" and report["n_windows"] == 3
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    expected = {r["window"]: r["race_estimate"] for r in rows}
+    correlation = report["correlations"]["score"]["race_estimate"]["spearman"]
+    assert math.isfinite(correlation) and set(expected) == {"1:3", "2:5", "3:6"}

@@ -125,6 +125,8 @@ def _joined(
         UsageError: no sweep rows with ``repeats``, an unknown ``target``, or fewer than 10 windows.
     """
     rows = [r for r in sweep_rows if r.get("repeats") == repeats]
+    if target == "combined_z" and any("race_reason" in r for r in rows):
+        target = "race_estimate"  # a raced sweep: every window's interval centre, not only the completed ones' z
     if target.startswith("delta:"):  # oriented like validate's outcomes: positive = better
         outcome = {w: value for w, (value, _) in outcome_columns(rows, [target[len("delta:"):]])[target].items()}
     else:
@@ -132,7 +134,7 @@ def _joined(
     if not outcome:
         raise UsageError(f"{sweep_dir} has no sweep rows with repeats={repeats}")
     if all(v is None for v in outcome.values()):
-        columns = sorted(k for k in sweep_rows[0] if k.startswith("delta:") or k in ("combined_z", "mean_delta"))
+        columns = sorted(k for k in sweep_rows[0] if k.startswith("delta:") or k in ("combined_z", "mean_delta", "race_estimate"))
         raise UsageError(f"unknown target {target!r}; the sweep has {', '.join(columns)}")
     joined = [
         r for r in rank_rows

@@ -5,11 +5,10 @@ contain a statistically significant enrichment of benchmark-positive RYS windows
 both a ``rank`` run folder (``windows.json``) and a ``sweep`` run folder (``sweep.json``, or the
 ``sweep.jsonl`` log of an unfinished sweep; rows with ``repeats`` = 2 unless told otherwise).
 
-Outcomes: ``combined_z`` (Stouffer over the sweep's tasks) and, per task, ``delta:<task>`` (oriented so
-that positive = better). A window is **benchmark-positive**
-
-* for ``combined_z``: ``combined_z > 1.96`` (two-sided 5% on the combined z);
-* for a task: ``delta > 0`` and the paired test's ``p < 0.05`` (exact McNemar for 0/1 items).
+Outcomes: ``combined_z`` (Stouffer over the sweep's tasks), per task ``delta:<task>`` (oriented so that
+positive = better) and, for a raced sweep, ``race_estimate`` (the headline there: windows stopped early have
+no combined z). A window is **benchmark-positive** for ``combined_z`` when ``combined_z > 1.96``; for a task
+when ``delta > 0`` and the paired test's ``p < 0.05``; for ``race_estimate`` when the race called it positive.
 
 Statistics, per outcome (the functions live in :mod:`rys_forge.stats`):
 
@@ -35,8 +34,7 @@ The verdict says plainly whether the claim holds, and whether the test is in-sam
 ``score_config`` re-scores the rank rows with other constants; ``learned_score`` (``--learned-score``, from
 ``learn-score``) puts a learned score in the score's place, in-sample when fitted on the rank run's model.
 
-``validation.json`` and figures (``evaluations_to_best.png``, ``score_vs_outcome.png``) are written
-atomically into ``out_dir``.
+``validation.json``, ``evaluations_to_best.png`` and ``score_vs_outcome.png`` go atomically into ``out_dir``.
 """
 
 from __future__ import annotations
@@ -68,6 +66,8 @@ VALIDATION_FILE = "validation.json"
 POSITIVE_Z = 1.96
 #: per-task paired-test p-value below which a positive delta counts.
 POSITIVE_P = 0.05
+_POSITIVE_RULES = {"combined_z": f"combined_z > {POSITIVE_Z}",
+                   "race_estimate": "the race's lower bound of the mean paired difference > 0 at some look"}
 #: Rank-row columns that are not probes.
 _NOT_PREDICTORS = frozenset({"probe_s"})
 _ALPHA = 0.05
@@ -199,6 +199,8 @@ def outcome_columns(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dic
     for row in rows:
         z = row.get("combined_z")
         outcomes["combined_z"][row["window"]] = (z, is_finite_number(z) and z > POSITIVE_Z)
+    if any("race_reason" in row for row in rows):  # a raced sweep: every window's interval centre and call
+        outcomes["race_estimate"] = {r["window"]: (r.get("race_estimate"), bool(r.get("race_positive"))) for r in rows}
     for task in tasks:
         column: dict[str, Any] = {}
         for row in rows:
@@ -264,7 +266,7 @@ def _outcome(name: str, column: dict[str, Any], windows: _Windows, n_permutation
     if low.any():
         fisher_p = float(scipy_stats.fisher_exact([[top_pos, k - top_pos], [low_pos, int(low.sum()) - low_pos]], alternative="greater")[1])
     enrichment = {
-        "positive_rule": f"combined_z > {POSITIVE_Z}" if name == "combined_z" else f"delta > 0 and p < {POSITIVE_P}",
+        "positive_rule": _POSITIVE_RULES.get(name, f"delta > 0 and p < {POSITIVE_P}"),
         "n_windows": n,
         "n_with_outcome": int(has_value.sum()),
         "n_positive": n_pos,
@@ -403,7 +405,7 @@ def validate_runs(
         top_fraction: size of the top set by score (0.1: the top decile), and of the low-CKA set.
         n_permutations: draws of the matched-CKA permutation test (and, up to 2000, of the random curves).
         seed: seed of the numpy Generator (results are deterministic given it).
-        metric: the headline outcome: ``combined_z``, ``delta:<task>`` or a task name.
+        metric: the headline outcome: ``combined_z`` (``race_estimate`` for a raced sweep), ``delta:<task>``, a task.
         repeats: which sweep rows to use (default: 2 if present, else the smallest repeat count).
         score_key: the rank column that orders windows.
         cka_key: the rank column used for CKA matching.
@@ -423,6 +425,8 @@ def validate_runs(
     rank_rows, rank_summary, ordering = _rescored(*read_rank_run(rank_dir), score_config, learned_score)
     sweep_rows, sweep_summary, repeats, tasks = _sweep_rows(sweep_dir, repeats)
     outcomes_raw = outcome_columns(sweep_rows, tasks)
+    if metric == "combined_z" and "race_estimate" in outcomes_raw:  # windows stopped early have no combined z
+        metric = "race_estimate"
     if metric not in outcomes_raw and f"delta:{metric}" in outcomes_raw:
         metric = f"delta:{metric}"
     if metric not in outcomes_raw:
@@ -446,7 +450,7 @@ def validate_runs(
         "rank_dir": str(rank_dir), "sweep_dir": str(sweep_dir), "top_fraction": top_fraction,
         "n_permutations": n_permutations, "seed": seed, "metric": metric, "repeats": repeats, "score_key": score_key,
         "cka_key": cka_key, "cka_bins": cka_bins, "tasks": tasks,
-        "positive_rule": {"combined_z": f"combined_z > {POSITIVE_Z}", "task": f"delta > 0 and paired p < {POSITIVE_P}"},
+        "positive_rule": {**_POSITIVE_RULES, "task": f"delta > 0 and paired p < {POSITIVE_P}"},
         "sweep_metrics": sweep_summary.get("metrics"),
         "ordering": ordering,
     }
