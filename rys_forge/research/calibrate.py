@@ -30,7 +30,8 @@ from rys_forge.evaluate.report import check_writable
 from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, score_terms
 from rys_forge.research.sweep import read_sweep
-from rys_forge.research.validate import model_label, outcome_columns, read_rank_run
+from rys_forge.research.sweep_outputs import outcome_columns
+from rys_forge.research.validate import model_label, read_rank_run
 from rys_forge.stats import is_finite_number
 
 __all__ = ["BOUNDS", "CalibrationResult", "calibrate_score", "fit_constants"]

@@ -47,7 +47,8 @@ from rys_forge.errors import UsageError, output_problem
 from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank.learned import TRANSFORMS, LearnedScore, feature_table, per_model, row_features, window_depth
 from rys_forge.research.sweep import read_sweep
-from rys_forge.research.validate import model_label, outcome_columns, read_rank_run
+from rys_forge.research.sweep_outputs import outcome_columns
+from rys_forge.research.validate import model_label, read_rank_run
 from rys_forge.stats import (correlation, evaluations_to_reach, expected_first_hit, hypergeom_enrichment_p,
                              is_finite_number, top_count)
 

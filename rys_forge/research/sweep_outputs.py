@@ -29,13 +29,21 @@ from rys_forge.runs import RunFolder
 from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
 
 __all__ = [
-    "BASE_FILE", "RACE_COLUMNS", "SWEEP_FORMAT", "SWEEP_LOG", "SweepFolder", "SweepResult", "read_stored_base", "read_sweep",
+    "BASE_FILE", "POSITIVE_P", "POSITIVE_RULES", "POSITIVE_Z", "RACE_COLUMNS", "SWEEP_FORMAT", "headline_outcome",
+    "outcome_columns", "SWEEP_LOG", "SweepFolder", "SweepResult", "read_stored_base", "read_sweep",
     "report_unfinished", "restore_record", "summarise", "write_outputs",
 ]
 
 SWEEP_LOG = "sweep.jsonl"
 BASE_FILE = "base.json"
 SWEEP_FORMAT = 1
+#: combined z above which a window counts as benchmark-positive.
+POSITIVE_Z = 1.96
+#: per-task paired-test p-value below which a positive delta counts.
+POSITIVE_P = 0.05
+#: How a window counts as benchmark-positive, per outcome (a task's delta: ``delta > 0`` and paired p < POSITIVE_P).
+POSITIVE_RULES = {"combined_z": f"combined_z > {POSITIVE_Z}",
+                  "race_estimate": "the race's lower bound of the mean paired difference > 0 at some look"}
 #: Per-window columns of a raced sweep (rys_forge.research.race.race_record).
 RACE_COLUMNS = ("race_reason", "race_look", "race_items", "race_items_full", "race_estimate", "race_lower",
                 "race_upper", "race_positive")
@@ -257,3 +265,40 @@ def report_unfinished(out_dir: str | Path) -> SweepResult:
     result = SweepResult(rows=rows, base=base, summary=summary, out_dir=folder, missing=missing)
     write_outputs(result, num_layers)
     return result
+
+
+# --------------------------------------------------------------------------- outcomes (validate, calibrate)
+
+
+def outcome_columns(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Outcome name (``combined_z``, ``delta:<task>``) -> window -> ``(value, positive)``, the value
+    oriented so that positive = better (a lower-is-better task's delta is negated)."""
+    outcomes: dict[str, dict[str, Any]] = {"combined_z": {}}
+    for row in rows:
+        z = row.get("combined_z")
+        outcomes["combined_z"][row["window"]] = (z, is_finite_number(z) and z > POSITIVE_Z)
+    if any("race_reason" in row for row in rows):  # a raced sweep: every window's interval centre and call
+        outcomes["race_estimate"] = {r["window"]: (r.get("race_estimate"), bool(r.get("race_positive"))) for r in rows}
+    for task in tasks:
+        column: dict[str, Any] = {}
+        for row in rows:
+            entry = (row.get("tasks") or {}).get(task) or {}
+            delta = entry.get("delta", row.get(f"delta:{task}"))
+            p = entry.get("p_value", row.get(f"p:{task}"))
+            if is_finite_number(delta) and entry.get("higher_is_better") is False:
+                delta = -float(delta)
+            column[row["window"]] = (delta, is_finite_number(delta) and delta > 0 and is_finite_number(p) and p < POSITIVE_P)
+        outcomes[f"delta:{task}"] = column
+    return outcomes
+
+
+def headline_outcome(metric: str, outcomes: dict[str, Any]) -> str:
+    """The outcome named by `metric` (a bare task name means its delta; a raced sweep's combined z is its
+    ``race_estimate``, since windows stopped early have no combined z)."""
+    if metric == "combined_z" and "race_estimate" in outcomes:
+        return "race_estimate"
+    if metric not in outcomes and f"delta:{metric}" in outcomes:
+        metric = f"delta:{metric}"
+    if metric not in outcomes:
+        raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(outcomes)}")
+    return metric

@@ -55,19 +55,13 @@ from rys_forge.evaluate.report import check_writable
 from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank import LearnedScore, order_rows, read_rank_run, score
 from rys_forge.research.sweep import read_sweep
+from rys_forge.research.sweep_outputs import POSITIVE_P, POSITIVE_RULES, POSITIVE_Z, headline_outcome, outcome_columns
 from rys_forge.stats import (bottom_mask, correlation, evaluations_to_best, hypergeom_enrichment_p, is_finite_number,
                              matched_permutation, top_count)
 
-__all__ = ["POSITIVE_P", "POSITIVE_Z", "ValidationReport", "check_options", "model_label", "outcome_columns",
-           "read_rank_run", "validate_runs"]
+__all__ = ["ValidationReport", "check_options", "model_label", "read_rank_run", "validate_runs"]
 
 VALIDATION_FILE = "validation.json"
-#: combined z above which a window counts as benchmark-positive.
-POSITIVE_Z = 1.96
-#: per-task paired-test p-value below which a positive delta counts.
-POSITIVE_P = 0.05
-_POSITIVE_RULES = {"combined_z": f"combined_z > {POSITIVE_Z}",
-                   "race_estimate": "the race's lower bound of the mean paired difference > 0 at some look"}
 #: Rank-row columns that are not probes.
 _NOT_PREDICTORS = frozenset({"probe_s"})
 _ALPHA = 0.05
@@ -192,28 +186,6 @@ def _calibration(summary: dict[str, Any], learned: dict[str, Any] | None = None)
             "in_sample": in_sample, "text": text}
 
 
-def outcome_columns(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Outcome name (``combined_z``, ``delta:<task>``) -> window -> ``(value, positive)``, the value
-    oriented so that positive = better (a lower-is-better task's delta is negated)."""
-    outcomes: dict[str, dict[str, Any]] = {"combined_z": {}}
-    for row in rows:
-        z = row.get("combined_z")
-        outcomes["combined_z"][row["window"]] = (z, is_finite_number(z) and z > POSITIVE_Z)
-    if any("race_reason" in row for row in rows):  # a raced sweep: every window's interval centre and call
-        outcomes["race_estimate"] = {r["window"]: (r.get("race_estimate"), bool(r.get("race_positive"))) for r in rows}
-    for task in tasks:
-        column: dict[str, Any] = {}
-        for row in rows:
-            entry = (row.get("tasks") or {}).get(task) or {}
-            delta = entry.get("delta", row.get(f"delta:{task}"))
-            p = entry.get("p_value", row.get(f"p:{task}"))
-            if is_finite_number(delta) and entry.get("higher_is_better") is False:
-                delta = -float(delta)
-            column[row["window"]] = (delta, is_finite_number(delta) and delta > 0 and is_finite_number(p) and p < POSITIVE_P)
-        outcomes[f"delta:{task}"] = column
-    return outcomes
-
-
 def _sweep_rows(sweep_dir: Path, repeats: int | None) -> tuple[list[dict[str, Any]], dict[str, Any], int, list[str]]:
     """The sweep's rows with the chosen repeat count (default: 2 if present, else the smallest), its
     summary, that repeat count and its tasks."""
@@ -266,7 +238,7 @@ def _outcome(name: str, column: dict[str, Any], windows: _Windows, n_permutation
     if low.any():
         fisher_p = float(scipy_stats.fisher_exact([[top_pos, k - top_pos], [low_pos, int(low.sum()) - low_pos]], alternative="greater")[1])
     enrichment = {
-        "positive_rule": _POSITIVE_RULES.get(name, f"delta > 0 and p < {POSITIVE_P}"),
+        "positive_rule": POSITIVE_RULES.get(name, f"delta > 0 and p < {POSITIVE_P}"),
         "n_windows": n,
         "n_with_outcome": int(has_value.sum()),
         "n_positive": n_pos,
@@ -425,12 +397,7 @@ def validate_runs(
     rank_rows, rank_summary, ordering = _rescored(*read_rank_run(rank_dir), score_config, learned_score)
     sweep_rows, sweep_summary, repeats, tasks = _sweep_rows(sweep_dir, repeats)
     outcomes_raw = outcome_columns(sweep_rows, tasks)
-    if metric == "combined_z" and "race_estimate" in outcomes_raw:  # windows stopped early have no combined z
-        metric = "race_estimate"
-    if metric not in outcomes_raw and f"delta:{metric}" in outcomes_raw:
-        metric = f"delta:{metric}"
-    if metric not in outcomes_raw:
-        raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(outcomes_raw)}")
+    metric = headline_outcome(metric, outcomes_raw)
 
     swept = {r["window"] for r in sweep_rows}
     joined = [r for r in rank_rows if r.get("window") in swept and is_finite_number(r.get(score_key))]
@@ -450,7 +417,7 @@ def validate_runs(
         "rank_dir": str(rank_dir), "sweep_dir": str(sweep_dir), "top_fraction": top_fraction,
         "n_permutations": n_permutations, "seed": seed, "metric": metric, "repeats": repeats, "score_key": score_key,
         "cka_key": cka_key, "cka_bins": cka_bins, "tasks": tasks,
-        "positive_rule": {**_POSITIVE_RULES, "task": f"delta > 0 and paired p < {POSITIVE_P}"},
+        "positive_rule": {**POSITIVE_RULES, "task": f"delta > 0 and paired p < {POSITIVE_P}"},
         "sweep_metrics": sweep_summary.get("metrics"),
         "ordering": ordering,
     }
