@@ -55,7 +55,7 @@ from rys_forge.evaluate.report import check_writable
 from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank import LearnedScore, order_rows, read_rank_run, score
 from rys_forge.research.sweep import read_sweep
-from rys_forge.research.sweep_outputs import POSITIVE_P, POSITIVE_RULES, POSITIVE_Z, headline_outcome, outcome_columns
+from rys_forge.research.sweep_outputs import POSITIVE_P, POSITIVE_RULES, headline_outcome, outcome_columns
 from rys_forge.stats import (bottom_mask, correlation, evaluations_to_best, hypergeom_enrichment_p, is_finite_number,
                              matched_permutation, top_count)
 
