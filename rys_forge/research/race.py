@@ -14,8 +14,11 @@ added (so that a handful of equal differences cannot give a zero-width interval)
 advance, so that "positive" (the lower bound above 0 at any look) has one-sided level ``alpha`` per window
 however many looks are taken (tested by simulation in ``tests/test_race.py``). After each look a window is
 
-* **dropped** when its upper bound is below 0 *and* below the current best window's lower bound (it is
-  confidently worse than the base and than the best; it cannot be the best or positive);
+* **dropped** when it is confidently worse than the base (its upper bound below 0) *and* than the running
+  window with the best estimate (the upper bound of their paired per-item gap, ``rys_w - rys_best`` on the same
+  items, below 0). Drops use their own one-sided confidence (``drop_confidence``, default 0.9, no multiplicity
+  correction): a wrong drop can lose a window, never make a false positive call, whose level rests on the
+  Bonferroni bounds alone;
 * kept otherwise; windows that reach the last look are ``completed`` (their full sweep row is written).
 
 A ``budget`` in item-evaluations (one window on one item of one task = 1) or seconds ends the race early;
@@ -45,7 +48,7 @@ from rys_forge.stats import mean_stderr
 
 __all__ = [
     "RACE_REASONS", "RaceLog", "RaceSettings", "WindowTally", "check_raceable", "critical_z", "decide", "look_sizes",
-    "race_cached_windows", "race_record", "run_race",
+    "paired_gap", "race_cached_windows", "race_record", "run_race",
 ]
 
 #: Why a window stopped: dropped (confidently worse than the base and the best), completed (every item),
@@ -61,10 +64,13 @@ class RaceSettings:
     looks: int = 4
     budget_items: int | None = None
     budget_seconds: float | None = None
+    drop_confidence: float = 0.9
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, float) and 0.0 < self.alpha < 0.5):
             raise UsageError(f"--race-alpha must be in (0, 0.5), got {self.alpha!r}")
+        if not (isinstance(self.drop_confidence, float) and 0.5 <= self.drop_confidence < 1.0):
+            raise UsageError(f"--drop-confidence must be in [0.5, 1), got {self.drop_confidence!r}")
         if not is_count(self.looks, 1) or self.looks > 12:
             raise UsageError(f"--race-looks must be an integer in 1..12, got {self.looks!r}")
         if self.budget_items is not None and not is_count(self.budget_items, 1):
@@ -73,14 +79,17 @@ class RaceSettings:
             raise UsageError(f"--budget must be a positive number of seconds, got {self.budget_seconds!r}")
 
     @classmethod
-    def from_options(cls, race: bool, budget: str | None, alpha: float, looks: int) -> "RaceSettings | None":
-        """The CLI's --race, --budget, --race-alpha, --race-looks (None without --race; the others need it)."""
+    def from_options(cls, race: bool, budget: str | None, alpha: float, looks: int,
+                     drop_confidence: float = 0.9) -> "RaceSettings | None":
+        """The CLI's --race, --budget, --race-alpha, --race-looks, --drop-confidence (None without --race; the
+        others need it)."""
         if not race:
-            if budget is not None or alpha != 0.05 or looks != 4:
-                raise UsageError("--budget, --race-alpha and --race-looks need --race")
+            if budget is not None or alpha != 0.05 or looks != 4 or drop_confidence != 0.9:
+                raise UsageError("--budget, --race-alpha, --race-looks and --drop-confidence need --race")
             return None
         items, seconds = cls.parse_budget(budget)
-        return cls(alpha=float(alpha), looks=looks, budget_items=items, budget_seconds=seconds)
+        return cls(alpha=float(alpha), looks=looks, budget_items=items, budget_seconds=seconds,
+                   drop_confidence=float(drop_confidence))
 
     @classmethod
     def parse_budget(cls, text: str | None) -> tuple[int | None, float | None]:
@@ -97,7 +106,13 @@ class RaceSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "looks": self.looks, "budget_items": self.budget_items,
-                "budget_seconds": self.budget_seconds, "critical_z": critical_z(self.alpha, self.looks)}
+                "budget_seconds": self.budget_seconds, "critical_z": critical_z(self.alpha, self.looks),
+                "drop_confidence": self.drop_confidence, "drop_z": self.drop_z}
+
+    @property
+    def drop_z(self) -> float:
+        """One-sided normal quantile of the drop decisions."""
+        return NormalDist().inv_cdf(self.drop_confidence)
 
 
 def critical_z(alpha: float, looks: int) -> float:
@@ -143,22 +158,39 @@ class WindowTally:
         return d, d - z * se, d + z * se
 
 
+def paired_gap(a: WindowTally, b: WindowTally) -> WindowTally:
+    """The per-item differences between two windows on the items both have seen (``rys_a - rys_b``: the base
+    cancels, so this is a paired comparison of the two windows)."""
+    gap = WindowTally()
+    for task, values in a.diffs.items():
+        n = min(len(values), len(b.diffs.get(task, ())))
+        if n:
+            gap.add(task, np.asarray(values[:n]) - np.asarray(b.diffs[task][:n]))
+    return gap
+
+
 def decide(tallies: dict[str, WindowTally], running: Sequence[str], z: float) -> dict[str, str]:
-    """After a look: ``{window: "dropped"}`` for each running window whose upper bound is below 0 and below
-    the best lower bound among all windows evaluated so far."""
-    bounds = {w: t.interval(z) for w, t in tallies.items() if t.items}
-    best_lower = max((b[1] for b in bounds.values()), default=-math.inf)
-    threshold = min(0.0, best_lower)
-    return {w: "dropped" for w in running if w in bounds and bounds[w][2] < threshold}
+    """After a look: ``{window: "dropped"}`` for each running window confidently worse than the base (its
+    upper bound below 0) and than the running window with the best estimate (the upper bound of their
+    paired per-item gap below 0)."""
+    live = [w for w in running if w in tallies and tallies[w].items]
+    if not live:
+        return {}
+    best = max(live, key=lambda w: tallies[w].estimate()[0])
+    dropped = {}
+    for w in live:
+        if w != best and tallies[w].interval(z)[2] < 0 and paired_gap(tallies[w], tallies[best]).interval(z)[2] < 0:
+            dropped[w] = "dropped"
+    return dropped
 
 
 def run_race(tallies: dict[str, WindowTally], running: Sequence[str], looks: int, z: float,
              evaluate: Callable[[int, list[str]], bool], emit: Callable[[str, str, int], None],
-             positive: set[str]) -> None:
+             positive: set[str], drop_z: float | None = None) -> None:
     """The schedule. At look ``k`` (0-based) ``evaluate(k, keys)`` adds that look's differences of the running
     windows to their ``tallies`` (False: the budget ran out; the running windows stop with reason ``budget``);
-    a window whose lower bound is above 0 joins ``positive``; then :func:`decide` drops windows. ``emit(key,
-    reason, looks_done)`` is called once per window as it stops."""
+    a window whose lower bound (at ``z``) is above 0 joins ``positive``; then :func:`decide` drops windows at
+    ``drop_z`` (default ``z``). ``emit(key, reason, looks_done)`` is called once per window as it stops."""
     running = list(running)
     for k in range(looks):
         if not evaluate(k, running):
@@ -167,7 +199,7 @@ def run_race(tallies: dict[str, WindowTally], running: Sequence[str], looks: int
             return
         positive.update(key for key in running if tallies[key].interval(z)[1] > 0)
         if k + 1 < looks:
-            for key in decide({key: t for key, t in tallies.items() if t.items}, running, z):
+            for key in decide({key: t for key, t in tallies.items() if t.items}, running, z if drop_z is None else drop_z):
                 emit(key, "dropped", k + 1)
                 running.remove(key)
     for key in running:
@@ -403,7 +435,8 @@ def race_cached_windows(
         stopped.append(reason)
         on_record(racer.row(key, reason, looks_done, settings.looks, task_items, base_run, reported, seed))
 
-    run_race(racer.tallies, [f"{w}x{n}" for w, n in todo], settings.looks, racer.z, evaluate, emit, racer.positive)
+    run_race(racer.tallies, [f"{w}x{n}" for w, n in todo], settings.looks, racer.z, evaluate, emit, racer.positive,
+             drop_z=settings.drop_z)
     return {"spent_this_session": racer.spent - sum(len(v) for vals in logged.values() for v in vals.values()),
             "spent": racer.spent, "exhaustive": len(windows) * sum(task_items.values()),
             "stopped_by_budget": "budget" in stopped}

@@ -1,0 +1,137 @@
+"""Replay `sweep --race` on a finished (or unfinished) exhaustive sweep's recorded per-item results.
+
+The race's decisions depend only on the paired per-item differences it has seen, so replaying its schedule on
+the items an exhaustive sweep recorded gives exactly the race's calls and costs on that model (wall time aside).
+Per seed (the race's item order) it prints the item-evaluations spent against the exhaustive sweep's, whether
+the exhaustive best window (by the race's statistic, the mean paired difference over the tasks) was kept to the
+end or its interval overlaps the race's best, and the windows called positive against those the exhaustive
+sweep calls positive (the mean difference's one-sided z > 1.96 with every item, and combined z > 1.96).
+
+Usage: PYTHONPATH=. python bench/race_replay.py SWEEP_DIR [--tasks a,b] [--looks 4] [--alpha 0.05] [--seeds 5]
+       [--out FILE.json]
+Tasks default to those whose kept metric is a per-item mean (acc, acc_norm): a race needs per-item means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rys_forge.files import json_safe, write_atomic
+from rys_forge.research.race import RaceSettings, WindowTally, critical_z, look_sizes, run_race
+from rys_forge.research.sweep import read_sweep
+from rys_forge.stats import combine_z
+
+
+def recorded(folder: Path, tasks: list[str] | None) -> tuple[dict[str, dict[str, np.ndarray]], list[str], dict[str, float]]:
+    """Per window and task the recorded paired differences (rys - base per item), the tasks, and the
+    exhaustive combined z over those tasks."""
+    rows, _ = read_sweep(folder)
+    rows = [r for r in rows if r.get("repeats", 2) == 2 and r.get("tasks")]
+    first = rows[0]["tasks"]
+    if tasks is None:
+        tasks = [t for t, e in first.items() if e.get("metric") in ("acc", "acc_norm")]
+    base = json.loads((folder / "base.json").read_text())["run"]["items"]
+    diffs: dict[str, dict[str, np.ndarray]] = {}
+    combined: dict[str, float] = {}
+    for row in rows:
+        per_task = {}
+        for task in tasks:
+            entry = row["tasks"][task]
+            metric = entry["metric"]
+            filt = entry.get("filter", "none")
+            base_items = base[task][filt]
+            doc_ids = sorted(base_items, key=lambda d: (len(d), d))
+            base_values = np.array([float(base_items[d]["values"][metric]) for d in doc_ids])
+            per_task[task] = np.asarray(entry["items"], dtype=float) - base_values
+        diffs[row["window"]] = per_task
+        combined[row["window"]] = combine_z({t: row["tasks"][t]["z"] for t in tasks})["combined_z"]
+    return diffs, tasks, combined
+
+
+def replay(diffs: dict[str, dict[str, np.ndarray]], tasks: list[str], settings: RaceSettings, seed: int) -> dict:
+    """One race over the recorded differences, items in a seeded order per task (as the race takes them)."""
+    rng = np.random.default_rng(seed)
+    n_items = {t: len(next(iter(diffs.values()))[t]) for t in tasks}
+    order = {t: rng.permutation(n_items[t]) for t in tasks}
+    sizes = {t: look_sizes(n_items[t], settings.looks) for t in tasks}
+    z = critical_z(settings.alpha, settings.looks)
+    tallies = {w: WindowTally() for w in diffs}
+    spent = [0]
+
+    def evaluate(k: int, running: list[str]) -> bool:
+        for w in running:
+            for t in tasks:
+                lo = sizes[t][k - 1] if k else 0
+                tallies[w].add(t, diffs[w][t][order[t][lo:sizes[t][k]]])
+                spent[0] += sizes[t][k] - lo
+        return True
+
+    stopped: dict[str, tuple[str, int]] = {}
+    positive: set[str] = set()
+    run_race(tallies, list(diffs), settings.looks, z, evaluate, lambda w, r, k: stopped.__setitem__(w, (r, k)), positive,
+             drop_z=settings.drop_z)
+    return {"stopped": stopped, "positive": positive, "spent": spent[0], "tallies": tallies, "z": z}
+
+
+def judge(diffs: dict, tasks: list[str], combined: dict[str, float], result: dict) -> dict:
+    exhaustive = len(diffs) * sum(len(v) for v in next(iter(diffs.values())).values())
+    full = {w: WindowTally() for w in diffs}
+    for w, per_task in diffs.items():
+        for t in tasks:
+            full[w].add(t, per_task[t])
+    mean = {w: full[w].estimate() for w in diffs}
+    best = max(mean, key=lambda w: mean[w][0])
+    completed = [w for w, (reason, _) in result["stopped"].items() if reason == "completed"]
+    race_best = max(completed, key=lambda w: result["tallies"][w].estimate()[0])
+    lo_best = result["tallies"][race_best].interval(result["z"])
+    lo_true = result["tallies"][best].interval(result["z"])
+    truly_positive = {w for w, (d, se) in mean.items() if se > 0 and d / se > 1.96}
+    return {
+        "windows": len(diffs), "spent": result["spent"], "exhaustive": exhaustive,
+        "fraction": result["spent"] / exhaustive,
+        "dropped": sum(r == "dropped" for r, _ in result["stopped"].values()), "completed": len(completed),
+        "exhaustive_best": best, "exhaustive_best_mean_diff": mean[best][0], "race_best": race_best,
+        "best_kept": result["stopped"][best][0] == "completed",
+        "best_overlaps": bool(lo_true[2] >= lo_best[1]),
+        "race_positive": sorted(result["positive"]), "exhaustive_positive_mean_diff": sorted(truly_positive),
+        "exhaustive_positive_combined_z": sorted(w for w, c in combined.items() if c > 1.96),
+        "positives_kept": sorted(truly_positive & set(completed)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--tasks", default=None)
+    parser.add_argument("--looks", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--drop-confidence", type=float, default=0.9)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    diffs, tasks, combined = recorded(args.sweep_dir, args.tasks.split(",") if args.tasks else None)
+    settings = RaceSettings(alpha=args.alpha, looks=args.looks, drop_confidence=args.drop_confidence)
+    results = [judge(diffs, tasks, combined, replay(diffs, tasks, settings, seed)) for seed in range(args.seeds)]
+    print(f"{args.sweep_dir}: {len(diffs)} windows, tasks {', '.join(tasks)}; looks {args.looks}, alpha {args.alpha},"
+          f" drop confidence {args.drop_confidence}")
+    print("| seed | item-evals | of exhaustive | dropped | completed | exhaustive best | kept | overlaps | race positive |"
+          " exhaustive positive (mean diff) | kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, r in enumerate(results):
+        print(f"| {seed} | {r['spent']} | {r['fraction']:.1%} | {r['dropped']} | {r['completed']} | {r['exhaustive_best']} "
+              f"({r['exhaustive_best_mean_diff']:+.4f}) | {r['best_kept']} | {r['best_overlaps']} | "
+              f"{len(r['race_positive'])} | {len(r['exhaustive_positive_mean_diff'])} | {len(r['positives_kept'])} |")
+    if args.out:
+        write_atomic(args.out, json.dumps(json_safe({"tasks": tasks, "looks": args.looks, "alpha": args.alpha,
+                                                     "drop_confidence": args.drop_confidence, "seeds": results}), indent=1))
+    return 0 if all(math.isfinite(r["fraction"]) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
