@@ -31,6 +31,16 @@ class ArchSpec:
             `layer_types` stays authoritative when the plan makes that set a non-prefix.
         final_norm_path: dotted path to the final norm applied to `x_L` before the LM head.
         embed_path: dotted path to the token embedding module.
+        branch_outputs: modules of a decoder layer whose output is a residual branch's update, exactly as it is
+            added to the stream (attention, then MLP): a damped visit multiplies their outputs by its scale
+            (for a tuple output, its first element). Pre-norm layers: the attention and MLP modules; layers
+            with a post-norm before the residual add (gemma2/3): that norm, since the norm undoes any scale
+            applied before it.
+        branch_weights: modules of a decoder layer whose parameters scale a branch update linearly, for exports
+            that bake a scale into the weights (mergekit): the output projections (`weight` and any `bias`)
+            of pre-norm layers; the post-norms of post-norm layers (`weight`).
+        norm_offset: the post-norms multiply by `norm_offset + weight` (gemma: `1 + w`), so scaling them by
+            `a` stores `a * (norm_offset + w) - norm_offset`; 0 for output projections.
     """
 
     layers_path: str = "model.layers"
@@ -39,7 +49,19 @@ class ArchSpec:
     prefix_count_fields: tuple[str, ...] = ()
     final_norm_path: str = "model.norm"
     embed_path: str = "model.embed_tokens"
+    branch_outputs: tuple[str, ...] = ("self_attn", "mlp")
+    branch_weights: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    norm_offset: float = 0.0
     notes: str = field(default="", compare=False)
+
+
+#: gemma2/3 normalise each branch's output before the residual add (`post_attention_layernorm`,
+#: `post_feedforward_layernorm`, weights applied as `1 + w`): a residual scale goes after those norms.
+_GEMMA_POST_NORMS = dict(
+    branch_outputs=("post_attention_layernorm", "post_feedforward_layernorm"),
+    branch_weights=("post_attention_layernorm", "post_feedforward_layernorm"),
+    norm_offset=1.0,
+)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -47,9 +69,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": ArchSpec(notes="uniform sliding window; no per-layer fields"),
     "qwen2": ArchSpec(per_layer_fields=("layer_types",), prefix_count_fields=("max_window_layers",)),
     "qwen3": ArchSpec(per_layer_fields=("layer_types",), prefix_count_fields=("max_window_layers",)),
-    "gemma2": ArchSpec(per_layer_fields=("layer_types",), notes="alternating sliding/full attention"),
-    "gemma3_text": ArchSpec(per_layer_fields=("layer_types",), notes="5 sliding : 1 full attention"),
-    "phi3": ArchSpec(notes="fused qkv / gate_up projections"),
+    "gemma2": ArchSpec(per_layer_fields=("layer_types",), **_GEMMA_POST_NORMS, notes="alternating sliding/full attention"),
+    "gemma3_text": ArchSpec(per_layer_fields=("layer_types",), **_GEMMA_POST_NORMS, notes="5 sliding : 1 full attention"),
+    "phi3": ArchSpec(notes="fused qkv / gate_up projections; resid dropout after the branches (identity at eval)"),
 }
 
 

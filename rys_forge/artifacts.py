@@ -121,6 +121,8 @@ class RysRecord:
         adapter: a PEFT adapter merged into the base before the plan (`adapters.adapter_record`).
         base_fields: (layer list) the base values of the per-layer config fields, read by modeling_rys.py.
         recipe: (mergekit) the recipe's file name in the folder.
+        residual_outputs: (layer list, damped plans only) the modules of a decoder layer whose outputs a visit's
+            residual scale multiplies (`ArchSpec.branch_outputs`), read by modeling_rys.py.
         extra: keys this version does not know, kept as they are.
     """
 
@@ -133,6 +135,7 @@ class RysRecord:
     adapter: dict[str, Any] | None = None
     base_fields: dict[str, Any] | None = None
     recipe: str | None = None
+    residual_outputs: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -258,12 +261,16 @@ _SLOTS = {"_BASE_CLASS": ("LlamaForCausalLM", r"[A-Za-z_][A-Za-z0-9_]*"),
           "_LAYERS_PATH": ("model.layers", r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")}
 #: The one `auto_map` of a layer-list export's config.json (mergekit exports have none).
 LAYERLIST_AUTO_MAP = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.RysForCausalLM"}
+#: The template's marked blocks run residual scales; a plain plan's export leaves them out (the file as before scales).
+_SCALED_BLOCK = re.compile(r"^[ \t]*# >>> residual scales.*?^[ \t]*# <<< residual scales[^\n]*\n\n*", re.M | re.S)
 
 
-def modeling_code(base_class: str, layers_path: str) -> str:
+def modeling_code(base_class: str, layers_path: str, scaled: bool = False) -> str:
     """The `modeling_rys.py` rys-forge writes for a base model class (`Gemma3ForCausalLM`) and the dotted path of
-    its decoder layers (`model.layers`)."""
+    its decoder layers (`model.layers`); `scaled`: for a plan with residual scales."""
     text = MODELING_TEMPLATE.read_text(encoding="utf-8")
+    if not scaled:
+        text = _SCALED_BLOCK.sub("", text)
     for (slot, (default, _pattern)), value in zip(_SLOTS.items(), (base_class, layers_path)):
         text = text.replace(f'{slot} = "{default}"', f'{slot} = "{value}"', 1)
     return text
@@ -308,7 +315,8 @@ def check_export_code(folder: str | Path, config: dict[str, Any], record: RysRec
     data = path.read_bytes() if path.is_file() else b""
     text = data.decode("utf-8", errors="replace")
     values = [re.search(rf'^{slot} = "({pattern})"', text, re.M) for slot, (_, pattern) in _SLOTS.items()]
-    if not (all(values) and modeling_code(*(m[1] for m in values)).encode("utf-8") == data):
+    scaled = isinstance(record.plan, dict) and "residual_scales" in record.plan  # only damped plans store scales
+    if not (all(values) and modeling_code(*(m[1] for m in values), scaled=scaled).encode("utf-8") == data):
         raise VerificationError(f"{path} is missing or not the {MODELING_FILE} rys-forge generates (edited, or written"
                                 " by another version); refusing to run it: rebuild the export with `rys-forge build`")
 

@@ -61,6 +61,38 @@ def visit_copy(module, layer_idx, deep=False):
     return clone
 
 
+# >>> residual scales: only in exports whose plan scales a visit (rys-forge leaves the marked blocks out otherwise)
+class ResidualScale:
+    """Forward hook multiplying a residual branch's update by a visit's scale (a tuple output: its first element)."""
+
+    def __init__(self, scale):
+        self.scale = float(scale)
+
+    def __call__(self, module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] * self.scale, *output[1:])
+        return output * self.scale
+
+
+def scale_branches(visit, paths, scale, base=None):
+    """Scale the residual branch updates of one visit: `x + scale * branch(x)` for each module at `paths`
+    (`config.rys["residual_outputs"]`: the attention and MLP modules, or the post-norms before the residual add).
+
+    A module the visit shares with `base` (a shallow visit copy) is copied first, so the hook is the visit's own.
+    """
+    for path in paths:
+        module, original = visit, base
+        for name in path.split("."):
+            child = module._modules[name]
+            original = None if original is None else original._modules.get(name)
+            if child is original:
+                child = visit_copy(child, getattr(child, "layer_idx", None))
+                module._modules[name] = child
+            module = child
+        module.register_forward_hook(ResidualScale(scale))
+# <<< residual scales
+
+
 class VisitList(nn.ModuleList):
     """Registers the base layers (so weights keep their base names, stored once) but iterates, indexes
     and counts the visits of the plan. The visits are registered too, as `visits.<p>` (deep copies that
@@ -112,3 +144,8 @@ class RysForCausalLM(_Base):
         target = self.config.get_text_config(decoder=True)
         for name, value in plan_fields.items():  # then the plan's view of the per-layer fields
             object.__setattr__(target, name, value)
+        # >>> residual scales
+        for visit, scale in zip(getattr(parent, attr), rys["plan"]["residual_scales"]):
+            if float(scale) != 1.0:
+                scale_branches(visit, rys["residual_outputs"], scale)
+        # <<< residual scales

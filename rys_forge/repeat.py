@@ -8,6 +8,10 @@ the KV cache, while every parameter stays shared with the base model:
   objects is exact without cache and silently wrong with `use_cache=True` / `generate()`);
 * the layer count and every per-layer config field of the architecture table (`layer_types`, ...)
   are remapped through the plan (swapping the ModuleList alone runs only the first `L` visits).
+* a damped visit (residual scale `a != 1`) gets a forward hook multiplying the outputs of the modules the
+  architecture table names as its residual branch updates (`ArchSpec.branch_outputs`: attention and MLP,
+  or gemma's post-norms) by `a`; those modules are copied for that visit first, so the base and the
+  other visits never see the hook, and no weight changes.
 
 Usage::
 
@@ -25,8 +29,9 @@ from typing import Any
 from torch import nn
 
 from rys_forge.architectures import ArchSpec, get_path, layer_config, set_path, spec_for_model
-from rys_forge.errors import UsageError, WindowError
+from rys_forge.errors import UnsupportedArchitectureError, UsageError, WindowError
 from rys_forge.plan import LayerPlan
+from rys_forge.modeling_rys import scale_branches
 from rys_forge.modeling_rys import visit_copy as template_visit_copy
 
 _STATE_ATTR = "_rys_forge_original"
@@ -52,6 +57,28 @@ def visit_copy(module: nn.Module, layer_idx: int, deep: bool = False) -> nn.Modu
     """
     clone = template_visit_copy(module, layer_idx, deep)
     _rehook_tree(module, clone)
+    return clone
+
+
+def scaled_visit(layer: nn.Module, position: int, scale: float, spec: ArchSpec) -> nn.Module:
+    """The visit at `position` of base `layer` (`visit_copy`), its residual branch updates multiplied by `scale`.
+
+    Raises:
+        UnsupportedArchitectureError: the layer lacks a module the table names as a branch output.
+    """
+    if scale == 1.0:
+        return visit_copy(layer, position)
+    for path in spec.branch_outputs:
+        try:
+            get_path(layer, path)
+        except AttributeError:
+            raise UnsupportedArchitectureError(
+                f"{type(layer).__name__} has no '{path}' module, where the architecture table puts the residual"
+                " branch output that a residual scale multiplies"
+            ) from None
+    clone = template_visit_copy(layer, position)
+    scale_branches(clone, spec.branch_outputs, scale, base=layer)
+    _rehook_tree(layer, clone)
     return clone
 
 
@@ -121,7 +148,7 @@ def apply_plan(model: nn.Module, plan: LayerPlan) -> None:
         )
     new_fields = remap_layer_fields(cfg, spec, plan.order)
     saved = _SavedState(layers=layers, config_fields={k: getattr(cfg, k) for k in new_fields})
-    visits = nn.ModuleList(visit_copy(layers[k], p) for p, k in enumerate(plan.order))
+    visits = nn.ModuleList(scaled_visit(layers[k], p, plan.scales[p], spec) for p, k in enumerate(plan.order))
     set_path(model, spec.layers_path, visits)
     _set_config_fields(cfg, new_fields)
     object.__setattr__(model, _STATE_ATTR, saved)

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from rys_forge.plan import WINDOW_CONVENTION
+from rys_forge.plan import WINDOW_CONVENTION, resolve_damping
 from rys_forge.cli.framework import (
     print_learned,
     print_model_facts,
@@ -166,6 +166,8 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
 @click.option("--window", "windows", multiple=True, required=True, help=f"Window to repeat (repeatable). {WINDOW_CONVENTION}.")
 @click.option("--repeats", default=2, show_default=True, type=int, callback=at_least_two,
               help="Visits of each window's block (2 or more).")
+@click.option("--alpha", default=None, type=float, help="Residual scale of the repeated visits (the first pass stays 1): each adds alpha x its attention and MLP updates; 1 = plain RYS.")
+@click.option("--substeps", default=None, type=int, help="Replace each window's second pass by K damped sub-steps at 1/K (= --repeats K+1 --alpha 1/K).")
 @click.option("--format", "fmt", type=click.Choice(["layerlist", "mergekit"]), default="layerlist", show_default=True,
               help="layerlist: weights stored once + modeling_rys.py (trust_remote_code); mergekit: passthrough recipe, duplicated weights.")
 @click.option("--out", required=True, type=click.Path(), callback=output_check(folder=True), help="Output folder.")
@@ -174,8 +176,9 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
 @click.option("--no-verify", is_flag=True, help="Skip verification (the folder then cannot be published).")
 @adapter_option
 @placement_options
-def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, fmt: str, out: str,
-          force: bool, recipes_dir: str | None, no_verify: bool, adapter: str | None, placement: dict[str, Any]) -> None:
+def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], repeats: int, alpha: float | None,
+          substeps: int | None, fmt: str, out: str, force: bool, recipes_dir: str | None, no_verify: bool,
+          adapter: str | None, placement: dict[str, Any]) -> None:
     """Export a RYS checkpoint of --model with --window repeated, then verify it.
 
     The export lands in --out only if verification passes.
@@ -183,11 +186,14 @@ def build(model_name: str, dtype: str, device: str, windows: tuple[str, ...], re
     from rys_forge.surgery.builder import build as run_build
 
     check_windows(windows)
-    result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, force=force, dtype=dtype,
-                       device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None, verify=not no_verify,
-                       adapter=adapter, placement=placement)
+    resolve_damping(repeats, alpha, substeps)  # bad scales: one line before anything loads
+    result = run_build(model_name, list(windows), out, format=fmt, repeats=repeats, alpha=alpha, substeps=substeps,
+                       force=force, dtype=dtype, device=device, recipes_dir=recipes_dir if fmt == "mergekit" else None,
+                       verify=not no_verify, adapter=adapter, placement=placement)
     click.echo(f"built {result.format} export of {model_name}: {result.plan.describe()}")
     click.echo(f"order: {list(result.plan.order)}")
+    if result.plan.scaled:
+        click.echo(f"residual scales: {list(result.plan.scales)}")
     if result.verification:
         print_verification(result.verification)
     click.echo("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))

@@ -102,6 +102,8 @@ def _summary(base: dict[str, Any], plan: LayerPlan, healed: bool) -> str:
         f"A *Repeat Your Self* (RYS) variant of **{base['name']}**: the decoder layer block {windows} runs"
         f" {'twice' if plan.repeats == 2 else f'{plan.repeats} times'}, so the model executes {len(plan.order)} layer"
         f" visits instead of {plan.num_layers}."
+        + (f" The repeated visits are damped: each adds {plan.alpha:g} x its attention and MLP updates to the residual"
+           " stream." if plan.scaled else "")
         + (" Per-visit LoRA adapters heal the repeat (`heal/`)." if healed else "")
         + " Built and verified with rys-forge."
     )

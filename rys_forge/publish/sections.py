@@ -172,6 +172,9 @@ def plan_section(plan: LayerPlan, fmt: str) -> str:
         windows = ", ".join(window_text(str(w)) for w in plan.windows)
         times = "twice" if plan.repeats == 2 else f"{plan.repeats} times"
         lines.append(f"- Repeated window{'s' if len(plan.windows) > 1 else ''}: {windows}, each run {times} in a row.")
+        if plan.scaled:
+            lines.append(f"- Damped visits: {plan.describe()}; per-visit residual scales `{list(plan.scales)}`"
+                         " (each visit's attention and MLP outputs are multiplied by its scale before the residual add).")
     else:
         lines.append("- An explicit layer order (no windows recorded).")
     lines.append("- Convention: a window `i:j` means layers i..j-1, 0-based (half-open like Python slices; mergekit's"

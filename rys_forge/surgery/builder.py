@@ -35,7 +35,7 @@ from rys_forge.artifacts import (
 from rys_forge.errors import OutputError, RysForgeError, UsageError, VerificationError, os_error_message, output_problem
 from rys_forge.files import staging_dir, swapped_in, write_atomic
 from rys_forge.models import LoadedModel, canonical_source, load_model, offloaded
-from rys_forge.plan import LayerPlan, Window
+from rys_forge.plan import LayerPlan, Window, resolve_damping
 from rys_forge.surgery.layerlist import export_layerlist
 from rys_forge.surgery.mergekit_export import check_recipe_copy, default_recipe_name, export_mergekit, save_recipe_copy
 from rys_forge.verify import OFFLOAD_LAYERLIST
@@ -100,7 +100,7 @@ def _protected(model: str | LoadedModel, adapter: str | None) -> dict[str, Path]
 
 
 def _recipe_copy(recipes_dir: str | Path | None, model: str | LoadedModel, windows: list[str] | LayerPlan,
-                 repeats: int) -> Path | None:
+                 repeats: int, alpha: float) -> Path | None:
     """Where the mergekit recipe's copy goes (`recipes_dir/<name>.yml`), checked before any work: it may replace
     only a recipe rys-forge wrote. The name needs the plan's windows only, not the model's depth."""
     if recipes_dir is None:
@@ -108,7 +108,7 @@ def _recipe_copy(recipes_dir: str | Path | None, model: str | LoadedModel, windo
     source = model.source if isinstance(model, LoadedModel) else canonical_source(str(model))
     if not isinstance(windows, LayerPlan):
         depth = max((Window.parse(w).end for w in windows), default=1)
-        windows = LayerPlan.from_windows(windows, depth, repeats)
+        windows = LayerPlan.from_windows(windows, depth, repeats, alpha)
     path = Path(recipes_dir).expanduser() / f"{default_recipe_name(source, windows)}.yml"
     check_recipe_copy(path)
     return path
@@ -138,6 +138,8 @@ def build(
     *,
     format: str = "layerlist",
     repeats: int = 2,
+    alpha: float | None = None,
+    substeps: int | None = None,
     force: bool = False,
     dtype: str = "float32",
     device: str = "cpu",
@@ -154,6 +156,10 @@ def build(
         out: output folder; refused if it exists unless `force` (see `artifacts.check_replaceable`).
         format: `layerlist` (weights stored once, `trust_remote_code`) or `mergekit` (passthrough).
         repeats: visits of each window's block.
+        alpha: residual scale of the repeated visits (the second and later passes over each window; the first
+            stays 1): each scaled visit adds `alpha * attn` and `alpha * mlp` to the stream. Default 1 (plain RYS).
+        substeps: replace each window's second pass by `substeps` damped sub-steps at `1/substeps` each
+            (the same as `repeats=substeps + 1, alpha=1/substeps`); not with `alpha` or `repeats` other than 2.
         force: replace an existing `out` that rys-forge wrote (only after the new build verified).
         dtype, device: for loading the base and for verification.
         recipes_dir: a folder where a copy of the mergekit recipe is kept as well (`<name>.yml`, written after
@@ -166,16 +172,19 @@ def build(
             base and the verification; replaces `device`.
 
     Raises:
-        UsageError: bad format/windows, an `out` or recipe copy that may not be written or replaced.
+        UsageError: bad format/windows/alpha/substeps, an `out` or recipe copy that may not be written or replaced.
         VerificationError: the export does not match the in-memory repeat.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown format '{format}'; choose one of {', '.join(FORMATS)}")
+    if isinstance(windows, LayerPlan) and (alpha is not None or substeps is not None):
+        raise UsageError("alpha and substeps go with windows; a ready LayerPlan carries its own residual scales")
+    repeats, scale = resolve_damping(repeats, alpha, substeps)
     out = Path(out).expanduser().resolve()
     protected = _protected(model, adapter)
     check_replaceable(out, force, protected)  # before any work: never the base, never someone's own files
     _check_out_parent(out)
-    recipe_copy = _recipe_copy(recipes_dir, model, windows, repeats) if format == "mergekit" else None
+    recipe_copy = _recipe_copy(recipes_dir, model, windows, repeats, scale) if format == "mergekit" else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if adapter and isinstance(model, LoadedModel):
@@ -184,7 +193,7 @@ def build(
     if format == "layerlist" and offloaded(loaded.model):
         raise UsageError(OFFLOAD_LAYERLIST)
     num_layers = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
-    plan = windows if isinstance(windows, LayerPlan) else LayerPlan.from_windows(windows, num_layers, repeats)
+    plan = windows if isinstance(windows, LayerPlan) else LayerPlan.from_windows(windows, num_layers, repeats, scale)
     if plan.num_layers != num_layers:
         raise UsageError(f"plan is for {plan.num_layers} layers but {loaded.source} has {num_layers}")
     base_bytes = weight_bytes(loaded.path) or sum(p.numel() * p.element_size() for p in loaded.model.parameters())

@@ -1,8 +1,7 @@
 """Export a LayerPlan as a mergekit passthrough merge: a plain duplicated-weights checkpoint.
 
-The plan's explicit order becomes mergekit `slices` (maximal runs of consecutive base layers; mergekit's
-`layer_range: [a, b]` is half-open like rys-forge's `i:j`), written as a recipe YAML and run through
-mergekit's Python API. What stock mergekit 0.1.5 gets wrong, and what is fixed here:
+The plan's explicit order becomes mergekit `slices` (`recipe.py`: the recipe text and name), written as a recipe
+YAML and run through mergekit's Python API. What stock mergekit 0.1.5 gets wrong, and what is fixed here:
 
 * it sets `num_hidden_layers` to the new visit count but leaves `layer_types` (gemma2, gemma3, qwen2,
   qwen3 under transformers 5) at the base length. `run_merge` then dies in `cfg_out.save_pretrained`
@@ -15,7 +14,10 @@ mergekit's Python API. What stock mergekit 0.1.5 gets wrong, and what is fixed h
 * tied embeddings: mergekit's architecture definitions mark `lm_head.weight` optional, so a base that
   stores no lm_head gets none; this is checked after the merge, and `tie_word_embeddings` comes from the
   base config;
-* the folder is built in a temporary sibling and renamed into place only when complete.
+* the folder is built in a temporary sibling and renamed into place only when complete;
+* residual scales of a damped plan: mergekit's `parameters: scale` multiplies the output projections of the
+  scaled slices; gemma's `1 + w` post-norms cannot be scaled by a factor on `w`, so their weights are set
+  here after the merge (`bake_norm_scales`: `a * (1 + w) - 1`).
 
 Usage::
 
@@ -23,20 +25,18 @@ Usage::
     export = export_mergekit("/path/to/base", plan, Path("out/gemma-rys-6-10"))  # recipe: out/.../rys_recipe.yml
 
 The recipe is written into the export folder; a copy goes elsewhere only to a folder named with `recipes_dir`.
-`recipe_yaml` gives the text without building anything (the repository's `recipes/` is regenerated from it by
-`python bench/reference_recipes.py`).
+`recipe_yaml` (`recipe.py`, re-exported here) gives the text without building anything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +53,25 @@ from rys_forge.artifacts import (
     write_config,
 )
 from rys_forge.errors import MergekitExportError, ModelLoadError, UsageError, WindowError, first_line
-from rys_forge.files import staging_dir, write_atomic
+from rys_forge.files import staging_dir
 from rys_forge.models import parse_dtype, resolve_source
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields
+from rys_forge.surgery.recipe import (
+    RECIPE_HEADER,
+    WINDOW_CONVENTION_LINE,
+    bakes_norms,
+    check_recipe_copy,
+    default_recipe_name,
+    plan_to_slices,
+    recipe_yaml,
+    save_recipe_copy,
+)
 
-WINDOW_CONVENTION_LINE = "i:j = layers i..j-1, 0-based, half-open"
-#: The first line of every recipe rys-forge writes: how a recipe copy it may replace is recognised.
-RECIPE_HEADER = "# rys-forge mergekit passthrough recipe"
+__all__ = [
+    "RECIPE_HEADER", "WINDOW_CONVENTION_LINE", "MergekitExport", "bake_norm_scales", "check_recipe_copy",
+    "default_recipe_name", "export_mergekit", "plan_to_slices", "recipe_yaml", "save_recipe_copy",
+]
 
 # Files copied from the base when mergekit did not (mergekit copies most of these itself): `artifacts.SIDECAR_FILES`.
 
@@ -85,82 +96,6 @@ class MergekitExport:
     recipe_path: Path
     slices: tuple[tuple[int, int], ...]
     seconds: float
-
-
-def plan_to_slices(order: Sequence[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive increasing base indices, as half-open `(a, b)` layer ranges.
-
-    RYS `i:j` on `L` layers (`[0..j-1] + [i..L-1]`) gives `[(0, j), (i, L)]`.
-    """
-    if not order:
-        raise WindowError("a plan must visit at least one layer")
-    slices: list[tuple[int, int]] = []
-    start = prev = int(order[0])
-    for k in order[1:]:
-        k = int(k)
-        if k == prev + 1:
-            prev = k
-            continue
-        slices.append((start, prev + 1))
-        start = prev = k
-    slices.append((start, prev + 1))
-    return slices
-
-
-def _yaml_str(text: str) -> str:
-    """A YAML double-quoted scalar (JSON string syntax is valid YAML)."""
-    return json.dumps(str(text), ensure_ascii=False)
-
-
-def recipe_yaml(
-    model_path: str,
-    plan: LayerPlan,
-    dtype: str,
-    rys_version: str,
-    base_label: str | None = None,
-) -> str:
-    """The passthrough recipe text for `plan` (deterministic; the same text goes to every copy).
-
-    Args:
-        model_path: what mergekit reads (a local folder).
-        plan: the layer plan.
-        dtype: mergekit dtype name (`float32`, `bfloat16`, `float16`).
-        rys_version: rys-forge version recorded in the header.
-        base_label: the base as the user named it (defaults to `model_path`).
-    """
-    model = _yaml_str(model_path)
-    lines = [
-        f"{RECIPE_HEADER} (Repeat Your Self: a window of layers runs again)",
-        f"# plan: {plan.describe()}",
-        f"# window convention: {WINDOW_CONVENTION_LINE}; mergekit's layer_range [a, b] is half-open too",
-        f"# layer order (base layer index of each visit): [{', '.join(str(k) for k in plan.order)}]",
-        f"# base model: {base_label if base_label is not None else model_path}",
-        f"# rys-forge version: {rys_version}",
-        "# rebuild with: rys-forge build --format mergekit (stock mergekit-yaml leaves per-layer config",
-        "# fields such as layer_types at the base length; rys-forge remaps them from the plan)",
-        "slices:",
-    ]
-    for a, b in plan_to_slices(plan.order):
-        lines += [
-            "  - sources:",
-            f"      - model: {model}",
-            f"        layer_range: [{a}, {b}]",
-        ]
-    lines += ["merge_method: passthrough", f"dtype: {dtype}", ""]
-    return "\n".join(lines)
-
-
-def default_recipe_name(base: str | Path, plan: LayerPlan) -> str:
-    """`<base name>-rys-<i>-<j>[_<i>-<j>...][-x<n>]`, or `<base name>-rys-order-<hash>` for explicit orders."""
-    name = Path(str(base).rstrip("/")).name or "model"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-    if plan.windows:
-        tag = "_".join(f"{w.start}-{w.end}" for w in plan.windows)
-        if plan.repeats != 2:
-            tag += f"-x{plan.repeats}"
-    else:
-        tag = "order-" + hashlib.sha256(json.dumps(list(plan.order)).encode()).hexdigest()[:8]
-    return f"{name}-rys-{tag}"
 
 
 def _resolve_base(base: str | Path) -> Path:
@@ -304,6 +239,34 @@ def _check_output(
         raise MergekitExportError("exported config changed tie_word_embeddings")
 
 
+def bake_norm_scales(folder: Path, spec: ArchSpec, plan: LayerPlan) -> None:
+    """Give the scaled visits of a merged checkpoint their residual scales in the post-norm weights: a norm applying
+    `offset + w` (gemma: `1 + w`) then applies `a * (offset + w)`, so `w' = a * (offset + w) - offset` (computed
+    in float32, stored in the tensor's dtype). Rewrites only the shards that hold such tensors.
+
+    Raises:
+        MergekitExportError: a tensor the plan needs is not in the checkpoint.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    offset = spec.norm_offset
+    wanted = {f"{spec.layers_path}.{p}.{module}.weight": scale for p, scale in enumerate(plan.scales) if scale != 1.0
+              for module in spec.branch_weights}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            names, metadata = set(handle.keys()), handle.metadata()
+        if not names & wanted.keys():
+            continue
+        tensors = load_file(str(shard))
+        for name in names & wanted.keys():
+            tensor = tensors[name]
+            tensors[name] = (wanted.pop(name) * (offset + tensor.float()) - offset).to(tensor.dtype)
+        save_file(tensors, str(shard), metadata=metadata)
+    if wanted:
+        raise MergekitExportError(f"the merged checkpoint lacks {sorted(wanted)[0]}, whose residual scale the plan sets")
+
+
 def _merge_setup(text: str, config: Any, quiet: bool) -> tuple[Any, Any]:
     """mergekit's configuration of the recipe and its options, after checking mergekit knows the architecture.
 
@@ -360,6 +323,8 @@ def _merge_into(out_dir: Path, base_dir: Path, text: str, merge_config: Any, opt
                 run_merge(merge_config, str(tmp), options=options, config_source=text)
         except Exception as exc:
             raise MergekitExportError(f"mergekit passthrough merge failed: {first_line(exc)}") from None
+        if plan.scaled and bakes_norms(spec):
+            bake_norm_scales(tmp, spec, plan)
         _write_config(base_dir, tmp, spec, new_fields, dtype_name, plan, version)
         for name in SIDECAR_FILES:
             if (base_dir / name).is_file() and not (tmp / name).exists():
@@ -369,38 +334,6 @@ def _merge_into(out_dir: Path, base_dir: Path, text: str, merge_config: Any, opt
         if out_dir.exists() or out_dir.is_symlink():
             raise UsageError(f"output folder {out_dir} appeared while exporting; not replacing it")
         os.replace(tmp, out_dir)
-
-
-def check_recipe_copy(path: Path) -> None:
-    """A recipe copy (`--recipes-dir`) may replace only a recipe rys-forge wrote: a regular file starting with
-    `RECIPE_HEADER`; a folder of that name, or its parent being a file, is refused too.
-
-    Raises:
-        UsageError: naming the file that is someone else's.
-    """
-    parent = next((p for p in path.parents if os.path.lexists(p)), None)
-    if parent is not None and not parent.is_dir():
-        raise UsageError(f"--recipes-dir: {parent} is a file, not a folder; choose another --recipes-dir")
-    if not os.path.lexists(path):
-        return
-    try:
-        ours = path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8").startswith(RECIPE_HEADER)
-    except (OSError, UnicodeDecodeError):
-        ours = False
-    if not ours:
-        raise UsageError(f"not overwriting {path}: rys-forge did not write it; move it away or choose another"
-                         " --recipes-dir")
-
-
-def save_recipe_copy(path: Path, text: str) -> Path:
-    """Write a recipe copy (after `check_recipe_copy`, creating its folder) and return its path."""
-    check_recipe_copy(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
-    except OSError as exc:
-        raise UsageError(f"cannot write the recipe copy {path}: {exc}") from None
-    return path
 
 
 def export_mergekit(
@@ -461,7 +394,8 @@ def export_mergekit(
     ties = _ties_embeddings(config, spec)
     dtype_name = _dtype_name(dtype, config)
     slices = tuple(plan_to_slices(plan.order))
-    text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base) if base_label is None else base_label)
+    text = recipe_yaml(str(base_dir), plan, dtype_name, version, base_label=str(base) if base_label is None else base_label,
+                       spec=spec)
 
     merge_config, options = _merge_setup(text, config, quiet)
     copy = None if recipes_dir is None else Path(recipes_dir).expanduser() / f"{recipe_name or default_recipe_name(base, plan)}.yml"
