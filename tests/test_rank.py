@@ -236,8 +236,8 @@ def test_kl_fraction_is_the_kl_of_the_chosen_prompts(gemma, monkeypatch):
     expected = kl_full[torch.tensor([k in kl_prompts for k in owner])].double().mean().item()
 
     tails = []
-    original = ActivationCache.logits_from
-    monkeypatch.setattr(ActivationCache, "logits_from", lambda self, batch, *a: tails.append(batch) or original(self, batch, *a))
+    original = ActivationCache.tail_states
+    monkeypatch.setattr(ActivationCache, "tail_states", lambda self, batch, *a: tails.append(batch) or original(self, batch, *a))
     a = probe_window(full, 2, 5, ["update", "cka", "decoder"], ProbeSettings())
     b = probe_window(part, 2, 5, ["update", "cka", "decoder", "kl"], ProbeSettings())
     assert b["d_kl"] == pytest.approx(expected, rel=1e-5)

@@ -38,9 +38,12 @@ from rys_forge.errors import UsageError
 from rys_forge.plan import WINDOW_CONVENTION, Window, select_windows
 from rys_forge.progress import progress_bar
 from rys_forge.rank import metrics
-from rys_forge.rank.activations import ActivationCache, cache_activations
+from rys_forge.rank.activations import ActivationCache, cache_activations, fast_linears
 from rys_forge.rank.outputs import write_outputs
-from rys_forge.rank.probes import ProbeSettings, Trajectory, jacobian_spectrum, probe_window, select_probes
+from rys_forge.rank.probes import (
+    ProbeSettings, in_order, jacobian_spectrum, probe_window, repeat_curves, select_probes, torch_threads,
+    window_workers,
+)
 from rys_forge.rank.prompts import Prompt
 from rys_forge.rank.learned import LearnedScore, order_rows
 from rys_forge.rank.score import ScoreConfig, check_score_inputs, check_scored, classify, score
@@ -162,6 +165,7 @@ def rank_windows(
     progress: bool = True,
     model_info: dict[str, Any] | None = None,
     learned_score: LearnedScore | None = None,
+    workers: int = 1,
 ) -> RankResult:
     """Probe and score every selected window of `model` from one cached activation pass.
 
@@ -180,6 +184,8 @@ def rank_windows(
         progress: show a progress bar.
         model_info: provenance stored in the summary (source, path, ...).
         learned_score: order the windows by this learned score (`rank.learned`) instead of the prior.
+        workers: on CPU, windows probed at once, each in a thread of its own sharing out torch's threads
+            (`rys_forge.rank.probes.in_order`); 0: `window_workers` picks. Ignored on other devices.
 
     Returns:
         A `RankResult` whose rows are sorted by score (best first).
@@ -192,6 +198,7 @@ def rank_windows(
     settings = settings or RankSettings()
     score_config = score_config or ScoreConfig()
     settings.validate()
+    workers = window_workers(workers, model)
     probes = select_probes(settings.probes)
     check_score_inputs(probes, settings.kl_positions, score_config)
     num_layers = len(get_path(model, spec_for_model(model).layers_path))
@@ -199,19 +206,15 @@ def rank_windows(
     _check_overlap_families(prompts, settings.overlap_families)
     shard = current_shard()
     fingerprint = _fingerprint(model_info, num_layers, prompts, settings, windows)
-    with RunFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=model_info) as folder:
+    with RunFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=model_info) as folder, \
+            fast_linears(model) as onednn:
         started = time.perf_counter()
         done = folder.finished() if folder else {}
         shard.barrier()  # every process reads the same finished windows before any of them probes
-        cache = cache_activations(
-            model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
-            batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0,
-            seed=settings.seed, deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction,
-            outlier_factor=settings.outlier_factor,
-        )
+        cache = _base_pass(model, tokenizer, prompts, settings, probes)
         todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
         mine = shard.take(todo)  # this process's share
-        window_seconds = _probe_windows(cache, mine, len(windows), probes, settings, done, folder, progress)
+        window_seconds = _probe_windows(cache, mine, len(windows), probes, settings, done, folder, progress, workers)
         if shard.parallel:
             shard.barrier()
             done = folder.finished()  # type: ignore[union-attr]
@@ -223,14 +226,25 @@ def rank_windows(
         if shard.rank != 0:  # rank 0 finishes: shortlist Jacobians, curves, outputs
             return RankResult(rows=rows, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
         timings = {"base_pass_s": cache.timings["base_pass_s"], "windows_s": window_seconds,
-                   "windows_probed_this_session": len(todo), "processes": shard.world,
-                   "per_window_s": window_seconds / max(1, len(mine)),
-                   "jacobian_s": _shortlist_jacobians(model, tokenizer, prompts, rows, probes, settings, folder, progress)}
+                   "windows_probed_this_session": len(todo), "processes": shard.world, "window_workers": workers,
+                   "onednn_linears": onednn, "per_window_s": window_seconds / max(1, len(mine)),
+                   "jacobian_s": _shortlist_jacobians(model, tokenizer, prompts, rows, probes, settings, folder, progress, workers)}
         summary = _summary(model, model_info, prompts, cache, settings, probes, score_config, rows,
                            _self_check(cache, windows[0]), timings, started) | {"ordering": ordering}
         if folder:
             write_outputs(folder, rows, summary, num_layers)
         return RankResult(rows=rows, summary=summary, out_dir=out)
+
+
+def _base_pass(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], settings: RankSettings,
+               probes: list[str]) -> ActivationCache:
+    """The one cached base pass of a run, with the run's prompt budget, KL positions and shares."""
+    return cache_activations(
+        model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
+        batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0,
+        seed=settings.seed, deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction,
+        outlier_factor=settings.outlier_factor,
+    )
 
 
 def _check_overlap_families(prompts: Sequence[Prompt], overlap_families: Sequence[str]) -> None:
@@ -257,18 +271,21 @@ def _fingerprint(
 
 def _probe_windows(
     cache: ActivationCache, windows: Sequence[Window], total: int, probes: list[str], settings: RankSettings,
-    done: dict[str, dict[str, Any]], folder: RunFolder | None, progress: bool,
+    done: dict[str, dict[str, Any]], folder: RunFolder | None, progress: bool, workers: int,
 ) -> float:
-    """Probe each of `windows` (of `total` in the run), record its row in `done` and append it to the run
-    folder's log as it finishes. Returns the seconds spent."""
+    """Probe each of `windows` (of `total` in the run; `workers` at once, `in_order`), record its row in `done`
+    and append it to the run folder's log as it finishes, in window order. Returns the seconds spent."""
     probe_settings = settings.probe_settings()
     started = time.perf_counter()
+
+    def probe(window: Window) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        row = probe_window(cache, window.start, window.end, probes, probe_settings, settings.overlap_families)
+        return {"window": str(window), "i": window.start, "j": window.end, "width": window.width, **row,
+                "probe_s": time.perf_counter() - t0}
+
     with progress_bar(progress, total, total - len(windows), "probing windows") as advance:
-        for window in windows:
-            t0 = time.perf_counter()
-            row = probe_window(cache, window.start, window.end, probes, probe_settings, settings.overlap_families)
-            record = {"window": str(window), "i": window.start, "j": window.end, "width": window.width, **row}
-            record["probe_s"] = time.perf_counter() - t0
+        for window, record in in_order(probe, windows, workers):
             done[str(window)] = record
             if folder:
                 folder.append(record)
@@ -320,10 +337,12 @@ def _ranked_rows(done: dict[str, dict[str, Any]], windows: Sequence[Window], con
 
 def _shortlist_jacobians(
     model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], rows: list[dict[str, Any]], probes: list[str],
-    settings: RankSettings, folder: RunFolder | None, progress: bool,
+    settings: RankSettings, folder: RunFolder | None, progress: bool, workers: int,
 ) -> float:
     """Jacobian spectra of the top windows (or all, per `--jacobian`) on a small cache of their own (few
-    prompts, few tokens); updates `rows` in place and logs each. Returns the seconds spent."""
+    prompts, few tokens); updates `rows` in place and logs each. Returns the seconds spent. One window at a
+    time (forward-mode AD is not thread-safe), on a window worker's share of the threads: the tensors are
+    small, and on a busy machine a thread hand-off at every op costs far more than the second core gives."""
     if "jacobian" not in probes or settings.jacobian == "none":
         return 0.0
     targets = rows if settings.jacobian == "all" else RankResult(rows, {}).top(settings.jacobian_top)
@@ -336,7 +355,8 @@ def _shortlist_jacobians(
         model, tokenizer, [p.text for p in prompts[:: max(1, len(prompts) // settings.jacobian_prompts)]][: settings.jacobian_prompts],
         max_tokens=settings.jacobian_tokens, batch_size=settings.jacobian_prompts, kl_positions=0, seed=settings.seed,
     )
-    with progress_bar(progress, len(targets), 0, "jacobian spectra") as advance:
+    with progress_bar(progress, len(targets), 0, "jacobian spectra") as advance, \
+            torch_threads(max(1, torch.get_num_threads() // workers)):
         for row in targets:
             values = jacobian_spectrum(small, row["i"], row["j"], probe_settings)
             row.update(values)
@@ -358,7 +378,7 @@ def _summary(
     probe_settings = settings.probe_settings()
     t0 = time.perf_counter()
     top = RankResult(rows, {}).top(settings.top_k)
-    curves = _repeat_curves(cache, top, probe_settings, "kl" in probes)
+    curves = repeat_curves(cache, top, probe_settings, "kl" in probes, timings["window_workers"])  # as windows ran
     timings["repeat_curves_s"] = time.perf_counter() - t0
     layer_cka = metrics.cka_matrix(
         [cache.pooled(l) for l in range(num_layers + 1)], dtype=probe_settings.stats_dtype, tf32=probe_settings.tf32
@@ -475,26 +495,3 @@ def family_overlap(rows: list[dict[str, Any]], families: Sequence[str], config: 
         "expected_by_chance": k * k / n if n else math.nan,
         "p_value": float(hypergeom.sf(overlap - 1, n, k, k)) if n else math.nan,
     }
-
-
-def _repeat_curves(
-    cache: ActivationCache, rows: list[dict[str, Any]], settings: ProbeSettings, with_kl: bool
-) -> dict[str, dict[str, list[float]]]:
-    """For the top windows: 1-CKA(z_n, z_0), delta_n and KL after 1..n+1 visits."""
-    curves: dict[str, dict[str, list[float]]] = {}
-    with torch.no_grad():
-        for row in rows:
-            # One token set (the deep batches) for every point of a curve.
-            t = Trajectory(cache, row["i"], row["j"], settings)
-            m = t.cka(deep=True)
-            n_max = settings.iterations
-            drift = [1.0 - float(m[n, 0]) for n in range(1, n_max + 1)]
-            curve = {
-                "cka_drift": drift,
-                "delta": [metrics.relative_step(t.z(n, True), t.z(n + 1, True), dtype=settings.stats_dtype) for n in range(n_max)],
-                "n2_a_pure": [metrics.quadratic_fit(drift).a_pure if all(map(math.isfinite, drift)) else math.nan],
-            }
-            if with_kl:
-                curve["kl"] = [0.0] + [float(t.kl_per_position(v, deep=True)[0].mean()) for v in range(2, n_max + 1)]
-            curves[row["window"]] = curve
-    return curves

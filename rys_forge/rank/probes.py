@@ -9,11 +9,15 @@ The numbers come from `rys_forge.rank.metrics`; what the score makes of them is 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from rys_forge.errors import UsageError
 from rys_forge.rank import metrics
@@ -26,13 +30,17 @@ __all__ = [
     "Probe",
     "ProbeSettings",
     "Trajectory",
+    "in_order",
     "jacobian_spectrum",
     "list_probes",
     "probe_descriptions",
     "probe_window",
     "register_probe",
+    "repeat_curves",
     "score_inputs",
     "select_probes",
+    "torch_threads",
+    "window_workers",
     # transitional, see above
 ]
 
@@ -61,10 +69,12 @@ class Trajectory:
     only (`rank --deep-fraction`); statistics that mix iterates use one token set throughout:
     `deep=True` pools every `z_n` over the deep batches. `restricted(family)` gives a view on one
     prompt family's tokens that shares the iterates (and the per-position KL) with its parent.
+    With `deep_only` every statistic uses the deep batches and no other batch is replayed (the repeat
+    curves need nothing else).
     """
 
-    def __init__(self, cache: ActivationCache, start: int, end: int, settings: ProbeSettings):
-        self.cache, self.start, self.end, self.settings = cache, start, end, settings
+    def __init__(self, cache: ActivationCache, start: int, end: int, settings: ProbeSettings, deep_only: bool = False):
+        self.cache, self.start, self.end, self.settings, self.deep_only = cache, start, end, settings, deep_only
         batches = cache.batches
         self._states: list[list[torch.Tensor | None]] = [[b.hidden[start] for b in batches], [b.hidden[end] for b in batches]]
         self.all_deep = all(b.deep for b in batches)
@@ -87,14 +97,15 @@ class Trajectory:
         return view
 
     def _deep(self, n: int, deep: bool) -> bool:
-        return (deep or n >= 3) and not self.all_deep
+        return (deep or n >= 3 or self.deep_only) and not self.all_deep
 
     def states(self, n: int) -> list[torch.Tensor | None]:
         """Per-batch `z_n` (`[B, T, d]` each; None for non-deep batches when n >= 3)."""
         while len(self._states) <= n:
             step = len(self._states)
             self._states.append([
-                self.cache.block(b, self.start, self.end, z) if z is not None and (step <= 2 or b.deep) else None
+                self.cache.block(b, self.start, self.end, z)
+                if z is not None and ((step <= 2 and not self.deep_only) or b.deep) else None
                 for b, z in zip(self.cache.batches, self._states[-1])
             ])
         return self._states[n]
@@ -124,16 +135,15 @@ class Trajectory:
         through the block (2 = RYS). Each tail pass runs once per trajectory; views reuse it."""
         deep = self._deep(visits, deep)
         if (visits, deep) not in self._kl:
-            kls, agree = [], []
-            for batch, z in zip(self.cache.batches, self.states(visits)):
-                if z is None or (deep and not batch.deep) or batch.base_logits is None or not batch.kl_index.numel():
-                    kls.append(torch.zeros(0))
-                    agree.append(torch.zeros(0, dtype=torch.bool))
-                    continue
-                kl, same = self.cache.kl_to_base(batch, self.cache.logits_from(batch, self.end, z))
-                kls.append(kl.cpu())
-                agree.append(same.cpu())
-            self._kl[(visits, deep)] = (kls, agree)
+            batches, states = self.cache.batches, self.states(visits)
+            use = [z is not None and (batch.deep or not deep) and batch.base_logits is not None and batch.kl_index.numel() > 0
+                   for batch, z in zip(batches, states)]
+            # Every batch's tail, then one LM-head call for all of them (`ActivationCache.kl_from`).
+            found = iter(self.cache.kl_from([b for b, u in zip(batches, use) if u], self.end,
+                                            [z for z, u in zip(states, use) if u]))
+            empty = (torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+            pairs = [tuple(x.cpu() for x in next(found)) if u else empty for u in use]
+            self._kl[(visits, deep)] = ([k for k, _ in pairs], [a for _, a in pairs])
         kls, agree = self._kl[(visits, deep)]
         keep = [m if k.numel() else k.bool() for k, m in zip(kls, self.kl_keep)]
         return torch.cat([k[m] for k, m in zip(kls, keep)]), torch.cat([a[m] for a, m in zip(agree, keep)])
@@ -233,13 +243,12 @@ def probe_stationarity(t: Trajectory) -> Numbers:
 def probe_junction(t: Trajectory) -> Numbers:
     s = t.settings
     mmd = metrics.mmd2_rbf(t.z(0), t.z(1), max_samples=s.mmd_samples, seed=s.seed, dtype=s.stats_dtype)
-    memo = t.cache.memo
-    if memo.get("mahalanobis_start") != t.start:  # one factorisation per start layer (windows come grouped by i)
-        memo["mahalanobis_start"] = t.start
-        memo["mahalanobis_reference"] = metrics.mahalanobis_reference(t.z(0), dtype=s.stats_dtype, tf32=s.tf32)
-    maha = metrics.mahalanobis_shift(
-        t.z(0), t.z(1), seed=s.seed, dtype=s.stats_dtype, reference=memo["mahalanobis_reference"]
+    # One factorisation per start layer, shared by the windows that start there.
+    reference = t.cache.shared(
+        ("mahalanobis", t.start, s.stats_dtype, s.tf32),
+        lambda: metrics.mahalanobis_reference(t.z(0), dtype=s.stats_dtype, tf32=s.tf32),
     )
+    maha = metrics.mahalanobis_shift(t.z(0), t.z(1), seed=s.seed, dtype=s.stats_dtype, reference=reference)
     return {
         "mmd2": mmd.mmd2,
         "mahalanobis": maha.mean_distance,
@@ -316,6 +325,102 @@ def probe_window(
         for family in families:
             row.update({f"{k}@{family}": v for k, v in score_inputs(trajectory.restricted(family)).items()})
     return row
+
+
+def repeat_curves(
+    cache: ActivationCache, rows: list[dict[str, Any]], settings: ProbeSettings, with_kl: bool, workers: int = 1
+) -> dict[str, dict[str, list[float]]]:
+    """For the windows of `rows` (the short list; `workers` at once, `in_order`): 1-CKA(z_n, z_0), delta_n
+    and KL after 1..n+1 visits, each on one token set, the deep batches (only those are replayed:
+    `Trajectory(deep_only=True)`)."""
+
+    @torch.no_grad()
+    def curve(row: dict[str, Any]) -> dict[str, list[float]]:
+        t = Trajectory(cache, row["i"], row["j"], settings, deep_only=True)
+        m = t.cka(deep=True)
+        n_max = settings.iterations
+        drift = [1.0 - float(m[n, 0]) for n in range(1, n_max + 1)]
+        out = {
+            "cka_drift": drift,
+            "delta": [metrics.relative_step(t.z(n, True), t.z(n + 1, True), dtype=settings.stats_dtype) for n in range(n_max)],
+            "n2_a_pure": [metrics.quadratic_fit(drift).a_pure if all(map(math.isfinite, drift)) else math.nan],
+        }
+        if with_kl:
+            out["kl"] = [0.0] + [float(t.kl_per_position(v, deep=True)[0].mean()) for v in range(2, n_max + 1)]
+        return out
+
+    return {row["window"]: values for row, values in in_order(curve, rows, workers)}
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """While active, torch runs each op on `count` threads (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def in_order(fn: Callable[[Item], Result], items: Iterable[Item], workers: int = 1) -> Iterator[tuple[Item, Result]]:
+    """`(item, fn(item))` for each of `items`, in their order.
+
+    With `workers > 1`, `fn` runs on that many items at once in threads, torch's threads shared out among
+    them (`torch_threads`, one each on a 2-core machine): whole windows side by side keep every core busy
+    with no hand-offs inside an op, where one window at a time on all cores waits at every op for the
+    slowest core, and far longer when another process takes one (measured on 2 busy cores, gemma-3-270m:
+    31 s a window on 2 threads, 5.9 s with 2 workers of 1 thread). Results still come back in order; the
+    first exception is raised at its item, after the items before it, and items not started are dropped.
+    """
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    source = iter(items)
+    pending: deque[tuple[Item, Future[Result]]] = deque()
+    threads = max(1, torch.get_num_threads() // workers)
+    with torch_threads(threads), ThreadPoolExecutor(workers, thread_name_prefix="rys-forge-window") as pool:
+        try:
+            for item in source:  # two per worker in flight, so no worker waits for the one ahead of it
+                pending.append((item, pool.submit(fn, item)))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                item, future = pending.popleft()
+                result = future.result()
+                following = next(source, _END)
+                if following is not _END:
+                    pending.append((following, pool.submit(fn, following)))  # type: ignore[arg-type]
+                yield item, result
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+_END = object()
+
+#: `workers=0` on CPU: one window per torch thread, at most this many at once (each holds its iterates and a
+#: `[K, V]` logits block; more cores then go to each window's ops).
+AUTO_WORKERS_MAX = 4
+
+
+def window_workers(workers: int, model: nn.Module) -> int:
+    """Windows probed at once: 1 off the CPU; `workers` if given; else one per torch thread, at most
+    `AUTO_WORKERS_MAX`.
+
+    Raises:
+        UsageError: `workers` is negative.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UsageError(f"--workers must be an integer >= 0 (0: one window per CPU thread, at most {AUTO_WORKERS_MAX}), got {workers!r}")
+    if next(model.parameters()).device.type != "cpu":
+        return 1
+    return workers if workers > 0 else max(1, min(torch.get_num_threads(), AUTO_WORKERS_MAX))
 
 
 def score_inputs(t: Trajectory) -> Numbers:
