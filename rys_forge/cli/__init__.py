@@ -92,6 +92,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
 @click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="CPU: windows probed at once, one torch thread each (0: auto, up to 4; the numbers do not change).")
 @click.option("--out", default=None, type=click.Path(), callback=output_check(folder=True), help="Run folder (default: runs/rank-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -102,7 +103,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
          prompts_per_family: int | None, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
          debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
          learned_score: str | None, outlier_factor: float, shortlist_overlap: float,
-         stats_dtype: str, attn: str, seed: int, out: str | None, resume: bool, no_progress: bool,
+         stats_dtype: str, attn: str, seed: int, workers: int, out: str | None, resume: bool, no_progress: bool,
          adapter: str | None, placement: dict[str, Any]) -> None:
     """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
 
@@ -111,10 +112,8 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     continue with --resume --out DIR.
     """
     from rys_forge.models import load_model
-    from rys_forge.rank import (
-        LearnedScore, RankSettings, ScoreConfig, check_score_inputs, load_prompts, per_family_limit, probe_descriptions,
-        rank_windows, select_probes,
-    )
+    from rys_forge.rank import (LearnedScore, RankSettings, ScoreConfig, check_score_inputs, load_prompts,
+                                per_family_limit, probe_descriptions, rank_windows, select_probes)
 
     if list_probes:
         for name, text in probe_descriptions().items():
@@ -140,7 +139,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
         result = rank_windows(
             loaded.model, loaded.tokenizer, prompts, settings, config, out_dir=out, resume=resume,
             progress=not no_progress and shard.rank == 0, model_info={**loaded.info, "path": loaded.path},
-            learned_score=learned,
+            learned_score=learned, workers=workers,
         )
     if shard.rank != 0:
         return
