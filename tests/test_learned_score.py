@@ -22,6 +22,7 @@ from rys_forge.rank import LearnedScore, order_rows
 from rys_forge.rank.learned import LEARNED_COLUMN, prior_ordering
 from rys_forge.research.surrogate import fit_surrogate
 from rys_forge.research.validate import validate_runs
+from test_faults_inputs import _one_line
 
 PROBES = ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl")
 MODELS = (("ma", 10, 1.0), ("mb", 12, 30.0), ("mc", 11, 0.02))
@@ -71,15 +72,6 @@ def _write_runs(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def fitted() -> LearnedScore:
     return fit_surrogate(_runs()[:2], penalty=5.0)
-
-
-def _one_line(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output and "unexpected" not in lines[0], result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- the file and the prediction

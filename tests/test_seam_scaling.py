@@ -20,7 +20,7 @@ from rys_forge.plan import LayerPlan, resolve_damping
 from rys_forge.repeat import repeated
 from rys_forge.surgery.builder import build
 from rys_forge.surgery.mergekit_export import default_recipe_name, plan_to_slices, recipe_yaml
-from test_repeat import materialised_reference
+from test_repeat import _incremental_logits, materialised_reference
 from tiny import MODEL_TYPES, SLIDING_WINDOW
 
 POST_NORM = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm")}
@@ -52,16 +52,6 @@ def scaled_reference(model, plan: LayerPlan):
 
 def _prompt(length: int, vocab: int) -> torch.Tensor:
     return torch.randint(4, vocab, (2, length), generator=torch.Generator().manual_seed(7))
-
-
-def _incremental(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
-    out = model(ids[:, :prefix], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
-    for t in range(prefix, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        steps.append(out.logits)
-    return torch.cat(steps, dim=1)
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -167,10 +157,10 @@ def test_damped_repeat_matches_scaled_reference(tiny_model_dirs, model_type, dam
             plain_logits = model(ids, use_cache=False).logits
         with repeated(model, plan):
             no_cache = model(ids, use_cache=False).logits
-            with_cache = _incremental(model, ids, prefix=SLIDING_WINDOW + 3)
+            with_cache = _incremental_logits(model, ids, prefix=SLIDING_WINDOW + 3)
             generated = model.generate(ids[:, :6], **gen)
         ref_no_cache = reference(ids, use_cache=False).logits
-        ref_with_cache = _incremental(reference, ids, prefix=SLIDING_WINDOW + 3)
+        ref_with_cache = _incremental_logits(reference, ids, prefix=SLIDING_WINDOW + 3)
         ref_generated = reference.generate(ids[:, :6], **gen)
         after = model(ids).logits
     assert (no_cache - ref_no_cache).abs().max().item() <= 1e-5
