@@ -410,15 +410,16 @@ AUTO_WORKERS_MAX = 4
 
 
 def window_workers(workers: int, model: nn.Module) -> int:
-    """Windows probed at once: 1 off the CPU; `workers` if given; else one per torch thread, at most
-    `AUTO_WORKERS_MAX`.
+    """Windows probed at once: 1 off the CPU or on a model placed by accelerate (its hooks move weights in
+    and out per call, so two threads in one layer would race); `workers` if given; else one per torch
+    thread, at most `AUTO_WORKERS_MAX`.
 
     Raises:
         UsageError: `workers` is negative.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise UsageError(f"--workers must be an integer >= 0 (0: one window per CPU thread, at most {AUTO_WORKERS_MAX}), got {workers!r}")
-    if next(model.parameters()).device.type != "cpu":
+    if next(model.parameters()).device.type != "cpu" or any(hasattr(m, "_hf_hook") for m in model.modules()):
         return 1
     return workers if workers > 0 else max(1, min(torch.get_num_threads(), AUTO_WORKERS_MAX))
 
