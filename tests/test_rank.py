@@ -56,20 +56,25 @@ def _capture_inputs(model, ids, mask, positions):
     return seen, out.logits
 
 
-@pytest.mark.parametrize("repeats", [2, 3])
-def test_iterates_equal_manual_forward_through_repeated_model(gemma, cache, repeats):
+@pytest.mark.parametrize("repeats,alpha", [(2, 1.0), (3, 1.0), (2, 0.5), (3, 0.5)])
+def test_iterates_equal_manual_forward_through_repeated_model(gemma, cache, repeats, alpha):
+    """z_n and the KL probe against the repeated model itself, plain and damped (`rank --alpha`: the repeated
+    visits at residual scale alpha; gemma3 puts the scale on its post-norms)."""
     i, j = 2, 5
     batch = cache.batches[0]
     mask = (batch.input_ids != gemma.tokenizer.pad_token_id).long()
-    plan = LayerPlan.from_windows([f"{i}:{j}"], 8, repeats)
+    plan = LayerPlan.from_windows([f"{i}:{j}"], 8, repeats, alpha)
     # In the repeated model, visit position j + (n-1)(j-i) receives z_n.
     positions = [j + (n - 1) * (j - i) for n in range(1, repeats + 1)]
     with repeated(gemma.model, plan):
         seen, logits = _capture_inputs(gemma.model, batch.input_ids, mask, positions)
-    t = Trajectory(cache, i, j, ProbeSettings())
+    t = Trajectory(cache, i, j, ProbeSettings(alpha=alpha))
     with torch.no_grad():
         for n, p in enumerate(positions, start=1):
             assert (t.states(n)[0] - seen[p])[batch.valid].abs().max().item() <= 1e-5
+        if alpha != 1:  # the damped iterates are not the plain ones
+            plain = Trajectory(cache, i, j, ProbeSettings())
+            assert (plain.states(2)[0] - t.states(2)[0])[batch.valid].abs().max().item() > 1e-3
         assert torch.equal(t.states(1)[0], batch.hidden[j])  # z_1 is the cached x_j
         if repeats == 2:
             # KL probe against torch.distributions on the repeated model's own logits.
@@ -148,14 +153,22 @@ def test_n2_law_on_near_linear_residual_block():
     assert row["cka_drift_2"] / row["cka_drift_1"] == pytest.approx(4.0, rel=0.05)
 
 
-def test_jacobian_top_singular_value_matches_explicit_jacobian(tiny_model_dirs):
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_jacobian_top_singular_value_matches_explicit_jacobian(tiny_model_dirs, alpha):
     loaded = load_model(str(tiny_model_dirs["llama"]))
     small = cache_activations(loaded.model, loaded.tokenizer, TEXTS[:1], max_tokens=6, kl_positions=0)
-    settings = ProbeSettings(jacobian_k=2, jacobian_iters=300)
+    settings = ProbeSettings(jacobian_k=2, jacobian_iters=300, alpha=alpha)
     values = jacobian_spectrum(small, 1, 3, settings)
     batch = small.batches[0]
     z0 = batch.hidden[1].detach()
-    jac = torch.autograd.functional.jacobian(lambda z: small.block(batch, 1, 3, z), z0)
+    # The damped block by hand: x + alpha * branch(x) around every sublayer of layers 1 and 2.
+    branch = [(m.self_attn.o_proj, m.mlp.down_proj) for m in loaded.model.model.layers]
+    handles = [module.register_forward_hook(lambda m, a, out: out * alpha) for pair in branch[1:3] for module in pair]
+    try:
+        jac = torch.autograd.functional.jacobian(lambda z: small.block(batch, 1, 3, z), z0)
+    finally:
+        for handle in handles:
+            handle.remove()
     reference = torch.linalg.svdvals(jac.reshape(z0.numel(), z0.numel()).double())
     assert values["jac_sv_1"] == pytest.approx(reference[0].item(), rel=1e-3)
     assert values["jac_sv_2"] == pytest.approx(reference[1].item(), rel=1e-2)
@@ -264,6 +277,8 @@ def test_rank_cli_errors(tiny_model_dirs, tmp_path):
     _one_line_error(run("--max-width", "9"), "--max-width 9 is out of range; allowed 2..6")
     _one_line_error(run("--window", "4:9"), "ends past the model's 6 layers")
     _one_line_error(run("--kl-fraction", "0"), "--kl-fraction 0.0 is out of range")
+    _one_line_error(run("--alpha", "0"), "--alpha must be a positive finite number")
+    _one_line_error(run("--alpha", "nan"), "--alpha must be a positive finite number")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     _one_line_error(run("--prompts", str(empty)), "empty.txt")
@@ -279,6 +294,26 @@ def test_rank_cli_runs_and_prints_table(tiny_model_dirs, tmp_path):
     assert "top 3 windows" in result.output and "overlap math vs code" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["windows"] == 15 and len(summary["top_k"]) == 3
+
+
+def test_rank_cli_alpha_is_recorded_and_resumes_only_at_its_scale(tiny_model_dirs, tmp_path):
+    """`rank --alpha 0.5`: summary and run.json carry the scale, the table names it, and a plain run's run.json
+    has no alpha (runs from before --alpha still resume); a resume at another scale is refused."""
+    common = ["rank", "--model", str(tiny_model_dirs["llama"]), "--prompts-per-family", "1", "--max-tokens", "10",
+              "--jacobian", "none", "--no-progress", "--max-width", "3"]
+    runner = CliRunner()
+    damped = runner.invoke(main, [*common, "--alpha", "0.5", "--out", str(tmp_path / "damped")])
+    plain = runner.invoke(main, [*common, "--out", str(tmp_path / "plain")])
+    assert damped.exit_code == 0 and plain.exit_code == 0, damped.output + plain.output
+    assert "repeated visits at alpha 0.5" in damped.output and "visits at alpha" not in plain.output
+    assert json.loads((tmp_path / "damped" / "summary.json").read_text())["settings"]["alpha"] == 0.5
+    assert json.loads((tmp_path / "damped" / "run.json").read_text())["settings"]["alpha"] == 0.5
+    assert "alpha" not in json.loads((tmp_path / "plain" / "run.json").read_text())["settings"]
+    rows = {name: {r["window"]: r for r in json.loads((tmp_path / name / "windows.json").read_text())} for name in ("plain", "damped")}
+    assert rows["plain"]["1:3"]["cka_plateau"] == rows["damped"]["1:3"]["cka_plateau"]  # z_0, z_1: no repeated visit
+    assert rows["plain"]["1:3"]["d_kl"] != rows["damped"]["1:3"]["d_kl"]
+    refused = runner.invoke(main, [*common, "--alpha", "0.5", "--resume", "--out", str(tmp_path / "plain")])
+    assert refused.exit_code != 0 and "alpha" in refused.output
 
 
 def test_deep_fraction_leaves_score_inputs_unchanged(gemma):

@@ -292,7 +292,9 @@ def print_top(result, top_k: int) -> None:
     ordering = result.summary.get("ordering") or {}
     learned = ordering.get("ordering_score") == "learned"
     by = f"learned score ({ordering.get('file') or 'in memory'})" if learned else "Score(B)"
-    table = Table(title=f"short list: top {top_k} windows by {by}, distinct regions (i:j = layers i..j-1)")
+    alpha = (result.summary.get("settings") or {}).get("alpha", 1.0)
+    damped = f", repeated visits at alpha {alpha:g}" if alpha != 1 else ""
+    table = Table(title=f"short list: top {top_k} windows by {by}, distinct regions (i:j = layers i..j-1){damped}")
     columns = [("window", "window"), ("raw rank", "rank"), *([("learned", "learned_score")] if learned else []),
                ("score", "score"), ("class", "class"), ("CKA(x_i,x_j)", "cka_plateau"),
                ("delta_0", "delta_0"), ("r_0", "r_0"), ("D_dec", "d_dec"), ("D_KL", "d_kl"), ("sigma_1(J)", "jac_sv_1")]

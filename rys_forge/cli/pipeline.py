@@ -70,6 +70,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
 @click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="Residual scale of the repeated visits: probe the damped block map (each repeated visit adds alpha x its attention and MLP updates; as `build --alpha`).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="CPU: windows probed at once, one torch thread each (0: auto, up to 4; the numbers do not change).")
 @click.option("--out", default=None, type=click.Path(), callback=output_check(folder=True), help="Run folder (default: runs/rank-<model>-<time>).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
@@ -81,8 +82,8 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
          prompts_per_family: int | None, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
          debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
          learned_score: str | None, outlier_factor: float, shortlist_overlap: float,
-         stats_dtype: str, attn: str, seed: int, workers: int, out: str | None, resume: bool, no_progress: bool,
-         adapter: str | None, placement: dict[str, Any]) -> None:
+         stats_dtype: str, attn: str, seed: int, alpha: float, workers: int, out: str | None, resume: bool,
+         no_progress: bool, adapter: str | None, placement: dict[str, Any]) -> None:
     """Probe every window i:j from one cached activation pass, score it, and save a ranked run folder.
 
     Writes windows.csv/json (one row per window, every metric), summary.json, heatmaps (PNG) and
@@ -102,7 +103,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
         probes=select_probes(split(probes)) if probes else None, iterations=iterations, max_tokens=max_tokens,
         batch_size=batch_size, kl_positions=kl_positions, kl_fraction=kl_fraction, deep_fraction=deep_fraction, debiased_cka=debiased_cka, jacobian=jacobian,
         jacobian_top=jacobian_top, top_k=top_k, overlap_families=tuple(split(overlap)), stats_dtype=stats_dtype, seed=seed,
-        outlier_factor=outlier_factor, shortlist_overlap=shortlist_overlap,
+        outlier_factor=outlier_factor, shortlist_overlap=shortlist_overlap, alpha=alpha,
     )
     settings.validate()
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()

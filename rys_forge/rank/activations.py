@@ -33,6 +33,7 @@ from torch import nn
 
 from rys_forge.architectures import ArchSpec, get_path, spec_for_model
 from rys_forge.errors import PromptError
+from rys_forge.repeat import scaled_visit
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ActivationCache:
     timings: dict[str, float] = field(default_factory=dict)
     memo: dict[Any, Any] = field(default_factory=dict)  # per-layer statistics shared by windows (`shared`)
     memo_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    damped: dict[tuple[int, float], nn.Module] = field(default_factory=dict, repr=False)  # (layer, scale) -> visit
 
     def shared(self, key: Any, compute: Callable[[], Any], keep: int = 4) -> Any:
         """`compute()`, memoised under `key` for the windows that follow (e.g. one factorisation per start
@@ -112,9 +114,23 @@ class ActivationCache:
         """Number of outlier positions excluded from the statistics."""
         return int(sum(b.outlier.sum() for b in self.batches if b.outlier is not None))
 
-    def block(self, batch: CachedBatch, start: int, end: int, z: torch.Tensor) -> torch.Tensor:
-        """Apply base layers `start..end-1` to `z` (`[B, T, d]`) with the batch's base-pass arguments."""
-        return replay_layers(self.layers, batch.layer_kwargs, start, end, z)
+    def block(self, batch: CachedBatch, start: int, end: int, z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Apply base layers `start..end-1` to `z` (`[B, T, d]`) with the batch's base-pass arguments; with
+        `scale != 1`, the damped visits of those layers (each residual branch update multiplied by `scale`,
+        `rys_forge.repeat.scaled_visit`: what a plan's repeated visit at that scale computes)."""
+        if scale == 1.0:
+            return replay_layers(self.layers, batch.layer_kwargs, start, end, z)
+        layers = list(self.layers)
+        for k in range(start, end):
+            layers[k] = self.damped_layer(k, scale)
+        return replay_layers(layers, batch.layer_kwargs, start, end, z)
+
+    def damped_layer(self, k: int, scale: float) -> nn.Module:
+        """Layer `k`'s visit at residual scale `scale` (made once, shared by every window and thread)."""
+        with self.memo_lock:
+            if (k, scale) not in self.damped:
+                self.damped[k, scale] = scaled_visit(self.layers[k], k, scale, self.spec)
+            return self.damped[k, scale]
 
     def tail_states(self, batch: CachedBatch, start: int, z: torch.Tensor) -> torch.Tensor:
         """Run layers `start..L-1` from `z` (the stream entering layer `start`) and keep the batch's KL

@@ -34,8 +34,8 @@ from rys_forge.architectures import get_path, spec_for_model
 from rys_forge.artifacts import versions
 from rys_forge.runs import RunFolder
 from rys_forge.distributed import current_shard
-from rys_forge.errors import UsageError
-from rys_forge.plan import WINDOW_CONVENTION, Window, select_windows
+from rys_forge.errors import UsageError, WindowError
+from rys_forge.plan import WINDOW_CONVENTION, Window, check_scale, select_windows
 from rys_forge.progress import progress_bar
 from rys_forge.rank import metrics
 from rys_forge.rank.activations import ActivationCache, cache_activations, fast_linears
@@ -88,6 +88,7 @@ class RankSettings:
     outlier_factor: float = 5.0
     shortlist_overlap: float = 0.3
     seed: int = 0
+    alpha: float = 1.0
 
     def probe_settings(self) -> ProbeSettings:
         return ProbeSettings(
@@ -99,6 +100,7 @@ class RankSettings:
             stats_dtype=torch.float64 if self.stats_dtype == "float64" else torch.float32,
             tf32=self.stats_dtype == "tf32",
             seed=self.seed,
+            alpha=float(self.alpha),
         )
 
     def validate(self) -> None:
@@ -119,6 +121,10 @@ class RankSettings:
             raise UsageError(f"--outlier-factor {self.outlier_factor} is out of range; allowed 0 (keep every token) or > 1")
         if not 0.0 <= self.shortlist_overlap <= 1.0:
             raise UsageError(f"--shortlist-overlap {self.shortlist_overlap} is out of range; allowed [0, 1] (1: no suppression)")
+        try:
+            check_scale(self.alpha, "--alpha")
+        except WindowError as exc:
+            raise UsageError(str(exc)) from None
         if self.overlap_families and len(self.overlap_families) != 2:
             raise UsageError("--overlap takes exactly two prompt families, e.g. math,reasoning")
 
@@ -254,6 +260,15 @@ def _check_overlap_families(prompts: Sequence[Prompt], overlap_families: Sequenc
             raise UsageError(f"--overlap family '{family}' is not among the prompt families: {', '.join(families)}")
 
 
+def _settings_record(settings: RankSettings) -> dict[str, Any]:
+    """`settings` as stored in run.json: `alpha` only when it is not 1, so that runs from before `--alpha`
+    existed still resume."""
+    record = asdict(settings)
+    if settings.alpha == 1:
+        record.pop("alpha")
+    return record
+
+
 def _fingerprint(
     model_info: dict[str, Any] | None, num_layers: int, prompts: Sequence[Prompt], settings: RankSettings,
     windows: Sequence[Window],
@@ -264,7 +279,7 @@ def _fingerprint(
         "model": (model_info or {}).get("source"),
         "num_layers": num_layers,
         "prompts": {"count": len(prompts), "sha256": _prompt_digest(prompts)},
-        "settings": asdict(settings),
+        "settings": _settings_record(settings),
         "windows": [str(w) for w in windows],
     }
 

@@ -1,7 +1,9 @@
 """Per-window probes from the seeds and a registry to pick them by name.
 
 For a window `B=[i,j)` the trajectory is `z_0 = x_i`, `z_{n+1} = T_B(z_n)` (`z_1` is the cached `x_j`,
-free). Every probe reads a `Trajectory` and returns flat, named numbers; `rys-forge rank --probes`
+free). With a residual scale `alpha != 1` (`rank --alpha`), the repeated visits run the damped block map
+`T_B^alpha` (each residual branch update times `alpha`): `z_{n+1} = T_B^alpha(z_n)` for `n >= 1`, and the
+Jacobian spectrum is that of `T_B^alpha`. Every probe reads a `Trajectory` and returns flat, named numbers; `rys-forge rank --probes`
 picks a subset (`list_probes()` names them). A new probe is one function under `@register_probe`.
 The numbers come from `rys_forge.rank.metrics`; what the score makes of them is `rys_forge.rank.score`.
 """
@@ -59,6 +61,7 @@ class ProbeSettings:
     stats_dtype: torch.dtype = torch.float64
     tf32: bool = False  # float32 CKA products on TF32 tensor cores (CUDA only)
     seed: int = 0
+    alpha: float = 1.0  # residual scale of the repeated visits: z_2.. come from the damped block map
 
 
 class Trajectory:
@@ -104,7 +107,7 @@ class Trajectory:
         while len(self._states) <= n:
             step = len(self._states)
             self._states.append([
-                self.cache.block(b, self.start, self.end, z)
+                self.cache.block(b, self.start, self.end, z, self.settings.alpha)  # step >= 2: repeated visits
                 if z is not None and ((step <= 2 and not self.deep_only) or b.deep) else None
                 for b, z in zip(self.cache.batches, self._states[-1])
             ])
@@ -272,7 +275,8 @@ def probe_kl(t: Trajectory) -> Numbers:
 def jacobian_spectrum(
     cache: ActivationCache, start: int, end: int, settings: ProbeSettings
 ) -> Numbers:
-    """Leading singular values of `J_B = dT_B/dz` at `z_0 = x_i` on the cache's first batch.
+    """Leading singular values of `J_B = dT_B/dz` at `z_0 = x_i` on the cache's first batch (`T_B^alpha` with
+    `settings.alpha != 1`).
 
     Uses forward-mode AD (`torch.func.jvp`) and reverse-mode (`vjp`) only; run it with a math /
     eager attention backend (fused attention kernels lack forward-mode AD).
@@ -281,7 +285,7 @@ def jacobian_spectrum(
     z0 = batch.hidden[start]
 
     def block(z: torch.Tensor) -> torch.Tensor:
-        return cache.block(batch, start, end, z)
+        return cache.block(batch, start, end, z, settings.alpha)
 
     spectrum = _with_math_attention(
         lambda: metrics.top_singular_values(
