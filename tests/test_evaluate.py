@@ -257,6 +257,25 @@ def test_model_errors_write_nothing(isolated, tmp_path, tiny_model_dirs):
     assert not (tmp_path / "out").exists()
 
 
+def test_damped_in_memory_eval_equals_its_export(isolated, tiny_model_dirs, tmp_path):
+    """`eval --model --window --alpha 0.5` (gemma3: the scale sits on the post-norms) gives the items of the
+    layer-list export built with `--alpha 0.5`, and differs from the plain repeat; `substeps` is `alpha 1/K`."""
+    from rys_forge.surgery.builder import build
+
+    base_dir = tiny_model_dirs["gemma3_text"]
+    damped = _run(base_dir, alpha=0.5)
+    assert damped.settings["plan"]["residual_scales"] == list(LayerPlan.from_windows([WINDOW], 8, 2, 0.5).scales)
+    assert "at alpha 0.5" in damped.settings["rys"]
+    export = build(str(base_dir), [WINDOW], tmp_path / "export", alpha=0.5).path
+    _assert_same_items(evaluate(str(export), tasks=TASKS, limit=LIMIT, progress=False), damped)
+    plain = _run(base_dir)
+    ll = "rys_lambada_openai", "none", "perplexity"
+    assert damped.items[ll[0]][ll[1]][ll[2]]["rys"] != plain.items[ll[0]][ll[1]][ll[2]]["rys"]
+    two = _run(base_dir, substeps=2)
+    assert two.settings["plan"]["layer_order"] == list(LayerPlan.from_windows([WINDOW], 8, 3, 0.5).order)
+    assert two.settings["plan"]["residual_scales"] == list(LayerPlan.from_windows([WINDOW], 8, 3, 0.5).scales)
+
+
 def test_argument_errors():
     with pytest.raises(UsageError):
         evaluate(tasks=TASKS)  # neither target nor model
@@ -268,6 +287,12 @@ def test_argument_errors():
         evaluate(model="y", windows=[WINDOW], tasks=TASKS, batch_size="many")
     with pytest.raises(UsageError):
         evaluate(model="y", windows=[WINDOW], tasks=TASKS, limit=0)
+    with pytest.raises(UsageError, match="apply to --model"):
+        evaluate("x", alpha=0.5, tasks=TASKS)  # an export stores its own scales
+    with pytest.raises(WindowError, match="alpha must be a positive finite number"):
+        evaluate(model="y", windows=[WINDOW], tasks=TASKS, alpha=0.0)
+    with pytest.raises(WindowError, match="either alpha"):
+        evaluate(model="y", windows=[WINDOW], tasks=TASKS, alpha=0.5, substeps=2)
 
 
 def _run_dict(values: dict, aggregate: dict, metric_info: dict, groups: dict | None = None) -> dict:

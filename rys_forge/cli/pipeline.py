@@ -204,6 +204,8 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
 @click.option("--window", "windows", multiple=True, help=f"With --model: window(s) to repeat. {WINDOW_CONVENTION}.")
 @click.option("--repeats", default=2, show_default=True, type=int, callback=at_least_two,
               help="With --model: visits of each window's block (2 or more).")
+@click.option("--alpha", default=None, type=float, help="With --model: residual scale of the repeated visits (as build --alpha; 1 = plain RYS).")
+@click.option("--substeps", default=None, type=int, help="With --model: the second pass as K damped sub-steps at 1/K (as build --substeps).")
 @click.option("--base", default=None, help="Base model of TARGET (default: the one recorded at build time).")
 @click.option("--tasks", required=True, help="Comma list of tasks: local (rys_arc_easy, rys_piqa, ..., rys_suite) or lm-eval registry names.")
 @click.option("--limit", default=None, type=int, help="Items per task (default: all).")
@@ -216,7 +218,8 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of lm-eval and the bootstrap.")
 @click.option("--adapter", default=None, help="With --model: PEFT adapter merged into the model first (an export records its own).")
 @click.option("--no-heal", is_flag=True, help="Ignore TARGET's heal adapter (evaluate the plain export only).")
-def eval_command(target: str | None, model_name: str | None, windows: tuple[str, ...], repeats: int, base: str | None,
+def eval_command(target: str | None, model_name: str | None, windows: tuple[str, ...], repeats: int, alpha: float | None,
+                 substeps: int | None, base: str | None,
                  tasks: str, limit: int | None, num_fewshot: int | None, include_path: str | None, batch_size: str,
                  device: str, dtype: str, out: str | None, seed: int, adapter: str | None, no_heal: bool) -> None:
     """Evaluate TARGET (a verified local export folder) or --model M --window i:j against its base with lm-eval.
@@ -234,7 +237,8 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
     if model_name and not windows:
         raise UsageError("--model needs at least one --window i:j")
     report = evaluate(
-        target, model=model_name, windows=list(windows), repeats=repeats, base=base, tasks=split(tasks), limit=limit,
+        target, model=model_name, windows=list(windows), repeats=repeats, alpha=alpha, substeps=substeps, base=base,
+        tasks=split(tasks), limit=limit,
         num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size, device=device, dtype=dtype,
         out=out, seed=seed, progress=True, adapter=adapter, heal=not no_heal,
     )

@@ -58,7 +58,7 @@ from rys_forge.evaluate.runner import (
 from rys_forge.evaluate.subject import Subject, export_subject, in_memory_subject
 from rys_forge.files import json_safe
 from rys_forge.models import canonical_source, load_model, parse_device, parse_dtype
-from rys_forge.plan import LayerPlan
+from rys_forge.plan import LayerPlan, resolve_damping
 
 # format_table is re-exported for callers that import it from here (cli.py, tests/test_peft.py).
 __all__ = ["evaluate", "format_table"]
@@ -72,6 +72,8 @@ class _Options:
     model: str | None
     windows: list[str]
     repeats: int
+    alpha: float | None
+    substeps: int | None
     base: str | None
     tasks: list[str]
     limit: int | None
@@ -102,6 +104,10 @@ class _Options:
             raise UsageError("--window applies to --model only; an export's plan is stored in its config")
         if self.model is not None and self.base is not None:
             raise UsageError("--base applies to an exported TARGET; with --model the base is the model itself")
+        if self.target is not None and (self.alpha is not None or self.substeps is not None):
+            raise UsageError("--alpha and --substeps apply to --model; an export's residual scales are stored in its config")
+        if self.model is not None:
+            self.repeats, self.alpha = resolve_damping(self.repeats, self.alpha, self.substeps)
         if self.target is not None and self.adapter is not None:
             raise UsageError("--adapter applies to --model; an export records the adapter its base was built with")
         check_counts(self.limit, self.num_fewshot)
@@ -217,7 +223,8 @@ def _run_in_memory(options: _Options, subject: Subject, manager: Any, names: lis
     t0 = time.perf_counter()
     loaded = _load(options, str(options.model), False, subject.adapter)
     timings["base_load"] = time.perf_counter() - t0
-    plan = subject.plan = LayerPlan.from_windows(list(options.windows), _num_layers(loaded.model), options.repeats)
+    plan = subject.plan = LayerPlan.from_windows(list(options.windows), _num_layers(loaded.model), options.repeats,
+                                                 options.alpha if options.alpha is not None else 1.0)
     if base_run is None:
         say(options.progress, f"evaluating the base model on {', '.join(names)}")
         base_run = _timed_run(timings, "base_eval", loaded.model, loaded.tokenizer, manager, names, options)
@@ -409,7 +416,7 @@ def _write_report(report: EvalReport, options: _Options, destinations: list[Path
 
 def evaluate(
     target: str | None = None, *, model: str | None = None, windows: Sequence[str] = (), repeats: int = 2,
-    base: str | None = None, tasks: Sequence[str], limit: int | None = None, num_fewshot: int | None = None,
+    alpha: float | None = None, substeps: int | None = None, base: str | None = None, tasks: Sequence[str], limit: int | None = None, num_fewshot: int | None = None,
     include_path: str | Path | Sequence[str | Path] | None = None, batch_size: int | str = 1, device: str = "cpu",
     dtype: str = "float32", out: str | Path | None = None, seed: int = 0, progress: bool = True,
     bootstrap_iters: int = 1000, n_resamples: int = 10000, attn_implementation: str | None = "eager",
@@ -424,6 +431,10 @@ def evaluate(
             ``windows`` is evaluated against the model itself (one load).
         windows: with ``model``: windows ``i:j`` (0-based, half-open: layers i..j-1).
         repeats: with ``model``: visits of each window's block (2 = RYS).
+        alpha: with ``model``: residual scale of the repeated visits (each adds ``alpha`` x its attention and MLP
+            updates; None or 1: plain RYS), as ``build``'s.
+        substeps: with ``model``: the second pass as ``substeps`` damped sub-steps at ``1/substeps``
+            (``repeats = substeps + 1``); not with ``alpha``.
         base: with ``target``: the base model (overrides the export's record).
         tasks: lm-eval task, group or tag names (comma-separated entries allowed): the offline ``rys_*``
             tasks or anything in lm-eval's registry / ``include_path``.
@@ -458,7 +469,7 @@ def evaluate(
     started = time.perf_counter()
     options = _Options(
         target=target, model=model, windows=[windows] if isinstance(windows, str) else list(windows),
-        repeats=repeats, base=base, tasks=[tasks] if isinstance(tasks, str) else list(tasks), limit=limit,
+        repeats=repeats, alpha=alpha, substeps=substeps, base=base, tasks=[tasks] if isinstance(tasks, str) else list(tasks), limit=limit,
         num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size, device=device, dtype=dtype,
         out=out, seed=seed, progress=progress, bootstrap_iters=bootstrap_iters, n_resamples=n_resamples,
         attn_implementation=attn_implementation, use_cache=use_cache, adapter=adapter, heal=heal,
@@ -471,7 +482,7 @@ def evaluate(
     if target is not None:
         subject = export_subject(str(options.target), options.base, heal)
     else:
-        subject = in_memory_subject(str(options.model), options.windows, repeats, adapter)
+        subject = in_memory_subject(str(options.model), options.windows, options.repeats, adapter, options.alpha or 1.0)
     subject.base_source = canonical_source(subject.base_source)
     destinations = _report_destinations(options, subject)  # an unwritable --out fails now, not at the end
     cache = _base_cache(options, subject, manager, names)

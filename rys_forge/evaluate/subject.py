@@ -109,9 +109,12 @@ def export_subject(target: str, base: str | None, heal: bool) -> Subject:
     return subject
 
 
-def in_memory_subject(model: str, windows: Sequence[str], repeats: int, adapter: str | None) -> Subject:
-    """A model against its own repeat over ``windows`` (``adapter``: merged into the model first)."""
-    label = f"{model} with {', '.join(str(w) for w in windows)} x{repeats} (in memory)"
+def in_memory_subject(model: str, windows: Sequence[str], repeats: int, adapter: str | None,
+                      alpha: float = 1.0) -> Subject:
+    """A model against its own repeat over ``windows``, the repeated visits at residual scale ``alpha``
+    (``adapter``: merged into the model first)."""
+    damped = f" at alpha {alpha:g}" if alpha != 1 else ""
+    label = f"{model} with {', '.join(str(w) for w in windows)} x{repeats}{damped} (in memory)"
     subject = Subject(base_source=str(model), rys_label=label)
     if adapter is not None:
         from rys_forge.adapters import adapter_record
