@@ -148,7 +148,10 @@ def main() -> None:
     loaded = load_model(args.model)
     prompts = load_prompts(limit_per_family=DEFAULT_PER_FAMILY)
     stack = contextlib.ExitStack()  # rank's own switch of the float32 CPU linears to oneDNN, where it exists
-    fast = getattr(activations, "fast_linears", None)
+    try:  # rys_forge.rank.fast_linear now; earlier trees had it in activations, older ones not at all
+        from rys_forge.rank.fast_linear import fast_linears as fast
+    except ImportError:
+        fast = getattr(activations, "fast_linears", None)
     switched = stack.enter_context(fast(loaded.model)) if fast and not args.torch_linears else 0
     t0 = time.perf_counter()
     cache = cache_activations(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rys_forge.rank.activations import ActivationCache, CachedBatch, mark_outliers
-from rys_forge.rank.pipeline import shortlist, window_overlap
+from rys_forge.rank.shortlist import shortlist, window_overlap
 
 
 def _batch(hidden: list[torch.Tensor], valid: torch.Tensor) -> CachedBatch:

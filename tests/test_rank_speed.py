@@ -19,9 +19,8 @@ from rys_forge.errors import UsageError
 from rys_forge.models import load_model
 from rys_forge.rank import Prompt, RankSettings, rank_windows
 from rys_forge.rank import activations
-from rys_forge.rank.activations import (
-    ActivationCache, cache_activations, fast_linears, head_logits, kl_rows, replay_layers,
-)
+from rys_forge.rank.activations import ActivationCache, cache_activations, head_logits, kl_rows, replay_layers
+from rys_forge.rank.fast_linear import fast_linears
 from rys_forge.rank.probes import (
     AUTO_WORKERS_MAX, ProbeSettings, Trajectory, in_order, list_probes,
     probe_window, repeat_curves, torch_threads, window_workers,

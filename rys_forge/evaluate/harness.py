@@ -431,10 +431,8 @@ def evaluate(
             ``windows`` is evaluated against the model itself (one load).
         windows: with ``model``: windows ``i:j`` (0-based, half-open: layers i..j-1).
         repeats: with ``model``: visits of each window's block (2 = RYS).
-        alpha: with ``model``: residual scale of the repeated visits (each adds ``alpha`` x its attention and MLP
-            updates; None or 1: plain RYS), as ``build``'s.
-        substeps: with ``model``: the second pass as ``substeps`` damped sub-steps at ``1/substeps``
-            (``repeats = substeps + 1``); not with ``alpha``.
+        alpha, substeps: with ``model``: residual scale of the repeated visits (None or 1: plain RYS), or the
+            second pass as ``substeps`` damped sub-steps at ``1/substeps``; as ``build``'s.
         base: with ``target``: the base model (overrides the export's record).
         tasks: lm-eval task, group or tag names (comma-separated entries allowed): the offline ``rys_*``
             tasks or anything in lm-eval's registry / ``include_path``.
@@ -467,16 +465,16 @@ def evaluate(
         EvaluationError: lm-eval failed while running a model.
     """
     started = time.perf_counter()
+    as_list = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
     options = _Options(
-        target=target, model=model, windows=[windows] if isinstance(windows, str) else list(windows),
-        repeats=repeats, alpha=alpha, substeps=substeps, base=base, tasks=[tasks] if isinstance(tasks, str) else list(tasks), limit=limit,
-        num_fewshot=num_fewshot, include_path=include_path, batch_size=batch_size, device=device, dtype=dtype,
-        out=out, seed=seed, progress=progress, bootstrap_iters=bootstrap_iters, n_resamples=n_resamples,
-        attn_implementation=attn_implementation, use_cache=use_cache, adapter=adapter, heal=heal,
+        target=target, model=model, windows=as_list(windows), repeats=repeats, alpha=alpha, substeps=substeps,
+        base=base, tasks=as_list(tasks), limit=limit, num_fewshot=num_fewshot, include_path=include_path,
+        batch_size=batch_size, device=device, dtype=dtype, out=out, seed=seed, progress=progress,
+        bootstrap_iters=bootstrap_iters, n_resamples=n_resamples, attn_implementation=attn_implementation,
+        use_cache=use_cache, adapter=adapter, heal=heal,
     )
     options.check()
-    # Tasks first: a typo fails in a second, before any model is loaded.
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # tasks first: a typo fails in a second, before any model is loaded
     manager, names = resolve_task_names(options.tasks, include_path)
     timings = {"tasks": time.perf_counter() - t0}
     if target is not None:
@@ -492,9 +490,7 @@ def evaluate(
     rows, paired_items, notes, healing_rows = _compare(runs, options, names)
     settings = _settings(options, subject, names, runs.rys, cache, reused=cached_run is not None)
     timings["total"] = time.perf_counter() - started
-    report = EvalReport(
-        rows=rows, settings=json_safe(settings), timings={k: round(v, 3) for k, v in timings.items()},
-        notes=notes, items=json_safe(paired_items), healing_rows=json_safe(healing_rows),
-    )
+    report = EvalReport(rows=rows, settings=json_safe(settings), timings={k: round(v, 3) for k, v in timings.items()},
+                        notes=notes, items=json_safe(paired_items), healing_rows=json_safe(healing_rows))
     _write_report(report, options, destinations)
     return report

@@ -38,7 +38,8 @@ from rys_forge.errors import UsageError, WindowError
 from rys_forge.plan import WINDOW_CONVENTION, Window, check_scale, select_windows
 from rys_forge.progress import progress_bar
 from rys_forge.rank import metrics
-from rys_forge.rank.activations import ActivationCache, cache_activations, fast_linears
+from rys_forge.rank.activations import ActivationCache, cache_activations
+from rys_forge.rank.fast_linear import fast_linears
 from rys_forge.rank.outputs import write_outputs
 from rys_forge.rank.probes import (
     ProbeSettings, in_order, jacobian_spectrum, probe_window, repeat_curves, select_probes, torch_threads,
@@ -47,6 +48,7 @@ from rys_forge.rank.probes import (
 from rys_forge.rank.prompts import Prompt
 from rys_forge.rank.learned import LearnedScore, order_rows
 from rys_forge.rank.score import ScoreConfig, check_score_inputs, check_scored, classify, score
+from rys_forge.rank.shortlist import distinct_regions, family_overlap, shortlist
 
 #: `--stats-dtype` choices: float64, float32, or float32 with TF32 tensor-core CKA products (CUDA).
 STATS_DTYPES = ("float64", "float32", "tf32")
@@ -308,32 +310,6 @@ def _probe_windows(
     return time.perf_counter() - started
 
 
-def window_overlap(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Intersection over union of two windows' layer sets (0: disjoint, 1: the same window)."""
-    shared = max(0, min(a["j"], b["j"]) - max(a["i"], b["i"]))
-    return shared / ((a["j"] - a["i"]) + (b["j"] - b["i"]) - shared)
-
-
-def shortlist(rows: list[dict[str, Any]], k: int, max_overlap: float) -> list[dict[str, Any]]:
-    """Greedy non-maximum suppression over `rows` (best first): keep a window only if its overlap
-    (`window_overlap`, IoU) with every kept one is at most `max_overlap`, until `k` are kept; if fewer
-    survive, the best remaining windows fill the list. 1.0 keeps the raw order. Sets `row["shortlist"]`
-    (1..k, else None) in place and returns the kept rows, best first."""
-    finite = [r for r in rows if not math.isnan(_num(r.get("score")))]
-    kept: list[dict[str, Any]] = []
-    for row in finite:
-        if len(kept) == k:
-            break
-        if all(window_overlap(row, other) <= max_overlap for other in kept):
-            kept.append(row)
-    kept += [r for r in finite if r not in kept][: k - len(kept)]
-    for row in rows:
-        row["shortlist"] = None
-    for position, row in enumerate(kept, start=1):
-        row["shortlist"] = position
-    return kept
-
-
 def _final_order(rows: list[dict[str, Any]], learned: LearnedScore | None,
                  num_layers: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows in their final order (a learned score's, else the prior's), numbered; summary.json's `ordering`."""
@@ -427,7 +403,7 @@ def _summary(
         "windows": len(rows),
         "top_k": [_brief(r) for r in top],
         "top_k_raw": [_brief(r) for r in rows[: settings.top_k]],
-        "shortlist_regions": _regions(top),
+        "shortlist_regions": distinct_regions(top),
         "classes": {c: sum(r["class"] == c for r in rows) for c in sorted({r["class"] for r in rows})},
         "self_check": self_check,
         "repeat_curves": curves,
@@ -451,21 +427,6 @@ def _outlier_positions(cache: ActivationCache) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
-def _shared_share(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return max(0, min(a["j"], b["j"]) - max(a["i"], b["i"])) / min(a["j"] - a["i"], b["j"] - b["i"])
-
-
-def _regions(rows: Sequence[dict[str, Any]]) -> int:
-    """Distinct regions among `rows`: groups of windows linked by sharing more than half of the smaller
-    window's layers (nested or near-copies count as one region)."""
-    groups: list[list[dict[str, Any]]] = []
-    for row in rows:
-        linked = [g for g in groups if any(_shared_share(row, other) > 0.5 for other in g)]
-        merged = [row] + [r for g in linked for r in g]
-        groups = [g for g in groups if g not in linked] + [merged]
-    return len(groups)
-
-
 def _self_check(cache: ActivationCache, window: Window) -> dict[str, float]:
     """`z_1 = T_B(x_i)` must reproduce the cached `x_j`: checks the replayed block map."""
     batch = cache.batches[0]
@@ -486,27 +447,3 @@ def _finish_row(record: dict[str, Any], config: ScoreConfig) -> dict[str, Any]:
 def _brief(row: dict[str, Any]) -> dict[str, Any]:
     keys = ("window", "score", "class", "cka_plateau", "delta_0", "r_0", "d_dec", "d_kl", "jac_sv_1")
     return {k: row.get(k) for k in keys if k in row}
-
-
-def family_overlap(rows: list[dict[str, Any]], families: Sequence[str], config: ScoreConfig, k: int) -> dict[str, Any]:
-    """Top-k overlap of the score computed on two prompt families alone (the seeds' task stability)."""
-    from scipy.stats import hypergeom
-
-    tops = []
-    for family in families:
-        scored = []
-        for row in rows:
-            values = {m: _num(row.get(f"{m}@{family}")) for m in ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl")}
-            scored.append((score(values, config)["score"], row["window"]))
-        scored = [s for s in scored if not math.isnan(s[0])]
-        tops.append([w for _, w in sorted(scored, reverse=True)[:k]])
-    overlap = len(set(tops[0]) & set(tops[1]))
-    n = len(rows)
-    return {
-        "families": list(families),
-        "k": k,
-        "top_k": {families[0]: tops[0], families[1]: tops[1]},
-        "overlap": overlap,
-        "expected_by_chance": k * k / n if n else math.nan,
-        "p_value": float(hypergeom.sf(overlap - 1, n, k, k)) if n else math.nan,
-    }
