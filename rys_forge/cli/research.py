@@ -26,6 +26,8 @@ from rys_forge.cli.framework import (
 @click.option("--min-width", default=2, show_default=True, type=int, help="Smallest window width j-i.")
 @click.option("--max-width", default=None, type=int, help="Largest window width (default: all).")
 @click.option("--repeats", default="2", show_default=True, help="Visits of the block, e.g. 2 or 2,3,4 (with a Perf(n) fit).")
+@click.option("--alphas", default="1", show_default=True, help="Residual scales of the repeated visits, e.g. 1,0.75,0.5 (each adds alpha x its attention and MLP updates), each swept at every --repeats; 1, the plain repeat, is always included.")
+@click.option("--substeps", default=None, help="Sub-step counts, e.g. 2 or 2,4: each K adds K+1 visits, the repeated ones at 1/K (with --repeats 2).")
 @click.option("--limit", default=None, type=int, help="Items per task.")
 @click.option("--num-fewshot", default=None, type=int, help="Few-shot examples (default: the task's).")
 @click.option("--batch-size", default="1", show_default=True, help="lm-eval batch size.")
@@ -47,21 +49,23 @@ from rys_forge.cli.framework import (
 @click.option("--report-unfinished", is_flag=True, help="Only write the table, summary and heatmaps of the windows the unfinished sweep in --out has finished (no model is loaded).")
 @placement_options
 def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: tuple[str, ...], min_width: int,
-          max_width: int | None, repeats: str, limit: int | None, num_fewshot: int | None, batch_size: str,
-          out: str | None, resume: bool, no_progress: bool, engine: str, batch_tokens: int,
-          attn_implementation: str, race: bool, budget: str | None, race_alpha: float, race_looks: int,
+          max_width: int | None, repeats: str, alphas: str, substeps: str | None, limit: int | None,
+          num_fewshot: int | None, batch_size: str, out: str | None, resume: bool, no_progress: bool, engine: str,
+          batch_tokens: int, attn_implementation: str, race: bool, budget: str | None, race_alpha: float, race_looks: int,
           drop_confidence: float, order_from: str | None, report_unfinished: bool, placement: dict[str, Any]) -> None:
     """Brute force, Ng-style: evaluate every window in memory on the tasks (deltas, z-scores, heatmaps).
 
     The yardstick `validate` compares a rank run against. Resumable (--resume --out DIR). With
     loglikelihood tasks (all the local rys_* tasks but rys_gsm8k) the cached engine runs the base once
     and replays each window from the cached residual stream at its end. --race stops clearly harmful
-    windows early (valid positive calls at --race-alpha).
+    windows early (valid positive calls at --race-alpha). --alphas / --substeps also sweep damped repeated
+    visits (per-scale heatmaps and best_scale.csv beside the plain repeat).
     """
     from rys_forge.models import load_model
     from rys_forge.rank.outputs import read_rank_run
     from rys_forge.research.race import RaceSettings
-    from rys_forge.research.sweep import report_unfinished as report, sweep_windows
+    from rys_forge.research.sweep import report_unfinished as report, sweep_visits, sweep_windows
+    from rys_forge.research.sweep_rows import SCALE_P
 
     from rys_forge.errors import UsageError
 
@@ -74,6 +78,7 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
         return
     if not tasks:
         raise UsageError("Missing option '--tasks' (a comma list of tasks)")
+    sweep_visits(repeats, alphas, substeps, race)  # bad scales: one line before anything loads
     race_settings = RaceSettings.from_options(race, budget, race_alpha, race_looks, drop_confidence)
     order = [str(r["window"]) for r in read_rank_run(Path(order_from))[0]] if order_from else None
     shard, out, device = run_setup("sweep", model_name, out, device)
@@ -81,8 +86,8 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
     with resumable("sweep", out):
         result = sweep_windows(
             loaded.model, loaded.tokenizer, tasks=split(tasks), windows=list(windows) or None, min_width=min_width,
-            max_width=max_width, repeats=repeats, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-            out_dir=out, resume=resume, progress=not no_progress and shard.rank == 0,
+            max_width=max_width, repeats=repeats, alphas=alphas, substeps=substeps, limit=limit,
+            num_fewshot=num_fewshot, batch_size=batch_size, out_dir=out, resume=resume, progress=not no_progress and shard.rank == 0,
             model_info={**loaded.info, "path": loaded.path}, engine=engine, batch_tokens=batch_tokens,
             race=race_settings, order=order,
         )
@@ -94,6 +99,11 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
         info = result.summary["timings"]["race"]
         click.echo(f"race: {info['spent']} of {info['exhaustive']} item-evaluations ({info['spent'] / max(info['exhaustive'], 1):.0%});"
                    f" windows {info['windows']}; positive at one-sided {info['alpha']}: {', '.join(info['positive']) or 'none'}")
+    if "scales" in result.summary:
+        gains = result.summary["scales"]
+        click.echo(f"damped scales: of {gains['windows']} windows, better at some alpha < 1 than at alpha 1 (paired"
+                   f" p < {SCALE_P}), per task: " + ", ".join(f"{t} {n}" for t, n in gains["better"].items())
+                   + f"; table: {result.out_dir}/best_scale.md")
     flagged = sum(bool(r.get("single_task_verdict")) for r in result.rows)
     if flagged:
         click.echo(f"{flagged} windows move mostly one task (single_task_verdict): read them as calibration shifts, not reasoning")

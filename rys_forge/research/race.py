@@ -41,8 +41,7 @@ import numpy as np
 from rys_forge.errors import UsageError
 from rys_forge.evaluate import is_count
 from rys_forge.plan import Window
-from rys_forge.research.sweep_engine import trim_run
-from rys_forge.research.sweep_rows import window_record
+from rys_forge.research.sweep_rows import trim_run, window_record
 from rys_forge.runs import RunFolder
 from rys_forge.stats import mean_stderr
 

@@ -47,7 +47,7 @@ from rys_forge.errors import UsageError, output_problem
 from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank.learned import TRANSFORMS, LearnedScore, feature_table, per_model, row_features, window_depth
 from rys_forge.research.sweep import read_sweep
-from rys_forge.research.sweep_outputs import outcome_columns
+from rys_forge.research.sweep_outputs import is_plain_row, outcome_columns
 from rys_forge.research.validate import model_label, read_rank_run
 from rys_forge.stats import (correlation, evaluations_to_reach, expected_first_hit, hypergeom_enrichment_p,
                              is_finite_number, top_count)
@@ -357,6 +357,7 @@ def read_sweep_table(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, 
         raise UsageError(f"cannot read sweep table {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if rows and "window" not in rows[0]:
         raise UsageError(f"{path} is not a sweep table (no window column)")
+    rows = [r for r in rows if is_plain_row(r)]  # a damped sweep's table: the plain repeats (alpha 1)
     summary_file = next((f for f in (path.with_name(f"{path.stem}_summary.json"), path.with_name("summary.json")) if f.exists()), None)
     summary = read_json(summary_file, "sweep summary") if summary_file else {}
     if not isinstance(summary, dict):

@@ -33,6 +33,16 @@ sweep's windows without a model):
   diverging colours centred on 0 (= the base score);
 * ``repeats_fit.png`` (with two or more repeat counts): delta against visits per window, with the fit
   ``Perf(n) = Perf(1) + a (n-1) - b (n-1)^2`` (n = visits of the block, ``Perf(1)`` = the base).
+
+Damped visits (``alphas``, ``substeps``; see :mod:`rys_forge.plan`): every window is also evaluated with its
+repeated visits at each residual scale ``alpha`` (each repeat count at each scale; 1, the plain repeat, always
+included as the reference) and as ``K`` sub-steps of ``1/K`` (x2 only), reusing the one base run (and, with the
+cached engine, the one base pass and its cached prefix). Such rows carry ``alpha`` (and ``substeps``) beside
+``repeats``; plain rows are what they were. The folder then also holds per-scale heatmaps
+(``heatmap_*_a<alpha>.png``, ``heatmap_*_s<K>.png``), ``best_scale.csv`` / ``best_scale.md`` (per window: the
+scale with the best combined z beside the plain repeat, with paired tests per task) and ``summary.json`` ->
+``scales`` (per task, the windows better at some alpha < 1 than at alpha 1). ``read_sweep`` returns the plain
+rows unless asked for every scale, so ``validate``, ``calibrate`` and ``learn-score`` read plain rows.
 """
 
 from __future__ import annotations
@@ -58,12 +68,13 @@ from rys_forge.repeat import repeated
 from rys_forge.research.sweep_outputs import (BASE_FILE, SWEEP_FORMAT, SweepFolder, SweepResult, read_stored_base,
                                               read_sweep, report_unfinished, restore_record, summarise,
                                               write_outputs)
-from rys_forge.research.sweep_rows import base_summary, parse_repeats, repeat_fits, reported_tasks, window_record
+from rys_forge.research.sweep_rows import (Visits, base_summary, best_scales, parse_alphas, parse_repeats,
+                                          parse_substeps, repeat_fits, reported_tasks, sweep_configs, window_record)
 
 if TYPE_CHECKING:
     from rys_forge.research.race import RaceSettings
 
-__all__ = ["SweepResult", "read_sweep", "report_unfinished", "sweep_windows", "write_outputs"]
+__all__ = ["SweepResult", "read_sweep", "report_unfinished", "sweep_visits", "sweep_windows", "write_outputs"]
 
 #: Sweep engines (see :func:`sweep_windows`).
 ENGINES = ("auto", "cached", "lm-eval")
@@ -72,7 +83,7 @@ ENGINES = ("auto", "cached", "lm-eval")
 @dataclass
 class _Context:
     """What every run of one sweep shares: the model, its tasks and lm-eval settings, the run folder and
-    the records finished so far (``done``, by ``"<window>x<repeats>"``)."""
+    the records finished so far (``done``, by :meth:`Visits.key`: ``"<window>x<repeats>"`` for a plain repeat)."""
 
     model: Any
     tokenizer: Any
@@ -155,26 +166,44 @@ def _finish_window(ctx: _Context, record: dict[str, Any], advance: Any) -> None:
     advance()
 
 
-def _lm_eval_windows(ctx: _Context, todo: Sequence[tuple[Window, int]], base_run: dict[str, Any],
+def _lm_eval_windows(ctx: _Context, todo: Sequence[tuple[Window, Visits]], base_run: dict[str, Any],
                      reported: Sequence[str], num_layers: int, advance: Any) -> None:
-    """Every (window, visits) in ``todo`` as one full lm-eval run under its repeat."""
-    for window, n_visits in todo:
-        plan = LayerPlan.from_windows([window], num_layers, n_visits)
+    """Every (window, visits) in ``todo`` as one full lm-eval run under its repeat (damped visits included)."""
+    for window, visits in todo:
+        plan = LayerPlan.from_windows([window], num_layers, visits.repeats, visits.alpha)
         t0 = time.perf_counter()
         with repeated(ctx.model, plan):
             rys_run = _evaluate_once(ctx.model, ctx.tokenizer, ctx.manager, ctx.names, **ctx.run_kwargs)
         seconds = time.perf_counter() - t0
-        _finish_window(ctx, window_record(window, n_visits, base_run, rys_run, reported, ctx.seed, seconds), advance)
+        record = window_record(window, visits.repeats, base_run, rys_run, reported, ctx.seed, seconds,
+                               alpha=visits.alpha, substeps=visits.substeps)
+        _finish_window(ctx, record, advance)
 
 
 # --------------------------------------------------------------------------- entry point
 
 
+def sweep_visits(repeats: Any = 2, alphas: Any = None, substeps: Any = None, race: bool = False) -> list[Visits]:
+    """The configurations of the visits a sweep evaluates: each repeat count at each scale (plain first), then each
+    sub-step count (:func:`~rys_forge.research.sweep_rows.sweep_configs`); cheap, so a CLI checks it before loading.
+
+    Raises:
+        UsageError: a bad repeat count, scale or sub-step count, sub-steps beside repeats other than 2, or damped
+            visits in a race (it races plain repeats only).
+    """
+    configs = sweep_configs(parse_repeats(repeats), parse_alphas(alphas), parse_substeps(substeps))
+    if race and not all(v.plain for v in configs):
+        raise UsageError("--race races plain repeats only; drop --alphas/--substeps (race, then sweep the scales of"
+                         " the windows it keeps with --window)")
+    return configs
+
+
 def _check_arguments(model: Any, windows: Sequence[str] | None, min_width: int, max_width: int | None, repeats: Any,
-                     limit: int | None, num_fewshot: int | None, batch_size: int | str, engine: str,
-                     batch_tokens: int, seed: int) -> tuple[list[int], int | str, int, list[Window]]:
-    """Visit counts, checked batch size, the model's depth and the windows to sweep (UsageError, WindowError)."""
-    repeat_list = parse_repeats(repeats)
+                     alphas: Any, substeps: Any, race: RaceSettings | None, limit: int | None, num_fewshot: int | None,
+                     batch_size: int | str, engine: str, batch_tokens: int, seed: int) -> tuple[list[Visits], int | str, int, list[Window]]:
+    """Configurations of the visits, checked batch size, the model's depth and the windows to sweep (UsageError,
+    WindowError)."""
+    configs = sweep_visits(repeats, alphas, substeps, race is not None)
     check_counts(limit, num_fewshot)
     batch_size = check_batch_size(batch_size)
     num_layers = len(get_path(model, spec_for_model(model).layers_path))
@@ -185,7 +214,7 @@ def _check_arguments(model: Any, windows: Sequence[str] | None, min_width: int, 
         raise UsageError(f"--batch-tokens must be a positive integer, got {batch_tokens!r}")
     if not is_count(seed, 0):
         raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
-    return repeat_list, batch_size, num_layers, chosen
+    return configs, batch_size, num_layers, chosen
 
 
 def _scored_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, progress: bool,
@@ -199,7 +228,7 @@ def _scored_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, p
     return base_run, base
 
 
-def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo: list[tuple[Window, int]],
+def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo: list[tuple[Window, Visits]],
                       total: int, num_layers: int, progress: bool, race: RaceSettings | None) -> tuple[float, Any]:
     """Every (window, visits) in ``todo`` with the base run's engine (raced when ``race``); returns the
     seconds taken and the race's totals (None without a race)."""
@@ -210,7 +239,8 @@ def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo
         if base_run.lm is not None and race is not None:
             from rys_forge.research.race import race_cached_windows
 
-            totals = race_cached_windows(base_run.lm, ctx.task_objects or [], todo, base_run.run, base, reported,
+            plain = [(w, v.repeats) for w, v in todo]  # _check_race: a race sweeps plain repeats only
+            totals = race_cached_windows(base_run.lm, ctx.task_objects or [], plain, base_run.run, base, reported,
                                          limit=ctx.limit, seed=ctx.seed, settings=race,
                                          folder=ctx.folder.path if ctx.folder else None,
                                          on_record=lambda record: _finish_window(ctx, record, advance))
@@ -240,7 +270,7 @@ def _race_summary(race: RaceSettings, totals: dict[str, Any], rows: list[dict[st
             "positive": [r["window"] for r in rows if r.get("race_positive")]}
 
 
-def _ordered(items: list[tuple[Window, int]], seed: int, order: Sequence[str] | None) -> list[tuple[Window, int]]:
+def _ordered(items: list[tuple[Window, Visits]], seed: int, order: Sequence[str] | None) -> list[tuple[Window, Visits]]:
     """`items` in the given window order (e.g. a rank run's; the rest after it), else in a seeded random
     order, so that a sweep cut short (time limit, Ctrl-C, a race's budget) is an unbiased sample."""
     shuffled = [items[k] for k in np.random.default_rng(seed).permutation(len(items))]
@@ -251,22 +281,40 @@ def _ordered(items: list[tuple[Window, int]], seed: int, order: Sequence[str] | 
 
 
 def _fingerprint(info: dict[str, Any], model: Any, num_layers: int, names: Sequence[str], chosen: Sequence[Window],
-                 repeat_list: list[int], engine: str, race: RaceSettings | None, order: Sequence[str] | None,
+                 configs: list[Visits], engine: str, race: RaceSettings | None, order: Sequence[str] | None,
                  **settings: Any) -> dict[str, Any]:
-    """run.json's settings (with the model's identity, added by RunFolder.session, a resume must match them)."""
+    """run.json's settings (with the model's identity, added by RunFolder.session, a resume must match them); the
+    scales appear only when some are damped, so a plain sweep's settings are what they were."""
+    repeat_list = sorted({v.repeats for v in configs if not v.substeps})
+    alphas = list(dict.fromkeys(v.alpha for v in configs if not v.substeps))
+    substeps = [v.substeps for v in configs if v.substeps]
     fingerprint = {
         "format": SWEEP_FORMAT, "model": str(info.get("source") or info.get("path") or type(model).__name__),
         "num_layers": num_layers, "tasks": list(names), **settings, "windows": [str(w) for w in chosen],
         "repeats": repeat_list, "lm_eval": lm_eval_version(), "engine": engine,
+        **({"alphas": alphas} if alphas != [1.0] else {}), **({"substeps": substeps} if substeps else {}),
     }
     if race is not None:  # the budget may change between sessions; the schedule and the order may not
         fingerprint["race"] = {"alpha": race.alpha, "looks": race.looks, "order": list(order) if order else None}
     return fingerprint
 
 
+def _result(model: Any, info: dict[str, Any], num_layers: int, settings: dict[str, Any], base: dict[str, Any],
+            rows: list[dict[str, Any]], configs: Sequence[Visits], timings: dict[str, Any], seed: int,
+            out: Path | None) -> SweepResult:
+    """The sweep's result: its rows, the repeats fits (several plain repeat counts), the best scale per window
+    (damped visits) and the summary."""
+    fits = repeat_fits(rows, list(base)) if len({v.repeats for v in configs if v.plain}) > 1 else {}
+    scales = best_scales(rows, list(base), seed)
+    summary = summarise(getattr(model.config, "model_type", None), info, num_layers, settings, base, rows, fits,
+                        timings, scales)
+    return SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits, scales=scales)
+
+
 def sweep_windows(
     model: Any, tokenizer: Any, *, tasks: Sequence[str] | str, windows: Sequence[str] | None = None,
     min_width: int = 2, max_width: int | None = None, repeats: Sequence[int] | int | str = (2,),
+    alphas: Sequence[float] | float | str | None = None, substeps: Sequence[int] | int | str | None = None,
     limit: int | None = None, num_fewshot: int | None = None, out_dir: str | Path | None = None, resume: bool = False,
     progress: bool = True, seed: int = 0, batch_size: int | str = 1, include_path: Any = None,
     bootstrap_iters: int = 1000, model_info: dict[str, Any] | None = None, engine: str = "auto",
@@ -280,6 +328,8 @@ def sweep_windows(
         tasks: lm-eval task / group / tag names (the offline ``rys_*`` tasks or lm-eval's registry).
         windows: explicit windows ``i:j``; None: every window with ``min_width <= j-i <= max_width``.
         repeats: visit counts of the block (2 = RYS); several (``2,3,4``) give per-window repeat curves.
+        alphas, substeps: residual scales of the repeated visits (``1,0.75,0.5``; 1 always included), each at every
+            repeat count; sub-step counts ``K`` (``2,4``), each K+1 visits, the repeated ones at 1/K (repeats 2 only).
         limit: items per task (None: all); the same items for every run.
         num_fewshot: few-shot examples (None: each task's default).
         out_dir: run folder; None keeps everything in memory.
@@ -302,13 +352,13 @@ def sweep_windows(
         EvaluationError: lm-eval failed.
     """
     started, tasks = time.perf_counter(), [tasks] if isinstance(tasks, str) else list(tasks)
-    repeat_list, batch_size, num_layers, chosen = _check_arguments(
-        model, windows, min_width, max_width, repeats, limit, num_fewshot, batch_size, engine, batch_tokens, seed)
+    configs, batch_size, num_layers, chosen = _check_arguments(model, windows, min_width, max_width, repeats, alphas,
+        substeps, race, limit, num_fewshot, batch_size, engine, batch_tokens, seed)
     manager, names = resolve_task_names(tasks, include_path)
     engine, task_objects = _choose_engine(engine, manager, names)
     _check_race(race, engine)
     info = dict(model_info or {})
-    fingerprint = _fingerprint(info, model, num_layers, names, chosen, repeat_list, engine, race, order, limit=limit,
+    fingerprint = _fingerprint(info, model, num_layers, names, chosen, configs, engine, race, order, limit=limit,
                                num_fewshot=num_fewshot, seed=seed, batch_size=str(batch_size),
                                bootstrap_iters=bootstrap_iters, batch_tokens=batch_tokens,
                                include_path=None if include_path is None else str(include_path))
@@ -319,8 +369,8 @@ def sweep_windows(
                        run_kwargs=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
                                        bootstrap_iters=bootstrap_iters, progress=False), seed=seed, limit=limit)
         shard.barrier()  # every process reads the same finished windows before any of them evaluates
-        plan_items = [(w, r) for r in repeat_list for w in chosen]
-        todo_all = _ordered([(w, r) for w, r in plan_items if f"{w}x{r}" not in ctx.done], seed, order)
+        plan_items = [(w, v) for v in configs for w in chosen]
+        todo_all = _ordered([(w, v) for w, v in plan_items if v.key(w) not in ctx.done], seed, order)
         todo = shard.take(todo_all)  # under torchrun: this process's share
         base_run, base = _scored_base(ctx, engine, bool(todo), batch_tokens, progress, shard)
         sweep_seconds, race_totals = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress, race)
@@ -328,18 +378,16 @@ def sweep_windows(
         if shard.parallel:
             shard.barrier()
             ctx.done = folder.finished()  # type: ignore[union-attr]
-        rows = [restore_record(ctx.done[f"{w}x{r}"]) for w, r in plan_items if f"{w}x{r}" in ctx.done]
+        rows = [restore_record(ctx.done[v.key(w)]) for w, v in plan_items if v.key(w) in ctx.done]
         if shard.rank != 0:  # rank 0 writes the merged outputs
             return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
-        fits = repeat_fits(rows, list(base)) if len(repeat_list) > 1 else {}
-        settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width}
         timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
                    "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
                    "total_s": time.perf_counter() - started}
         if race is not None and race_totals is not None:
             timings["race"] = _race_summary(race, race_totals, rows)
-        summary = summarise(getattr(model.config, "model_type", None), info, num_layers, settings, base, rows, fits, timings)
-        result = SweepResult(rows=rows, base=base, summary=summary, out_dir=out, fits=fits)
+        settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width}
+        result = _result(model, info, num_layers, settings, base, rows, configs, timings, seed, out)
         if folder:
             write_outputs(result, num_layers)
         return result

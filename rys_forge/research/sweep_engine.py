@@ -5,8 +5,10 @@ stream after the first visit of the block *is* the base `x_j`. So the engine run
 over every request (lm-eval's own token encoding, captured from ``HFLM``), caches `x_0..x_L` with each
 layer's arguments (masks, rotary embeddings), and for a window with `n` visits replays the block
 `n-1` more times from the cached `x_j`, then layers `j..L-1`: `L - i + (n-2)(j-i)` layer passes instead
-of `L + (n-1)(j-i)` for a full forward. The LM head (262k rows on gemma) runs only at continuation
-positions, in float32, where lm-eval's ``HFLM`` runs it at every position.
+of `L + (n-1)(j-i)` for a full forward. Damped visits (repeated passes at residual scale `alpha`) replay the
+block through the in-memory repeat's scaled visits (:func:`rys_forge.repeat.scaled_visit`) from the same
+cache. The LM head (262k rows on gemma) runs only at continuation positions, in float32, where lm-eval's
+``HFLM`` runs it at every position.
 
 Requests are scored with lm-eval's own task code (``apply_filters``, ``process_results``,
 ``aggregation``, ``stderr_for_metric``), so a window's metrics are what ``simple_evaluate`` reports for
@@ -34,7 +36,8 @@ from rys_forge.rank.activations import capture_layer_inputs, head_logits, replay
 from rys_forge.architectures import get_path, spec_for_model
 from rys_forge.errors import TaskError
 from rys_forge.plan import Window
-from rys_forge.research.sweep_rows import window_record
+from rys_forge.repeat import scaled_visit
+from rys_forge.research.sweep_rows import Visits, trim_run, window_record  # trim_run: race imports it here
 
 __all__ = [
     "CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "WindowScorer", "capturing_lm", "check_cached_tasks",
@@ -125,6 +128,7 @@ class LoglikelihoodEngine:
                 max_cache_bytes = 8 << 30
         # Consecutive batches form cache groups whose activations fit the budget.
         self.batches: list[_Batch] = []
+        self._scaled: dict[float, list[nn.Module]] = {}  # alpha -> every layer as a damped visit
         self._bounds = [0]
         used = 0
         for batch in batches:
@@ -186,17 +190,18 @@ class LoglikelihoodEngine:
     @torch.no_grad()
     def run(
         self,
-        windows: Sequence[tuple[int, int, int] | None],
+        windows: Sequence[tuple[int, int, int] | tuple[int, int, int, float] | None],
         on_done: Callable[[int, WindowRun], None] | None = None,
         group_size: int = 16,
     ) -> list[WindowRun]:
         """Results for each entry of ``windows``: ``None`` is the base model, ``(i, j, visits)`` the
-        repeat of layers ``i..j-1`` ``visits`` times. ``on_done(index, run)`` is called as each finishes
-        (in groups of ``group_size`` windows when the cache needs several groups)."""
+        repeat of layers ``i..j-1`` ``visits`` times, ``(i, j, visits, alpha)`` with the repeated visits at
+        residual scale ``alpha``. ``on_done(index, run)`` is called as each finishes (in groups of
+        ``group_size`` windows when the cache needs several groups)."""
         for w in windows:
             if w is not None:
-                i, j, n = w
-                if not (0 <= i < j <= self.num_layers and n >= 1):
+                i, j, n, *alpha = w
+                if not (0 <= i < j <= self.num_layers and n >= 1) or (alpha and not alpha[0] > 0):
                     raise ValueError(f"bad window {w} for {self.num_layers} layers")
         results: list[WindowRun | None] = [None] * len(windows)
         groups = self.groups
@@ -231,15 +236,22 @@ class LoglikelihoodEngine:
             torch.zeros(self.n_requests, dtype=torch.int32, device=self.device),
         )
 
-    def _window_on_batch(self, batch: _Batch, window: tuple[int, int, int] | None, ll, misses) -> None:
+    def _repeated_layers(self, alpha: float) -> Sequence[nn.Module]:
+        """The layers the repeated visits run: the base layers at scale 1, else damped copies (made once per alpha)."""
+        if alpha != 1.0 and alpha not in self._scaled:
+            self._scaled[alpha] = [scaled_visit(layer, k, alpha, self.spec) for k, layer in enumerate(self.layers)]
+        return self._scaled[alpha] if alpha != 1.0 else self.layers
+
+    def _window_on_batch(self, batch: _Batch, window: tuple[int, ...] | None, ll, misses) -> None:
         assert batch.hidden is not None and batch.layer_kwargs is not None
         if window is None:
             z = batch.hidden[self.num_layers]
         else:
-            i, j, visits = window
+            i, j, visits, *alpha = window
+            repeated = self._repeated_layers(float(alpha[0]) if alpha else 1.0)
             z = batch.hidden[j]
             for _ in range(visits - 1):
-                z = replay_layers(self.layers, batch.layer_kwargs, i, j, z)
+                z = replay_layers(repeated, batch.layer_kwargs, i, j, z)
             z = replay_layers(self.layers, batch.layer_kwargs, j, self.num_layers, z)
         self._score(batch, z, ll, misses)
 
@@ -248,8 +260,9 @@ class LoglikelihoodEngine:
         return WindowRun(ll.cpu().numpy(), (misses == 0).cpu().numpy())
 
     def release(self) -> None:
-        """Drop every cached activation."""
+        """Drop every cached activation (and the damped visit copies)."""
         self._release(self.batches)
+        self._scaled.clear()
 
 
 # --------------------------------------------------------------------------- lm-eval side
@@ -447,30 +460,18 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- a sweep's windows
 
 
-def trim_run(run: dict[str, Any], keep: dict[str, str]) -> dict[str, Any]:
-    """``run`` reduced to the kept ``"metric,filter"`` of each task (what a cached-engine window run holds)."""
-    out: dict[str, Any] = {"results": {}, "groups": {}, "metric_info": {}, "items": {}}
-    for task, key in keep.items():
-        metric, filt = key.split(",", 1)
-        stderr_key = f"{metric}_stderr,{filt}"
-        out["results"][task] = {k: v for k, v in run["results"][task].items() if k in (key, stderr_key)}
-        out["metric_info"][task] = (run.get("metric_info") or {}).get(task) or {}
-        items = (run["items"].get(task) or {}).get(filt) or {}
-        out["items"][task] = {filt: {d: {**rec, "values": {metric: rec["values"].get(metric)}} for d, rec in items.items()}}
-    return out
-
-
 def score_cached_windows(
-    lm: Any, task_objects: Sequence[Any], todo: Sequence[tuple[Window, int]], base_run: dict[str, Any],
+    lm: Any, task_objects: Sequence[Any], todo: Sequence[tuple[Window, Visits]], base_run: dict[str, Any],
     base: dict[str, Any], reported: Sequence[str], *, limit: int | None, seed: int,
     on_record: Callable[[dict[str, Any]], None],
 ) -> None:
     """Every (window, visits) in ``todo`` through the engine of ``lm`` (:func:`capturing_lm`, after its base
-    pass), scored with lm-eval's task code; the cache is released afterwards.
+    pass), scored with lm-eval's task code; the cache is released afterwards. Every scale of every window
+    replays from the one base pass.
 
     Args:
         lm, task_objects: the capturing ``HFLM`` and the top-level task objects of its base pass.
-        todo: ``(window, visits)`` pairs to score.
+        todo: ``(window, visits)`` pairs to score (:class:`~rys_forge.research.sweep_rows.Visits`: repeats and scale).
         base_run, base: the normalised base run and the sweep's per-task base summary (kept metrics).
         reported: the tasks scored.
         limit, seed: the base run's ``limit``; the paired bootstrap's seed.
@@ -486,14 +487,13 @@ def score_cached_windows(
     clock = [time.perf_counter()]
 
     def finish(index: int, run: WindowRun) -> None:
-        window, n_visits = todo[index]
-        rys_run = scorer(run)
-        now = time.perf_counter()
-        record = window_record(window, n_visits, trimmed, rys_run, reported, seed, now - clock[0])
+        (window, visits), rys_run, now = todo[index], scorer(run), time.perf_counter()
+        record = window_record(window, visits.repeats, trimmed, rys_run, reported, seed, now - clock[0],
+                               alpha=visits.alpha, substeps=visits.substeps)
         clock[0] = now
         on_record(record)
 
     try:
-        lm.engine.run([(w.start, w.end, n) for w, n in todo], on_done=finish)
+        lm.engine.run([(w.start, w.end, v.repeats, v.alpha) for w, v in todo], on_done=finish)
     finally:
         lm.engine.release()

@@ -2,6 +2,8 @@
 finished or unfinished sweep back, and the table, summary and heatmaps (see :mod:`rys_forge.research.sweep`
 for the columns). :func:`report_unfinished` writes those outputs for the windows an interrupted sweep has
 finished, without a model: a cut sweep (its windows run in a seeded random order) is an unbiased sample.
+A sweep with damped visits also gets per-scale heatmaps and the best-scale table (``best_scale.csv`` / ``.md``);
+:func:`read_sweep` returns its plain rows (alpha 1) unless asked for every scale.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ from rys_forge.errors import UsageError
 from rys_forge.evaluate import compare_runs, lm_eval_version
 from rys_forge.files import json_safe
 from rys_forge.plan import WINDOW_CONVENTION
-from rys_forge.research.sweep_rows import base_summary, reported_tasks
+from rys_forge.research.sweep_rows import (Visits, base_summary, best_scales, damped_gains, parse_alphas,
+                                          reported_tasks, sweep_configs)
 from rys_forge.runs import RunFolder
 from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
 
 __all__ = [
-    "BASE_FILE", "POSITIVE_P", "POSITIVE_RULES", "POSITIVE_Z", "RACE_COLUMNS", "SWEEP_FORMAT", "headline_outcome",
-    "outcome_columns", "SWEEP_LOG", "SweepFolder", "SweepResult", "read_stored_base", "read_sweep",
+    "BASE_FILE", "BEST_SCALE_FILE", "POSITIVE_P", "POSITIVE_RULES", "POSITIVE_Z", "RACE_COLUMNS", "SWEEP_FORMAT", "headline_outcome",
+    "is_plain_row", "outcome_columns", "SWEEP_LOG", "SweepFolder", "SweepResult", "read_stored_base", "read_sweep",
     "report_unfinished", "restore_record", "summarise", "write_outputs",
 ]
 
 SWEEP_LOG = "sweep.jsonl"
 BASE_FILE = "base.json"
+#: The best-scale table of a sweep with damped visits (CSV; the same table as markdown beside it).
+BEST_SCALE_FILE = "best_scale.csv"
 SWEEP_FORMAT = 1
 #: combined z above which a window counts as benchmark-positive.
 POSITIVE_Z = 1.96
@@ -63,6 +68,8 @@ class SweepResult:
         out_dir: the run folder (None: in memory only).
         fits: per window, the repeats fits (:func:`rys_forge.research.sweep_rows.repeat_fits`).
         missing: windows planned but not evaluated (an unfinished sweep's report; grey in the heatmaps).
+        scales: with damped visits, per window the best scale beside the plain repeat
+            (:func:`rys_forge.research.sweep_rows.best_scales`); empty otherwise.
     """
 
     rows: list[dict[str, Any]]
@@ -71,6 +78,7 @@ class SweepResult:
     out_dir: Path | None = None
     fits: dict[str, Any] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    scales: list[dict[str, Any]] = field(default_factory=list)
 
 
 
@@ -102,7 +110,8 @@ def _brief(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
     keys = ("window", "repeats", "combined_z", "mean_delta", "single_task_verdict", "dominant_task")
-    return {**{k: row.get(k) for k in keys}, "delta": {t: v["delta"] for t, v in row["tasks"].items()}}
+    scale = {k: row[k] for k in ("alpha", "substeps") if k in row}  # damped rows only
+    return {**{k: row.get(k) for k in keys}, **scale, "delta": {t: v["delta"] for t, v in row["tasks"].items()}}
 
 
 _DEFINITIONS = {
@@ -118,10 +127,13 @@ _DEFINITIONS = {
 
 
 def summarise(model_type: str | None, info: dict[str, Any], num_layers: int, settings: dict[str, Any], base: dict[str, Any],
-             rows: list[dict[str, Any]], fits: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
-    """``summary.json``: settings, base scores, metrics used, definitions, best window, fits, timings."""
+             rows: list[dict[str, Any]], fits: dict[str, Any], timings: dict[str, Any],
+             scales: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``summary.json``: settings, base scores, metrics used, definitions, best window, fits, timings, and with
+    damped visits ``scales`` (:func:`~rys_forge.research.sweep_rows.damped_gains` of the best-scale table)."""
     per_window = [r["seconds"] for r in rows if is_finite_number(r.get("seconds"))]
     ranked = (r for r in rows if is_finite_number(r.get("combined_z")))
+    extra = {"scales": damped_gains(scales, list(base))} if scales else {}
     return {
         "rys_forge_sweep": SWEEP_FORMAT,
         "model": info,
@@ -139,6 +151,7 @@ def summarise(model_type: str | None, info: dict[str, Any], num_layers: int, set
         "best": _brief(max(ranked, key=lambda r: r["combined_z"], default=None)),
         "single_task_flags": sum(bool(r.get("single_task_verdict")) for r in rows),
         "repeats_fits": fits,
+        **extra,
         "timings": {
             **{k: v for k, v in timings.items() if k != "total_s"},
             "per_window_s": {r["key"]: r.get("seconds") for r in rows},
@@ -160,9 +173,10 @@ def restore_record(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_sweep(path: str | Path, all_scales: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows and summary of a sweep folder: ``sweep.json`` when the sweep finished, else the rows of
-    ``sweep.jsonl`` (an interrupted sweep) and an empty summary.
+    ``sweep.jsonl`` (an interrupted sweep) and an empty summary. Only the plain repeats' rows (alpha 1) unless
+    ``all_scales``: what ``validate``, ``calibrate`` and ``learn-score`` judge a ranking against.
 
     Raises:
         UsageError: not a sweep folder, or a file of it that is unreadable, not JSON or of the wrong shape.
@@ -181,7 +195,13 @@ def read_sweep(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if not isinstance(summary, dict) or not isinstance(rows, list) or not all(
             isinstance(r, dict) and isinstance(r.get("window"), str) for r in rows):
         raise UsageError(f"{folder} is not a readable sweep run folder: sweep.json or summary.json has the wrong shape")
-    return [restore_record(r) for r in rows], summary
+    return [restore_record(r) for r in rows if all_scales or is_plain_row(r)], summary
+
+
+def is_plain_row(row: dict[str, Any]) -> bool:
+    """Whether a sweep row (from ``sweep.json``, the log or ``sweep.csv``) is a plain repeat: no ``alpha``, or 1."""
+    alpha = row.get("alpha")
+    return not is_finite_number(alpha) or float(alpha) == 1.0  # absent, empty or malformed: before scales existed
 
 
 def write_outputs(result: SweepResult, num_layers: int) -> None:
@@ -191,44 +211,86 @@ def write_outputs(result: SweepResult, num_layers: int) -> None:
     out = SweepFolder(result.out_dir)
     tasks = list(result.summary["tasks"])
     out.write("sweep.json", json.dumps(json_safe({"rows": result.rows}), indent=1))
-    columns = ["window", "i", "j", "width", "repeats", "combined_z", "mean_delta", "single_task_verdict",
-               "dominant_task", "dominant_share", "seconds"]
+    scale_columns = [k for k in ("alpha", "substeps") if any(k in r for r in result.rows)]  # damped sweeps only
+    columns = ["window", "i", "j", "width", "repeats", *scale_columns, "combined_z", "mean_delta",
+               "single_task_verdict", "dominant_task", "dominant_share", "seconds"]
     if any("race_reason" in r for r in result.rows):
         columns += list(RACE_COLUMNS)
     for task in tasks:
         columns += [f"rys:{task}", f"delta:{task}", f"z:{task}", f"p:{task}"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()})
-    out.write("sweep.csv", buffer.getvalue())
+    defaults = {"alpha": 1.0} if scale_columns else {}  # a plain row of a damped sweep: alpha 1
+    out.write("sweep.csv", _csv_text(columns, [{**defaults, **row} for row in result.rows]))
     out.write("summary.json", json.dumps(json_safe(result.summary), indent=2))
+    if result.scales:
+        _write_best_scales(result.scales, tasks, out)
     _figures(result, num_layers, tasks, out)
 
 
+def _cell(value: Any) -> Any:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _write_best_scales(table: Sequence[dict[str, Any]], tasks: Sequence[str], out: RunFolder) -> None:
+    """``best_scale.csv`` and ``best_scale.md``: per window, the scale with the best combined z beside alpha 1."""
+    columns = ["window", "i", "j", "repeats", "scales", "best", "best_alpha", "best_repeats", "best_substeps",
+               "best_combined_z", "plain_combined_z", "gain_z"]
+    for task in tasks:
+        columns += [f"delta:{task}", f"p:{task}", f"damped_higher:{task}", f"damped_better:{task}"]
+    out.write(BEST_SCALE_FILE, _csv_text(columns, table))
+
+    def number(value: Any) -> str:
+        return f"{value:+.3f}" if is_finite_number(value) else "-"
+
+    def p_text(value: Any) -> str:
+        return f"{value:.3g}" if is_finite_number(value) else "-"
+
+    head = ["window", "plain", "best scale", "best z", "plain z", "gain z"]
+    head += [f"{t}: best - plain (p)" for t in tasks]
+    lines = ["# Best residual scale per window", "",
+             "Per window: the scale of the repeated visits with the best combined z, beside the plain repeat"
+             " (alpha 1) on the same items; per task, the best scale's value minus the plain one's and their paired"
+             " test (exact McNemar for 0/1 items, else a paired bootstrap of the mean).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [e["window"], f"x{e['repeats']}", e["best"] or "-", number(e["best_combined_z"]),
+                 number(e["plain_combined_z"]), number(e["gain_z"])]
+        cells += [f"{number(e[f'delta:{t}'])} ({p_text(e[f'p:{t}'])})" for t in tasks]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    out.write(Path(BEST_SCALE_FILE).with_suffix(".md").name, "\n".join(lines) + "\n")
+
+
 def _figures(result: SweepResult, num_layers: int, tasks: Sequence[str], out: RunFolder) -> None:
-    """Per repeat count: a delta heatmap per task and the combined-z heatmap; with several, the fits."""
+    """Per configuration of the visits (repeat count, scale): a delta heatmap per task and the combined-z heatmap;
+    with several plain repeat counts, the fits."""
     from rys_forge.plots import repeat_fit_curves, window_heatmap
 
     name = (result.summary.get("model") or {}).get("source", "")
-    repeat_values = sorted({r["repeats"] for r in result.rows})
-    for n_visits in repeat_values:
-        rows = [r for r in result.rows if r["repeats"] == n_visits]
-        suffix = "" if n_visits == 2 else f"_x{n_visits}"
+    configs = list(dict.fromkeys(Visits.of(r) for r in result.rows))
+    for visits in sorted(configs, key=lambda v: (v.substeps or 0, v.repeats, -v.alpha)):
+        rows = [r for r in result.rows if Visits.of(r) == visits]
+        suffix = visits.suffix
         dropped = [r["window"] for r in rows if r.get("race_reason") == "dropped"]
         missing = sorted({*result.missing, *(r["window"] for r in rows if r.get("race_reason") == "budget")})
         marks = {"centre": 0.0, "missing": missing, "crossed": dropped}
         race_note = f"; x = dropped by the race ({len(dropped)})" if dropped else ""
         for task in tasks:
-            title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), x{n_visits}{race_note}"
+            title = f"{name}: {task} {result.summary['metrics'].get(task, '')} delta (rys - base), {visits.label}{race_note}"
             out.write(f"heatmap_delta_{_task_slug(task)}{suffix}.png", lambda path, rows=rows, task=task, title=title:
                       window_heatmap(rows, f"delta:{task}", num_layers, path, title, **marks))
         flagged = [r["window"] for r in rows if r.get("single_task_verdict")]
-        title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), x{n_visits}; o = single-task{race_note}"
+        title = f"{name}: combined z (Stouffer over {len(tasks)} tasks), {visits.label}; o = single-task{race_note}"
         out.write(f"heatmap_combined_z{suffix}.png", lambda path, rows=rows, title=title, flagged=flagged:
                   window_heatmap(rows, "combined_z", num_layers, path, title, highlight=flagged, **marks))
-    if len(repeat_values) > 1:
+    if len({v.repeats for v in configs if v.plain}) > 1:
         out.write("repeats_fit.png", lambda path: repeat_fit_curves(result.fits, ["mean_delta", *tasks], path))
 
 
@@ -244,6 +306,7 @@ def report_unfinished(out_dir: str | Path) -> SweepResult:
     settings = read_json(folder / RUN_FILE, "sweep settings") if (folder / RUN_FILE).is_file() else None
     if not isinstance(settings, dict) or not all(isinstance(settings.get(k), list) for k in ("windows", "tasks", "repeats")):
         raise UsageError(f"{folder} is not a sweep run folder (no readable {RUN_FILE})")
+    configs = sweep_configs(settings["repeats"], parse_alphas(settings.get("alphas")), settings.get("substeps") or [])
     if (folder / "summary.json").is_file() and (folder / "sweep.json").is_file() and read_json(
             folder / "summary.json", "sweep summary").get("complete", True):
         raise UsageError(f"{folder} holds a finished sweep; its outputs are already there")
@@ -253,16 +316,17 @@ def report_unfinished(out_dir: str | Path) -> SweepResult:
         raise UsageError(f"{folder} has no base run or no finished window yet: nothing to report")
     base_rows, base_paired, _ = compare_runs(base_run, base_run, n_resamples=1, seed=0)
     base = base_summary(base_rows, base_paired, reported_tasks(base_rows, base_run.get("groups")))
-    planned = [f"{w}x{r}" for r in settings.get("repeats", [2]) for w in settings["windows"]]
+    planned = [v.key(w) for v in configs for w in settings["windows"]]
     rows = [restore_record(done[key]) for key in planned if key in done]
     num_layers = int(settings["num_layers"])
+    scales = best_scales(rows, list(base), int(settings.get("seed") or 0))
     summary = summarise(None, {"source": settings.get("model")}, num_layers, settings, base, rows, {},
-                        {"total_s": math.nan})
+                        {"total_s": math.nan}, scales)
     summary.update(complete=False, windows_done=len(rows), windows_planned=len(planned),
                    note="an unfinished sweep: windows ran in a seeded random order, so these are an unbiased sample;"
                         " finish it with sweep --resume")
     missing = sorted({key.rsplit("x", 1)[0] for key in planned if key not in done})
-    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=folder, missing=missing)
+    result = SweepResult(rows=rows, base=base, summary=summary, out_dir=folder, missing=missing, scales=scales)
     write_outputs(result, num_layers)
     return result
 
