@@ -219,3 +219,17 @@ def test_cli_sweep_rank_validate(tiny_model_dirs, tmp_path):
     assert checked.exit_code == 0, checked.output
     assert "enrichment" in checked.output
     assert (tmp_path / "sweep" / "validation" / "validation.json").exists()
+
+
+def test_mean_delta_is_over_accuracies_only():
+    """A perplexity's delta (another scale, lower is better) stays out of `mean_delta`, also for rows logged
+    before the rule (`restore_record` recomputes it)."""
+    from rys_forge.research.sweep_outputs import restore_record
+    from rys_forge.research.sweep_rows import accuracy_mean_delta
+
+    tasks = {"arc": {"delta": 0.02, "test": "mcnemar_exact"}, "piqa": {"delta": -0.01, "test": "mcnemar_exact"},
+             "gsm8k_ll": {"delta": -3.0e5, "test": "paired_bootstrap"}, "bad": {"delta": None, "test": "mcnemar_exact"}}
+    assert accuracy_mean_delta(tasks) == pytest.approx(0.005)
+    assert math.isnan(accuracy_mean_delta({"gsm8k_ll": tasks["gsm8k_ll"]}))
+    old = {"window": "1:3", "combined_z": None, "mean_delta": -75000.0, "tasks": tasks}
+    assert restore_record(old)["mean_delta"] == pytest.approx(0.005) and math.isnan(restore_record(old)["combined_z"])

@@ -26,7 +26,7 @@ from rys_forge.errors import UsageError
 from rys_forge.evaluate import compare_runs, lm_eval_version
 from rys_forge.files import json_safe
 from rys_forge.plan import WINDOW_CONVENTION
-from rys_forge.research.sweep_rows import (Visits, base_summary, best_scales, damped_gains, parse_alphas,
+from rys_forge.research.sweep_rows import (Visits, accuracy_mean_delta, base_summary, best_scales, damped_gains, parse_alphas,
                                           reported_tasks, sweep_configs)
 from rys_forge.runs import RunFolder
 from rys_forge.stats import SINGLE_TASK_MIN_Z, SINGLE_TASK_SHARE, is_finite_number
@@ -165,11 +165,14 @@ def summarise(model_type: str | None, info: dict[str, Any], num_layers: int, set
 
 
 def restore_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A logged record with JSON nulls of float fields back to NaN (in-memory rows use NaN)."""
+    """A logged record with JSON nulls of float fields back to NaN (in-memory rows use NaN); `mean_delta`
+    recomputed from its tasks (`accuracy_mean_delta`: records logged before it skipped perplexities had them in)."""
     row = dict(record)
     for key in ("combined_z", "mean_delta", "dominant_share", "seconds"):
         if row.get(key) is None:
             row[key] = math.nan
+    if isinstance(row.get("tasks"), dict) and row["tasks"] and all(isinstance(v, dict) for v in row["tasks"].values()):
+        row["mean_delta"] = accuracy_mean_delta(row["tasks"])
     return row
 
 

@@ -176,19 +176,26 @@ def _task_entry(row: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def accuracy_mean_delta(per_task: dict[str, dict[str, Any]]) -> float:
+    """Mean delta over the tasks scored per item as 0/1 (accuracies, McNemar's test): a perplexity's delta is on
+    another scale and would swamp them. NaN when no task qualifies."""
+    deltas = [v["delta"] for v in per_task.values()
+              if v.get("test") == "mcnemar_exact" and is_finite_number(v.get("delta"))]
+    return float(np.mean(deltas)) if deltas else math.nan
+
+
 def window_record(
     window: Window, repeats: int, base_run: dict[str, Any], rys_run: dict[str, Any], tasks: Sequence[str],
     seed: int, seconds: float, *, alpha: float = 1.0, substeps: int | None = None,
 ) -> dict[str, Any]:
     """The sweep row of one (window, repeats): ``window``, ``i``, ``j``, ``width``, ``repeats``, ``alpha`` and
     ``substeps`` (damped visits only: :meth:`Visits.fields`), ``key``, ``tasks`` (per task: :func:`_task_entry`),
-    :func:`~rys_forge.stats.combine_z`'s fields, ``mean_delta``, ``seconds``, ``notes`` (if any) and flat
+    :func:`~rys_forge.stats.combine_z`'s fields, ``mean_delta`` (:func:`accuracy_mean_delta`), ``seconds``, ``notes`` (if any) and flat
     ``delta:<task>``, ``z:<task>``, ``p:<task>``, ``rys:<task>``."""
     visits = Visits(repeats, float(alpha), substeps)
     rows, paired, notes = compare_runs(base_run, rys_run, n_resamples=2000, seed=seed)
     per_task = {task: _task_entry(row, entry) for task, row, entry in _kept(rows, paired, tasks)}
     combined = combine_z({t: v["z"] for t, v in per_task.items()})
-    deltas = [v["delta"] for v in per_task.values() if is_finite_number(v["delta"])]
     record: dict[str, Any] = {
         "window": str(window),
         "i": window.start,
@@ -199,7 +206,7 @@ def window_record(
         "key": visits.key(window),
         "tasks": per_task,
         **combined,
-        "mean_delta": float(np.mean(deltas)) if deltas else math.nan,
+        "mean_delta": accuracy_mean_delta(per_task),
         "seconds": seconds,
     }
     if notes:
