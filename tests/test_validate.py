@@ -286,3 +286,33 @@ def test_partial_overlap_and_bad_folders(tmp_path):
         validate_runs(tmp_path / "missing", sweep)
     with pytest.raises(UsageError):
         validate_runs(rank, tmp_path / "missing")
+
+
+def test_a_sweep_table_validates_as_its_folder(tmp_path):
+    """`validate RANK sweep.csv` (a committed table, summary beside it) gives the folder's correlations and
+    evaluations to the best; the CLI wants --out for a table (nothing is written beside it unasked)."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from rys_forge.cli import main
+
+    n = 12
+    scores = np.arange(n, dtype=float)
+    rank, sweep = make_runs(tmp_path, scores, np.sin(scores), task_delta=np.cos(scores), task_p=[0.04, 0.5] * 6)
+    rows = json.loads((sweep / "sweep.json").read_text())["rows"]
+    table = tmp_path / "sweep_tiny.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["window", "i", "j", "width", "repeats", "combined_z", "delta:t1", "z:t1", "p:t1", "rys:t1"])
+        for r in rows:
+            t = r["tasks"]["t1"]
+            writer.writerow([r["window"], r["i"], r["j"], r["width"], 2, r["combined_z"], t["delta"], "", t["p_value"], ""])
+    (tmp_path / "sweep_tiny_summary.json").write_text((sweep / "summary.json").read_text())
+    from_folder = validate_runs(rank, sweep, n_permutations=50)
+    from_table = validate_runs(rank, table, n_permutations=50)
+    for outcome in ("combined_z", "delta:t1"):
+        assert from_table.correlations["score"][outcome] == from_folder.correlations["score"][outcome]
+    assert from_table.format_text().splitlines()[2:] == from_folder.format_text().splitlines()[2:]
+    refused = CliRunner().invoke(main, ["validate", str(rank), str(table)])
+    assert refused.exit_code == 2 and "--out" in refused.output and not (tmp_path / "sweep_tiny_validation").exists()

@@ -123,11 +123,15 @@ def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float
              score_config: str | None, learned_score: str | None) -> None:
     """Does the ranking find the benchmark-positive windows? Correlations, enrichment, evaluations-to-best.
 
+    SWEEP_RUN is a sweep run folder or its .csv table (with `<stem>_summary.json` beside it; then give --out).
+
     Says so plainly when it does not.
     """
     from rys_forge.rank import LearnedScore, ScoreConfig
     from rys_forge.research.validate import validate_runs
 
+    if out is None and Path(sweep_run).suffix == ".csv" and not Path(sweep_run).is_dir():
+        raise click.UsageError("with a sweep table (.csv) give --out: where validation.json and the plots go")
     config = ScoreConfig.from_json(score_config) if score_config else None
     learned = LearnedScore.load(learned_score) if learned_score else None
     report = validate_runs(rank_run, sweep_run, out_dir=out or str(Path(sweep_run) / "validation"),

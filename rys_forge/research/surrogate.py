@@ -32,7 +32,6 @@ Spearman beats the prior's; ship it only if it wins on a majority. Command: ``ry
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -42,12 +41,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rys_forge.artifacts import read_json
 from rys_forge.errors import UsageError, output_problem
 from rys_forge.files import json_safe, write_atomic
 from rys_forge.rank.learned import TRANSFORMS, LearnedScore, feature_table, per_model, row_features, window_depth
 from rys_forge.research.sweep import read_sweep
-from rys_forge.research.sweep_outputs import is_plain_row, outcome_columns
+from rys_forge.research.sweep_outputs import outcome_columns, read_sweep_table
 from rys_forge.research.validate import model_label, read_rank_run
 from rys_forge.stats import (correlation, evaluations_to_reach, expected_first_hit, hypergeom_enrichment_p,
                              is_finite_number, top_count)
@@ -329,48 +327,6 @@ def sweep_outcomes(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict
     return outcomes
 
 
-def _cell(text: str) -> Any:
-    """A CSV cell as written by the sweep: empty -> NaN, True/False -> bool, numbers -> int/float."""
-    if text in ("", "nan", "NaN", "True", "False"):
-        return math.nan if text not in ("True", "False") else text == "True"
-    try:
-        return int(text) if text.lstrip("-").isdigit() else float(text)
-    except ValueError:
-        return text
-
-
-def read_sweep_table(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows and summary of a sweep's flat CSV table (``sweep.csv`` or a committed copy such as
-    ``docs/results/sweep_<model>_h100.csv``): the summary is ``<stem>_summary.json`` beside it, else
-    ``summary.json``, else ``{}``; each row's ``tasks`` entry (``delta``, ``z``, ``p_value``, ``rys``, and
-    ``higher_is_better`` from the summary's ``base``) is rebuilt from the ``delta:/z:/p:/rys:<task>`` columns so
-    validate's outcome rules apply (per-item results are not in the CSV). Raises UsageError on a bad file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"sweep table not found: {path}")
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [{k: (v if k in ("window", "dominant_task") else _cell(v)) for k, v in r.items()}
-                    for r in csv.DictReader(handle)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UsageError(f"cannot read sweep table {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if rows and "window" not in rows[0]:
-        raise UsageError(f"{path} is not a sweep table (no window column)")
-    rows = [r for r in rows if is_plain_row(r)]  # a damped sweep's table: the plain repeats (alpha 1)
-    summary_file = next((f for f in (path.with_name(f"{path.stem}_summary.json"), path.with_name("summary.json")) if f.exists()), None)
-    summary = read_json(summary_file, "sweep summary") if summary_file else {}
-    if not isinstance(summary, dict):
-        raise UsageError(f"sweep summary {summary_file} has the wrong shape (not a JSON object)")
-    tasks = list(summary.get("tasks") or dict.fromkeys(k.split(":", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("delta:")))
-    base = summary.get("base") or {}
-    for row in rows:
-        row["tasks"] = {t: {"delta": row.get(f"delta:{t}"), "z": row.get(f"z:{t}"), "p_value": row.get(f"p:{t}"),
-                            "rys": row.get(f"rys:{t}"), "higher_is_better": (base.get(t) or {}).get("higher_is_better")}
-                        for t in tasks}
-    return rows, {**summary, "tasks": tasks}
-
-
 def load_run(model: str, rank_dir: str | Path, sweep: str | Path, repeats: int | None = None) -> ModelRun:
     """A :class:`ModelRun` from a rank run folder and a sweep run folder (or its CSV table).
 
@@ -380,7 +336,7 @@ def load_run(model: str, rank_dir: str | Path, sweep: str | Path, repeats: int |
     """
     rank_rows, rank_summary = read_rank_run(Path(rank_dir))
     sweep = Path(sweep)
-    rows, summary = read_sweep_table(sweep) if sweep.suffix == ".csv" else read_sweep(sweep)
+    rows, summary = read_sweep(sweep)
     available = sorted({int(r["repeats"]) for r in rows if is_finite_number(r.get("repeats"))})
     chosen = repeats if repeats is not None else (2 if 2 in available else (available or [None])[0])
     if chosen not in available:

@@ -178,13 +178,16 @@ def restore_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def read_sweep(path: str | Path, all_scales: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows and summary of a sweep folder: ``sweep.json`` when the sweep finished, else the rows of
-    ``sweep.jsonl`` (an interrupted sweep) and an empty summary. Only the plain repeats' rows (alpha 1) unless
-    ``all_scales``: what ``validate``, ``calibrate`` and ``learn-score`` judge a ranking against.
+    ``sweep.jsonl`` (an interrupted sweep) and an empty summary; or of a sweep's ``.csv`` table
+    (:func:`read_sweep_table`). Only the plain repeats' rows (alpha 1) unless ``all_scales``: what ``validate``,
+    ``calibrate`` and ``learn-score`` judge a ranking against.
 
     Raises:
-        UsageError: not a sweep folder, or a file of it that is unreadable, not JSON or of the wrong shape.
+        UsageError: not a sweep folder or table, or a file of it that is unreadable, not JSON or of the wrong shape.
     """
     folder = Path(path)
+    if folder.suffix == ".csv" and not folder.is_dir():
+        return read_sweep_table(folder, all_scales)
     table = folder / "sweep.json"
     summary_file = folder / "summary.json"
     summary = read_json(summary_file, "sweep summary") if summary_file.is_file() else {}
@@ -205,6 +208,49 @@ def is_plain_row(row: dict[str, Any]) -> bool:
     """Whether a sweep row (from ``sweep.json``, the log or ``sweep.csv``) is a plain repeat: no ``alpha``, or 1."""
     alpha = row.get("alpha")
     return not is_finite_number(alpha) or float(alpha) == 1.0  # absent, empty or malformed: before scales existed
+
+
+def _parse_cell(text: str) -> Any:
+    """A CSV cell as written by the sweep: empty -> NaN, True/False -> bool, numbers -> int/float."""
+    if text in ("", "nan", "NaN", "True", "False"):
+        return math.nan if text not in ("True", "False") else text == "True"
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return text
+
+
+def read_sweep_table(path: str | Path, all_scales: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and summary of a sweep's flat CSV table (``sweep.csv`` or a committed copy such as
+    ``docs/results/sweep_<model>_h100.csv``): the summary is ``<stem>_summary.json`` beside it, else
+    ``summary.json``, else ``{}``; each row's ``tasks`` entry (``delta``, ``z``, ``p_value``, ``rys``, and
+    ``higher_is_better`` from the summary's ``base``) is rebuilt from the ``delta:/z:/p:/rys:<task>`` columns so
+    validate's outcome rules apply (per-item results are not in the CSV). Only the plain repeats' rows unless
+    ``all_scales``. Raises UsageError on a bad file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"sweep table not found: {path}")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [{k: (v if k in ("window", "dominant_task") else _parse_cell(v)) for k, v in r.items()}
+                    for r in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read sweep table {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if rows and "window" not in rows[0]:
+        raise UsageError(f"{path} is not a sweep table (no window column)")
+    rows = [r for r in rows if all_scales or is_plain_row(r)]  # a damped sweep's table: the plain repeats
+    summary_file = next((f for f in (path.with_name(f"{path.stem}_summary.json"), path.with_name("summary.json")) if f.exists()), None)
+    summary = read_json(summary_file, "sweep summary") if summary_file else {}
+    if not isinstance(summary, dict):
+        raise UsageError(f"sweep summary {summary_file} has the wrong shape (not a JSON object)")
+    tasks = list(summary.get("tasks") or dict.fromkeys(k.split(":", 1)[1] for k in (rows[0] if rows else {}) if k.startswith("delta:")))
+    base = summary.get("base") or {}
+    for row in rows:
+        row["tasks"] = {t: {"delta": row.get(f"delta:{t}"), "z": row.get(f"z:{t}"), "p_value": row.get(f"p:{t}"),
+                            "rys": row.get(f"rys:{t}"), "higher_is_better": (base.get(t) or {}).get("higher_is_better")}
+                        for t in tasks}
+    return rows, {**summary, "tasks": tasks}
 
 
 def write_outputs(result: SweepResult, num_layers: int) -> None:
