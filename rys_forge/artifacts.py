@@ -4,6 +4,7 @@ An export folder (`rys-forge build`)::
 
     config.json          the model's config with the `rys` block (`RysRecord`): format, plan, base, versions
     *.safetensors, tokenizer files, modeling_rys.py (layer list) or rys_recipe.yml (mergekit)
+    (a GGUF export instead: one `*.gguf` file and `rys.json`, the record alone)
     verification.json    `verify`'s report, with a sha256 of every other file (`file_hashes`)
     eval.json            `evaluate`'s report          } written after verification,
     README.md            the model card (`publish`)   } left out of its hashes
@@ -21,6 +22,9 @@ stage (a leaf: errors and files only).
 
 from __future__ import annotations
 
+# Long because it is the one owner of the export folder: names, the record, hashes, what an export may hold, the
+# verification report and the --force rules of every export format in one place (issue #14), not spread over stages.
+
 import json
 import os
 import re
@@ -37,6 +41,9 @@ from rys_forge.files import irregular_entries, json_keys, relative_files, sha256
 # --------------------------------------------------------------------------- file names
 
 CONFIG_FILE = "config.json"
+#: A GGUF export's record (the `rys` block a config.json carries in the other formats) and its one model file.
+GGUF_RECORD_FILE = "rys.json"
+GGUF_SUFFIX = ".gguf"
 VERIFICATION_FILE = "verification.json"
 EVAL_FILE = "eval.json"
 CARD_FILE = "README.md"
@@ -55,7 +62,7 @@ SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
                  "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                  "generation_config.json")
 #: Every name rys-forge writes into an export (besides `*.safetensors`): what `--force` may replace (`check_replaceable`).
-EXPORT_NAMES = frozenset((CONFIG_FILE, MODELING_FILE, RECIPE_FILE, "model.safetensors.index.json", "spiece.model",
+EXPORT_NAMES = frozenset((CONFIG_FILE, GGUF_RECORD_FILE, MODELING_FILE, RECIPE_FILE, "model.safetensors.index.json", "spiece.model",
                           "sentencepiece.bpe.model", "vocab.txt", *AFTER_VERIFICATION, *SIDECAR_FILES))
 #: What `heal` writes into `DIR/heal` (peft's adapter files and heal.json).
 HEAL_NAMES = frozenset((ADAPTER_CONFIG_FILE, *ADAPTER_WEIGHT_FILES, HEAL_FILE, CARD_FILE))
@@ -112,7 +119,7 @@ class RysRecord:
     """The `rys` block of an export's config.json, as stored (see `rys_block` for where it is read from).
 
     Attributes:
-        format: `layerlist` or `mergekit`.
+        format: `layerlist`, `mergekit` or `gguf`.
         plan: the plan as stored (`LayerPlan.to_dict()`; read it back with `LayerPlan.from_dict`).
         rys_forge_version: the version that built the export.
         base_model: the base as the user named it (built-in name, folder, .gguf or hub id).
@@ -173,12 +180,15 @@ def decoder_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_export_config(folder: str | Path) -> tuple[dict[str, Any], RysRecord]:
-    """An export's config.json and its `rys` record.
+    """An export's config.json and its `rys` record; for a GGUF export (no config.json: the model's config is in
+    its `.gguf` file), `{}` and the record in `rys.json`.
 
     Raises:
-        VerificationError: no config.json, not valid JSON, or no `rys` block (not a rys-forge export).
+        VerificationError: no config.json (nor rys.json), not valid JSON, or no `rys` block (not a rys-forge export).
     """
     config_file = Path(folder) / CONFIG_FILE
+    if not config_file.is_file() and (Path(folder) / GGUF_RECORD_FILE).is_file():
+        return {}, _gguf_record(Path(folder) / GGUF_RECORD_FILE)
     if not config_file.is_file():
         raise VerificationError(f"{folder} has no {CONFIG_FILE}; is it a rys-forge export?")
     try:
@@ -189,6 +199,34 @@ def read_export_config(folder: str | Path) -> tuple[dict[str, Any], RysRecord]:
     if record is None:
         raise VerificationError(f"{config_file} has no 'rys' block; not a rys-forge export")
     return config, record
+
+
+def _gguf_record(path: Path) -> RysRecord:
+    try:
+        block = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VerificationError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(block, dict) or block.get("format") != "gguf":
+        raise VerificationError(f"{path} is not the record of a rys-forge GGUF export (no format 'gguf')")
+    return RysRecord.from_dict(block)
+
+
+def write_gguf_record(folder: str | Path, record: RysRecord) -> None:
+    """Write a GGUF export's `rys.json` (the record; sorted keys, 2-space indent)."""
+    (Path(folder) / GGUF_RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n",
+                                                 encoding="utf-8")
+
+
+def gguf_model_file(folder: str | Path) -> Path:
+    """The one `.gguf` file of a GGUF export.
+
+    Raises:
+        VerificationError: none, or more than one.
+    """
+    found = sorted(p for p in Path(folder).iterdir() if p.suffix == GGUF_SUFFIX and p.is_file())
+    if len(found) != 1:
+        raise VerificationError(f"{folder} holds {len(found)} {GGUF_SUFFIX} files; a GGUF export holds exactly one")
+    return found[0]
 
 
 def write_config(folder: str | Path, config: dict[str, Any]) -> None:
@@ -406,7 +444,7 @@ def _written_by_rys_forge(rel: str) -> bool:
         return True
     if top == HEAL_DIR:
         return len(rest) == 1 and rest[0] in HEAL_NAMES
-    return not rest and (top in EXPORT_NAMES or top.endswith((".safetensors", ".tiktoken"))
+    return not rest and (top in EXPORT_NAMES or top.endswith((".safetensors", ".tiktoken", GGUF_SUFFIX))
                          or top.startswith(".") and top.endswith(".tmp"))  # write_atomic's temporary file
 
 
@@ -434,7 +472,7 @@ def check_replaceable(out: Path, force: bool, protected: dict[str, Path]) -> Non
             foreign = irregular_entries(out) + [rel for rel in relative_files(out) if not _written_by_rys_forge(rel)]
             problem = f"also holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else None
         except VerificationError:
-            problem = "is not a rys-forge export (no readable 'rys' record in config.json)"
+            problem = "is not a rys-forge export (no readable 'rys' record in config.json or rys.json)"
     if problem:
         raise UsageError(f"output folder {out} {problem}; --force replaces only a folder rys-forge wrote: choose"
                          " another --out, or move those files away yourself")

@@ -48,6 +48,7 @@ from rys_forge.adapters import quiet_peft
 from rys_forge.architectures import arch_spec, get_path
 from rys_forge.artifacts import (
     CONFIG_FILE,
+    GGUF_RECORD_FILE,
     HEAL_DIR,
     HEAL_FILE,
     VERIFICATION_FILE,
@@ -355,6 +356,8 @@ def _read_plan(folder: Path) -> LayerPlan:
     """The plan of a layer-list export (UsageError for anything else)."""
     if not folder.is_dir():
         raise UsageError(f"export folder not found: {folder}")
+    if not (folder / CONFIG_FILE).exists() and (folder / GGUF_RECORD_FILE).is_file():
+        raise UsageError(f"{folder} is a gguf export; heal needs a layer-list export (build --format layerlist)")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -12,6 +12,13 @@ Nothing of the folder runs before `artifacts.check_export` passed (regular files
 a report never vouches for edited code. Every threshold is compared through `within` / `at_least`, where NaN
 and inf fail: a base with NaN weights does not pass.
 
+GGUF exports (`build --format gguf`: one `.gguf` file and `rys.json`) are verified in float32 with the same
+metrics, the file loaded by transformers' dequantising GGUF loader (`gguf_file.load_gguf_dequantised`), plus two
+checks of their own: every tensor and metadata value against the base GGUF (`compare_gguf_tensors`: the blocks
+byte for byte in plan order, the recorded base sha256), and, where llama-cpp-python is installed, llama.cpp itself
+on the file (`check_gguf_llamacpp`): its mean KL to the in-memory repeat within `LLAMACPP_KL_FACTOR` times
+llama.cpp's own quantisation floor on the base.
+
 Adapters: an export built with `--adapter` records it (`rys.adapter`); the base is loaded with the same adapter
 merged in, and a recorded local adapter whose files changed since is refused. A healed layer-list export
 (`DIR/heal`, see `rys_forge.heal`) is checked with its per-visit LoRA adapters on both sides: the export
@@ -36,6 +43,7 @@ from rys_forge.artifacts import (
     check_export,
     decoder_config,
     file_hashes,
+    gguf_model_file,
     heal_adapter_dir,
     read_export_config,
     weight_bytes,
@@ -43,6 +51,8 @@ from rys_forge.artifacts import (
 )
 from rys_forge.divergence import kl_from_logits
 from rys_forge.errors import RysForgeError, UsageError, VerificationError
+from rys_forge.gguf_file import (LLAMACPP_KL_FACTOR, LLAMACPP_KL_SLACK, base_gguf_path, check_gguf_llamacpp,
+                                 compare_gguf_tensors, llamacpp_available, load_gguf_dequantised, read_gguf_plan)
 from rys_forge.models import LoadedModel, load_model, offloaded, parse_device, parse_dtype
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields, repeated
@@ -152,7 +162,10 @@ def _check_visit_counts(text_cfg: dict[str, Any], plan: LayerPlan) -> None:
 
 def _load_export(folder: Path, fmt: str, torch_dtype: torch.dtype, device: torch.device, placement: dict[str, Any],
                  heal_dir: Path | None) -> Any:
-    """The export reloaded from disk like a user would (with its heal adapter through plain peft)."""
+    """The export reloaded from disk like a user would (with its heal adapter through plain peft; a GGUF export
+    through transformers' GGUF loader)."""
+    if fmt == "gguf":
+        return load_gguf_dequantised(gguf_model_file(folder)).to(device)
     try:
         from transformers import AutoModelForCausalLM
 
@@ -296,7 +309,7 @@ def verify(
     config, record, plan = read_export(folder)
     fmt = record.format or "unknown"
     text_cfg = decoder_config(config)
-    _check_visit_counts(text_cfg, plan)
+    _check_gguf_options(record, dtype, placement) if fmt == "gguf" else _check_visit_counts(text_cfg, plan)
     loaded_base = base if isinstance(base, LoadedModel) else None
     base = loaded_base.source if loaded_base else (base or record.base_model)
     if not base:
@@ -322,11 +335,12 @@ def verify(
     texts = texts or DEFAULT_TEXTS
     metrics = _compare(base_loaded, export, plan, heal_dir, texts, max_new_tokens, torch_device)
     cache_scale = metrics.pop("cache_logit_scale")
-    export_bytes, base_bytes = weight_bytes(folder), weight_bytes(base_loaded.path)
+    gguf_failures = _gguf_checks(folder, base, base_loaded, plan, metrics) if fmt == "gguf" else []
+    export_bytes, base_bytes = metrics.pop("gguf_bytes", None) or (weight_bytes(folder), weight_bytes(base_loaded.path))
     metrics.update(export_weight_bytes=export_bytes, base_weight_bytes=base_bytes,
                    bytes_ratio=export_bytes / base_bytes if base_bytes else float("nan"), seconds=0.0)
-    limits = THRESHOLDS[dtype_name]
-    failures = threshold_failures(metrics, limits, fmt, dtype_name, cache_scale)
+    limits = {**THRESHOLDS[dtype_name], **({"llamacpp_kl_factor": LLAMACPP_KL_FACTOR} if fmt == "gguf" else {})}
+    failures = threshold_failures(metrics, limits, fmt, dtype_name, cache_scale) + gguf_failures
     metrics["seconds"] = time.perf_counter() - started
     settings = {"base": base_loaded.source, "dtype": dtype_name, "device": str(torch_device), "device_map": placement.get("device_map"),
                 "prompts": len(texts), "base_adapter": adapter["path"] if adapter else None,
@@ -339,6 +353,45 @@ def verify(
     if failures:
         raise VerificationError(f"verification of {folder} failed: {'; '.join(failures)}")
     return report
+
+
+def _check_gguf_options(record: RysRecord, dtype: str, placement: dict[str, Any] | None) -> None:
+    """A GGUF export is verified in float32 on one device, against a base without adapter.
+
+    Raises:
+        UsageError: another dtype, a device map, or an adapter recorded with the export.
+    """
+    if parse_dtype(dtype) != torch.float32:
+        raise UsageError(f"a GGUF export is verified in float32 (transformers dequantises the file to it), not {dtype}")
+    if placement:
+        raise UsageError("a GGUF export is verified on one device; --device-map does not apply")
+    if record.adapter:
+        raise UsageError("this GGUF export records a base adapter, which GGUF export does not support; rebuild it")
+
+
+def _gguf_checks(folder: Path, base: str, base_loaded: LoadedModel, plan: LayerPlan, metrics: dict[str, Any]) -> list[str]:
+    """A GGUF export's own checks into `metrics` (prefixed `gguf_`, `llamacpp_`; `gguf_bytes`: the two file
+    sizes): tensors and metadata against the base GGUF, then llama.cpp where installed. Returns the failures."""
+    model_file, base_file = gguf_model_file(folder), base_gguf_path(base)
+    structure = compare_gguf_tensors(model_file, base_file)
+    metrics.update({f"gguf_{k}": v for k, v in structure.items()})
+    metrics["gguf_bytes"] = (model_file.stat().st_size, base_file.stat().st_size)
+    failures = [] if read_gguf_plan(model_file) == plan else [f"the plan in {model_file.name} is not the one in rys.json"]
+    if structure["tensor_mismatches"] or structure["metadata_mismatches"]:
+        failures.append(f"{int(structure['tensor_mismatches'])} tensors and {int(structure['metadata_mismatches'])}"
+                        f" metadata values differ from the base GGUF's, remapped through the plan")
+    if structure["base_sha256_match"] != 1:
+        failures.append(f"the GGUF's rys.base_sha256 is not that of {base_file.name}")
+    if not llamacpp_available():
+        metrics["llamacpp"] = "not run: llama-cpp-python is not installed (pip install 'rys-forge[llamacpp]')"
+        return failures
+    runtime = check_gguf_llamacpp(model_file, base_loaded)
+    metrics.update({f"llamacpp_{k}": v for k, v in runtime.items()})
+    limit = LLAMACPP_KL_FACTOR * runtime["floor_kl_mean"] + LLAMACPP_KL_SLACK
+    if not within(runtime["kl_mean"], limit):
+        failures.append(f"llama.cpp's mean KL to the in-memory repeat {runtime['kl_mean']:.3g} > {LLAMACPP_KL_FACTOR:g}"
+                        f" x its quantisation floor on the base {runtime['floor_kl_mean']:.3g} (+{LLAMACPP_KL_SLACK:g})")
+    return failures
 
 
 def _check_unchanged(folder: Path, files: dict[str, str]) -> None:

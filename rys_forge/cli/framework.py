@@ -251,6 +251,15 @@ def print_verification(report: dict) -> None:
         f"top-1 {m['top1_agreement']:.4f}, cache gap {m['cache_max_abs_diff']:.2e}, "
         f"generate cache==no-cache {m['generate_cache_equals_no_cache']}, bytes ratio {m['bytes_ratio']:.3f}"
     )
+    if "gguf_tensor_mismatches" in m:
+        click.echo(f"GGUF: {int(m['gguf_tensor_mismatches'])} tensors and {int(m['gguf_metadata_mismatches'])} metadata"
+                   " values differ from the base's (remapped through the plan)")
+    if "llamacpp_kl_mean" in m:
+        click.echo(f"llama.cpp: mean KL to the in-memory repeat {m['llamacpp_kl_mean']:.3g} = {m['llamacpp_kl_ratio']:.2f}x"
+                   f" its quantisation floor on the base ({m['llamacpp_floor_kl_mean']:.3g}); greedy tokens equal"
+                   f" {m['llamacpp_greedy_match']:.1f} of {m['llamacpp_greedy_tokens']:.0f}")
+    elif "llamacpp" in m:
+        click.echo(f"llama.cpp: {m['llamacpp']}")
 
 
 def run_setup(command: str, model_name: str, out: str | None, device: str) -> tuple[Any, str, str]:

@@ -146,8 +146,8 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
               help="Visits of each window's block (2 or more).")
 @click.option("--alpha", default=None, type=float, help="Residual scale of the repeated visits (the first pass stays 1): each adds alpha x its attention and MLP updates; 1 = plain RYS.")
 @click.option("--substeps", default=None, type=int, help="Replace each window's second pass by K damped sub-steps at 1/K (= --repeats K+1 --alpha 1/K).")
-@click.option("--format", "fmt", type=click.Choice(["layerlist", "mergekit"]), default="layerlist", show_default=True,
-              help="layerlist: weights stored once + modeling_rys.py (trust_remote_code); mergekit: passthrough recipe, duplicated weights.")
+@click.option("--format", "fmt", type=click.Choice(["layerlist", "mergekit", "gguf"]), default="layerlist", show_default=True,
+              help="layerlist: weights stored once + modeling_rys.py (trust_remote_code); mergekit: passthrough recipe, duplicated weights; gguf: one .gguf for llama.cpp from a GGUF base, quantised blocks copied byte for byte (no damped plans).")
 @click.option("--out", required=True, type=click.Path(), callback=output_check(folder=True), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder that rys-forge wrote (never the base or a folder with other files), after the new build verified.")
 @click.option("--recipes-dir", default=None, type=click.Path(), callback=output_check(folder=True), help="Also keep a copy of the mergekit recipe here, as <name>.yml (default: only OUT/rys_recipe.yml; nothing is written outside --out).")

@@ -55,7 +55,7 @@ from rys_forge.evaluate.runner import (
     run_lm_eval,
     say,
 )
-from rys_forge.evaluate.subject import Subject, export_subject, in_memory_subject
+from rys_forge.evaluate.subject import Subject, export_subject, in_memory_subject, load_export
 from rys_forge.files import json_safe
 from rys_forge.models import canonical_source, load_model, parse_device, parse_dtype
 from rys_forge.plan import LayerPlan, resolve_damping
@@ -269,8 +269,8 @@ def _run_export(options: _Options, subject: Subject, manager: Any, names: list[s
     target, heal_dir = options.target, subject.heal_dir
     say(options.progress, f"loading {target}")
     t0 = time.perf_counter()
-    # The checked folder, and remote code only for a layer-list export (whose modeling_rys.py was checked).
-    loaded = _load(options, subject.target_folder or str(target), subject.export_info.get("format") == "layerlist")
+    loaded = load_export(subject.target_folder or str(target), subject.export_info.get("format"), options.torch_dtype,
+                         options.torch_device, options.attn_implementation)
     timings["rys_load"] = time.perf_counter() - t0
     say(options.progress, f"evaluating {target}{' before healing' if heal_dir else ''} on {', '.join(names)}")
     runs = _Runs(base=base_run, rys=_timed_run(timings, "rys_eval", loaded.model, loaded.tokenizer, manager,

@@ -1,7 +1,7 @@
 """What ``eval`` compares: an export folder against its base, or a model against its in-memory repeat.
 
 An export is read through its ``config.json``'s ``rys`` record (``config.rys``, else
-``config.text_config.rys``): plan, recorded base model, base adapter; a healed export also has its heal
+``config.text_config.rys``; a GGUF export's ``rys.json``): plan, recorded base model, base adapter; a healed export also has its heal
 folder (:func:`rys_forge.artifacts.heal_adapter_dir`). ``eval`` runs only a local export that passes
 :func:`rys_forge.artifacts.check_verified` (its code is the generated one, its report passed and still matches
 every file): an unverified, failed or changed export is refused before anything of it is loaded.
@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from rys_forge.artifacts import check_verified, heal_adapter_dir, read_export_config, rys_block
 from rys_forge.errors import ModelLoadError, UsageError, VerificationError
 from rys_forge.plan import LayerPlan
 
-__all__ = ["Subject", "export_subject", "in_memory_subject"]
+__all__ = ["Subject", "export_subject", "in_memory_subject", "load_export"]
 
 
 @dataclass
@@ -66,8 +67,8 @@ def _verified_export(target: str) -> tuple[str, dict[str, Any]]:
         check_verified(path)
     except VerificationError as exc:
         raise VerificationError(f"not evaluating {target}: {exc}") from None
-    config, _record = read_export_config(path)
-    return str(path), config
+    config, record = read_export_config(path)
+    return str(path), config if rys_block(config) is not None else {"rys": record.to_dict()}  # GGUF: rys.json
 
 
 def _export_base(target: str, folder: str, block: dict[str, Any] | None, base: str | None) -> str:
@@ -121,3 +122,20 @@ def in_memory_subject(model: str, windows: Sequence[str], repeats: int, adapter:
 
         subject.adapter = adapter_record(adapter)
     return subject
+
+
+def load_export(folder: str, fmt: str | None, dtype: Any, device: Any, attn_implementation: str | None) -> Any:
+    """A checked export folder, loaded for evaluation (`.model`, `.tokenizer`): remote code only for a layer-list
+    export (whose modeling_rys.py `check_verified` compared with the generated one); a GGUF export through
+    transformers' GGUF loader with its per-layer pattern (`gguf_file.load_gguf_dequantised`)."""
+    if fmt != "gguf":
+        from rys_forge.models import load_model
+
+        return load_model(folder, dtype=dtype, device=device, trust_remote_code=fmt == "layerlist",
+                          attn_implementation=attn_implementation)
+    from rys_forge.artifacts import gguf_model_file
+    from rys_forge.gguf_file import gguf_tokenizer, load_gguf_dequantised
+
+    file = gguf_model_file(folder)
+    model = load_gguf_dequantised(file, dtype, attn_implementation or "eager")
+    return SimpleNamespace(model=model.to(device), tokenizer=gguf_tokenizer(file))

@@ -76,7 +76,8 @@ def base_facts(config: dict[str, Any], record: RysRecord) -> dict[str, Any]:
     hub_id = info.get("base_model")
     if not hub_id and HUB_ID_RE.match(source) and not source.endswith(".gguf") and not Path(source).expanduser().exists():
         hub_id = source
-    model_type = str(config.get("model_type") or decoder_config(config).get("model_type") or "")
+    model_type = str(config.get("model_type") or decoder_config(config).get("model_type")
+                     or record.extra.get("model_type") or "")  # a GGUF export has no config.json: its record says
     license_ = info.get("license") or ("gemma" if model_type.startswith("gemma") else None)
     name = hub_id or (Path(source).name if source else "unknown base")
     adapter = record.adapter
@@ -186,14 +187,20 @@ def plan_section(plan: LayerPlan, fmt: str) -> str:
     lines.append("")
     runs = ", then ".join(f"{a}..{b - 1}" for a, b in _runs(plan.order))
     lines.append(f"- As contiguous runs of base layers: {runs}.")
-    lines.append("- The explicit order is stored in `config.json` (`rys.plan.layer_order`) and is what the model"
-                 " executes; notations for ranges differ between tools, the list does not.")
+    where = ("`rys.json` (`plan.layer_order`) and in the GGUF's own metadata (`rys.order`, `rys.plan`)" if fmt == "gguf"
+             else "`config.json` (`rys.plan.layer_order`)")
+    lines.append(f"- The explicit order is stored in {where} and is what the model executes; notations for ranges"
+                 " differ between tools, the list does not.")
     if fmt == "layerlist":
         lines.append("- Format: layer list. The base weights are stored once; repeated visits share the same modules"
                      " and each visit has its own KV-cache slot.")
     elif fmt == "mergekit":
         lines.append("- Format: mergekit passthrough. Repeated layers are stored as copies, so the checkpoint loads"
                      " with plain transformers; per-layer config fields were remapped to the plan.")
+    elif fmt == "gguf":
+        lines.append("- Format: GGUF for llama.cpp. Each visit's block is the base GGUF's block copied byte for byte in"
+                     " its original quantisation (no re-quantisation); `block_count` and every per-layer metadata array"
+                     " were remapped to the plan (for gemma, the sliding-window pattern is written out per layer).")
     return "\n".join(lines)
 
 
@@ -227,7 +234,31 @@ def size_section(counts: ParameterCount | None, plan: LayerPlan, metrics: dict[s
     )
 
 
+def gguf_load_section(repo: str, folder: Path, base: dict[str, Any]) -> str:
+    """How to run a GGUF export: llama.cpp, llama-cpp-python, and transformers' dequantising loader."""
+    name = next((p.name for p in sorted(folder.glob("*.gguf"))), "<file>.gguf")
+    text = (
+        "```bash\n"
+        f"huggingface-cli download {repo} {name} --local-dir .\n"
+        f"llama-cli -m {name} -p \"The capital of France is\" -n 20\n"
+        "```\n\n"
+        "```python\n"
+        "from llama_cpp import Llama  # pip install llama-cpp-python\n\n"
+        f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{name}")\n'
+        'print(llm("The capital of France is", max_tokens=20)["choices"][0]["text"])\n'
+        "```\n\n"
+        "No layer-repeat support is needed at run time: the repeated blocks are ordinary blocks of the file."
+    )
+    if base["model_type"].startswith("gemma"):
+        text += (" transformers' GGUF loader (`from_pretrained(..., gguf_file=...)`) ignores the per-layer sliding-window"
+                 " pattern this file carries, so it would give repeated layers the wrong attention type; run it in llama.cpp,"
+                 " or load the base's layer-list export instead.")
+    return text
+
+
 def load_section(fmt: str, repo: str, folder: Path, base: dict[str, Any], recipe: str | None) -> str:
+    if fmt == "gguf":
+        return gguf_load_section(repo, folder, base)
     has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     tok_repo = repo if has_tokenizer else (base["hub_id"] or "<base model>")
     code = "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -305,6 +336,20 @@ def verification_section(folder: Path, checked: dict[str, Any] | None) -> tuple[
         "",
         table(["check", "value", "threshold"], rows),
     ]
+    if "gguf_tensor_mismatches" in m:
+        gguf_rows = [["tensors / metadata values differing from the base GGUF's (remapped through the plan)",
+                      f"{compact(m.get('gguf_tensor_mismatches'))} / {compact(m.get('gguf_metadata_mismatches'))}", "0 / 0"]]
+        if "llamacpp_kl_mean" in m:
+            gguf_rows += [
+                ["llama.cpp: mean KL to the in-memory repeat", compact(m.get("llamacpp_kl_mean")),
+                 f"<= {compact(t.get('llamacpp_kl_factor'))} x llama.cpp's floor on the base, {compact(m.get('llamacpp_floor_kl_mean'))}"],
+                ["llama.cpp: greedy tokens equal to the in-memory repeat's (of each prompt's first N)",
+                 f"{compact(m.get('llamacpp_greedy_match'))} of {compact(m.get('llamacpp_greedy_tokens'))}",
+                 f"reported (base: {compact(m.get('llamacpp_floor_greedy_match'))})"],
+            ]
+        else:
+            gguf_rows.append(["llama.cpp run", str(m.get("llamacpp", "not run")), "-"])
+        lines += ["", table(["GGUF check", "value", "threshold"], gguf_rows)]
     if s.get("heal_adapter"):
         lines[2] += (f" Both sides ran with the per-visit LoRA adapters of `{s['heal_adapter']}/` (the export through"
                      " `PeftModel.from_pretrained`, the in-memory repeat with the same LoRA injected per visit).")

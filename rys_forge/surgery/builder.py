@@ -27,6 +27,7 @@ from rys_forge.artifacts import (
     RysRecord,
     check_replaceable,
     read_report,
+    write_gguf_record,
     rys_forge_version,
     timestamp,
     update_rys,
@@ -36,12 +37,14 @@ from rys_forge.errors import OutputError, RysForgeError, UsageError, Verificatio
 from rys_forge.files import staging_dir, swapped_in, write_atomic
 from rys_forge.models import LoadedModel, canonical_source, load_model, offloaded
 from rys_forge.plan import LayerPlan, Window, resolve_damping
+from rys_forge.gguf_file import base_gguf_path
+from rys_forge.surgery.gguf_export import export_gguf, gguf_file_name
 from rys_forge.surgery.layerlist import export_layerlist
 from rys_forge.surgery.mergekit_export import check_recipe_copy, default_recipe_name, export_mergekit, save_recipe_copy
 from rys_forge.verify import OFFLOAD_LAYERLIST
 from rys_forge.verify import verify as run_verify
 
-FORMATS = ("layerlist", "mergekit")
+FORMATS = ("layerlist", "mergekit", "gguf")
 
 
 @dataclass
@@ -66,6 +69,34 @@ def _record(loaded: LoadedModel, fmt: str) -> RysRecord:
         # merged into the base before the plan; verify re-applies it
         adapter=loaded.info.get("adapter") or None,
     )
+
+
+def _check_gguf_build(model: str | LoadedModel, windows: list[str] | LayerPlan, scale: float, adapter: str | None,
+                      dtype: str, placement: dict[str, Any] | None) -> Path:
+    """What `--format gguf` needs, checked before anything loads; returns the base GGUF file.
+
+    Raises:
+        UsageError: a base that is not GGUF, a damped plan, an adapter, a dtype other than float32, a device map.
+    """
+    base = base_gguf_path(model.source if isinstance(model, LoadedModel) else model)
+    scaled = windows.scaled if isinstance(windows, LayerPlan) else scale != 1.0
+    if scaled:
+        raise UsageError("GGUF has no per-visit residual scale: --alpha/--substeps need --format layerlist or mergekit")
+    if adapter or (isinstance(model, LoadedModel) and model.info.get("adapter")):
+        raise UsageError("--format gguf copies the base's quantised blocks byte for byte; an adapter cannot be merged"
+                         " into them (use --format layerlist or mergekit)")
+    if dtype != "float32" or placement:
+        raise UsageError("--format gguf is verified in float32 on one device (transformers dequantises the file);"
+                         " drop --dtype/--device-map")
+    return base
+
+
+def _export_bytes(loaded: LoadedModel, plan: LayerPlan, fmt: str, base_gguf: Path | None) -> int:
+    """About how many bytes the export writes: the base's weights (a GGUF: its file) once for a layer list, once
+    per visit for the formats that store every visit."""
+    base = (base_gguf.stat().st_size if base_gguf is not None else weight_bytes(loaded.path)) \
+        or sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    return int(base * (len(plan.order) / plan.num_layers if fmt in ("mergekit", "gguf") else 1))
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -154,7 +185,9 @@ def build(
         model: a model spec (built-in name, folder, .gguf, hub id) or an already loaded model.
         windows: `["i:j", ...]` or a ready `LayerPlan`.
         out: output folder; refused if it exists unless `force` (see `artifacts.check_replaceable`).
-        format: `layerlist` (weights stored once, `trust_remote_code`) or `mergekit` (passthrough).
+        format: `layerlist` (weights stored once, `trust_remote_code`), `mergekit` (passthrough) or `gguf` (from a
+            GGUF base: one `.gguf` file with the plan's blocks copied byte for byte, plus `rys.json`; float32
+            verification, no adapter, no damped plan).
         repeats: visits of each window's block.
         alpha: residual scale of the repeated visits (the second and later passes over each window; the first
             stays 1): each scaled visit adds `alpha * attn` and `alpha * mlp` to the stream. Default 1 (plain RYS).
@@ -182,12 +215,13 @@ def build(
     repeats, scale = resolve_damping(repeats, alpha, substeps)
     out = Path(out).expanduser().resolve()
     protected = _protected(model, adapter)
+    if format == "gguf":
+        protected["the base GGUF"] = _check_gguf_build(model, windows, scale, adapter, dtype, placement)
     check_replaceable(out, force, protected)  # before any work: never the base, never someone's own files
     _check_out_parent(out)
     recipe_copy = _recipe_copy(recipes_dir, model, windows, repeats, scale) if format == "mergekit" else None
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if adapter and isinstance(model, LoadedModel):
+    timings, t0 = {}, time.perf_counter()
+    if adapter and isinstance(model, LoadedModel):  # a loaded model carries its own adapter record
         raise UsageError("pass the adapter to load_model(..., adapter=...) when giving an already loaded model")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, adapter=adapter, **(placement or {}))
     if format == "layerlist" and offloaded(loaded.model):
@@ -196,8 +230,7 @@ def build(
     plan = windows if isinstance(windows, LayerPlan) else LayerPlan.from_windows(windows, num_layers, repeats, scale)
     if plan.num_layers != num_layers:
         raise UsageError(f"plan is for {plan.num_layers} layers but {loaded.source} has {num_layers}")
-    base_bytes = weight_bytes(loaded.path) or sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    _check_disk(out, base_bytes * (len(plan.order) / plan.num_layers if format == "mergekit" else 1))
+    _check_disk(out, _export_bytes(loaded, plan, format, protected.get("the base GGUF")))
     timings["load_s"] = time.perf_counter() - t0
     with staging_dir(out.parent, out.name) as staging:  # removed whatever happens, SIGTERM included
         target = staging / "export"
@@ -236,6 +269,15 @@ def _export_and_verify(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: P
 def _export(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: Path) -> None:
     """Write the export of `plan` into `target` (a new folder inside the build's staging folder)."""
     record = _record(loaded, fmt)
+    if fmt == "gguf":
+        target.mkdir()
+        base = base_gguf_path(loaded.source)
+        written = export_gguf(base, plan, target / gguf_file_name(base, plan))
+        record.plan = plan.to_dict()
+        record.extra = {"gguf_file": written.path.name, "base_gguf_sha256": written.base_sha256,
+                        "model_type": loaded.model.config.model_type}
+        write_gguf_record(target, record)
+        return
     if fmt == "layerlist":
         target.mkdir()
         export_layerlist(loaded.model, loaded.tokenizer, plan, target, record)
