@@ -41,6 +41,9 @@ GGUF_SWA_PERIODS: dict[str, int] = {"llama": 0, "qwen2": 0, "qwen3": 0, "phi3": 
 #: development, gave 3.4x and 11 of 16 greedy tokens; 2.5 sits between.
 LLAMACPP_KL_FACTOR = 2.5
 LLAMACPP_KL_SLACK = 1e-4
+#: llama.cpp check of a GGUF written from float32 transformers weights (no quantisation floor): max KL per position.
+#: Measured on tiny llama/mistral/qwen2 models at most 3.5e-7 (f32 tensors; llama.cpp's own f32 arithmetic).
+LLAMACPP_KL_MAX_FLOAT = 1e-3
 
 #: Structure check threshold: transformers dequantises both sides to the same fp32 weights.
 STRUCTURE_KL_MAX = 1e-6
@@ -73,6 +76,22 @@ def base_gguf_path(model: str | Path) -> Path:
         f"GGUF export needs a GGUF base (a built-in model or a .gguf file), got '{name}'; convert it with llama.cpp's"
         " convert_hf_to_gguf.py first, or build --format layerlist / mergekit"
     )
+
+
+def gguf_base_or_none(model: str | Path) -> Path | None:
+    """`base_gguf_path` for a built-in name or `.gguf` path; None for anything else (a transformers folder or hub id).
+
+    Raises:
+        ModelLoadError: a built-in whose package is missing, or a `.gguf` path that does not exist.
+    """
+    name = str(model)
+    return base_gguf_path(name) if name.endswith(".gguf") or _is_builtin(name) else None
+
+
+def _is_builtin(name: str) -> bool:
+    from rys_forge.models import BUILTIN_MODELS
+
+    return name in BUILTIN_MODELS
 
 
 def open_gguf(path: Path) -> Any:
@@ -363,7 +382,7 @@ def _matching_prefix(a: list[int], b: list[int]) -> int:
 
 
 def check_gguf_llamacpp(rys_gguf: Path, base: Any, texts: list[str] | None = None,
-                        greedy_tokens: int = 16) -> dict[str, float]:
+                        greedy_tokens: int = 16, floor: bool = True) -> dict[str, float]:
     """llama.cpp (llama-cpp-python) on the export against the in-memory repeat of the dequantised base, beside
     llama.cpp on the base against the dequantised base (the quantisation floor: llama.cpp quantises activations
     in its dot products, so that KL is not 0). The export adds no error of its own when the two are alike.
@@ -372,7 +391,8 @@ def check_gguf_llamacpp(rys_gguf: Path, base: Any, texts: list[str] | None = Non
         `kl_mean`/`kl_max`/`top1` (RYS GGUF in llama.cpp vs in-memory repeat), `floor_kl_mean`/`floor_kl_max`/
         `floor_top1` (base GGUF in llama.cpp vs dequantised base), `kl_ratio` (kl_mean / floor_kl_mean),
         `greedy_match` / `floor_greedy_match` (mean length of the matching prefix of `greedy_tokens` greedy
-        tokens), `greedy_tokens`.
+        tokens), `greedy_tokens`. Without `floor` (an export written from transformers weights: no base GGUF)
+        the `floor_*` numbers and `kl_ratio` are left out.
 
     Raises:
         UsageError: llama-cpp-python is not installed.
@@ -389,7 +409,8 @@ def check_gguf_llamacpp(rys_gguf: Path, base: Any, texts: list[str] | None = Non
     model, tokenizer = loaded.model, loaded.tokenizer
     rows: dict[str, list[dict[str, float]]] = {"rys": [], "floor": []}
     greedy: dict[str, list[int]] = {"rys": [], "floor": []}
-    for key, path in (("rys", Path(rys_gguf)), ("floor", base_gguf_path(loaded.source))):
+    runs = [("rys", Path(rys_gguf))] + ([("floor", base_gguf_path(loaded.source))] if floor else [])
+    for key, path in runs:
         llm = _llama(path)
         for text in texts or CHECK_TEXTS:
             ids = tokenizer(text, return_tensors="pt").input_ids
@@ -402,11 +423,12 @@ def check_gguf_llamacpp(rys_gguf: Path, base: Any, texts: list[str] | None = Non
             greedy[key].append(_matching_prefix(want.tolist(), _llama_greedy(llm, ids[0].tolist(), greedy_tokens)))
         llm.close()
     out: dict[str, float] = {}
-    for key, prefix in (("rys", ""), ("floor", "floor_")):
+    for key, prefix in (("rys", ""), ("floor", "floor_"))[: len(runs)]:
         out[f"{prefix}kl_mean"] = float(np.mean([r["kl_mean"] for r in rows[key]]))
         out[f"{prefix}kl_max"] = max(r["kl_max"] for r in rows[key])
         out[f"{prefix}top1"] = float(np.mean([r["top1"] for r in rows[key]]))
         out[f"{prefix}greedy_match"] = float(np.mean(greedy[key]))
-    out["kl_ratio"] = out["kl_mean"] / out["floor_kl_mean"] if out["floor_kl_mean"] > 0 else float("inf")
+    if floor:
+        out["kl_ratio"] = out["kl_mean"] / out["floor_kl_mean"] if out["floor_kl_mean"] > 0 else float("inf")
     out["greedy_tokens"] = float(greedy_tokens)
     return out

@@ -51,8 +51,9 @@ from rys_forge.artifacts import (
 )
 from rys_forge.divergence import kl_from_logits
 from rys_forge.errors import RysForgeError, UsageError, VerificationError
-from rys_forge.gguf_file import (LLAMACPP_KL_FACTOR, LLAMACPP_KL_SLACK, base_gguf_path, check_gguf_llamacpp,
-                                 compare_gguf_tensors, llamacpp_available, load_gguf_dequantised, read_gguf_plan)
+from rys_forge.gguf_file import (LLAMACPP_KL_FACTOR, LLAMACPP_KL_MAX_FLOAT, LLAMACPP_KL_SLACK, check_gguf_llamacpp,
+                                 compare_gguf_tensors, gguf_base_or_none, llamacpp_available, load_gguf_dequantised,
+                                 read_gguf_plan)
 from rys_forge.models import LoadedModel, load_model, offloaded, parse_device, parse_dtype
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import remap_layer_fields, repeated
@@ -337,6 +338,7 @@ def verify(
     cache_scale = metrics.pop("cache_logit_scale")
     gguf_failures = _gguf_checks(folder, base, base_loaded, plan, metrics) if fmt == "gguf" else []
     export_bytes, base_bytes = metrics.pop("gguf_bytes", None) or (weight_bytes(folder), weight_bytes(base_loaded.path))
+    base_bytes = base_bytes or weight_bytes(base_loaded.path)  # a GGUF written from a transformers base
     metrics.update(export_weight_bytes=export_bytes, base_weight_bytes=base_bytes,
                    bytes_ratio=export_bytes / base_bytes if base_bytes else float("nan"), seconds=0.0)
     limits = {**THRESHOLDS[dtype_name], **({"llamacpp_kl_factor": LLAMACPP_KL_FACTOR} if fmt == "gguf" else {})}
@@ -359,36 +361,38 @@ def _check_gguf_options(record: RysRecord, dtype: str, placement: dict[str, Any]
     """A GGUF export is verified in float32 on one device, against a base without adapter.
 
     Raises:
-        UsageError: another dtype, a device map, or an adapter recorded with the export.
+        UsageError: another dtype, a device map, or an adapter recorded with an export of a GGUF base.
     """
     if parse_dtype(dtype) != torch.float32:
         raise UsageError(f"a GGUF export is verified in float32 (transformers dequantises the file to it), not {dtype}")
     if placement:
         raise UsageError("a GGUF export is verified on one device; --device-map does not apply")
-    if record.adapter:
-        raise UsageError("this GGUF export records a base adapter, which GGUF export does not support; rebuild it")
+    if record.adapter and record.extra.get("gguf_source") != "transformers":
+        raise UsageError("this GGUF export of a GGUF base records an adapter, which its byte-copied blocks cannot hold")
 
 
 def _gguf_checks(folder: Path, base: str, base_loaded: LoadedModel, plan: LayerPlan, metrics: dict[str, Any]) -> list[str]:
     """A GGUF export's own checks into `metrics` (prefixed `gguf_`, `llamacpp_`; `gguf_bytes`: the two file
     sizes): tensors and metadata against the base GGUF, then llama.cpp where installed. Returns the failures."""
-    model_file, base_file = gguf_model_file(folder), base_gguf_path(base)
-    structure = compare_gguf_tensors(model_file, base_file)
-    metrics.update({f"gguf_{k}": v for k, v in structure.items()})
-    metrics["gguf_bytes"] = (model_file.stat().st_size, base_file.stat().st_size)
+    model_file, base_file = gguf_model_file(folder), gguf_base_or_none(base)
     failures = [] if read_gguf_plan(model_file) == plan else [f"the plan in {model_file.name} is not the one in rys.json"]
-    if structure["tensor_mismatches"] or structure["metadata_mismatches"]:
-        failures.append(f"{int(structure['tensor_mismatches'])} tensors and {int(structure['metadata_mismatches'])}"
-                        f" metadata values differ from the base GGUF's, remapped through the plan")
-    if structure["base_sha256_match"] != 1:
-        failures.append(f"the GGUF's rys.base_sha256 is not that of {base_file.name}")
+    metrics["gguf_bytes"] = (model_file.stat().st_size, (base_file.stat().st_size if base_file else 0))
+    if base_file is not None:  # blocks copied from a base GGUF: every byte and key against it
+        structure = compare_gguf_tensors(model_file, base_file)
+        metrics.update({f"gguf_{k}": v for k, v in structure.items()})
+        if structure["tensor_mismatches"] or structure["metadata_mismatches"]:
+            failures.append(f"{int(structure['tensor_mismatches'])} tensors and {int(structure['metadata_mismatches'])}"
+                            f" metadata values differ from the base GGUF's, remapped through the plan")
+        if structure["base_sha256_match"] != 1:
+            failures.append(f"the GGUF's rys.base_sha256 is not that of {base_file.name}")
     if not llamacpp_available():
         metrics["llamacpp"] = "not run: llama-cpp-python is not installed (pip install 'rys-forge[llamacpp]')"
         return failures
-    runtime = check_gguf_llamacpp(model_file, base_loaded)
+    runtime = check_gguf_llamacpp(model_file, base_loaded, floor=base_file is not None)
     metrics.update({f"llamacpp_{k}": v for k, v in runtime.items()})
-    limit = LLAMACPP_KL_FACTOR * runtime["floor_kl_mean"] + LLAMACPP_KL_SLACK
-    if not within(runtime["kl_mean"], limit):
+    if base_file is None and not within(runtime["kl_max"], LLAMACPP_KL_MAX_FLOAT):
+        failures.append(f"llama.cpp's max KL to the in-memory repeat {runtime['kl_max']:.3g} > {LLAMACPP_KL_MAX_FLOAT:g}")
+    elif base_file is not None and not within(runtime["kl_mean"], LLAMACPP_KL_FACTOR * runtime["floor_kl_mean"] + LLAMACPP_KL_SLACK):
         failures.append(f"llama.cpp's mean KL to the in-memory repeat {runtime['kl_mean']:.3g} > {LLAMACPP_KL_FACTOR:g}"
                         f" x its quantisation floor on the base {runtime['floor_kl_mean']:.3g} (+{LLAMACPP_KL_SLACK:g})")
     return failures

@@ -274,14 +274,15 @@ def test_eval_of_a_gguf_export_equals_the_in_memory_repeat(built, tmp_path, monk
 
 
 def test_gguf_build_refuses_bad_input_in_one_line(tiny_model_dirs, tmp_path):
-    """A safetensors base, a damped plan and another dtype are refused before anything is written."""
+    """A transformers base of an architecture the GGUF writer does not cover, a damped plan and another dtype are
+    refused before anything is written."""
     from click.testing import CliRunner
 
     from rys_forge.cli import main
 
     out = tmp_path / "out"
     cases = [
-        (["-m", str(tiny_model_dirs["llama"]), "--window", "1:3"], "GGUF export needs a GGUF base"),
+        (["-m", str(tiny_model_dirs["gemma3_text"]), "--window", "1:3"], "from a transformers base supports llama"),
         (["-m", "smollm2-135m", "--window", "10:14", "--alpha", "0.5"], "no per-visit residual scale"),
         (["-m", "smollm2-135m", "--window", "10:14", "--dtype", "bfloat16"], "verified in float32"),
     ]

@@ -255,8 +255,9 @@ def print_verification(report: dict) -> None:
         click.echo(f"GGUF: {int(m['gguf_tensor_mismatches'])} tensors and {int(m['gguf_metadata_mismatches'])} metadata"
                    " values differ from the base's (remapped through the plan)")
     if "llamacpp_kl_mean" in m:
-        click.echo(f"llama.cpp: mean KL to the in-memory repeat {m['llamacpp_kl_mean']:.3g} = {m['llamacpp_kl_ratio']:.2f}x"
-                   f" its quantisation floor on the base ({m['llamacpp_floor_kl_mean']:.3g}); greedy tokens equal"
+        floor = (f" = {m['llamacpp_kl_ratio']:.2f}x its quantisation floor on the base ({m['llamacpp_floor_kl_mean']:.3g})"
+                 if "llamacpp_kl_ratio" in m else f", max {m['llamacpp_kl_max']:.3g}")
+        click.echo(f"llama.cpp: mean KL to the in-memory repeat {m['llamacpp_kl_mean']:.3g}{floor}; greedy tokens equal"
                    f" {m['llamacpp_greedy_match']:.1f} of {m['llamacpp_greedy_tokens']:.0f}")
     elif "llamacpp" in m:
         click.echo(f"llama.cpp: {m['llamacpp']}")

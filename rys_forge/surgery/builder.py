@@ -37,8 +37,9 @@ from rys_forge.errors import OutputError, RysForgeError, UsageError, Verificatio
 from rys_forge.files import staging_dir, swapped_in, write_atomic
 from rys_forge.models import LoadedModel, canonical_source, load_model, offloaded
 from rys_forge.plan import LayerPlan, Window, resolve_damping
-from rys_forge.gguf_file import base_gguf_path
+from rys_forge.gguf_file import gguf_base_or_none
 from rys_forge.surgery.gguf_export import export_gguf, gguf_file_name
+from rys_forge.surgery.gguf_from_hf import export_gguf_from_hf
 from rys_forge.surgery.layerlist import export_layerlist
 from rys_forge.surgery.mergekit_export import check_recipe_copy, default_recipe_name, export_mergekit, save_recipe_copy
 from rys_forge.verify import OFFLOAD_LAYERLIST
@@ -72,17 +73,18 @@ def _record(loaded: LoadedModel, fmt: str) -> RysRecord:
 
 
 def _check_gguf_build(model: str | LoadedModel, windows: list[str] | LayerPlan, scale: float, adapter: str | None,
-                      dtype: str, placement: dict[str, Any] | None) -> Path:
-    """What `--format gguf` needs, checked before anything loads; returns the base GGUF file.
+                      dtype: str, placement: dict[str, Any] | None) -> Path | None:
+    """What `--format gguf` needs, checked before anything loads; returns the base GGUF file (None: a transformers
+    base, written in float32 by `gguf_from_hf`).
 
     Raises:
-        UsageError: a base that is not GGUF, a damped plan, an adapter, a dtype other than float32, a device map.
+        UsageError: a damped plan, an adapter on a GGUF base, a dtype other than float32, a device map.
     """
-    base = base_gguf_path(model.source if isinstance(model, LoadedModel) else model)
+    base = gguf_base_or_none(model.source if isinstance(model, LoadedModel) else model)
     scaled = windows.scaled if isinstance(windows, LayerPlan) else scale != 1.0
     if scaled:
         raise UsageError("GGUF has no per-visit residual scale: --alpha/--substeps need --format layerlist or mergekit")
-    if adapter or (isinstance(model, LoadedModel) and model.info.get("adapter")):
+    if base is not None and (adapter or (isinstance(model, LoadedModel) and model.info.get("adapter"))):
         raise UsageError("--format gguf copies the base's quantised blocks byte for byte; an adapter cannot be merged"
                          " into them (use --format layerlist or mergekit)")
     if dtype != "float32" or placement:
@@ -185,9 +187,9 @@ def build(
         model: a model spec (built-in name, folder, .gguf, hub id) or an already loaded model.
         windows: `["i:j", ...]` or a ready `LayerPlan`.
         out: output folder; refused if it exists unless `force` (see `artifacts.check_replaceable`).
-        format: `layerlist` (weights stored once, `trust_remote_code`), `mergekit` (passthrough) or `gguf` (from a
-            GGUF base: one `.gguf` file with the plan's blocks copied byte for byte, plus `rys.json`; float32
-            verification, no adapter, no damped plan).
+        format: `layerlist` (weights stored once, `trust_remote_code`), `mergekit` (passthrough) or `gguf` (one
+            `.gguf` file plus `rys.json`: from a GGUF base its blocks copied byte for byte, from a transformers base
+            of a covered architecture (`gguf_from_hf`) written in float32; float32 verification, no damped plan).
         repeats: visits of each window's block.
         alpha: residual scale of the repeated visits (the second and later passes over each window; the first
             stays 1): each scaled visit adds `alpha * attn` and `alpha * mlp` to the stream. Default 1 (plain RYS).
@@ -214,9 +216,8 @@ def build(
         raise UsageError("alpha and substeps go with windows; a ready LayerPlan carries its own residual scales")
     repeats, scale = resolve_damping(repeats, alpha, substeps)
     out = Path(out).expanduser().resolve()
-    protected = _protected(model, adapter)
-    if format == "gguf":
-        protected["the base GGUF"] = _check_gguf_build(model, windows, scale, adapter, dtype, placement)
+    gguf_base = _check_gguf_build(model, windows, scale, adapter, dtype, placement) if format == "gguf" else None
+    protected = _protected(model, adapter) | ({"the base GGUF": gguf_base} if gguf_base else {})
     check_replaceable(out, force, protected)  # before any work: never the base, never someone's own files
     _check_out_parent(out)
     recipe_copy = _recipe_copy(recipes_dir, model, windows, repeats, scale) if format == "mergekit" else None
@@ -271,11 +272,17 @@ def _export(loaded: LoadedModel, plan: LayerPlan, fmt: str, target: Path) -> Non
     record = _record(loaded, fmt)
     if fmt == "gguf":
         target.mkdir()
-        base = base_gguf_path(loaded.source)
-        written = export_gguf(base, plan, target / gguf_file_name(base, plan))
+        base = gguf_base_or_none(loaded.source)
         record.plan = plan.to_dict()
-        record.extra = {"gguf_file": written.path.name, "base_gguf_sha256": written.base_sha256,
-                        "model_type": loaded.model.config.model_type}
+        if base is not None:  # the base's quantised blocks, byte for byte
+            written = export_gguf(base, plan, target / gguf_file_name(base.stem, plan))
+            record.extra = {"gguf_file": written.path.name, "base_gguf_sha256": written.base_sha256}
+        else:  # transformers weights (any merged adapter included), float32
+            path = export_gguf_from_hf(loaded.model, loaded.tokenizer, plan,
+                                       target / gguf_file_name(Path(loaded.source.rstrip("/")).name, plan),
+                                       outtype="f32", base_model=loaded.source)
+            record.extra = {"gguf_file": path.name, "gguf_source": "transformers", "outtype": "f32"}
+        record.extra["model_type"] = loaded.model.config.model_type
         write_gguf_record(target, record)
         return
     if fmt == "layerlist":

@@ -58,10 +58,11 @@ def plan_label(plan: LayerPlan) -> str:
     return label + (f"x{plan.repeats}" if plan.windows and plan.repeats != 2 else "")
 
 
-def gguf_file_name(base_gguf: Path, plan: LayerPlan) -> str:
-    """The export's file name: the base's stem and the plan, e.g. `gemma-3-270m-it-Q4_K_M-rys-4-8.gguf`."""
+def gguf_file_name(base_name: str, plan: LayerPlan) -> str:
+    """The export's file name: the base's name (a GGUF's stem, a folder's or hub repo's name) and the plan, e.g.
+    `gemma-3-270m-q4_k_m-rys-4-8.gguf`."""
     label = plan_label(plan).replace(":", "-").replace(",", "_")
-    return f"{Path(base_gguf).stem}-rys-{label}.gguf"
+    return f"{base_name}-rys-{label}.gguf"
 
 
 def _metadata(reader: Any, arch: str, block_count: int, plan: LayerPlan, base_gguf: Path,
