@@ -84,7 +84,7 @@ def _simulate(effects: dict[str, float], seed: int, settings: RaceSettings) -> t
     stopped: dict[str, tuple[str, int]] = {}
     positive: set[str] = set()
     run_race(tallies, list(effects), settings.looks, critical_z(settings.alpha, settings.looks), evaluate,
-             lambda w, reason, look: stopped.__setitem__(w, (reason, look)), positive)
+             lambda w, reason, look: stopped.__setitem__(w, (reason, look)), positive, margin=settings.margin)
     return stopped, positive, spent[0]
 
 
@@ -111,6 +111,37 @@ def test_planted_positive_window_is_always_found_and_harmful_ones_stop_early():
         assert "planted" in positive and stopped["planted"] == ("completed", LOOKS)
         assert all(stopped[f"harm{k}"][0] == "dropped" for k in range(20))
         assert spent < 0.5 * exhaustive
+
+
+def test_margin_drops_windows_that_cannot_gain_it():
+    """`decide(..., margin)`: a window whose gain over the base and lead over the best both stay below the margin
+    is dropped; with margin 0 it is kept (not confidently worse than the base)."""
+    z = 2.0
+    tallies = {}
+    for name, values in (("best", [0.0] * 200), ("near", [0.0] * 199 + [-1.0])):
+        tallies[name] = WindowTally()
+        tallies[name].add("a", values)
+    assert decide(tallies, ["best", "near"], z) == {}
+    assert decide(tallies, ["best", "near"], z, margin=0.2) == {"near": "dropped"}
+    with pytest.raises(UsageError, match="--race-margin"):
+        RaceSettings(margin=-0.01)
+    with pytest.raises(UsageError, match="need --race"):
+        RaceSettings.from_options(False, None, 0.05, 4, 0.9, 0.01)
+    assert "margin" not in RaceSettings().to_dict() and RaceSettings(margin=0.01).to_dict()["margin"] == 0.01
+
+
+def test_margin_keeps_the_planted_positive_and_costs_less():
+    """With a margin well below the planted effect, the planted window is still always found, at a lower cost than
+    without a margin; the null windows' positive calls stay at the nominal level (the margin only drops)."""
+    plain, margin = RaceSettings(alpha=0.05, looks=LOOKS), RaceSettings(alpha=0.05, looks=LOOKS, margin=0.05)
+    costs = {"plain": 0, "margin": 0}
+    for seed in range(30):
+        effects = {"planted": 0.4, **{f"null{k}": 0.0 for k in range(10)}, **{f"small{k}": -0.1 for k in range(10)}}
+        for name, settings in (("plain", plain), ("margin", margin)):
+            stopped, positive, spent = _simulate(effects, seed, settings)
+            assert "planted" in positive and stopped["planted"] == ("completed", LOOKS)
+            costs[name] += spent
+    assert costs["margin"] < 0.8 * costs["plain"], costs
 
 
 # --------------------------------------------------------------------------- on a tiny model

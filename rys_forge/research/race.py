@@ -19,6 +19,11 @@ however many looks are taken (tested by simulation in ``tests/test_race.py``). A
   items, below 0). Drops use their own one-sided confidence (``drop_confidence``, default 0.9, no multiplicity
   correction): a wrong drop can lose a window, never make a false positive call, whose level rests on the
   Bonferroni bounds alone;
+* with an indifference margin ``m > 0`` (``--race-margin``), dropped as soon as neither its gain over the base nor
+  its lead over the best can reach ``m`` (both upper bounds below ``m``). A window then ends the race only while
+  it may still gain at least ``m``: the race finds every window whose gain is clearly above ``m`` and a best window
+  within about ``m`` of the exhaustive best, at a lower cost; a positive window whose gain is below ``m`` may be
+  dropped (its positive call, if made before, stands). ``m = 0`` (the default) is the rule above;
 * kept otherwise; windows that reach the last look are ``completed`` (their full sweep row is written).
 
 A ``budget`` in item-evaluations (one window on one item of one task = 1) or seconds ends the race early;
@@ -64,8 +69,12 @@ class RaceSettings:
     budget_items: int | None = None
     budget_seconds: float | None = None
     drop_confidence: float = 0.9
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.margin, float) and 0.0 <= self.margin < 0.5):
+            raise UsageError(f"--race-margin must be in [0, 0.5) (a mean paired difference, e.g. 0.005 for half a"
+                             f" point), got {self.margin!r}")
         if not (isinstance(self.alpha, float) and 0.0 < self.alpha < 0.5):
             raise UsageError(f"--race-alpha must be in (0, 0.5), got {self.alpha!r}")
         if not (isinstance(self.drop_confidence, float) and 0.5 <= self.drop_confidence < 1.0):
@@ -79,16 +88,16 @@ class RaceSettings:
 
     @classmethod
     def from_options(cls, race: bool, budget: str | None, alpha: float, looks: int,
-                     drop_confidence: float = 0.9) -> "RaceSettings | None":
-        """The CLI's --race, --budget, --race-alpha, --race-looks, --drop-confidence (None without --race; the
-        others need it)."""
+                     drop_confidence: float = 0.9, margin: float = 0.0) -> "RaceSettings | None":
+        """The CLI's --race, --budget, --race-alpha, --race-looks, --drop-confidence, --race-margin (None without
+        --race; the others need it)."""
         if not race:
-            if budget is not None or alpha != 0.05 or looks != 4 or drop_confidence != 0.9:
-                raise UsageError("--budget, --race-alpha, --race-looks and --drop-confidence need --race")
+            if budget is not None or alpha != 0.05 or looks != 4 or drop_confidence != 0.9 or margin != 0:
+                raise UsageError("--budget, --race-alpha, --race-looks, --drop-confidence and --race-margin need --race")
             return None
         items, seconds = cls.parse_budget(budget)
         return cls(alpha=float(alpha), looks=looks, budget_items=items, budget_seconds=seconds,
-                   drop_confidence=float(drop_confidence))
+                   drop_confidence=float(drop_confidence), margin=float(margin))
 
     @classmethod
     def parse_budget(cls, text: str | None) -> tuple[int | None, float | None]:
@@ -106,7 +115,8 @@ class RaceSettings:
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "looks": self.looks, "budget_items": self.budget_items,
                 "budget_seconds": self.budget_seconds, "critical_z": critical_z(self.alpha, self.looks),
-                "drop_confidence": self.drop_confidence, "drop_z": self.drop_z}
+                "drop_confidence": self.drop_confidence, "drop_z": self.drop_z,
+                **({"margin": self.margin} if self.margin else {})}  # runs from before the margin still resume
 
     @property
     def drop_z(self) -> float:
@@ -168,28 +178,28 @@ def paired_gap(a: WindowTally, b: WindowTally) -> WindowTally:
     return gap
 
 
-def decide(tallies: dict[str, WindowTally], running: Sequence[str], z: float) -> dict[str, str]:
+def decide(tallies: dict[str, WindowTally], running: Sequence[str], z: float, margin: float = 0.0) -> dict[str, str]:
     """After a look: ``{window: "dropped"}`` for each running window confidently worse than the base (its
-    upper bound below 0) and than the running window with the best estimate (the upper bound of their
-    paired per-item gap below 0)."""
+    upper bound below ``margin``, default 0) and than the running window with the best estimate (the upper bound
+    of their paired per-item gap below ``margin``)."""
     live = [w for w in running if w in tallies and tallies[w].items]
     if not live:
         return {}
     best = max(live, key=lambda w: tallies[w].estimate()[0])
     dropped = {}
     for w in live:
-        if w != best and tallies[w].interval(z)[2] < 0 and paired_gap(tallies[w], tallies[best]).interval(z)[2] < 0:
+        if w != best and tallies[w].interval(z)[2] < margin and paired_gap(tallies[w], tallies[best]).interval(z)[2] < margin:
             dropped[w] = "dropped"
     return dropped
 
 
 def run_race(tallies: dict[str, WindowTally], running: Sequence[str], looks: int, z: float,
              evaluate: Callable[[int, list[str]], bool], emit: Callable[[str, str, int], None],
-             positive: set[str], drop_z: float | None = None) -> None:
+             positive: set[str], drop_z: float | None = None, margin: float = 0.0) -> None:
     """The schedule. At look ``k`` (0-based) ``evaluate(k, keys)`` adds that look's differences of the running
     windows to their ``tallies`` (False: the budget ran out; the running windows stop with reason ``budget``);
     a window whose lower bound (at ``z``) is above 0 joins ``positive``; then :func:`decide` drops windows at
-    ``drop_z`` (default ``z``). ``emit(key, reason, looks_done)`` is called once per window as it stops."""
+    ``drop_z`` (default ``z``) and ``margin``. ``emit(key, reason, looks_done)`` is called once per window as it stops."""
     running = list(running)
     for k in range(looks):
         if not evaluate(k, running):
@@ -198,7 +208,8 @@ def run_race(tallies: dict[str, WindowTally], running: Sequence[str], looks: int
             return
         positive.update(key for key in running if tallies[key].interval(z)[1] > 0)
         if k + 1 < looks:
-            for key in decide({key: t for key, t in tallies.items() if t.items}, running, z if drop_z is None else drop_z):
+            for key in decide({key: t for key, t in tallies.items() if t.items}, running, z if drop_z is None else drop_z,
+                              margin):
                 emit(key, "dropped", k + 1)
                 running.remove(key)
     for key in running:
@@ -435,7 +446,7 @@ def race_cached_windows(
         on_record(racer.row(key, reason, looks_done, settings.looks, task_items, base_run, reported, seed))
 
     run_race(racer.tallies, [f"{w}x{n}" for w, n in todo], settings.looks, racer.z, evaluate, emit, racer.positive,
-             drop_z=settings.drop_z)
+             drop_z=settings.drop_z, margin=settings.margin)
     return {"spent_this_session": racer.spent - sum(len(v) for vals in logged.values() for v in vals.values()),
             "spent": racer.spent, "exhaustive": len(windows) * sum(task_items.values()),
             "stopped_by_budget": "budget" in stopped}
