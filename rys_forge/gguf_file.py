@@ -143,15 +143,9 @@ def gguf_block_count(base_gguf: Path) -> int:
 
 
 def extra_block_bytes(blocks: dict[int, list[Any]], order: tuple[int, ...]) -> int:
+    """Bytes of the block tensors a visit order adds to its base (`gguf_blocks`): each block times (visits - 1)."""
     visits = Counter(order)
     return sum((visits[k] - 1) * sum(int(t.n_bytes) for t in tensors) for k, tensors in blocks.items())
-
-
-def expectedextra_block_bytes(base_gguf: Path, plan: LayerPlan) -> int:
-    """Tensor bytes the plan adds: each block's tensor bytes times (visits - 1), summed (before alignment padding)."""
-    reader = open_gguf(Path(base_gguf))
-    arch = gguf_field(reader, "general.architecture")
-    return extra_block_bytes(gguf_blocks(reader, int(gguf_field(reader, f"{arch}.block_count"))), plan.order)
 
 
 def expected_extra_bytes(base_gguf: Path, plan: LayerPlan) -> int:
