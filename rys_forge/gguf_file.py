@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from rys_forge.artifacts import rys_forge_version
 from rys_forge.errors import UsageError, VerificationError
 from rys_forge.files import sha256_file
 from rys_forge.plan import LayerPlan
@@ -153,6 +154,27 @@ def expected_extra_bytes(base_gguf: Path, plan: LayerPlan) -> int:
     reader = open_gguf(Path(base_gguf))
     arch = gguf_field(reader, "general.architecture")
     return extra_block_bytes(gguf_blocks(reader, int(gguf_field(reader, f"{arch}.block_count"))), plan.order)
+
+
+def rys_keys(plan: LayerPlan, base_name: str, **source: str) -> dict[str, tuple[Any, Any, Any]]:
+    """The `rys.*` keys of a RYS GGUF, `key -> (value, type, sub_type)` for `GGUFWriter.add_key_value`: the plan
+    (`rys.plan`, the source of truth, and its order, scales, windows and repeats), the base's block count and name,
+    the rys-forge version, and `source` (`base_sha256=` for a GGUF base, `base_model=` for a transformers one)."""
+    from gguf import GGUFValueType
+
+    string, uint32, array = GGUFValueType.STRING, GGUFValueType.UINT32, GGUFValueType.ARRAY
+    keys = {
+        "rys.plan": (json.dumps(plan.to_dict()), string, None),
+        "rys.order": ([int(k) for k in plan.order], array, uint32),
+        "rys.scales": ([float(a) for a in plan.scales], array, GGUFValueType.FLOAT32),
+        "rys.windows": (",".join(str(w) for w in plan.windows) or "explicit order", string, None),
+        "rys.repeats": (plan.repeats, uint32, None),
+        "rys.base_block_count": (plan.num_layers, uint32, None),
+        "rys.base_name": (str(base_name), string, None),
+    }
+    keys.update({f"rys.{name}": (str(value), string, None) for name, value in source.items()})
+    keys["rys.rys_forge_version"] = (rys_forge_version(), string, None)
+    return keys
 
 
 def read_gguf_plan(rys_gguf: Path) -> LayerPlan:

@@ -12,17 +12,15 @@ Reading and checking such files: `rys_forge.gguf_file`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rys_forge.artifacts import rys_forge_version
 from rys_forge.errors import OutputError, UnsupportedArchitectureError, UsageError, output_problem
 from rys_forge.files import sha256_file
 from rys_forge.gguf_file import (BLOCK_RE, GGUF_SWA_PERIODS, extra_block_bytes, gguf_blocks, gguf_field, open_gguf,
-                                 swa_pattern)
+                                 rys_keys, swa_pattern)
 from rys_forge.plan import LayerPlan
 
 
@@ -85,17 +83,7 @@ def _metadata(reader: Any, arch: str, block_count: int, plan: LayerPlan, base_gg
             new_values[field.name] = ([values[k] for k in order], GGUFValueType.ARRAY, types[-1])
     base_name = gguf_field(reader, "general.name") or base_gguf.stem
     new_values["general.name"] = (f"{base_name}-RYS-{plan_label(plan)}", GGUFValueType.STRING, None)
-    rys_values = {
-        "rys.plan": (json.dumps(plan.to_dict()), GGUFValueType.STRING, None),
-        "rys.order": (order, GGUFValueType.ARRAY, GGUFValueType.UINT32),
-        "rys.scales": (list(plan.scales), GGUFValueType.ARRAY, GGUFValueType.FLOAT32),
-        "rys.windows": (",".join(str(w) for w in plan.windows) or "explicit order", GGUFValueType.STRING, None),
-        "rys.repeats": (plan.repeats, GGUFValueType.UINT32, None),
-        "rys.base_block_count": (block_count, GGUFValueType.UINT32, None),
-        "rys.base_name": (str(base_name), GGUFValueType.STRING, None),
-        "rys.base_sha256": (base_sha, GGUFValueType.STRING, None),
-        "rys.rys_forge_version": (rys_forge_version(), GGUFValueType.STRING, None),
-    }
+    rys_values = rys_keys(plan, str(base_name), base_sha256=base_sha)
     return new_values, rys_values
 
 

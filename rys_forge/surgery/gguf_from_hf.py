@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rys_forge.artifacts import rys_forge_version
+from rys_forge.gguf_file import rys_keys
 from rys_forge.errors import OutputError, UnsupportedArchitectureError, UsageError, output_problem
 from rys_forge.plan import LayerPlan
 from rys_forge.repeat import applied_plan_active
@@ -230,19 +230,9 @@ def _add_hparams(writer: Any, config: Any, arch: HfGgufArch, block_count: int, f
 
 
 def _add_rys_keys(writer: Any, plan: LayerPlan, base_name: str, base_model: str) -> None:
-    """The `rys.*` keys in `gguf_export`'s layout (and value types), `rys.base_model` in place of the base file's
-    sha256."""
-    from gguf import GGUFValueType
-
-    writer.add_string("rys.plan", json.dumps(plan.to_dict()))
-    writer.add_key_value("rys.order", [int(k) for k in plan.order], GGUFValueType.ARRAY, GGUFValueType.UINT32)
-    writer.add_key_value("rys.scales", [float(s) for s in plan.scales], GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
-    writer.add_string("rys.windows", ",".join(str(w) for w in plan.windows) or "explicit order")
-    writer.add_uint32("rys.repeats", plan.repeats)
-    writer.add_uint32("rys.base_block_count", plan.num_layers)
-    writer.add_string("rys.base_name", base_name)
-    writer.add_string("rys.base_model", base_model)
-    writer.add_string("rys.rys_forge_version", rys_forge_version())
+    """The `rys.*` keys (`gguf_file.rys_keys`), `rys.base_model` in place of a base file's sha256."""
+    for key, value in rys_keys(plan, base_name, base_model=base_model).items():
+        writer.add_key_value(key, *value)
 
 
 def _tensors(model: nn.Module, plan: LayerPlan, arch: HfGgufArch) -> Iterator[tuple[str, torch.Tensor, int]]:
