@@ -274,8 +274,8 @@ def load_section(fmt: str, repo: str, folder: Path, base: dict[str, Any], recipe
         text += (
             "\n`trust_remote_code=True` runs `modeling_rys.py` from this repo: a short, self-contained file (torch and"
             " transformers only, rys-forge not needed) that builds the base model and runs its layers in the stored"
-            " order. Read it before running it. Runtimes without remote code (vLLM, llama.cpp) need the mergekit"
-            " format instead (`rys-forge build --format mergekit`)."
+            " order. Read it before running it. Runtimes without remote code need another format: vLLM the mergekit"
+            " one (`rys-forge build --format mergekit`), llama.cpp a GGUF (`rys-forge build --format gguf`)."
         )
     elif recipe is not None:
         text += (
