@@ -337,8 +337,7 @@ def verify(
     metrics = _compare(base_loaded, export, plan, heal_dir, texts, max_new_tokens, torch_device)
     cache_scale = metrics.pop("cache_logit_scale")
     gguf_failures = _gguf_checks(folder, base, base_loaded, plan, metrics) if fmt == "gguf" else []
-    export_bytes, base_bytes = metrics.pop("gguf_bytes", None) or (weight_bytes(folder), weight_bytes(base_loaded.path))
-    base_bytes = base_bytes or weight_bytes(base_loaded.path)  # a GGUF written from a transformers base
+    export_bytes, base_bytes = _stored_bytes(folder, fmt, base, base_loaded)
     metrics.update(export_weight_bytes=export_bytes, base_weight_bytes=base_bytes,
                    bytes_ratio=export_bytes / base_bytes if base_bytes else float("nan"), seconds=0.0)
     limits = {**THRESHOLDS[dtype_name], **({"llamacpp_kl_factor": LLAMACPP_KL_FACTOR} if fmt == "gguf" else {})}
@@ -357,6 +356,16 @@ def verify(
     return report
 
 
+def _stored_bytes(folder: Path, fmt: str, base: str, base_loaded: LoadedModel) -> tuple[int, int]:
+    """Bytes of the export's weights and of its base's: weight files, or the `.gguf` files of a GGUF export (a
+    transformers base of one: its weight files)."""
+    if fmt != "gguf":
+        return weight_bytes(folder), weight_bytes(base_loaded.path)
+    base_file = gguf_base_or_none(base)
+    base_bytes = base_file.stat().st_size if base_file is not None else weight_bytes(base_loaded.path)
+    return gguf_model_file(folder).stat().st_size, base_bytes
+
+
 def _check_gguf_options(record: RysRecord, dtype: str, placement: dict[str, Any] | None) -> None:
     """A GGUF export is verified in float32 on one device, against a base without adapter.
 
@@ -372,11 +381,10 @@ def _check_gguf_options(record: RysRecord, dtype: str, placement: dict[str, Any]
 
 
 def _gguf_checks(folder: Path, base: str, base_loaded: LoadedModel, plan: LayerPlan, metrics: dict[str, Any]) -> list[str]:
-    """A GGUF export's own checks into `metrics` (prefixed `gguf_`, `llamacpp_`; `gguf_bytes`: the two file
-    sizes): tensors and metadata against the base GGUF, then llama.cpp where installed. Returns the failures."""
+    """A GGUF export's own checks into `metrics` (prefixed `gguf_`, `llamacpp_`): tensors and metadata against the
+    base GGUF, then llama.cpp where installed. Returns the failures."""
     model_file, base_file = gguf_model_file(folder), gguf_base_or_none(base)
     failures = [] if read_gguf_plan(model_file) == plan else [f"the plan in {model_file.name} is not the one in rys.json"]
-    metrics["gguf_bytes"] = (model_file.stat().st_size, (base_file.stat().st_size if base_file else 0))
     if base_file is not None:  # blocks copied from a base GGUF: every byte and key against it
         structure = compare_gguf_tensors(model_file, base_file)
         metrics.update({f"gguf_{k}": v for k, v in structure.items()})

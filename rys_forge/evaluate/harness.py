@@ -106,7 +106,7 @@ class _Options:
             raise UsageError("--base applies to an exported TARGET; with --model the base is the model itself")
         if self.target is not None and (self.alpha is not None or self.substeps is not None):
             raise UsageError("--alpha and --substeps apply to --model; an export's residual scales are stored in its config")
-        if self.model is not None:
+        if self.model is not None:  # from here on a float (1.0: plain) for the in-memory repeat
             self.repeats, self.alpha = resolve_damping(self.repeats, self.alpha, self.substeps)
         if self.target is not None and self.adapter is not None:
             raise UsageError("--adapter applies to --model; an export records the adapter its base was built with")
@@ -224,7 +224,7 @@ def _run_in_memory(options: _Options, subject: Subject, manager: Any, names: lis
     loaded = _load(options, str(options.model), False, subject.adapter)
     timings["base_load"] = time.perf_counter() - t0
     plan = subject.plan = LayerPlan.from_windows(list(options.windows), _num_layers(loaded.model), options.repeats,
-                                                 options.alpha if options.alpha is not None else 1.0)
+                                                 options.alpha)
     if base_run is None:
         say(options.progress, f"evaluating the base model on {', '.join(names)}")
         base_run = _timed_run(timings, "base_eval", loaded.model, loaded.tokenizer, manager, names, options)
@@ -480,7 +480,7 @@ def evaluate(
     if target is not None:
         subject = export_subject(str(options.target), options.base, heal)
     else:
-        subject = in_memory_subject(str(options.model), options.windows, options.repeats, adapter, options.alpha or 1.0)
+        subject = in_memory_subject(str(options.model), options.windows, options.repeats, adapter, options.alpha)
     subject.base_source = canonical_source(subject.base_source)
     destinations = _report_destinations(options, subject)  # an unwritable --out fails now, not at the end
     cache = _base_cache(options, subject, manager, names)
