@@ -241,6 +241,35 @@ def test_sigterm_runs_the_cleanups_written_for_ctrl_c(tmp_path, monkeypatch):
     assert seen == ["Terminated"] and not staging.exists()
 
 
+@pytest.mark.parametrize("signum, code, fragment", [
+    (signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+])
+def test_interrupt_inside_a_finaliser_is_not_lost(tmp_path, monkeypatch, signum, code, fragment):
+    """A signal that lands while Python runs a `__del__` (garbage collection during the lazy imports, as CI
+    once hit) is "unraisable": Python prints "Exception ignored" and carries on. The command must still stop
+    with its one line and exit code, not print a traceback and finish as if never interrupted."""
+    import rys_forge.publish as publish
+
+    finished = []
+
+    class DiesLoudly:
+        def __del__(self):
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)  # the handler raises in here, inside the finaliser
+
+    def write_card(*args, **kwargs):
+        obj = DiesLoudly()
+        del obj
+        for _ in range(100):  # the interrupt must arrive in here, after the finaliser
+            time.sleep(0.05)
+        finished.append(True)
+
+    monkeypatch.setattr(publish, "write_card", write_card)
+    previous = sys.unraisablehook
+    _one_line(_run(["card", tmp_path]), code, fragment)
+    assert not finished and sys.unraisablehook is previous
+
+
 # ------------------------------------------------------------------ 16: file-system errors in one line
 
 

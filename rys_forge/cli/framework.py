@@ -84,12 +84,42 @@ def _click_line(exc: click.ClickException) -> str:
 
 
 @contextlib.contextmanager
+def _interrupts_not_swallowed() -> Iterator[None]:
+    """A Ctrl-C (or SIGTERM) that lands while Python runs a `__del__` or a weakref callback is "unraisable":
+    Python prints "Exception ignored in ..." with a traceback and carries on, so the command would finish as if
+    never interrupted. While active, such an interrupt is delivered to the main thread again, without the
+    printout, a moment later from a timer thread (`_thread.interrupt_main`): tripped from the hook itself it
+    would land in the hook, inside the same finaliser. Other unraisables go to the previous hook."""
+    import _thread
+    import threading
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not isinstance(exc, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        timer = threading.Timer(0.01, _thread.interrupt_main, args=(signum,))
+        timer.daemon = True
+        timer.start()
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+@contextlib.contextmanager
 def _command_environment() -> Iterator[None]:
-    """Known library warnings silenced and termination signals raised as `Terminated`, for one command;
-    both restored afterwards (in-process callers such as tests keep their own)."""
+    """Known library warnings silenced, termination signals raised as `Terminated` and interrupts that land
+    in a finaliser delivered again, for one command; all restored afterwards (in-process callers such as
+    tests keep their own)."""
     from rys_forge.files import signals_raise
 
-    with warnings.catch_warnings(), signals_raise(Terminated, only_default=False):
+    with warnings.catch_warnings(), signals_raise(Terminated, only_default=False), _interrupts_not_swallowed():
         for category, message in LIBRARY_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
         yield
@@ -100,7 +130,8 @@ class RysForgeGroup(click.Group):
 
     From option parsing through the lazy imports to the work, an exception that escapes becomes one stderr
     line and an exit code (`exit_for`); click's usage errors become one line too. Known library warnings are
-    silenced and SIGTERM/SIGHUP arrive as `Terminated` (`_command_environment`).
+    silenced, SIGTERM/SIGHUP arrive as `Terminated` and an interrupt that lands in a finaliser is not lost
+    (`_command_environment`).
     """
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
