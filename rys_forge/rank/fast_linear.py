@@ -1,14 +1,101 @@
-"""oneDNN float32 linears for rank's replays on CPU (the same arithmetic as torch's, about 2x faster where
-the default BLAS lacks an AVX-512 path)."""
+"""Fast matrix products for rank's replays on CPU: oneDNN float32 linears (the same arithmetic as torch's,
+about 2x faster where the default BLAS lacks an AVX-512 path) and the `--matmul` precision (float32 products,
+or float32 tensors whose products round their inputs to bfloat16 and accumulate in float32)."""
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from rys_forge.errors import UsageError
+
+#: `rank --matmul` choices. float32: exact float32 products. bf16: oneDNN's bf16 math mode for float32
+#: products (inputs rounded to bfloat16, float32 accumulation and outputs; the residual stream, norms and
+#: statistics stay float32/float64). auto: bf16 where this CPU measurably gains from it, else float32.
+MATMUL_MODES = ("auto", "float32", "bf16")
+
+#: auto picks bf16 only when a model-sized product runs at least this much faster in it.
+BF16_MIN_SPEEDUP = 1.3
+
+
+def resolve_matmul(mode: str, model: nn.Module) -> str:
+    """The precision a run uses for `mode` on `model`: "float32" or "bf16" (stored in the run folder).
+
+    bf16 applies to a float32 model on CPU (where oneDNN has a bf16 math mode); auto measures a product of
+    the model's largest layer shape both ways and takes bf16 only if it is `BF16_MIN_SPEEDUP` times faster.
+
+    Raises:
+        UsageError: an unknown mode, or bf16 asked for where it cannot apply.
+    """
+    if mode not in MATMUL_MODES:
+        raise UsageError(f"--matmul {mode!r}: choose {', '.join(MATMUL_MODES)}")
+    if mode == "float32":
+        return mode
+    weight = next((p for p in model.parameters() if p.dim() == 2), None)
+    on_cpu = weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    supported = on_cpu and bf16_math_available()
+    if mode == "bf16" and not supported:
+        raise UsageError("--matmul bf16 needs a float32 model on a CPU whose torch build has oneDNN's bf16 math "
+                         "mode; use --matmul float32 (on a GPU, load the model with --dtype bfloat16 instead)")
+    if mode == "bf16":
+        return mode
+    return "bf16" if supported and _bf16_speedup(model) >= BF16_MIN_SPEEDUP else "float32"
+
+
+@contextmanager
+def matmul_precision(mode: str) -> Iterator[None]:
+    """While active, CPU float32 matrix products run in `mode` ("float32" or "bf16", from `resolve_matmul`);
+    the previous setting comes back afterwards."""
+    if mode != "bf16":
+        yield
+        return
+    backend = torch.backends.mkldnn.matmul
+    previous = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
+
+
+def bf16_math_available() -> bool:
+    """Whether this torch build can run float32 products in oneDNN's bf16 math mode on this CPU."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (matmul is not None and hasattr(matmul, "fp32_precision") and torch.backends.mkldnn.is_available()
+            and check is not None and bool(check()))
+
+
+def _bf16_speedup(model: nn.Module, tokens: int = 512, repeats: int = 3) -> float:
+    """How much faster a `[tokens, in] x [in, out]` product of the model's largest linear (the LM head
+    aside: the largest of the decoder's) runs in bf16 math mode than in float32, best of `repeats`."""
+    shapes = [tuple(m.weight.shape) for m in model.modules() if type(m) is nn.Linear and m.weight.dim() == 2]
+    head = max(shapes, key=lambda s: s[0] * s[1], default=None)
+    inner = [s for s in shapes if s != head] or shapes
+    if not inner:
+        return 1.0
+    out_features, in_features = max(inner, key=lambda s: s[0] * s[1])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_features, generator=generator)
+    w = torch.randn(out_features, in_features, generator=generator)
+
+    def best() -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    plain = best()
+    with matmul_precision("bf16"):
+        fast = best()
+    return plain / max(fast, 1e-12)
 
 
 def _onednn_linear_op() -> Callable[..., torch.Tensor] | None:
@@ -35,10 +122,12 @@ def fast_linears(model: nn.Module) -> Iterator[int]:
     2x faster (a gemma-3-270m layer on one core of a 2-core AMD EPYC: 0.037 s -> 0.019 s; the same float32
     arithmetic, results equal within float32 rounding, 4e-7 relative). Only calls without autograd take
     it (rank's replays run under `torch.no_grad`); the Jacobian's JVP/VJP fall back to `F.linear`.
-    A model placed by accelerate (`--device-map`: hooks that move weights in and out per call) is left alone.
+    A model placed by accelerate (`--device-map`: hooks that move weights in and out per call) is left alone,
+    and so is every model while `matmul_precision("bf16")` is active (torch's linear already takes oneDNN then).
     """
     dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
-    op = None if dispatched else _onednn_linear_op()
+    bf16_math = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == "bf16"
+    op = None if dispatched or bf16_math else _onednn_linear_op()
     linears = [m for m in model.modules() if op is not None and type(m) is nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype == torch.float32 and "forward" not in m.__dict__]
     for module in linears:

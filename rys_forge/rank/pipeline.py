@@ -22,7 +22,7 @@ import math
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from rys_forge.architectures import get_path, spec_for_model
-from rys_forge.artifacts import versions
+from rys_forge.artifacts import RUN_FILE, read_json, versions
 from rys_forge.runs import RunFolder
 from rys_forge.distributed import current_shard
 from rys_forge.errors import UsageError, WindowError
@@ -39,7 +39,7 @@ from rys_forge.plan import WINDOW_CONVENTION, Window, check_scale, select_window
 from rys_forge.progress import progress_bar
 from rys_forge.rank import metrics
 from rys_forge.rank.activations import ActivationCache, cache_activations
-from rys_forge.rank.fast_linear import fast_linears
+from rys_forge.rank.fast_linear import MATMUL_MODES, fast_linears, matmul_precision, resolve_matmul
 from rys_forge.rank.outputs import write_outputs
 from rys_forge.rank.probes import (
     ProbeSettings, in_order, jacobian_spectrum, probe_window, repeat_curves, select_probes, torch_threads,
@@ -91,6 +91,7 @@ class RankSettings:
     shortlist_overlap: float = 0.3
     seed: int = 0
     alpha: float = 1.0
+    matmul: str = "float32"
 
     def probe_settings(self) -> ProbeSettings:
         return ProbeSettings(
@@ -127,6 +128,8 @@ class RankSettings:
             check_scale(self.alpha, "--alpha")
         except WindowError as exc:
             raise UsageError(str(exc)) from None
+        if self.matmul not in MATMUL_MODES:
+            raise UsageError(f"--matmul {self.matmul!r}: choose {', '.join(MATMUL_MODES)}")
         if self.overlap_families and len(self.overlap_families) != 2:
             raise UsageError("--overlap takes exactly two prompt families, e.g. math,reasoning")
 
@@ -206,6 +209,7 @@ def rank_windows(
     settings = settings or RankSettings()
     score_config = score_config or ScoreConfig()
     settings.validate()
+    settings = replace(settings, matmul=_run_matmul(settings.matmul, model, out_dir, resume, current_shard().parallel))
     workers = window_workers(workers, model)
     probes = select_probes(settings.probes)
     check_score_inputs(probes, settings.kl_positions, score_config)
@@ -215,7 +219,7 @@ def rank_windows(
     shard = current_shard()
     fingerprint = _fingerprint(model_info, num_layers, prompts, settings, windows)
     with RunFolder.session(out_dir, fingerprint, resume, shard, model=model, model_info=model_info) as folder, \
-            fast_linears(model) as onednn:
+            matmul_precision(settings.matmul), fast_linears(model) as onednn:
         started = time.perf_counter()
         done = folder.finished() if folder else {}
         shard.barrier()  # every process reads the same finished windows before any of them probes
@@ -244,6 +248,18 @@ def rank_windows(
         return RankResult(rows=rows, summary=summary, out_dir=out)
 
 
+def _run_matmul(mode: str, model: nn.Module, out_dir: str | Path | None, resume: bool, parallel: bool) -> str:
+    """The `--matmul` precision of this run. `auto` continues a resumed run in the precision it started with
+    (a timing that came out otherwise today must not refuse the resume) and is float32 in a run sharded over
+    processes (each would time its own); else `resolve_matmul`."""
+    stored = Path(out_dir) / RUN_FILE if out_dir is not None else None
+    if mode == "auto" and resume and stored is not None and stored.is_file():
+        mode = read_json(stored, "run settings").get("settings", {}).get("matmul", "float32")
+    if mode == "auto" and parallel:
+        mode = "float32"
+    return resolve_matmul(mode, model)
+
+
 def _base_pass(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], settings: RankSettings,
                probes: list[str]) -> ActivationCache:
     """The one cached base pass of a run, with the run's prompt budget, KL positions and shares."""
@@ -263,11 +279,13 @@ def _check_overlap_families(prompts: Sequence[Prompt], overlap_families: Sequenc
 
 
 def _settings_record(settings: RankSettings) -> dict[str, Any]:
-    """`settings` as stored in run.json: `alpha` only when it is not 1, so that runs from before `--alpha`
-    existed still resume."""
+    """`settings` as stored in run.json: `alpha` only when it is not 1 and `matmul` only when it is not
+    float32, so that runs from before `--alpha` and `--matmul` existed still resume."""
     record = asdict(settings)
     if settings.alpha == 1:
         record.pop("alpha")
+    if settings.matmul == "float32":
+        record.pop("matmul")
     return record
 
 
