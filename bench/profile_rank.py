@@ -9,8 +9,8 @@ window and as a share of the total; `--cprofile N` adds cProfile's top N functio
 
     PYTHONPATH=. python bench/profile_rank.py [--model gemma-3-270m] [--windows 12] [--threads 1] [--ops 15]
 
-Linears run as rank runs them (`fast_linears`: oneDNN on CPU where torch has it; `--torch-linears` keeps
-torch's default BLAS). The same script profiles older code too (stages it lacks are skipped), e.g. with
+Linears run as rank runs them (`--matmul auto` as rank's default; `fast_linears`: oneDNN on CPU where torch has
+it; `--torch-linears` keeps torch's default BLAS). The same script profiles older code too (stages it lacks are skipped), e.g. with
 `PYTHONPATH=<checkout of 10969a6>`.
 
 On a machine busy with other work the absolute times are inflated; the shares are what to read.
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--cprofile", type=int, default=0, help="also print cProfile's top N functions (tottime)")
     parser.add_argument("--ops", type=int, default=0, help="also print torch.profiler's top N ops of one window")
     parser.add_argument("--torch-linears", action="store_true", help="keep torch's default linears (no oneDNN switch)")
+    parser.add_argument("--matmul", default="auto", help="rank --matmul: auto, float32 or bf16 (trees before it: ignored)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +153,13 @@ def main() -> None:
         from rys_forge.rank.fast_linear import fast_linears as fast
     except ImportError:
         fast = getattr(activations, "fast_linears", None)
+    try:  # rank --matmul (#17); older trees ran float32 only
+        from rys_forge.rank.fast_linear import matmul_precision, resolve_matmul
+    except ImportError:
+        matmul = "float32"
+    else:
+        matmul = resolve_matmul(args.matmul, loaded.model)
+        stack.enter_context(matmul_precision(matmul))
     switched = stack.enter_context(fast(loaded.model)) if fast and not args.torch_linears else 0
     t0 = time.perf_counter()
     cache = cache_activations(
@@ -183,7 +191,7 @@ def main() -> None:
     stack.close()
     print(f"model {args.model}: {cache.num_layers} layers, {cache.tokens} tokens, "
           f"batches {[len(b.prompt_ids) for b in cache.batches]}, threads {torch.get_num_threads()}, "
-          f"stats {settings.stats_dtype}, linears on oneDNN: {switched}; base pass {base_s:.1f}s")
+          f"stats {settings.stats_dtype}, matmul {matmul}, linears on oneDNN: {switched}; base pass {base_s:.1f}s")
     print(f"windows probed: {', '.join(str(w) for w in chosen)} (of {len(every)})\n")
     print(_table(clock, total, count))
     print(f"\nestimated probe time for all {len(every)} windows: {total / count * len(every):.0f}s")

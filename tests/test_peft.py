@@ -274,6 +274,33 @@ def test_heal_lowers_the_loss_and_reloads_with_plain_peft(healed, exports, tiny_
     assert "heal/adapter_model.safetensors" in check_verified(folder)["files"]
 
 
+def test_heal_of_a_damped_export_scales_the_whole_healed_branch(tiny_model_dirs, tmp_path):
+    """heal on a layer-list export with damped visits (alpha 0.5, #19): verified with the adapters on both
+    sides, and equal to an independent reference: per-visit merged weights, then each damped visit's output
+    projections times its scale (the scale multiplies the visit's whole branch, its LoRA included)."""
+    from peft import PeftModel
+
+    base = tiny_model_dirs["llama"]
+    folder = build(str(base), [WINDOW], tmp_path / "damped", alpha=0.5).path
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT + "\n")
+    result = heal(folder, data, HealSettings(rank=4, alpha=8, steps=6, lr=1e-2, max_length=256, visits="second"))
+    assert result.verification["passed"], result.verification["failures"]
+    plan = json.loads((folder / "config.json").read_text())["rys"]["plan"]
+    assert sorted(set(plan["residual_scales"])) == [0.5, 1.0]
+    reference = _per_visit_merged_reference(base, plan["layer_order"], folder / HEAL_DIR)
+    with torch.no_grad():
+        for visit, scale in enumerate(plan["residual_scales"]):
+            layer = reference.model.layers[visit]
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+    healed_model = PeftModel.from_pretrained(_auto(folder), str(folder / HEAL_DIR)).eval()
+    ids = _ids()
+    got = _logits(healed_model, ids)
+    assert (got - _logits(reference, ids)).abs().max().item() <= 1e-4
+    assert (got - _logits(_auto(folder), ids)).abs().max().item() > 1e-3  # the healing changed the model
+
+
 def test_heal_adapter_in_memory_on_a_hooked_base(healed, tiny_model_dirs):
     """The in-memory repeat with the per-visit LoRA, on a base whose layers carry accelerate hooks (as a
     model dispatched over several devices has), equals the per-visit merged reference: the deep visit

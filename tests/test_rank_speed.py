@@ -320,19 +320,31 @@ def test_bf16_matmul_rounds_the_inputs_only_and_is_restored(gemma):
 
 @pytest.mark.skipif(not BF16_MATH, reason="this CPU or torch build has no oneDNN bf16 math mode")
 def test_bf16_rank_stays_close_to_float32_and_is_part_of_the_run(gemma, tmp_path):
-    """A bf16 run: every score within 2% of the float32 run's (measured on gemma-3-270m: within 1.1%,
-    the same top 10 and short list), `matmul` stored in run.json, and a float32 resume of it refused."""
+    """A bf16 run: every column of every window within 5% of that column's range over the windows of the
+    float32 run plus 1% of its value (a near-constant column has almost no range), `top1_agree` within two
+    positions or 5% (measured on gemma-3-270m: every column within 4% of its range, most within 0.5%; 4 of 160
+    positions flip at most; the same top 10 and short list),
+    `matmul` stored in run.json, and a float32 resume of it refused."""
     prompts = [Prompt(f"p{k}", "a" if k % 2 else "b", text) for k, text in enumerate(TEXTS)]
     settings = RankSettings(max_tokens=16, batch_size=3, jacobian="none", top_k=3)
     plain = rank_windows(gemma.model, gemma.tokenizer, prompts, settings, progress=False)
     fast = rank_windows(gemma.model, gemma.tokenizer, prompts, RankSettings(**{**settings.__dict__, "matmul": "bf16"}),
                         out_dir=tmp_path / "run", progress=False)
     assert fast.summary["settings"]["matmul"] == "bf16" and plain.summary["settings"]["matmul"] == "float32"
-    want = {r["window"]: r["score"] for r in plain.rows}
-    got = {r["window"]: r["score"] for r in fast.rows}
-    spread = max(abs(v) for v in want.values())
-    assert max(abs(got[w] - want[w]) for w in want) <= 0.02 * spread
-    assert any(got[w] != want[w] for w in want)  # it really ran other arithmetic
+    want = {r["window"]: r for r in plain.rows}
+    rows = {r["window"]: r for r in fast.rows}
+    columns = [k for k, v in plain.rows[0].items() if isinstance(v, float) and k != "probe_s"]
+    flips = 2 / plain.summary["prompts"]["kl_positions"]  # top1_agree is a share of positions: two may flip
+    for column in columns:
+        ref = [want[w][column] for w in want if math.isfinite(want[w][column])]
+        spread = max(ref) - min(ref) if ref else 0.0
+        for w in want:
+            a, b = want[w][column], rows[w][column]
+            limit = max(flips, 0.05) if column == "top1_agree" else 0.05 * spread + 0.01 * abs(a) + 1e-9
+            assert math.isnan(a) == math.isnan(b), (w, column)
+            assert math.isnan(a) or abs(b - a) <= limit, (w, column, a, b, spread)
+    got = {w: r["score"] for w, r in rows.items()}
+    assert any(got[w] != want[w]["score"] for w in want)  # it really ran other arithmetic
     with pytest.raises(UsageError, match="matmul"):
         rank_windows(gemma.model, gemma.tokenizer, prompts, settings, out_dir=tmp_path / "run", resume=True,
                      progress=False)

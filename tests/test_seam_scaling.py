@@ -201,6 +201,18 @@ def test_damped_exports_verify(tiny_model_dirs, tmp_path, model_type):
     assert "residual scales" in (tmp_path / "mk" / RECIPE_FILE).read_text()
 
 
+def test_damped_export_verifies_in_bfloat16(tiny_model_dirs, tmp_path):
+    """A damped layer-list export verified in bfloat16 (as on a GPU, where its visits' scales meet bf16
+    rounding): it passes verify's thresholds for that dtype."""
+    from rys_forge.verify import verify
+
+    base_dir = str(tiny_model_dirs["llama"])
+    damped = build(base_dir, ["2:5"], tmp_path / "damped", alpha=0.5, verify=False)
+    report = verify(damped.path, dtype="bfloat16", write_report=False)
+    assert report.passed, report.failures
+    assert report.settings["dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize("fmt", ["layerlist", "mergekit"])
 def test_alpha_one_exports_are_byte_identical(tiny_model_dirs, tmp_path, fmt):
     """alpha=1 is today's plain repeat, byte for byte: config.json (but its timestamp), recipe, code and weights."""
