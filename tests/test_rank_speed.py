@@ -14,14 +14,12 @@ import time
 import pytest
 import torch
 
-from rys_forge.divergence import kl_from_logits
+from rys_forge.divergence import BaseDistribution, kl_from_logits, kl_rows, top1_agrees
 from rys_forge.errors import UsageError
 from rys_forge.models import load_model
 from rys_forge.rank import Prompt, RankSettings, rank_windows
 from rys_forge.rank import activations
-from rys_forge.rank.activations import (
-    ActivationCache, BaseDistribution, cache_activations, head_logits, kl_rows, replay_layers, top1_agrees,
-)
+from rys_forge.rank.activations import ActivationCache, cache_activations, head_logits, replay_layers
 from rys_forge.rank.fast_linear import bf16_math_available, fast_linears, matmul_precision, resolve_matmul
 from rys_forge.rank.probes import (
     AUTO_WORKERS_MAX, ProbeSettings, Trajectory, in_order, list_probes,

@@ -31,33 +31,9 @@ import torch
 from torch import nn
 
 from rys_forge.architectures import ArchSpec, get_path, spec_for_model
+from rys_forge.divergence import BaseDistribution, kl_rows, top1_agrees
 from rys_forge.errors import PromptError
 from rys_forge.repeat import scaled_visit
-
-
-@dataclass(frozen=True)
-class BaseDistribution:
-    """The base model's next-token distributions at `K` positions, in the float64 terms that every window's
-    KL against them reuses (`kl_rows`), computed once per base pass.
-
-    Attributes:
-        lse: `[K]` log-normaliser (logsumexp) of the base logits `b`.
-        probs: `[K, V]` probabilities `p = softmax(b)` (8 bytes a vocabulary entry and position: 335 MB for
-            gemma's 262k vocabulary at 160 positions).
-        cross: `[K]` `sum_v p_v b_v`.
-    """
-
-    lse: torch.Tensor
-    probs: torch.Tensor
-    cross: torch.Tensor
-
-    @classmethod
-    def of(cls, logits: torch.Tensor) -> "BaseDistribution":
-        """The terms of `[K, V]` float32 `logits`, in float64."""
-        b = logits.double()
-        lse = torch.logsumexp(b, dim=-1)
-        probs = (b - lse[:, None]).exp_()
-        return cls(lse=lse, probs=probs, cross=torch.where(probs > 0, probs * b, 0.0).sum(dim=-1))  # 0 log 0 = 0
 
 
 @dataclass
@@ -188,45 +164,6 @@ class ActivationCache:
         base = batch.base if batch.base is not None else BaseDistribution.of(batch.base_logits)
         kl = kl_rows(base, logits)
         return kl.clamp_min(0.0).float(), top1_agrees(logits, batch.base_top1)
-
-
-def top1_agrees(logits: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
-    """`[K]` bool: `logits.argmax(-1) == top1`, from a maximum and a gather (a vectorised pass where
-    `argmax` over a 262k vocabulary is ~7x slower on CPU); rows whose maximum is tied fall back to
-    `argmax`, which picks the first maximal index."""
-    top = logits.amax(dim=-1)
-    agree = logits.gather(-1, top1.to(logits.device)[:, None]).squeeze(-1) == top
-    tied = (logits == top[:, None]).sum(dim=-1) > 1
-    if tied.any():
-        agree[tied] = logits[tied].argmax(-1) == top1.to(logits.device)[tied]
-    return agree
-
-
-def kl_rows(base: BaseDistribution, logits: torch.Tensor) -> torch.Tensor:
-    """`[K]` float64 KL(p || softmax(logits)) against the base distribution `base`, from float32 `[K, V]`
-    logits `q`, a row at a time on CPU.
-
-    `KL = sum p (log p - log q) = (sum p b - sum p q) + (lse(q) - lse(b))`: with the base's terms cached
-    (`BaseDistribution`), a window's row costs one float64 logsumexp and one dot product, where computing
-    `sum p (log p - log q)` from the logits took two exponentials and four passes more (3x slower). The
-    same float64 numbers as `rys_forge.divergence.kl_from_logits(..., dtype=torch.float64)` up to summation
-    order; a row whose dot product is not finite (a `-inf` logit where `p` is 0) is summed term by term
-    with `0 log 0 = 0`. A row of float64 temporaries (2 MiB at a 262k vocabulary) stays in cache.
-    """
-    if base.probs.shape != logits.shape:
-        raise ValueError(f"base distribution has shape {tuple(base.probs.shape)} but logits {tuple(logits.shape)}")
-    step = 1 if logits.device.type == "cpu" else max(1, logits.shape[0])  # a GPU takes the whole matrix at once
-    out = []
-    for first in range(0, logits.shape[0], step):
-        rows = slice(first, first + step)
-        p = base.probs[rows].to(logits.device)
-        q = logits[rows].double()
-        lse = torch.logsumexp(q, dim=-1)
-        dot = (p * q).sum(dim=-1)
-        if not torch.isfinite(dot).all():
-            dot = torch.where(p > 0, p * q, 0.0).sum(dim=-1)
-        out.append(base.cross[rows].to(logits.device) - dot + lse - base.lse[rows].to(logits.device))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=logits.device)
 
 
 def replay_layers(

@@ -206,8 +206,7 @@ def rank_windows(
             different settings or model (`RunFolder.session`).
         RysForgeError: no window got a finite score; a run-folder write failed (the records stay).
     """
-    settings = settings or RankSettings()
-    score_config = score_config or ScoreConfig()
+    settings, score_config = settings or RankSettings(), score_config or ScoreConfig()
     settings.validate()
     settings = replace(settings, matmul=_run_matmul(settings.matmul, model, out_dir, resume, current_shard().parallel))
     workers = window_workers(workers, model)
