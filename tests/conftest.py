@@ -28,6 +28,17 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _matmul_precision_restored():
+    """`rank --matmul bf16` switches a process-wide torch flag; no test may leave it switched (every later
+    float32 product would round its inputs to bfloat16)."""
+    import torch
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    yield
+    assert torch.backends.mkldnn.matmul.fp32_precision == before, "a test left CPU matmuls in bf16 math mode"
+
+
 @pytest.fixture(scope="module")
 def single_thread_loader(tmp_path_factory):
     """``load(model_dir)``: a loaded model (RysForge cache in a temporary folder, torch on one thread) for
