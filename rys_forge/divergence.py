@@ -76,8 +76,8 @@ def top1_agrees(logits: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
     top = logits.amax(dim=-1)
     index = top1.to(logits.device)
     agree = logits.gather(-1, index[:, None]).squeeze(-1) == top
-    for row in agree.nonzero().flatten().tolist():
-        first = int(index[row])
+    rows = agree.nonzero().flatten()
+    for row, first in zip(rows.tolist(), index[rows].tolist()):  # one transfer of the indices, not one a row
         if first and bool((logits[row, :first] == top[row]).any()):
             agree[row] = False
     return agree

@@ -32,8 +32,7 @@ def resolve_matmul(mode: str, model: nn.Module) -> str:
     Raises:
         UsageError: an unknown mode, or bf16 asked for where it cannot apply.
     """
-    if mode not in MATMUL_MODES:
-        raise UsageError(f"--matmul {mode!r}: choose {', '.join(MATMUL_MODES)}")
+    check_matmul_mode(mode)
     if mode == "float32":
         return mode
     weight = next((p for p in model.parameters() if p.dim() == 2), None)
@@ -45,6 +44,12 @@ def resolve_matmul(mode: str, model: nn.Module) -> str:
     if mode == "bf16":
         return mode
     return "bf16" if supported and _bf16_speedup(model) >= BF16_MIN_SPEEDUP else "float32"
+
+
+def check_matmul_mode(mode: str) -> None:
+    """Raises UsageError (one line) unless `mode` is one of `MATMUL_MODES`."""
+    if mode not in MATMUL_MODES:
+        raise UsageError(f"--matmul {mode!r}: choose {', '.join(MATMUL_MODES)}")
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from rys_forge.plan import WINDOW_CONVENTION, Window, check_scale, select_window
 from rys_forge.progress import progress_bar
 from rys_forge.rank import metrics
 from rys_forge.rank.activations import ActivationCache, cache_activations
-from rys_forge.rank.fast_linear import MATMUL_MODES, fast_linears, matmul_precision, resolve_matmul
+from rys_forge.rank.fast_linear import check_matmul_mode, fast_linears, matmul_precision, resolve_matmul
 from rys_forge.rank.outputs import write_outputs
 from rys_forge.rank.probes import (
     ProbeSettings, in_order, jacobian_spectrum, probe_window, repeat_curves, select_probes, torch_threads,
@@ -128,8 +128,7 @@ class RankSettings:
             check_scale(self.alpha, "--alpha")
         except WindowError as exc:
             raise UsageError(str(exc)) from None
-        if self.matmul not in MATMUL_MODES:
-            raise UsageError(f"--matmul {self.matmul!r}: choose {', '.join(MATMUL_MODES)}")
+        check_matmul_mode(self.matmul)
         if self.overlap_families and len(self.overlap_families) != 2:
             raise UsageError("--overlap takes exactly two prompt families, e.g. math,reasoning")
 
