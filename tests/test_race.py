@@ -252,3 +252,28 @@ def test_cli_race_order_and_report(tiny_model_dirs, tmp_path):
     expected = {r["window"]: r["race_estimate"] for r in rows}
     correlation = report["correlations"]["score"]["race_estimate"]["spearman"]
     assert math.isfinite(correlation) and set(expected) == {"1:3", "2:5", "3:6"}
+
+
+def test_race_killed_inside_a_look_resumes_to_the_same_rows(loaded, tmp_path, monkeypatch):
+    """A kill (SIGTERM, a time limit) can land after some windows of a look were scored and logged and others
+    not, with earlier-dropped windows already in the table: --resume must finish with the uncut race's rows."""
+    import rys_forge.research.race as race_module
+
+    whole = _sweep(loaded, tmp_path / "whole", race=RaceSettings(looks=3), order=WINDOWS)
+    real_add, calls = race_module._Racer.add, {"n": 0}
+
+    def add_then_die(self, key, look, docs, values):
+        real_add(self, key, look, docs, values)
+        calls["n"] += 1
+        if look == 1 and (key, look) not in self.logged:  # the second look, part-way through its windows
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(race_module._Racer, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(loaded, out, race=RaceSettings(looks=3), order=WINDOWS)
+    monkeypatch.setattr(race_module._Racer, "add", real_add)
+    resumed = _sweep(loaded, out, race=RaceSettings(looks=3), order=WINDOWS, resume=True)
+    assert {r["window"]: r["race_reason"] for r in resumed.rows} == {r["window"]: r["race_reason"] for r in whole.rows}
+    assert {r["window"]: r["race_estimate"] for r in resumed.rows} == pytest.approx(
+        {r["window"]: r["race_estimate"] for r in whole.rows})

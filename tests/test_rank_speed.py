@@ -296,6 +296,32 @@ def test_matmul_modes_resolve_and_refuse_in_one_line(gemma):
 
 
 @pytest.mark.skipif(not BF16_MATH, reason="this CPU or torch build has no oneDNN bf16 math mode")
+def test_auto_weighs_bf16_against_the_float32_path_a_run_takes(gemma, monkeypatch):
+    """auto's float32 side is the fastest float32 path the run would take: where oneDNN's op (what `fast_linears`
+    switches to) is as fast as bf16, auto keeps float32 however slow torch's default linear is (an AMD EPYC's MKL)."""
+    import rys_forge.rank.fast_linear as fast_linear
+
+    ready = {}
+
+    def instant_float32(x, w, *_):  # a float32 path faster than any product: bf16 cannot be 1.3x faster
+        return ready.setdefault((x.shape, w.shape), torch.empty(x.shape[0], w.shape[0]))
+
+    real_linear = torch.nn.functional.linear
+
+    def slow_float32_linear(x, w, *args):  # torch's default float32 linear made slow, bf16 math mode untouched
+        if torch.backends.mkldnn.matmul.fp32_precision != "bf16":
+            time.sleep(0.05)
+        return real_linear(x, w, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", slow_float32_linear)
+    monkeypatch.setattr(fast_linear, "_onednn_linear_op", lambda: instant_float32)
+    assert resolve_matmul("auto", gemma.model) == "float32"
+    monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+    monkeypatch.setattr(fast_linear, "_onednn_linear_op", lambda: None)  # no oneDNN op: torch's linear decides
+    assert resolve_matmul("auto", gemma.model) in ("float32", "bf16")
+
+
+@pytest.mark.skipif(not BF16_MATH, reason="this CPU or torch build has no oneDNN bf16 math mode")
 def test_bf16_matmul_rounds_the_inputs_only_and_is_restored(gemma):
     """Inside `matmul_precision("bf16")` a float32 product equals the float64 product of bfloat16-rounded
     inputs (float32 accumulation), not the exact one; outside it, exact float32 again."""
