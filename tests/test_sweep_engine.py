@@ -148,3 +148,21 @@ def test_cached_engine_refuses_generation_tasks(loaded, tmp_path):
         sweep_windows(loaded.model, loaded.tokenizer, tasks=["rys_arc_easy"], limit=2, windows=["1:3"], engine="bogus",
                       progress=False)
 
+
+
+def test_memoised_document_accessors_never_answer_for_another_document():
+    """A task outlives its scorers (a race builds one per look): once a scorer's documents are freed, CPython
+    reuses their ids for the next look's documents, which must get their own choices, not a freed one's (a
+    race once failed on a 3-choice question given a 4-choice one's choices, and the same mix-up with equal
+    choice counts would silently swap gold answers)."""
+    from types import SimpleNamespace
+
+    from rys_forge.research.sweep_engine import _memoise
+
+    task = SimpleNamespace(doc_to_choice=lambda doc: list(doc["choices"]))
+    _memoise(task, "doc_to_choice")
+    for k in range(300):
+        doc = {"choices": [f"answer {k}"] * (k % 4 + 2)}
+        assert task.doc_to_choice(doc) == doc["choices"]
+        assert task.doc_to_choice(doc) == doc["choices"]  # the cached answer, for this document
+        del doc  # freed: the next document may take its id

@@ -430,19 +430,24 @@ class WindowScorer:
 
 
 def _memoise(task: Any, name: str) -> None:
-    """Shadow ``task.<name>(doc)`` with a cache keyed by the document object (kept alive by the scorer)."""
+    """Shadow ``task.<name>(doc)`` with a cache keyed by the document object.
+
+    The cache holds each document beside its value and checks identity: a task outlives its scorers (a race
+    makes one per look), and a freed document's ``id`` can be reused by another document, which must not get
+    the first one's choices or target.
+    """
     original = getattr(task, name, None)
     if original is None or getattr(original, "_rys_memoised", False):
         return
-    cache: dict[int, Any] = {}
+    cache: dict[int, tuple[Any, Any]] = {}
 
     def memoised(doc: Any, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs:
             return original(doc, *args, **kwargs)
-        key = id(doc)
-        if key not in cache:
-            cache[key] = original(doc)
-        return cache[key]
+        hit = cache.get(id(doc))
+        if hit is None or hit[0] is not doc:
+            hit = cache[id(doc)] = (doc, original(doc))
+        return hit[1]
 
     memoised._rys_memoised = True  # type: ignore[attr-defined]
     setattr(task, name, memoised)
