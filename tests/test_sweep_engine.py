@@ -166,3 +166,22 @@ def test_memoised_document_accessors_never_answer_for_another_document():
         assert task.doc_to_choice(doc) == doc["choices"]
         assert task.doc_to_choice(doc) == doc["choices"]  # the cached answer, for this document
         del doc  # freed: the next document may take its id
+
+
+def test_batches_bound_padding_and_give_the_same_numbers(tiny_model_dirs, monkeypatch, tmp_path):
+    """A request joins a batch only if it is at least `min_fill` of the batch's longest: a small request set
+    (a race's early look) is not padded to its longest member in one batch. Batching changes no number."""
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path))
+    model = load_model(str(tiny_model_dirs["llama"])).model
+    requests = _requests(model.config.vocab_size)
+    lengths = [len((c + t)[-(MAX_LENGTH + 1):]) - 1 for c, t in requests]
+    bounded = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000)
+    loose = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, min_fill=0.0)
+    assert len(loose.batches) == 1 and len(bounded.batches) > 1
+    for batch in bounded.batches:
+        rows = sorted({lengths[k] for k in batch.owner.tolist()})
+        assert rows[0] >= 0.75 * rows[-1] and batch.input_ids.shape[1] == rows[-1]
+    reference, _ = _reference(model, requests)
+    for engine in (bounded, loose):
+        run = engine.run([None])[0]
+        np.testing.assert_allclose(run.loglikelihood, reference, rtol=1e-5, atol=1e-4)

@@ -80,6 +80,9 @@ class LoglikelihoodEngine:
         max_length: ``HFLM.max_length`` (inputs are left-truncated to it, as ``HFLM`` does).
         pad_id: padding token id (right padding; causal attention never sees it).
         batch_tokens: padded tokens per forward batch.
+        min_fill: a request joins a batch only if its length is at least this share of the batch's longest
+            (requests go longest first): without it a small set of requests (a race's early look) packs short
+            ones beside long ones and most of each batch is padding.
         max_cache_bytes: activation cache budget (None: 60% of free GPU memory, or 8 GiB on CPU).
         head_chunk: continuation positions per LM-head call (bounds the `[K, V]` float32 logits).
     """
@@ -92,6 +95,7 @@ class LoglikelihoodEngine:
         max_length: int,
         pad_id: int = 0,
         batch_tokens: int = 16384,
+        min_fill: float = 0.75,
         max_cache_bytes: int | None = None,
         head_chunk: int = 2048,
     ):
@@ -113,7 +117,9 @@ class LoglikelihoodEngine:
         order = sorted(range(len(inputs)), key=lambda k: -len(inputs[k]))
         batches: list[list[int]] = []
         for k in order:
-            if batches and (len(batches[-1]) + 1) * len(inputs[batches[-1][0]]) <= max(batch_tokens, len(inputs[k])):
+            longest = len(inputs[batches[-1][0]]) if batches else 0
+            if (batches and (len(batches[-1]) + 1) * longest <= max(batch_tokens, len(inputs[k]))
+                    and len(inputs[k]) >= min_fill * longest):
                 batches[-1].append(k)
             else:
                 batches.append([k])
@@ -406,7 +412,7 @@ class WindowScorer:
             for inst, index in pairs:
                 inst.resps = [(float(run.loglikelihood[index]), bool(run.is_greedy[index]))]
                 inst.filtered_resps = {}
-            task.apply_filters()
+            _apply_filters(task, [inst for inst, _ in pairs])
             values: list[Any] = []
             per_item: dict[str, dict[str, Any]] = {}
             for doc_id, doc, requests in docs:
@@ -427,6 +433,19 @@ class WindowScorer:
             }
             items[name] = {filt: per_item}
         return {"results": results, "items": items}
+
+
+def _apply_filters(task: Any, instances: list[Any]) -> None:
+    """lm-eval's ``task.apply_filters()`` on ``instances`` only: it filters every instance of the task, and a
+    race scoring one look's documents per window would pay for all of them (the task's filter ensembles are
+    applied the same way, per instance)."""
+    ensembles = getattr(task, "_filters", None)
+    if ensembles is None:
+        task.apply_filters()
+        return
+    if instances:
+        for ensemble in ensembles:
+            ensemble.apply(instances)
 
 
 def _memoise(task: Any, name: str) -> None:

@@ -1,0 +1,115 @@
+"""Benchmark: `sweep --race` against the exhaustive sweep, in one process on one model (issue #18's measurement).
+
+Runs `sweep_windows` exhaustively (cached engine) and then as a race over the same windows, tasks and items
+(the base pass runs once per sweep, as a user's two commands would), and prints a table: item-evaluations and
+window time of each, their ratios, the exhaustive best window and whether the race kept it or a window whose
+interval holds its mean paired difference, and the exhaustive sweep's positive windows the race called positive.
+Writes JSON to $OUT (or ./bench_out). Usage (GPU machine, see ../shared/GPU.md):
+
+    PYTHONPATH=. python bench/race_bench.py --model ~/st/smollm2-135m.gguf --device cuda --dtype bfloat16 \\
+        --tasks rys_arc_easy,rys_arc_challenge,rys_piqa,rys_openbookqa,rys_hellaswag,rys_lambada_openai \\
+        --limit 500 --looks 6 --margin 0.005 [--order-from RANK_RUN] [--windows 0:2,4:8 | --max-width 8]
+
+`--exhaustive SWEEP_RUN` takes the exhaustive rows (and window time) from an earlier sweep run folder of the
+same settings instead of sweeping again. On CPU with a tiny model it runs as is (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def mean_paired_difference(row: dict[str, Any], tasks: list[str]) -> float:
+    """An exhaustive row's mean over tasks of its mean per-item difference from the base (the race's estimate)."""
+    return float(sum(row["tasks"][t]["delta"] for t in tasks) / len(tasks))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--tasks", default="rys_arc_easy,rys_piqa")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--windows", default=None, help="comma list (default: every window of --max-width or less)")
+    parser.add_argument("--max-width", type=int, default=None)
+    parser.add_argument("--looks", type=int, default=6)
+    parser.add_argument("--margin", type=float, default=0.005)
+    parser.add_argument("--order-from", type=Path, default=None, help="a rank run folder: the race's order")
+    parser.add_argument("--exhaustive", type=Path, default=None, help="an earlier exhaustive sweep run folder")
+    parser.add_argument("--batch-tokens", type=int, default=16384)
+    args = parser.parse_args()
+
+    from rys_forge.models import load_model
+    from rys_forge.rank.outputs import read_rank_run
+    from rys_forge.research.race import RaceSettings
+    from rys_forge.research.sweep import read_sweep, sweep_windows
+
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    tasks = args.tasks.split(",")
+    windows = args.windows.split(",") if args.windows else None
+    order = [str(r["window"]) for r in read_rank_run(args.order_from)[0]] if args.order_from else None
+    common = dict(tasks=tasks, limit=args.limit, windows=windows, max_width=args.max_width, progress=False,
+                  engine="cached", batch_tokens=args.batch_tokens, model_info={"source": loaded.source})
+    if args.exhaustive:
+        rows, summary = read_sweep(args.exhaustive)
+        exhaustive_s = float(summary["timings"]["windows_s"])
+    else:
+        start = time.perf_counter()
+        full = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "exhaustive", **common)
+        rows, summary = full.rows, full.summary
+        exhaustive_s = float(summary["timings"]["windows_s"])
+        print(f"exhaustive: {len(rows)} windows in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    raced = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "race", order=order,
+                          race=RaceSettings(looks=args.looks, margin=args.margin), **common)
+    print(f"race: {len(raced.rows)} windows in {time.perf_counter() - start:.1f} s")
+    race_info = raced.summary["timings"]["race"]
+    race_s = float(raced.summary["timings"]["windows_s"])
+
+    by_window = {r["window"]: r for r in raced.rows}
+    ranked = [r for r in rows if math.isfinite(r.get("combined_z", math.nan))]
+    best = max(ranked, key=lambda r: r["combined_z"])
+    best_d = mean_paired_difference(best, tasks)
+    race_best = max((r for r in raced.rows if r["race_reason"] == "completed"), key=lambda r: r["race_estimate"])
+    kept = by_window[best["window"]]["race_reason"] == "completed"
+    held = race_best["race_lower"] <= best_d <= race_best["race_upper"]
+    positives = [r["window"] for r in ranked if r["combined_z"] > 1.96]
+    called = set(race_info.get("positive") or [])
+    result = {
+        "model": loaded.source, "tasks": tasks, "limit": args.limit, "looks": args.looks, "margin": args.margin,
+        "windows": len(rows), "order": str(args.order_from) if args.order_from else "seeded random",
+        "items_exhaustive": race_info["exhaustive"], "items_race": race_info["spent"],
+        "items_ratio": race_info["spent"] / race_info["exhaustive"],
+        "windows_s_exhaustive": exhaustive_s, "windows_s_race": race_s, "time_ratio": race_s / exhaustive_s,
+        "base_s_race": raced.summary["timings"]["base_eval_s"],
+        "exhaustive_best": best["window"], "exhaustive_best_combined_z": best["combined_z"],
+        "exhaustive_best_mean_difference": best_d, "race_best": race_best["window"],
+        "race_best_interval": [race_best["race_lower"], race_best["race_upper"]],
+        "best_kept": kept, "best_inside_race_best_interval": held,
+        "exhaustive_positive": positives, "race_positive": sorted(called),
+        "positives_found": all(any(p == w.split("x")[0] for w in called) for p in positives),
+        "race_windows": race_info["windows"],
+    }
+    (out / "race_bench.json").write_text(json.dumps(result, indent=2))
+    print()
+    print("| what | exhaustive | race | race / exhaustive |")
+    print("|---|---:|---:|---:|")
+    print(f"| item-evaluations | {result['items_exhaustive']} | {result['items_race']} | {result['items_ratio']:.3f} |")
+    print(f"| window time (s) | {exhaustive_s:.1f} | {race_s:.1f} | {result['time_ratio']:.3f} |")
+    print(f"| best window | {best['window']} (z {best['combined_z']:+.2f}, d {best_d:+.4f}) | {race_best['window']} "
+          f"[{race_best['race_lower']:+.4f}, {race_best['race_upper']:+.4f}] | kept: {kept}, inside: {held} |")
+    print(f"| positive windows | {len(positives)} | {len(called)} | all found: {result['positives_found']} |")
+
+
+if __name__ == "__main__":
+    main()
