@@ -295,6 +295,31 @@ def test_matmul_modes_resolve_and_refuse_in_one_line(gemma):
     assert resolve_matmul("auto", half) == "float32"
 
 
+def test_bf16_math_mode_counts_only_where_it_rounds_only_the_inputs(monkeypatch):
+    """`bf16_math_available` checks the arithmetic, not just the flag: a bf16 math mode whose results carry more
+    than the inputs' rounding (an AMD EPYC without AMX: ~3e-3 relative) is not offered."""
+    import rys_forge.rank.fast_linear as fast_linear
+
+    real_linear = torch.nn.functional.linear
+
+    def emulated(rounds_outputs):
+        def linear(x, w, *args):
+            if torch.backends.mkldnn.matmul.fp32_precision != "bf16":
+                return real_linear(x, w, *args)
+            out = (x.bfloat16().double() @ w.bfloat16().double().T).float()
+            return out.bfloat16().float() if rounds_outputs else out
+        return linear
+
+    for rounds_outputs, expected in ((False, True), (True, False)):
+        fast_linear._rounds_only_the_inputs.cache_clear()
+        monkeypatch.setattr(torch.nn.functional, "linear", emulated(rounds_outputs))
+        try:
+            assert fast_linear._rounds_only_the_inputs() is expected
+        finally:
+            monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+            fast_linear._rounds_only_the_inputs.cache_clear()
+
+
 @pytest.mark.skipif(not BF16_MATH, reason="this CPU or torch build has no oneDNN bf16 math mode")
 def test_auto_weighs_bf16_against_the_float32_path_a_run_takes(gemma, monkeypatch):
     """auto's float32 side is the fastest float32 path the run would take: where oneDNN's op (what `fast_linears`

@@ -157,7 +157,7 @@ def test_memoised_document_accessors_never_answer_for_another_document():
     choice counts would silently swap gold answers)."""
     from types import SimpleNamespace
 
-    from rys_forge.research.sweep_engine import _memoise
+    from rys_forge.research.window_scorer import _memoise
 
     task = SimpleNamespace(doc_to_choice=lambda doc: list(doc["choices"]))
     _memoise(task, "doc_to_choice")

@@ -365,7 +365,8 @@ def _logged_values(folder: Path | None) -> dict[tuple[str, int], dict[str, dict[
 def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look, k: int, keys: list[str],
                 limit: int | None, settings: RaceSettings, started: float) -> bool:
     """Evaluate ``keys`` on look ``k``'s documents (in chunks, checking the budget); False if it ran out."""
-    from rys_forge.research.sweep_engine import LoglikelihoodEngine, WindowScorer, leaf_tasks
+    from rys_forge.research.sweep_engine import LoglikelihoodEngine, leaf_tasks
+    from rys_forge.research.window_scorer import WindowScorer
 
     if not keys:
         return True
