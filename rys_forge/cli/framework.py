@@ -136,20 +136,25 @@ class RysForgeGroup(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
-        with _command_environment():
-            try:
-                value = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            except click.ClickException as exc:
-                if not standalone_mode:
-                    raise
-                if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
-                    exc.show()  # bare `rys-forge`: the help text, as click prints it
-                    sys.exit(exc.exit_code)
-                _fail(_click_line(exc), exc.exit_code)
-            except (click.Abort, KeyboardInterrupt, EOFError) as exc:  # Ctrl-C while click parses
-                if not standalone_mode:
-                    raise
-                exit_for(exc.__context__ if isinstance(exc.__context__, KeyboardInterrupt) else KeyboardInterrupt())
+        try:
+            with _command_environment():
+                try:
+                    value = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                except click.ClickException as exc:
+                    if not standalone_mode:
+                        raise
+                    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                        exc.show()  # bare `rys-forge`: the help text, as click prints it
+                        sys.exit(exc.exit_code)
+                    _fail(_click_line(exc), exc.exit_code)
+                except (click.Abort, KeyboardInterrupt, EOFError) as exc:  # Ctrl-C while click parses
+                    if not standalone_mode:
+                        raise
+                    exit_for(exc.__context__ if isinstance(exc.__context__, KeyboardInterrupt) else KeyboardInterrupt())
+        except KeyboardInterrupt:  # Ctrl-C while the environment itself is set up (its imports, on a slow machine)
+            if not standalone_mode:
+                raise
+            exit_for(KeyboardInterrupt())
         if not standalone_mode:
             return value
         sys.exit(value if isinstance(value, int) else 0)
