@@ -256,15 +256,14 @@ def test_cli_race_order_and_report(tiny_model_dirs, tmp_path):
 
 def test_race_killed_inside_a_look_resumes_to_the_same_rows(loaded, tmp_path, monkeypatch):
     """A kill (SIGTERM, a time limit) can land after some windows of a look were scored and logged and others
-    not, with earlier-dropped windows already in the table: --resume must finish with the uncut race's rows."""
+    not (and windows dropped earlier already in the table): --resume must finish with the uncut race's rows."""
     import rys_forge.research.race as race_module
 
     whole = _sweep(loaded, tmp_path / "whole", race=RaceSettings(looks=3), order=WINDOWS)
-    real_add, calls = race_module._Racer.add, {"n": 0}
+    real_add = race_module._Racer.add
 
     def add_then_die(self, key, look, docs, values):
         real_add(self, key, look, docs, values)
-        calls["n"] += 1
         if look == 1 and (key, look) not in self.logged:  # the second look, part-way through its windows
             raise KeyboardInterrupt
 

@@ -151,10 +151,10 @@ class RysForgeGroup(click.Group):
                     if not standalone_mode:
                         raise
                     exit_for(exc.__context__ if isinstance(exc.__context__, KeyboardInterrupt) else KeyboardInterrupt())
-        except KeyboardInterrupt:  # Ctrl-C while the environment itself is set up (its imports, on a slow machine)
+        except KeyboardInterrupt as exc:  # while the environment itself is set up or torn down (its imports)
             if not standalone_mode:
                 raise
-            exit_for(KeyboardInterrupt())
+            exit_for(exc)  # a Terminated keeps its signal's exit code
         if not standalone_mode:
             return value
         sys.exit(value if isinstance(value, int) else 0)
