@@ -10,16 +10,21 @@ Writes JSON to $OUT (or ./bench_out). Usage (GPU machine, see ../shared/GPU.md):
         --tasks rys_arc_easy,rys_arc_challenge,rys_piqa,rys_openbookqa,rys_hellaswag,rys_lambada_openai \\
         --limit 500 --looks 6 --margin 0.005 [--order-from RANK_RUN] [--windows 0:2,4:8 | --max-width 8]
 
-`--exhaustive SWEEP_RUN` takes the exhaustive rows (and window time) from an earlier sweep run folder of the
-same settings instead of sweeping again. On CPU with a tiny model it runs as is (a smoke test).
+`--exhaustive SWEEP_RUN` takes the exhaustive rows (and window time) from an earlier sweep run folder (or its
+committed CSV) of the same settings instead of sweeping again. With `--time-sample N` the exhaustive window time
+is measured here instead, in the same process as the race: N windows drawn at random (seeded) are swept on
+every item and their mean time is scaled to all windows (what a short device session can afford when the
+exhaustive rows already exist). On CPU with a tiny model it runs as is (a smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,14 @@ from typing import Any
 def mean_paired_difference(row: dict[str, Any], tasks: list[str]) -> float:
     """An exhaustive row's mean over tasks of its mean per-item difference from the base (the race's estimate)."""
     return float(sum(row["tasks"][t]["delta"] for t in tasks) / len(tasks))
+
+
+def rank_order(path: Path) -> list[str]:
+    """Windows of a rank run folder, or of its committed ``windows.csv`` copy (rows sorted by score), best first."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [row["window"] for row in csv.DictReader(handle)]
+    return [str(r["window"]) for r in read_rank_run(path)[0]]
 
 
 def main() -> None:
@@ -42,13 +55,14 @@ def main() -> None:
     parser.add_argument("--max-width", type=int, default=None)
     parser.add_argument("--looks", type=int, default=6)
     parser.add_argument("--margin", type=float, default=0.005)
-    parser.add_argument("--order-from", type=Path, default=None, help="a rank run folder: the race's order")
+    parser.add_argument("--order-from", type=Path, default=None, help="a rank run folder or its windows CSV: the race's order")
     parser.add_argument("--exhaustive", type=Path, default=None, help="an earlier exhaustive sweep run folder")
+    parser.add_argument("--time-sample", type=int, default=0,
+                        help="with --exhaustive: measure the exhaustive window time on this many random windows here")
     parser.add_argument("--batch-tokens", type=int, default=16384)
     args = parser.parse_args()
 
     from rys_forge.models import load_model
-    from rys_forge.rank.outputs import read_rank_run
     from rys_forge.research.race import RaceSettings
     from rys_forge.research.sweep import read_sweep, sweep_windows
 
@@ -57,17 +71,17 @@ def main() -> None:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
     tasks = args.tasks.split(",")
     windows = args.windows.split(",") if args.windows else None
-    order = [str(r["window"]) for r in read_rank_run(args.order_from)[0]] if args.order_from else None
+    order = rank_order(args.order_from) if args.order_from else None
     common = dict(tasks=tasks, limit=args.limit, windows=windows, max_width=args.max_width, progress=False,
                   engine="cached", batch_tokens=args.batch_tokens, model_info={"source": loaded.source})
     if args.exhaustive:
         rows, summary = read_sweep(args.exhaustive)
-        exhaustive_s = float(summary["timings"]["windows_s"])
+        exhaustive_s = float(summary.get("timings", {}).get("windows_s", math.nan))
     else:
         start = time.perf_counter()
         full = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "exhaustive", **common)
         rows, summary = full.rows, full.summary
-        exhaustive_s = float(summary["timings"]["windows_s"])
+        exhaustive_s = float(summary.get("timings", {}).get("windows_s", math.nan))
         print(f"exhaustive: {len(rows)} windows in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     raced = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "race", order=order,
@@ -75,6 +89,17 @@ def main() -> None:
     print(f"race: {len(raced.rows)} windows in {time.perf_counter() - start:.1f} s")
     race_info = raced.summary["timings"]["race"]
     race_s = float(raced.summary["timings"]["windows_s"])
+    raced_windows = {r["window"].split("x")[0] for r in raced.rows}
+    rows = [r for r in rows if r["window"] in raced_windows]  # an earlier sweep may hold more windows
+    exhaustive_source = "this process" if not args.exhaustive else f"{args.exhaustive} (its own timings)"
+    if args.exhaustive and args.time_sample:
+        sample = random.Random(0).sample([str(r["window"]) for r in rows], min(args.time_sample, len(rows)))
+        timed = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "time_sample",
+                              **{**common, "windows": sample, "max_width": None})
+        per_window = float(timed.summary["timings"]["windows_s"]) / len(sample)
+        exhaustive_s = per_window * len(rows)
+        exhaustive_source = f"{len(sample)} random windows swept on every item here, {per_window:.2f} s each"
+        print(f"time sample: {len(sample)} windows, {per_window:.2f} s per window")
 
     by_window = {r["window"]: r for r in raced.rows}
     ranked = [r for r in rows if math.isfinite(r.get("combined_z", math.nan))]
@@ -90,7 +115,8 @@ def main() -> None:
         "windows": len(rows), "order": str(args.order_from) if args.order_from else "seeded random",
         "items_exhaustive": race_info["exhaustive"], "items_race": race_info["spent"],
         "items_ratio": race_info["spent"] / race_info["exhaustive"],
-        "windows_s_exhaustive": exhaustive_s, "windows_s_race": race_s, "time_ratio": race_s / exhaustive_s,
+        "windows_s_exhaustive": exhaustive_s, "windows_s_exhaustive_from": exhaustive_source,
+        "windows_s_race": race_s, "time_ratio": race_s / exhaustive_s,
         "base_s_race": raced.summary["timings"]["base_eval_s"],
         "exhaustive_best": best["window"], "exhaustive_best_combined_z": best["combined_z"],
         "exhaustive_best_mean_difference": best_d, "race_best": race_best["window"],

