@@ -168,20 +168,54 @@ def test_memoised_document_accessors_never_answer_for_another_document():
         del doc  # freed: the next document may take its id
 
 
-def test_batches_bound_padding_and_give_the_same_numbers(tiny_model_dirs, monkeypatch, tmp_path):
-    """A request joins a batch only if it is at least `min_fill` of the batch's longest: a small request set
-    (a race's early look) is not padded to its longest member in one batch. Batching changes no number."""
+def _cheapest_cut(lengths: list[int], cap: int, overhead: int) -> int:
+    """Brute force over every cut of the sorted lengths into consecutive batches (the reference)."""
+    best = None
+    for mask in range(1 << (len(lengths) - 1)):
+        cuts = [0] + [k + 1 for k in range(len(lengths) - 1) if mask >> k & 1] + [len(lengths)]
+        parts = list(zip(cuts, cuts[1:]))
+        if all((b - a) * lengths[a] <= max(cap, lengths[a]) for a, b in parts):
+            cost = sum((b - a) * lengths[a] + overhead for a, b in parts)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_cut_by_length_minimises_padding_plus_batch_overhead():
+    """`cut_by_length` against brute force over every cut: optimal when one batch could hold everything,
+    within 2% when the batch limit binds (it splits a run of one length greedily), always within the limit."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        lengths = sorted(rng.integers(1, 40, rng.integers(1, 10)).tolist(), reverse=True)
+        overhead = int(rng.choice([0, 5, 30, 500]))
+        cap = int(rng.integers(1, 120)) if trial % 2 else sum(lengths) * max(lengths)
+        items = [100 + k for k in range(len(lengths))]
+        batches = sweep_engine.cut_by_length(items, lengths, cap, overhead)
+        assert [k for batch in batches for k in batch] == items
+        first = [items.index(batch[0]) for batch in batches]
+        assert all(len(b) * lengths[f] <= max(cap, lengths[f]) for b, f in zip(batches, first))
+        cost = sum(len(b) * lengths[f] + overhead for b, f in zip(batches, first))
+        reference = _cheapest_cut(lengths, cap, overhead)
+        assert cost == reference if trial % 2 == 0 else reference <= cost <= 1.02 * reference
+
+
+def test_batches_follow_their_overhead_and_give_the_same_numbers(tiny_model_dirs, monkeypatch, tmp_path):
+    """With no batch overhead every batch holds one length (no padding); with a huge one, the fewest batches
+    the limit allows (a race's early look on a GPU). The measured overhead is cached per model. Batching
+    changes no number."""
     monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path))
     model = load_model(str(tiny_model_dirs["llama"])).model
     requests = _requests(model.config.vocab_size)
     lengths = [len((c + t)[-(MAX_LENGTH + 1):]) - 1 for c, t in requests]
-    bounded = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000)
-    loose = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, min_fill=0.0)
-    assert len(loose.batches) == 1 and len(bounded.batches) > 1
-    for batch in bounded.batches:
-        rows = sorted({lengths[k] for k in batch.owner.tolist()})
-        assert rows[0] >= 0.75 * rows[-1] and batch.input_ids.shape[1] == rows[-1]
+    tight = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=0)
+    loose = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000,
+                                batch_overhead_tokens=10**9)
+    assert len(loose.batches) == 1 and len(tight.batches) == len(set(lengths)) > 1
+    for batch in tight.batches:
+        assert {lengths[k] for k in batch.owner.tolist()} == {batch.input_ids.shape[1]}
+    measured = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000)
+    assert 0 <= measured.batch_overhead_tokens <= 10_000
+    assert sweep_engine.batch_overhead(model, 10_000) == measured.batch_overhead_tokens  # cached, not re-measured
     reference, _ = _reference(model, requests)
-    for engine in (bounded, loose):
+    for engine in (tight, loose, measured):
         run = engine.run([None])[0]
         np.testing.assert_allclose(run.loglikelihood, reference, rtol=1e-5, atol=1e-4)

@@ -22,6 +22,7 @@ requests form several cache groups, each captured again for every group of windo
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from rys_forge.research.sweep_rows import Visits, trim_run, window_record  # tri
 from rys_forge.research.window_scorer import WindowScorer
 
 __all__ = [
-    "CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "WindowScorer", "capturing_lm", "check_cached_tasks",
+    "CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "batch_overhead", "cut_by_length", "WindowRun", "WindowScorer", "capturing_lm", "check_cached_tasks",
     "leaf_tasks", "score_cached_windows", "trim_run", "uncached_tasks",
 ]
 
@@ -70,6 +71,79 @@ class _Batch:
     layer_kwargs: list[dict[str, Any]] | None = None
 
 
+def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: int, overhead: int) -> list[list[int]]:
+    """Cut ``items`` (sorted by ``lengths``, longest first) into consecutive batches of at most
+    ``max(batch_tokens, longest)`` padded tokens that minimise padded tokens plus ``overhead`` per batch.
+
+    Exact over cuts at length changes (a DP over the runs of equal length, O(runs^2)); a run of groups
+    too big for one batch is split greedily at the batch limit.
+    """
+    runs: list[tuple[int, int]] = []  # (length, count), longest first
+    for length in lengths:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        else:
+            runs.append((length, 1))
+    best, start = [0.0] + [float("inf")] * len(runs), [0] * (len(runs) + 1)
+    for end in range(1, len(runs) + 1):
+        rows = 0
+        for first in range(end - 1, -1, -1):  # the group runs[first:end], padded to runs[first]'s length
+            rows += runs[first][1]
+            longest = runs[first][0]
+            per_batch = max(1, max(batch_tokens, longest) // longest)
+            cost = best[first] + rows * longest + -(-rows // per_batch) * overhead
+            if cost < best[end]:
+                best[end], start[end] = cost, first
+    bounds, end = [], len(runs)
+    while end > 0:
+        bounds.append((start[end], end))
+        end = start[end]
+    offsets = np.cumsum([0] + [count for _, count in runs]).tolist()
+    batches: list[list[int]] = []
+    for first, end in reversed(bounds):
+        group = list(range(offsets[first], offsets[end]))
+        while group:
+            per_batch = max(1, max(batch_tokens, lengths[group[0]]) // lengths[group[0]])
+            batches.append([items[k] for k in group[:per_batch]])
+            group = group[per_batch:]
+    return batches
+
+
+_OVERHEADS: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def batch_overhead(model: nn.Module, batch_tokens: int) -> int:
+    """The fixed cost of one forward batch of ``model``, in tokens: a forward of 8 tokens against one of
+    ``probe`` tokens (``batch_tokens`` on a GPU, where small batches cost their launches; 512 on a CPU),
+    the fastest of three (two) after a warm-up; ``t_small / ((t_big - t_small) / (probe - 8))``, within
+    ``[0, batch_tokens]``. Measured once per model and batch size."""
+    known = _OVERHEADS.setdefault(model, {})
+    if batch_tokens not in known:
+        spec = spec_for_model(model)
+        device = next(model.parameters()).device
+        probe = max(64, batch_tokens if device.type == "cuda" else min(batch_tokens, 512))
+        length = min(256, probe)
+
+        def fastest(rows: int, tokens: int, repeats: int) -> float:
+            ids = torch.ones((rows, tokens), dtype=torch.long, device=device)
+            times = []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                run_decoder(model, spec, ids, torch.ones_like(ids))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            return min(times[1:])
+
+        small, big = fastest(1, 8, 3), fastest(probe // length, length, 2)
+        per_token = max(big - small, 1e-12) / max(1, (probe // length) * length - 8)
+        known[batch_tokens] = int(min(batch_tokens, max(0.0, small / per_token)))
+    return known[batch_tokens]
+
+
 class LoglikelihoodEngine:
     """Continuation log-likelihoods of lm-eval token requests under the base model and any window repeat.
 
@@ -79,9 +153,11 @@ class LoglikelihoodEngine:
         max_length: ``HFLM.max_length`` (inputs are left-truncated to it, as ``HFLM`` does).
         pad_id: padding token id (right padding; causal attention never sees it).
         batch_tokens: padded tokens per forward batch.
-        min_fill: a request joins a batch only if its length is at least this share of the batch's longest
-            (requests go longest first): without it a small set of requests (a race's early look) packs short
-            ones beside long ones and most of each batch is padding.
+        batch_overhead_tokens: what one more forward batch costs, in padded tokens (None: measured once per
+            model, :func:`batch_overhead`): requests are cut into batches minimising padded tokens plus this
+            per batch (:func:`cut_by_length`). A GPU pays a fixed launch cost per batch, so a small request
+            set (a race's early look) goes in a few padded batches; on a CPU, where a token costs more than a
+            launch, batches hold requests of nearly one length.
         max_cache_bytes: activation cache budget (None: 60% of free GPU memory, or 8 GiB on CPU).
         head_chunk: continuation positions per LM-head call (bounds the `[K, V]` float32 logits).
     """
@@ -94,7 +170,7 @@ class LoglikelihoodEngine:
         max_length: int,
         pad_id: int = 0,
         batch_tokens: int = 16384,
-        min_fill: float = 0.75,
+        batch_overhead_tokens: int | None = None,
         max_cache_bytes: int | None = None,
         head_chunk: int = 2048,
     ):
@@ -114,14 +190,10 @@ class LoglikelihoodEngine:
             inputs.append(full[:-1])
             conts.append(list(continuation))
         order = sorted(range(len(inputs)), key=lambda k: -len(inputs[k]))
-        batches: list[list[int]] = []
-        for k in order:
-            longest = len(inputs[batches[-1][0]]) if batches else 0
-            if (batches and (len(batches[-1]) + 1) * longest <= max(batch_tokens, len(inputs[k]))
-                    and len(inputs[k]) >= min_fill * longest):
-                batches[-1].append(k)
-            else:
-                batches.append([k])
+        if batch_overhead_tokens is None:
+            batch_overhead_tokens = batch_overhead(model, batch_tokens)
+        self.batch_overhead_tokens = batch_overhead_tokens
+        batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens)
         hidden_size = int(model.config.get_text_config().hidden_size)
         width = next(model.parameters()).element_size()
         per_token = (self.num_layers + 1) * hidden_size * width
