@@ -40,6 +40,7 @@ def rank_order(path: Path) -> list[str]:
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             return [row["window"] for row in csv.DictReader(handle)]
+    from rys_forge.rank.outputs import read_rank_run
     return [str(r["window"]) for r in read_rank_run(path)[0]]
 
 
