@@ -21,6 +21,7 @@ requests form several cache groups, each captured again for every group of windo
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -116,8 +117,9 @@ _OVERHEADS: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.Wea
 def batch_overhead(model: nn.Module, batch_tokens: int) -> int:
     """The fixed cost of one forward batch of ``model``, in tokens: a forward of 8 tokens against one of
     ``probe`` tokens (``batch_tokens`` on a GPU, where small batches cost their launches; 512 on a CPU),
-    the fastest of three (two) after a warm-up; ``t_small / ((t_big - t_small) / (probe - 8))``, within
-    ``[0, batch_tokens]``. Measured once per model and batch size."""
+    the fastest of three (two) after a warm-up; ``t_small / ((t_big - t_small) / (probe - 8))``, at most
+    ``batch_tokens``, rounded to a power of 2 (so that timing noise rarely changes the batches of two runs).
+    Measured once per model and batch size."""
     known = _OVERHEADS.setdefault(model, {})
     if batch_tokens not in known:
         spec = spec_for_model(model)
@@ -140,7 +142,8 @@ def batch_overhead(model: nn.Module, batch_tokens: int) -> int:
 
         small, big = fastest(1, 8, 3), fastest(probe // length, length, 2)
         per_token = max(big - small, 1e-12) / max(1, (probe // length) * length - 8)
-        known[batch_tokens] = int(min(batch_tokens, max(0.0, small / per_token)))
+        tokens = min(batch_tokens, small / per_token)
+        known[batch_tokens] = 0 if tokens < 1 else int(2 ** round(math.log2(tokens)))  # a power of 2: stable runs
     return known[batch_tokens]
 
 
