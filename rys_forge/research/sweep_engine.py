@@ -143,7 +143,8 @@ def batch_overhead(model: nn.Module, batch_tokens: int) -> int:
         small, big = fastest(1, 8, 3), fastest(probe // length, length, 2)
         per_token = max(big - small, 1e-12) / max(1, (probe // length) * length - 8)
         tokens = min(batch_tokens, small / per_token)
-        known[batch_tokens] = 0 if tokens < 1 else int(2 ** round(math.log2(tokens)))  # a power of 2: stable runs
+        rounded = 0 if tokens < 1 else int(2 ** round(math.log2(tokens)))  # a power of 2: stable across runs
+        known[batch_tokens] = min(batch_tokens, rounded)
     return known[batch_tokens]
 
 
