@@ -77,13 +77,12 @@ def main() -> None:
                   engine="cached", batch_tokens=args.batch_tokens, model_info={"source": loaded.source})
     if args.exhaustive:
         rows, summary = read_sweep(args.exhaustive)
-        exhaustive_s = float(summary.get("timings", {}).get("windows_s", math.nan))
     else:
         start = time.perf_counter()
         full = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "exhaustive", **common)
         rows, summary = full.rows, full.summary
-        exhaustive_s = float(summary.get("timings", {}).get("windows_s", math.nan))
         print(f"exhaustive: {len(rows)} windows in {time.perf_counter() - start:.1f} s")
+    exhaustive_s = float(summary.get("timings", {}).get("windows_s", math.nan))
     start = time.perf_counter()
     raced = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "race", order=order,
                           race=RaceSettings(looks=args.looks, margin=args.margin), **common)

@@ -214,7 +214,12 @@ def test_batches_follow_their_overhead_and_give_the_same_numbers(tiny_model_dirs
         assert {lengths[k] for k in batch.owner.tolist()} == {batch.input_ids.shape[1]}
     measured = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000)
     assert 0 <= measured.batch_overhead_tokens <= 10_000
-    assert sweep_engine.batch_overhead(model, 10_000) == measured.batch_overhead_tokens  # cached, not re-measured
+    forwards = []
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep_engine, "run_decoder", lambda *a, **k: forwards.append(a))
+        assert sweep_engine.batch_overhead(model, 10_000) == measured.batch_overhead_tokens and not forwards  # cached
+        sweep_engine.batch_overhead(model, 20_000)
+        assert forwards  # another batch size is measured (the counter sees the forwards)
     reference, _ = _reference(model, requests)
     for engine in (tight, loose, measured):
         run = engine.run([None])[0]
