@@ -8,7 +8,7 @@ Writes JSON to $OUT (or ./bench_out). Usage (GPU machine, see ../shared/GPU.md):
 
     PYTHONPATH=. python bench/race_bench.py --model ~/st/smollm2-135m.gguf --device cuda --dtype bfloat16 \\
         --tasks rys_arc_easy,rys_arc_challenge,rys_piqa,rys_openbookqa,rys_hellaswag,rys_lambada_openai \\
-        --limit 500 --looks 6 --margin 0.005 [--order-from RANK_RUN] [--windows 0:2,4:8 | --max-width 8]
+        --limit 500 --looks 6 --margin 0.005 [--growth 2] [--order-from RANK_RUN] [--windows 0:2,4:8 | --max-width 8]
 
 `--exhaustive SWEEP_RUN` takes the exhaustive rows (and window time) from an earlier sweep run folder (or its
 committed CSV) of the same settings instead of sweeping again. With `--time-sample N` the exhaustive window time
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--max-width", type=int, default=None)
     parser.add_argument("--looks", type=int, default=6)
     parser.add_argument("--margin", type=float, default=0.005)
+    parser.add_argument("--growth", type=float, default=2.0, help="items grow by this factor from look to look")
     parser.add_argument("--order-from", type=Path, default=None, help="a rank run folder or its windows CSV: the race's order")
     parser.add_argument("--exhaustive", type=Path, default=None, help="an earlier exhaustive sweep run folder")
     parser.add_argument("--time-sample", type=int, default=0,
@@ -85,7 +86,7 @@ def main() -> None:
     exhaustive_s = float(summary.get("timings", {}).get("windows_s", math.nan))
     start = time.perf_counter()
     raced = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "race", order=order,
-                          race=RaceSettings(looks=args.looks, margin=args.margin), **common)
+                          race=RaceSettings(looks=args.looks, margin=args.margin, growth=args.growth), **common)
     print(f"race: {len(raced.rows)} windows in {time.perf_counter() - start:.1f} s")
     race_info = raced.summary["timings"]["race"]
     race_s = float(raced.summary["timings"]["windows_s"])
@@ -111,7 +112,7 @@ def main() -> None:
     positives = [r["window"] for r in ranked if r["combined_z"] > 1.96]
     called = set(race_info.get("positive") or [])
     result = {
-        "model": loaded.source, "tasks": tasks, "limit": args.limit, "looks": args.looks, "margin": args.margin,
+        "model": loaded.source, "tasks": tasks, "limit": args.limit, "looks": args.looks, "margin": args.margin, "growth": args.growth,
         "windows": len(rows), "order": str(args.order_from) if args.order_from else "seeded random",
         "items_exhaustive": race_info["exhaustive"], "items_race": race_info["spent"],
         "items_ratio": race_info["spent"] / race_info["exhaustive"],

@@ -8,7 +8,7 @@ end or its interval overlaps the race's best, and the windows called positive ag
 sweep calls positive (the mean difference's one-sided z > 1.96 with every item, and combined z > 1.96).
 
 Usage: PYTHONPATH=. python bench/race_replay.py SWEEP_DIR [--tasks a,b] [--looks 4] [--alpha 0.05] [--seeds 5]
-       [--margin 0.005] [--out FILE.json]
+       [--margin 0.005] [--growth 1.41] [--out FILE.json]
 Tasks default to those whose kept metric is a per-item mean (acc, acc_norm): a race needs per-item means.
 """
 
@@ -59,7 +59,7 @@ def replay(diffs: dict[str, dict[str, np.ndarray]], tasks: list[str], settings: 
     rng = np.random.default_rng(seed)
     n_items = {t: len(next(iter(diffs.values()))[t]) for t in tasks}
     order = {t: rng.permutation(n_items[t]) for t in tasks}
-    sizes = {t: look_sizes(n_items[t], settings.looks) for t in tasks}
+    sizes = {t: look_sizes(n_items[t], settings.looks, settings.growth) for t in tasks}
     z = critical_z(settings.alpha, settings.looks)
     tallies = {w: WindowTally() for w in diffs}
     spent = [0]
@@ -114,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--drop-confidence", type=float, default=0.9)
     parser.add_argument("--margin", type=float, default=0.0, help="the race's indifference margin (--race-margin)")
+    parser.add_argument("--growth", type=float, default=2.0, help="items grow by this factor from look to look (--race-growth)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     diffs, tasks, combined = recorded(args.sweep_dir, args.tasks.split(",") if args.tasks else None)
-    settings = RaceSettings(alpha=args.alpha, looks=args.looks, drop_confidence=args.drop_confidence, margin=args.margin)
+    settings = RaceSettings(alpha=args.alpha, looks=args.looks, drop_confidence=args.drop_confidence, margin=args.margin,
+                            growth=args.growth)
     results = [judge(diffs, tasks, combined, replay(diffs, tasks, settings, seed)) for seed in range(args.seeds)]
     print(f"{args.sweep_dir}: {len(diffs)} windows, tasks {', '.join(tasks)}; looks {args.looks}, alpha {args.alpha},"
-          f" drop confidence {args.drop_confidence}, margin {args.margin}")
+          f" drop confidence {args.drop_confidence}, margin {args.margin}, growth {args.growth}")
     print("| seed | item-evals | of exhaustive | dropped | completed | exhaustive best | kept | overlaps | race positive |"
           " exhaustive positive (mean diff) | kept |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(r['race_positive'])} | {len(r['exhaustive_positive_mean_diff'])} | {len(r['positives_kept'])} |")
     if args.out:
         write_atomic(args.out, json.dumps(json_safe({"tasks": tasks, "looks": args.looks, "alpha": args.alpha,
-                                                     "drop_confidence": args.drop_confidence, "margin": args.margin,
+                                                     "drop_confidence": args.drop_confidence, "margin": args.margin, "growth": args.growth,
                                                      "seeds": results}), indent=1))
     return 0 if all(math.isfinite(r["fraction"]) for r in results) else 1
 

@@ -22,6 +22,16 @@ def test_look_sizes_and_critical_z():
     assert look_sizes(500, 4) == [63, 125, 250, 500]
     assert look_sizes(3, 4) == [1, 1, 2, 3]
     assert look_sizes(10, 1) == [10]
+    assert look_sizes(500, 4, growth=2.0) == look_sizes(500, 4)
+    # growth sqrt(2) over 11 looks: the same first look as 6 looks at 2, each look sqrt(2) larger (ceil), ending at n
+    fine = look_sizes(3000, 11, growth=math.sqrt(2))
+    assert fine[0] == look_sizes(3000, 6)[0] == 94 and fine[-1] == 3000 and len(fine) == 11
+    assert all(b / a == pytest.approx(math.sqrt(2), abs=0.02) for a, b in zip(fine, fine[1:]))
+    with pytest.raises(UsageError, match="race-growth"):
+        RaceSettings(growth=1.0)
+    with pytest.raises(UsageError, match="need --race"):
+        RaceSettings.from_options(False, None, 0.05, 4, 0.9, 0.0, 1.5)
+    assert "growth" not in RaceSettings().to_dict() and RaceSettings(growth=1.5).to_dict()["growth"] == 1.5
     assert critical_z(0.05, 4) == pytest.approx(NormalDist().inv_cdf(1 - 0.0125))
     with pytest.raises(UsageError, match="race-alpha"):
         RaceSettings(alpha=0.7)
@@ -67,7 +77,7 @@ def _simulate(effects: dict[str, float], seed: int, settings: RaceSettings) -> t
     """One race over synthetic windows: per item, base and RYS are 0/1 with P(rys=1) = 0.5 + effect/2 and
     P(base=1) = 0.5 (independent), so the mean paired difference is `effect/2`."""
     rng = np.random.default_rng(seed)
-    sizes = look_sizes(ITEMS, settings.looks)
+    sizes = look_sizes(ITEMS, settings.looks, settings.growth)
     streams = {w: {t: (rng.random(ITEMS) < 0.5 + e / 2).astype(float) - (rng.random(ITEMS) < 0.5).astype(float)
                    for t in TASKS} for w, e in effects.items()}
     tallies = {w: WindowTally() for w in effects}
@@ -88,8 +98,9 @@ def _simulate(effects: dict[str, float], seed: int, settings: RaceSettings) -> t
     return stopped, positive, spent[0]
 
 
-def test_null_windows_are_called_positive_at_most_at_the_nominal_rate():
-    settings = RaceSettings(alpha=0.05, looks=LOOKS)
+@pytest.mark.parametrize("looks, growth", [(LOOKS, 2.0), (9, 1.41)])
+def test_null_windows_are_called_positive_at_most_at_the_nominal_rate(looks: int, growth: float):
+    settings = RaceSettings(alpha=0.05, looks=looks, growth=growth)
     calls = total = 0
     for seed in range(60):
         effects = {f"w{k}": 0.0 for k in range(40)}
@@ -101,14 +112,15 @@ def test_null_windows_are_called_positive_at_most_at_the_nominal_rate():
     assert rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / total), rate
 
 
-def test_planted_positive_window_is_always_found_and_harmful_ones_stop_early():
-    settings = RaceSettings(alpha=0.05, looks=LOOKS)
+@pytest.mark.parametrize("looks, growth", [(LOOKS, 2.0), (9, 1.41)])
+def test_planted_positive_window_is_always_found_and_harmful_ones_stop_early(looks: int, growth: float):
+    settings = RaceSettings(alpha=0.05, looks=looks, growth=growth)
     exhaustive = 0
     for seed in range(30):
         effects = {"planted": 0.4, **{f"null{k}": 0.0 for k in range(5)}, **{f"harm{k}": -0.8 for k in range(20)}}
         stopped, positive, spent = _simulate(effects, seed, settings)
         exhaustive = len(effects) * ITEMS * len(TASKS)
-        assert "planted" in positive and stopped["planted"] == ("completed", LOOKS)
+        assert "planted" in positive and stopped["planted"] == ("completed", looks)
         assert all(stopped[f"harm{k}"][0] == "dropped" for k in range(20))
         assert spent < 0.5 * exhaustive
 
@@ -221,6 +233,7 @@ def test_cli_race_order_and_report(tiny_model_dirs, tmp_path):
     base = ["sweep", "--model", model, "--tasks", "rys_arc_easy", "--limit", "6", *windows, "--no-progress"]
     for extra, message in ((["--budget", "100"], "need --race"), (["--race", "--budget", "ten"], "--budget must be"),
                            (["--race", "--race-alpha", "0.9"], "--race-alpha"), (["--report-unfinished"], "needs --out"),
+                           (["--race", "--race-growth", "1"], "--race-growth"), (["--race-growth", "1.5"], "need --race"),
                            (["--race", "--order-from", str(tmp_path / "none")], "not a finished rank run")):
         refused = runner.invoke(main, [*base, *extra, "--out", str(tmp_path / "refused")] if extra != ["--report-unfinished"]
                                 else [*base, *extra])
@@ -244,6 +257,9 @@ def test_cli_race_order_and_report(tiny_model_dirs, tmp_path):
     done = runner.invoke(main, [*base, "--race", "--race-looks", "2", "--order-from", str(tmp_path / "rank"),
                                 "--out", str(out), "--resume"])
     assert done.exit_code == 0, done.output
+    regrown = runner.invoke(main, [*base, "--race", "--race-looks", "2", "--race-growth", "1.5", "--order-from",
+                                   str(tmp_path / "rank"), "--out", str(out), "--resume"])
+    assert regrown.exit_code == 2 and "settings differ" in regrown.output and "growth" in regrown.output, regrown.output
     checked = runner.invoke(main, ["validate", str(tmp_path / "rank"), str(out), "--permutations", "100"])
     assert checked.exit_code == 0, checked.output
     report = json.loads((out / "validation" / "validation.json").read_text())

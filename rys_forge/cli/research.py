@@ -43,7 +43,8 @@ from rys_forge.cli.framework import (
 @click.option("--race", is_flag=True, help="Race the windows: growing item subsets, harmful windows dropped early (cached engine).")
 @click.option("--budget", default=None, help="With --race: stop after this many item-evaluations (e.g. 20000) or seconds (600s).")
 @click.option("--race-alpha", default=0.05, show_default=True, type=float, help="With --race: one-sided level of a positive call.")
-@click.option("--race-looks", default=4, show_default=True, type=int, help="With --race: looks (item subsets doubling up to --limit).")
+@click.option("--race-looks", default=4, show_default=True, type=int, help="With --race: looks (item subsets growing by --race-growth up to --limit).")
+@click.option("--race-growth", default=2.0, show_default=True, type=float, help="With --race: items grow by this factor from look to look (e.g. 1.41 with 11 looks: the first look of 6 at 2, finer steps after it).")
 @click.option("--drop-confidence", default=0.9, show_default=True, type=float, help="With --race: one-sided confidence of a drop (worse than the base and the best).")
 @click.option("--race-margin", default=0.0, show_default=True, type=float, help="With --race: indifference margin (mean paired difference, e.g. 0.005 = half a point): also drop windows that can no longer gain this much over the base or the best.")
 @click.option("--order-from", default=None, type=click.Path(), help="Evaluate windows in this rank run's order (default: seeded random).")
@@ -53,7 +54,7 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
           max_width: int | None, repeats: str, alphas: str, substeps: str | None, limit: int | None,
           num_fewshot: int | None, batch_size: str, out: str | None, resume: bool, no_progress: bool, engine: str,
           batch_tokens: int, attn_implementation: str, race: bool, budget: str | None, race_alpha: float, race_looks: int,
-          drop_confidence: float, race_margin: float, order_from: str | None, report_unfinished: bool, placement: dict[str, Any]) -> None:
+          race_growth: float, drop_confidence: float, race_margin: float, order_from: str | None, report_unfinished: bool, placement: dict[str, Any]) -> None:
     """Brute force, Ng-style: evaluate every window in memory on the tasks (deltas, z-scores, heatmaps).
 
     The yardstick `validate` compares a rank run against. Resumable (--resume --out DIR). With
@@ -80,7 +81,8 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
     if not tasks:
         raise UsageError("Missing option '--tasks' (a comma list of tasks)")
     sweep_visits(repeats, alphas, substeps, race)  # bad scales: one line before anything loads
-    race_settings = RaceSettings.from_options(race, budget, race_alpha, race_looks, drop_confidence, race_margin)
+    race_settings = RaceSettings.from_options(race, budget, race_alpha, race_looks, drop_confidence, race_margin,
+                                              race_growth)
     order = [str(r["window"]) for r in read_rank_run(Path(order_from))[0]] if order_from else None
     shard, out, device = run_setup("sweep", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation, **placement)

@@ -1,9 +1,11 @@
 """Sweep racing: evaluate windows on growing item subsets and stop the clearly harmful ones early.
 
 The race is a fixed schedule of ``looks`` (default 4). At look ``k`` every window still running has been
-evaluated on the first ``n_k = ceil(N * 2^(k - looks))`` items of each task (``N`` = the task's items; the
-items are taken in a seeded random order fixed in advance, the same for every window), so the last look is
-the whole set. A window's statistic is the **mean paired difference** against the base on the same items,
+evaluated on the first ``n_k = ceil(N * g^(k - looks))`` items of each task (``N`` = the task's items; ``g`` the
+growth between looks, ``--race-growth``, default 2; the items are taken in a seeded random order fixed in
+advance, the same for every window), so the last look is the whole set. A smaller growth with more looks (e.g.
+11 looks at ``g = 1.41``: the same first look as 6 at 2) stops a window nearer the item count at which its
+bounds decide it, for a slightly larger critical ``z`` (Bonferroni over more looks). A window's statistic is the **mean paired difference** against the base on the same items,
 averaged over the tasks with equal weight:
 
     d = (1/T) sum_t mean_i (rys_ti - base_ti),   se = sqrt(sum_t s_t^2 / n_t) / T
@@ -70,8 +72,12 @@ class RaceSettings:
     budget_seconds: float | None = None
     drop_confidence: float = 0.9
     margin: float = 0.0
+    growth: float = 2.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.growth, float) and 1.0 < self.growth <= 4.0):
+            raise UsageError(f"--race-growth must be in (1, 4] (items grow by this factor from look to look), got"
+                             f" {self.growth!r}")
         if not (isinstance(self.margin, float) and 0.0 <= self.margin < 0.5):
             raise UsageError(f"--race-margin must be in [0, 0.5) (a mean paired difference, e.g. 0.005 for half a"
                              f" point), got {self.margin!r}")
@@ -88,16 +94,18 @@ class RaceSettings:
 
     @classmethod
     def from_options(cls, race: bool, budget: str | None, alpha: float, looks: int,
-                     drop_confidence: float = 0.9, margin: float = 0.0) -> "RaceSettings | None":
-        """The CLI's --race, --budget, --race-alpha, --race-looks, --drop-confidence, --race-margin (None without
-        --race; the others need it)."""
+                     drop_confidence: float = 0.9, margin: float = 0.0, growth: float = 2.0) -> "RaceSettings | None":
+        """The CLI's --race, --budget, --race-alpha, --race-looks, --drop-confidence, --race-margin, --race-growth
+        (None without --race; the others need it)."""
         if not race:
-            if budget is not None or alpha != 0.05 or looks != 4 or drop_confidence != 0.9 or margin != 0:
-                raise UsageError("--budget, --race-alpha, --race-looks, --drop-confidence and --race-margin need --race")
+            if (budget is not None or alpha != 0.05 or looks != 4 or drop_confidence != 0.9 or margin != 0
+                    or growth != 2):
+                raise UsageError("--budget, --race-alpha, --race-looks, --drop-confidence, --race-margin and"
+                                 " --race-growth need --race")
             return None
         items, seconds = cls.parse_budget(budget)
         return cls(alpha=float(alpha), looks=looks, budget_items=items, budget_seconds=seconds,
-                   drop_confidence=float(drop_confidence), margin=float(margin))
+                   drop_confidence=float(drop_confidence), margin=float(margin), growth=float(growth))
 
     @classmethod
     def parse_budget(cls, text: str | None) -> tuple[int | None, float | None]:
@@ -116,7 +124,8 @@ class RaceSettings:
         return {"alpha": self.alpha, "looks": self.looks, "budget_items": self.budget_items,
                 "budget_seconds": self.budget_seconds, "critical_z": critical_z(self.alpha, self.looks),
                 "drop_confidence": self.drop_confidence, "drop_z": self.drop_z,
-                **({"margin": self.margin} if self.margin else {})}  # runs from before the margin still resume
+                **({"margin": self.margin} if self.margin else {}),  # runs from before the margin still resume
+                **({"growth": self.growth} if self.growth != 2.0 else {})}
 
     @property
     def drop_z(self) -> float:
@@ -129,11 +138,11 @@ def critical_z(alpha: float, looks: int) -> float:
     return NormalDist().inv_cdf(1.0 - alpha / looks)
 
 
-def look_sizes(n_items: int, looks: int) -> list[int]:
-    """Items evaluated by look ``1..looks``: ``ceil(n * 2^(k - looks))``, at least 1, ending at ``n``."""
+def look_sizes(n_items: int, looks: int, growth: float = 2.0) -> list[int]:
+    """Items evaluated by look ``1..looks``: ``ceil(n * growth^(k - looks))``, at least 1, ending at ``n``."""
     if n_items < 1:
         return [0] * looks
-    sizes = [max(1, math.ceil(n_items * 2.0 ** (k - looks))) for k in range(1, looks + 1)]
+    sizes = [max(1, math.ceil(n_items * growth ** (k - looks))) for k in range(1, looks + 1)]
     return [min(s, n_items) for s in sizes]
 
 
@@ -254,7 +263,7 @@ class _Look:
 
 
 def _looks(base_run: dict[str, Any], keep: dict[str, str], instances: Sequence[Any], looks: int,
-           seed: int) -> tuple[list[_Look], dict[str, int]]:
+           seed: int, growth: float = 2.0) -> tuple[list[_Look], dict[str, int]]:
     """The fixed schedule: each task's documents in a seeded random order, cut at :func:`look_sizes`."""
     rng = np.random.default_rng(seed)
     order: dict[str, list[str]] = {}
@@ -265,7 +274,7 @@ def _looks(base_run: dict[str, Any], keep: dict[str, str], instances: Sequence[A
     by_doc: dict[tuple[str, str], list[int]] = {}
     for index, inst in enumerate(instances):
         by_doc.setdefault((inst.task_name, str(inst.doc_id)), []).append(index)
-    sizes = {task: look_sizes(len(ids), looks) for task, ids in order.items()}
+    sizes = {task: look_sizes(len(ids), looks, growth) for task, ids in order.items()}
     schedule = []
     for k in range(looks):
         docs = {t: ids[(sizes[t][k - 1] if k else 0):sizes[t][k]] for t, ids in order.items()}
@@ -423,7 +432,7 @@ def race_cached_windows(
     lm.engine.release()
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
     check_raceable(base_run, keep)
-    schedule, task_items = _looks(base_run, keep, lm.instances, settings.looks, seed)
+    schedule, task_items = _looks(base_run, keep, lm.instances, settings.looks, seed, settings.growth)
     logged = _logged_values(folder)
     windows = {f"{w}x{n}": (w, n) for w, n in todo}
     for key, _look in logged:

@@ -295,7 +295,8 @@ def _fingerprint(info: dict[str, Any], model: Any, num_layers: int, names: Seque
         **({"alphas": alphas} if alphas != [1.0] else {}), **({"substeps": substeps} if substeps else {}),
     }
     if race is not None:  # the budget may change between sessions; the schedule and the order may not
-        fingerprint["race"] = {"alpha": race.alpha, "looks": race.looks, "order": list(order) if order else None}
+        fingerprint["race"] = {"alpha": race.alpha, "looks": race.looks, "order": list(order) if order else None,
+                               **({"growth": race.growth} if race.growth != 2.0 else {})}  # older runs still resume
     return fingerprint
 
 
