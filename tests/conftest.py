@@ -53,3 +53,25 @@ def single_thread_loader(tmp_path_factory):
         mp.setenv("RYS_FORGE_CACHE", str(tmp_path_factory.mktemp("rys-cache")))
         yield lambda model_dir: load_model(str(model_dir))
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interrupt_scoring(monkeypatch):
+    """``disarm = interrupt_scoring(n)``: the cached engine's scorer raises KeyboardInterrupt on its n-th window (a
+    Ctrl-C in the middle of a sweep; the windows before it are scored as usual) until ``disarm()``."""
+    from rys_forge.research import sweep_engine
+
+    def arm(n: int):
+        calls = []
+        original = sweep_engine.WindowScorer.__call__
+
+        def interrupting(self, run):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return original(self, run)
+
+        monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", interrupting)
+        return lambda: monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", original)
+
+    return arm

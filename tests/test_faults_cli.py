@@ -186,27 +186,19 @@ def _start(args, env_extra=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.8])
-def test_early_ctrl_c_is_one_line(tiny, tmp_path, delay):
-    """SIGINT while the command is still importing its libraries: one line, exit 130, no traceback."""
+@pytest.mark.parametrize("signum, delay, code, word", [(signal.SIGINT, 0.3, 130, "interrupted"),
+                                                      (signal.SIGINT, 0.8, 130, "interrupted"),
+                                                      (signal.SIGTERM, 1.0, 143, "terminated")])
+def test_early_signal_is_one_line(tiny, tmp_path, signum, delay, code, word):
+    """SIGINT or SIGTERM while the command is still importing its libraries or starting: one line, exit
+    130 / 143, no traceback (not a silent death)."""
     proc = _start(["rank", "--model", tiny, "--out", tmp_path / "run"], {"RYS_FORGE_CACHE": str(tmp_path / "c")})
     time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 130, err
-    assert len(lines) == 1 and lines[0].startswith("rys-forge: error: interrupted"), err
-
-
-def test_early_sigterm_is_one_line(tiny, tmp_path):
-    """SIGTERM while the command starts: one line, exit 143 (not a silent death)."""
-    proc = _start(["rank", "--model", tiny, "--out", tmp_path / "run"], {"RYS_FORGE_CACHE": str(tmp_path / "c")})
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 143, err
-    assert len(lines) == 1 and lines[0].startswith("rys-forge: error: terminated"), err
+    assert proc.returncode == code, err
+    assert len(lines) == 1 and lines[0].startswith(f"rys-forge: error: {word}"), err
 
 
 def test_sigterm_runs_the_cleanups_written_for_ctrl_c(tmp_path, monkeypatch):

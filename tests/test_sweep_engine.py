@@ -115,22 +115,13 @@ def test_cached_sweep_equals_lm_eval_sweep(loaded, tmp_path):
     assert moved > 0  # the comparison is not between two all-zero tables
 
 
-def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, monkeypatch):
+def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, interrupt_scoring):
     out = tmp_path / "sweep"
-    calls = []
-    original = sweep_engine.WindowScorer.__call__
-
-    def interrupting(self, run):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(self, run)
-
-    monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", interrupting)
+    disarm = interrupt_scoring(3)
     with pytest.raises(KeyboardInterrupt):
         _sweep(loaded, out, "cached")
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 2
-    monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", original)
+    disarm()
     resumed = _sweep(loaded, out, "cached", resume=True)
     assert resumed.summary["timings"]["windows_evaluated_this_session"] == 2
     fresh = _sweep(loaded, tmp_path / "fresh", "cached")

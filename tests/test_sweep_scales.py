@@ -23,7 +23,6 @@ from rys_forge.errors import UsageError  # noqa: E402
 from rys_forge.plan import LayerPlan, Window  # noqa: E402
 from rys_forge.repeat import repeated  # noqa: E402
 from rys_forge.research import sweep as sweep_mod  # noqa: E402
-from rys_forge.research import sweep_engine  # noqa: E402
 from rys_forge.research.sweep import read_sweep, report_unfinished, sweep_visits, sweep_windows  # noqa: E402
 from rys_forge.research.sweep_engine import LoglikelihoodEngine  # noqa: E402
 from rys_forge.research.sweep_rows import Visits, parse_alphas, parse_substeps  # noqa: E402
@@ -204,25 +203,16 @@ def test_best_scale_table_against_the_rows(damped):
     assert "| " + WINDOWS[0] + " | x2 |" in (out / "best_scale.md").read_text()
 
 
-def test_damped_sweep_resumes(loaded, damped, tmp_path, monkeypatch):
+def test_damped_sweep_resumes(loaded, damped, tmp_path, interrupt_scoring):
     result, *_ = damped
     out = tmp_path / "sweep"
-    calls = []
-    original = sweep_engine.WindowScorer.__call__
-
-    def interrupting(self, run):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return original(self, run)
-
-    monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", interrupting)
+    disarm = interrupt_scoring(4)
     with pytest.raises(KeyboardInterrupt):
         _sweep(loaded, out, alphas="1,0.5", substeps="2")
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 3
     report = report_unfinished(out)  # the unfinished report plans every scale
     assert (report.summary["windows_done"], report.summary["windows_planned"]) == (3, 9)
-    monkeypatch.setattr(sweep_engine.WindowScorer, "__call__", original)
+    disarm()
     with pytest.raises(UsageError, match="settings differ"):
         _sweep(loaded, out, resume=True, alphas="1,0.25", substeps="2")
     resumed = _sweep(loaded, out, resume=True, alphas="1,0.5", substeps="2")
