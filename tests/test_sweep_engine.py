@@ -127,6 +127,9 @@ def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, interrupt_scorin
     fresh = _sweep(loaded, tmp_path / "fresh", "cached")
     for a, b in zip(resumed.rows, fresh.rows):
         assert a["tasks"] == b["tasks"]
+    # the summary records the measured batch cost that cut the batches (16384: sweep_windows' batch_tokens)
+    recorded = json.loads((tmp_path / "fresh" / "summary.json").read_text())["timings"]["batch_overhead_tokens"]
+    assert recorded == sweep_engine.batch_overhead(loaded.model, 16384)
     keys = [json.loads(line)["key"] for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert sorted(keys) == sorted(f"{w}x2" for w in WINDOWS)
 

@@ -387,6 +387,9 @@ def sweep_windows(
                    "total_s": time.perf_counter() - started}
         if race is not None and race_totals is not None:
             timings["race"] = _race_summary(race, race_totals, rows)
+        engine_used = getattr(base_run.lm, "engine", None)
+        if engine_used is not None:  # the measured cost of a batch that cut this session's batches
+            timings["batch_overhead_tokens"] = engine_used.batch_overhead_tokens
         settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width}
         result = _result(model, info, num_layers, settings, base, rows, configs, timings, seed, out)
         if folder:
