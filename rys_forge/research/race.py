@@ -4,9 +4,9 @@ The race is a fixed schedule of ``looks`` (default 4). At look ``k`` every windo
 evaluated on the first ``n_k = ceil(N * g^(k - looks))`` items of each task (``N`` = the task's items; ``g`` the
 growth between looks, ``--race-growth``, default 2; the items are taken in a seeded random order fixed in
 advance, the same for every window), so the last look is the whole set. A smaller growth with more looks (e.g.
-11 looks at ``g = 1.41``: the same first look as 6 at 2) stops a window nearer the item count at which its
-bounds decide it, for a slightly larger critical ``z`` (Bonferroni over more looks). A window's statistic is the **mean paired difference** against the base on the same items,
-averaged over the tasks with equal weight:
+11 looks at ``g = 1.41``: about the first look of 6 at 2) stops a window nearer the item count at which its
+bounds decide it, for a slightly larger critical ``z`` (Bonferroni over more looks). A window's statistic is the
+**mean paired difference** against the base on the same items, averaged over the tasks with equal weight:
 
     d = (1/T) sum_t mean_i (rys_ti - base_ti),   se = sqrt(sum_t s_t^2 / n_t) / T
 
@@ -93,8 +93,8 @@ class RaceSettings:
             raise UsageError(f"--budget must be a positive number of seconds, got {self.budget_seconds!r}")
 
     @classmethod
-    def from_options(cls, race: bool, budget: str | None, alpha: float, looks: int,
-                     drop_confidence: float = 0.9, margin: float = 0.0, growth: float = 2.0) -> "RaceSettings | None":
+    def from_options(cls, race: bool, budget: str | None, alpha: float, looks: int, drop_confidence: float = 0.9,
+                     margin: float = 0.0, growth: float = 2.0) -> "RaceSettings | None":
         """The CLI's --race, --budget, --race-alpha, --race-looks, --drop-confidence, --race-margin, --race-growth
         (None without --race; the others need it)."""
         if not race:
