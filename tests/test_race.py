@@ -27,7 +27,8 @@ def test_look_sizes_and_critical_z():
     fine = look_sizes(3000, 11, growth=math.sqrt(2))
     assert fine[0] == look_sizes(3000, 6)[0] == 94 and fine[-1] == 3000 and len(fine) == 11
     assert all(b / a == pytest.approx(math.sqrt(2), abs=0.02) for a, b in zip(fine, fine[1:]))
-    # at growth sqrt(2) every look of the halving schedule is a look of the finer one (no float round-up)
+    # at growth sqrt(2) every look of the halving schedule is a look of the finer one (what makes a replay of a
+    # halving race's log under it exact: bench/race_replay.py --race-log)
     assert set(look_sizes(500, 6)) <= set(look_sizes(500, 11, growth=math.sqrt(2)))
     with pytest.raises(UsageError, match="race-growth"):
         RaceSettings(growth=1.0)

@@ -142,7 +142,7 @@ def look_sizes(n_items: int, looks: int, growth: float = 2.0) -> list[int]:
     """Items evaluated by look ``1..looks``: ``ceil(n * growth^(k - looks))``, at least 1, ending at ``n``."""
     if n_items < 1:
         return [0] * looks
-    sizes = [max(1, math.ceil(n_items * growth ** (k - looks) - 1e-9)) for k in range(1, looks + 1)]  # 1e-9: float error
+    sizes = [max(1, math.ceil(n_items * growth ** (k - looks))) for k in range(1, looks + 1)]
     return [min(s, n_items) for s in sizes]
 
 
