@@ -263,6 +263,12 @@ def _check_race(race: RaceSettings | None, engine: str) -> None:
         raise UsageError("--race runs in one process (each look needs every window's results); drop torchrun")
 
 
+def _engine_timings(base_run: _Base) -> dict[str, Any]:
+    """The measured cost of one batch that cut this session's batches (cached engine only)."""
+    engine = getattr(base_run.lm, "engine", None)
+    return {"batch_overhead_tokens": engine.batch_overhead_tokens} if engine is not None else {}
+
+
 def _race_summary(race: RaceSettings, totals: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The race's settings and totals, windows per stopping reason, and the windows called positive."""
     reasons = [r.get("race_reason") for r in rows]
@@ -384,12 +390,9 @@ def sweep_windows(
             return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
         timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
                    "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
-                   "total_s": time.perf_counter() - started}
+                   "total_s": time.perf_counter() - started, **_engine_timings(base_run)}
         if race is not None and race_totals is not None:
             timings["race"] = _race_summary(race, race_totals, rows)
-        engine_used = getattr(base_run.lm, "engine", None)
-        if engine_used is not None:  # the measured cost of a batch that cut this session's batches
-            timings["batch_overhead_tokens"] = engine_used.batch_overhead_tokens
         settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width}
         result = _result(model, info, num_layers, settings, base, rows, configs, timings, seed, out)
         if folder:
