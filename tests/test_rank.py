@@ -259,6 +259,72 @@ def test_kl_fraction_is_the_kl_of_the_chosen_prompts(gemma, monkeypatch):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
 
 
+def _linear_cka64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Biased linear CKA in float64 from the feature-space formula ||A'B||^2 / (||A'A|| ||B'B||), A, B centred."""
+    a, b = a.double() - a.double().mean(0), b.double() - b.double().mean(0)
+    return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
+
+
+def test_visit_fraction_computes_z2_on_its_share_only(gemma, monkeypatch):
+    """`--visit-fraction 0.5`: z_2 is replayed on half of the prompts (holding the deep and KL ones); r_0, D_dec and
+    stationarity are those of the visit prompts' tokens, the plateau CKA and delta_0 those of every token, and
+    D_KL is unchanged: each against float64 formulas on the full cache's states."""
+    texts = TEXTS * 3
+    full = cache_activations(gemma.model, gemma.tokenizer, texts, max_tokens=16, batch_size=2, kl_positions=3)
+    part = cache_activations(gemma.model, gemma.tokenizer, texts, max_tokens=16, batch_size=2, kl_positions=3,
+                             deep_fraction=0.25, kl_fraction=0.25, visit_fraction=0.5)
+    members = lambda flag: {k for b in part.batches if getattr(b, flag) for k in b.prompt_ids}  # noqa: E731
+    visit, deep = members("visit"), members("deep")
+    kl = {k for b in part.batches if b.kl_index.numel() for k in b.prompt_ids}
+    assert len(visit) == 6 and deep <= visit and kl <= visit and len(deep) == len(kl) == 3
+
+    replayed = []
+    original = ActivationCache.block
+    monkeypatch.setattr(ActivationCache, "block", lambda self, batch, *a: replayed.append(batch.visit) or original(self, batch, *a))
+    names = ["update", "cka", "stationarity", "decoder", "kl"]
+    got = probe_window(part, 2, 5, names, ProbeSettings())
+    assert replayed and all(replayed)  # no layer replay for a prompt outside the visit share
+    monkeypatch.setattr(ActivationCache, "block", original)
+
+    every = probe_window(full, 2, 5, names, ProbeSettings())
+    for key in ("r_0", "d_dec", "stat_ratio"):  # the share's numbers are not the full run's (the test can tell)
+        assert abs(got[key] - every[key]) > 1e-3 * abs(every[key]), key
+    t = Trajectory(full, 2, 5, ProbeSettings())
+    with torch.no_grad():
+        z = [t.states(n) for n in range(3)]
+    pool = lambda n, keep: torch.cat([s[n][b.valid & torch.tensor([k in keep for k in b.prompt_ids])[:, None]]  # noqa: E731
+                                      for s, b in zip([[z[m][i] for m in range(3)] for i in range(len(full.batches))], full.batches)])
+    everyone = set(range(len(texts)))
+    z0, z1 = pool(0, everyone).double(), pool(1, everyone).double()
+    v0, v1, v2 = (pool(n, visit).double() for n in range(3))
+    step = lambda a, b: float((b - a).norm() / a.norm())  # noqa: E731
+    assert got["cka_plateau"] == pytest.approx(_linear_cka64(z0, z1), rel=1e-9)
+    assert got["delta_0"] == pytest.approx(step(z0, z1), rel=1e-9)
+    assert got["delta_1"] == pytest.approx(step(v1, v2), rel=1e-5)
+    assert got["r_0"] == pytest.approx(step(v1, v2) / step(v0, v1), rel=1e-5)
+    assert got["d_dec"] == pytest.approx(1 - _linear_cka64(v2, v1), rel=1e-4, abs=1e-7)
+    assert got["stat_ratio"] == pytest.approx(float((v2 - v1).norm() / (v1 - v0).norm()), rel=1e-5)
+    kl_full, _ = t.kl_per_position(2)
+    owner = [b.prompt_ids[r] for b in full.batches for r in b.kl_index[:, 0].tolist()]
+    assert got["d_kl"] == pytest.approx(kl_full[torch.tensor([k in kl for k in owner])].double().mean().item(), rel=1e-5)
+    # every prompt in the share: the numbers of a run without the option
+    same = cache_activations(gemma.model, gemma.tokenizer, texts, max_tokens=16, batch_size=2, kl_positions=3, visit_fraction=1.0)
+    assert probe_window(same, 2, 5, names, ProbeSettings()) == every
+
+
+def test_visit_fraction_must_hold_the_deep_and_kl_shares(tiny_model_dirs, tmp_path):
+    for settings in (RankSettings(visit_fraction=0.4), RankSettings(visit_fraction=0.6, kl_fraction=0.8, deep_fraction=0.5)):
+        with pytest.raises(UsageError, match="--visit-fraction .* below the deep or KL share"):
+            settings.validate()
+    RankSettings(visit_fraction=0.5, kl_fraction=0.25, deep_fraction=0.5).validate()
+    RankSettings(visit_fraction=0.5, kl_positions=0).validate()  # no KL: only the deep share counts
+    run = CliRunner().invoke(main, ["rank", "--model", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "r"),
+                                    "--visit-fraction", "0.3"])
+    _one_line_error(run, "--visit-fraction 0.3 is below the deep or KL share (1.0)")
+    _one_line_error(CliRunner().invoke(main, ["rank", "--model", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "r"),
+                                              "--visit-fraction", "0"]), "--visit-fraction 0.0 is out of range")
+
+
 def test_stats_dtype_tf32_matches_float64_on_cpu(cache):
     """`--stats-dtype tf32` is float32 arithmetic (TF32 products only on CUDA)."""
     names = ["update", "cka", "residual_force", "decoder"]

@@ -57,7 +57,8 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per batch.")
 @click.option("--kl-positions", default=4, show_default=True, type=int, help="Positions per prompt where logits are compared.")
 @click.option("--kl-fraction", default=1.0, show_default=True, type=float, help="Share of prompts that carry KL positions (the KL's tail pass runs on those only).")
-@click.option("--deep-fraction", default=0.5, show_default=True, type=float, help="Share of prompts that also get z_3..z_n (n^2 fit, r_1+, curves); the score's inputs use all prompts.")
+@click.option("--deep-fraction", default=0.5, show_default=True, type=float, help="Share of prompts that also get z_3..z_n (n^2 fit, r_1+, curves); the score's inputs use the --visit-fraction share.")
+@click.option("--visit-fraction", default=1.0, show_default=True, type=float, help="Share of prompts that get the second visit z_2 (r_0, D_dec, stationarity; >= the deep and KL shares, which it holds); the plateau CKA and delta_0 use all prompts. Below 1 on a GPU: about half a window's layer passes are z_2.")
 @click.option("--debiased-cka", is_flag=True, help="Use the debiased CKA estimator (Davari et al. 2022).")
 @click.option("--jacobian", type=click.Choice(["top", "all", "none"]), default="top", show_default=True, help="Windows that get the Jacobian spectrum: the top by score, all, or none.")
 @click.option("--jacobian-top", default=5, show_default=True, type=int, help="How many top windows get the Jacobian spectrum.")
@@ -81,7 +82,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min_width: int, max_width: int | None,
          probes: str | None, list_probes: bool, iterations: int, prompts_file: str | None, families: str | None,
          prompts_per_family: int | None, max_tokens: int, batch_size: int, kl_positions: int, kl_fraction: float, deep_fraction: float,
-         debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
+         visit_fraction: float, debiased_cka: bool, jacobian: str, jacobian_top: int, top_k: int, overlap: str | None, score_config: str | None,
          learned_score: str | None, outlier_factor: float, shortlist_overlap: float,
          stats_dtype: str, attn: str, matmul: str, seed: int, alpha: float, workers: int, out: str | None, resume: bool,
          no_progress: bool, adapter: str | None, placement: dict[str, Any]) -> None:
@@ -105,6 +106,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
         batch_size=batch_size, kl_positions=kl_positions, kl_fraction=kl_fraction, deep_fraction=deep_fraction, debiased_cka=debiased_cka, jacobian=jacobian,
         jacobian_top=jacobian_top, top_k=top_k, overlap_families=tuple(split(overlap)), stats_dtype=stats_dtype, seed=seed,
         outlier_factor=outlier_factor, shortlist_overlap=shortlist_overlap, alpha=alpha, matmul=matmul,
+        visit_fraction=visit_fraction,
     )
     settings.validate()
     config = ScoreConfig.from_json(score_config) if score_config else ScoreConfig()

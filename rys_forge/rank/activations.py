@@ -15,7 +15,9 @@ summed over tokens (a layer-CKA matrix of all ones, deltas that only see the sin
 fixed random subsample of positions (`kl_positions` per prompt): gemma's vocabulary has 262k entries,
 and the LM head over every token would cost ~30 decoder layers. With `kl_fraction < 1` only a share
 of the prompts (spread evenly over lengths, batched apart) carry KL positions, so the tail pass
-(layers j..L-1 from z_2) that the KL needs runs on those prompts only.
+(layers j..L-1 from z_2) that the KL needs runs on those prompts only. With `visit_fraction < 1` the second
+visit `z_2` itself runs on a share of the prompts that holds every deep and KL prompt (the GPU budget: `z_2`
+on every prompt is half of a window's layer passes there).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class CachedBatch:
         families: prompt family of each row.
         prompt_ids: index of each row's prompt in the input list.
         deep: whether the deeper iterates `z_3..z_n` are computed on this batch.
+        visit: whether the second visit `z_2` is computed on this batch (every deep or KL batch is one).
     """
 
     input_ids: torch.Tensor
@@ -69,6 +72,7 @@ class CachedBatch:
     deep: bool = True
     outlier: torch.Tensor | None = None
     base: BaseDistribution | None = None
+    visit: bool = True
 
 
 @dataclass
@@ -264,6 +268,14 @@ def _kl_prompts(by_length: Sequence[int], deep_set: Sequence[int], kl_fraction: 
     return deep | set(_evenly(rest, count - len(deep_set)))
 
 
+def _visit_prompts(by_length: Sequence[int], needed: set[int], visit_fraction: float) -> set[int]:
+    """The prompts whose second visit `z_2` is replayed: every prompt in `needed` (the deep and KL prompts,
+    which replay from `z_2`) and others spread evenly over lengths, `round(visit_fraction * n)` in all."""
+    count = round(visit_fraction * len(by_length))
+    rest = [k for k in by_length if k not in needed]
+    return needed | set(_evenly(rest, max(0, count - len(needed))))
+
+
 @torch.no_grad()
 def cache_activations(
     model: nn.Module,
@@ -277,6 +289,7 @@ def cache_activations(
     deep_fraction: float = 1.0,
     kl_fraction: float = 1.0,
     outlier_factor: float = 0.0,
+    visit_fraction: float = 1.0,
 ) -> ActivationCache:
     """Run the base model once over `texts` and cache the residual stream and layer arguments.
 
@@ -293,6 +306,7 @@ def cache_activations(
         kl_fraction: share of the prompts that carry KL positions (spread evenly over lengths,
             nested with the deep share: the smaller of the two sets lies inside the larger).
         outlier_factor: exclude positions whose norm at some layer exceeds this x the layer's median (0: none).
+        visit_fraction: share of the prompts that get the second visit `z_2` (at least the deep and KL prompts).
 
     Raises:
         PromptError: no prompt has a valid (non-special, non-outlier) token.
@@ -306,12 +320,13 @@ def cache_activations(
     device = next(model.parameters()).device
     families = list(families) if families is not None else ["prompts"] * len(texts)
     encoded = tokenize(tokenizer, texts, max_tokens)
-    chunks = _batch_plan([len(ids) for ids in encoded["input_ids"]], batch_size, kl_positions, deep_fraction, kl_fraction)
+    chunks = _batch_plan([len(ids) for ids in encoded["input_ids"]], batch_size, kl_positions, deep_fraction, kl_fraction,
+                         visit_fraction)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches: list[CachedBatch] = []
     started = time.perf_counter()
     with capture_layer_inputs(model, spec) as captured:
-        for rows, deep, kl in chunks:
+        for rows, visit, deep, kl in chunks:
             ids, mask, valid = _padded(encoded, rows, pad_id)
             captured.clear()
             # The decoder alone: no full-vocabulary logits for every token.
@@ -324,21 +339,11 @@ def cache_activations(
                 logits = head_logits(model, spec, hidden[num_layers][at_row, at_col])
                 top1 = logits.argmax(-1)
                 base = BaseDistribution.of(logits)
-            batches.append(
-                CachedBatch(
-                    input_ids=ids,
-                    valid=valid.to(device),
-                    hidden=hidden,
-                    layer_kwargs=[captured[k][1] for k in range(num_layers)],
-                    kl_index=kl_index,
-                    base_logits=logits,
-                    base_top1=top1,
-                    base=base,
-                    families=[families[k] for k in rows],
-                    prompt_ids=list(rows),
-                    deep=deep,
-                )
-            )
+            batches.append(CachedBatch(
+                input_ids=ids, valid=valid.to(device), hidden=hidden, layer_kwargs=[captured[k][1] for k in range(num_layers)],
+                kl_index=kl_index, base_logits=logits, base_top1=top1, base=base, families=[families[k] for k in rows],
+                prompt_ids=list(rows), deep=deep, visit=visit,
+            ))
     cache = ActivationCache(model=model, spec=spec, batches=batches, num_layers=num_layers)
     mark_outliers(batches, num_layers, outlier_factor) if outlier_factor > 0 else None
     cache.tokens = _check_tokens(cache)
@@ -382,13 +387,14 @@ def mark_outliers(batches: Sequence[CachedBatch], num_layers: int, factor: float
 
 
 def _batch_plan(
-    lengths: Sequence[int], batch_size: int, kl_positions: int, deep_fraction: float, kl_fraction: float
-) -> list[tuple[list[int], bool, bool]]:
-    """`(prompt indices, deep, kl)` per padded batch: prompts sorted by token count, split into the deep
-    share and the rest and each of those into the KL share and the rest, then cut into batches of at most
-    `batch_size` prompts of similar lengths (`cut_batches`)."""
+    lengths: Sequence[int], batch_size: int, kl_positions: int, deep_fraction: float, kl_fraction: float,
+    visit_fraction: float = 1.0,
+) -> list[tuple[list[int], bool, bool, bool]]:
+    """`(prompt indices, visit, deep, kl)` per padded batch: prompts sorted by token count, split into the
+    second-visit share and the rest, the deep share and the rest, the KL share and the rest, then cut into
+    batches of at most `batch_size` prompts of similar lengths (`cut_batches`)."""
     by_length = sorted(range(len(lengths)), key=lambda k: lengths[k])
-    for name, value in (("deep", deep_fraction), ("KL", kl_fraction)):
+    for name, value in (("deep", deep_fraction), ("KL", kl_fraction), ("visit", visit_fraction)):
         if not 0.0 < value <= 1.0:
             raise PromptError(f"{name} fraction must be in (0, 1], got {value}")
     is_deep = [int((r + 1) * deep_fraction) > int(r * deep_fraction) for r in range(len(by_length))]
@@ -397,11 +403,13 @@ def _batch_plan(
     deep_set = [k for k, d in zip(by_length, is_deep) if d]
     deep_members = set(deep_set)
     kl_set = _kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0)
+    visit_set = _visit_prompts(by_length, deep_members | (kl_set if kl_positions > 0 else set()), visit_fraction)
     groups = [
-        ([k for k in by_length if (k in deep_members) == deep and (k in kl_set) == kl], deep, kl)
-        for deep in (True, False) for kl in (True, False)
+        ([k for k in by_length if (k in visit_set) == visit and (k in deep_members) == deep and (k in kl_set) == kl], visit, deep, kl)
+        for visit in (True, False) for deep in (True, False) for kl in (True, False)
     ]
-    return [(rows, deep, kl) for group, deep, kl in groups for rows in cut_batches([lengths[k] for k in group], group, batch_size)]
+    return [(rows, visit, deep, kl) for group, visit, deep, kl in groups
+            for rows in cut_batches([lengths[k] for k in group], group, batch_size)]
 
 
 #: What one more padded batch costs, in padded tokens: the overhead of a layer replay call (2-3 ms against

@@ -92,6 +92,7 @@ class RankSettings:
     seed: int = 0
     alpha: float = 1.0
     matmul: str = "float32"
+    visit_fraction: float = 1.0
 
     def probe_settings(self) -> ProbeSettings:
         return ProbeSettings(
@@ -117,9 +118,13 @@ class RankSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        for name in ("deep_fraction", "kl_fraction"):
+        for name in ("deep_fraction", "kl_fraction", "visit_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed (0, 1]")
+        replayed = max(self.deep_fraction, self.kl_fraction if self.kl_positions > 0 else 0.0)
+        if self.visit_fraction < replayed:
+            raise UsageError(f"--visit-fraction {self.visit_fraction} is below the deep or KL share ({replayed}): those "
+                             f"prompts replay from z_2; use --visit-fraction {replayed} or more")
         if not (self.outlier_factor == 0 or 1.0 < self.outlier_factor < math.inf):
             raise UsageError(f"--outlier-factor {self.outlier_factor} is out of range; allowed 0 (keep every token) or > 1")
         if not 0.0 <= self.shortlist_overlap <= 1.0:
@@ -265,7 +270,7 @@ def _base_pass(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sett
         model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
         batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0,
         seed=settings.seed, deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction,
-        outlier_factor=settings.outlier_factor,
+        outlier_factor=settings.outlier_factor, visit_fraction=settings.visit_fraction,
     )
 
 
@@ -277,13 +282,12 @@ def _check_overlap_families(prompts: Sequence[Prompt], overlap_families: Sequenc
 
 
 def _settings_record(settings: RankSettings) -> dict[str, Any]:
-    """`settings` as stored in run.json: `alpha` only when it is not 1 and `matmul` only when it is not
-    float32, so that runs from before `--alpha` and `--matmul` existed still resume."""
+    """`settings` as stored in run.json: `alpha` only when it is not 1, `matmul` only when it is not float32
+    and `visit_fraction` only when it is not 1, so that runs from before those options existed still resume."""
     record = asdict(settings)
-    if settings.alpha == 1:
-        record.pop("alpha")
-    if settings.matmul == "float32":
-        record.pop("matmul")
+    for name, default in (("alpha", 1), ("matmul", "float32"), ("visit_fraction", 1)):
+        if record[name] == default:
+            record.pop(name)
     return record
 
 
@@ -405,6 +409,7 @@ def _summary(
             "count": len(prompts),
             "families": {f: sum(p.family == f for p in prompts) for f in families},
             "tokens": cache.tokens,
+            "visit_tokens": int(sum(b.valid.sum() for b in cache.batches if b.visit)),
             "deep_tokens": int(sum(b.valid.sum() for b in cache.batches if b.deep)),
             "kl_prompts": sum(len(b.prompt_ids) for b in cache.batches if b.kl_index.numel()),
             "kl_tokens": int(sum(b.valid.sum() for b in cache.batches if b.kl_index.numel())),

@@ -64,16 +64,21 @@ class ProbeSettings:
     alpha: float = 1.0  # residual scale of the repeated visits: z_2.. come from the damped block map
 
 
+#: Token sets of a trajectory, nested: every batch, the second-visit batches (`z_2`), the deep batches (`z_3..`).
+ALL, VISIT, DEEP = 0, 1, 2
+
+
 class Trajectory:
     """`z_0..z_n` of one window on the cached prompts, computed lazily, pooled over selected tokens.
 
-    `z_0..z_2` (every input of the score) cover all prompts. The deeper iterates `z_3..z_n` (for
-    `delta_{n>=2}`, `r_{n>=1}`, the n^2 fit and the repeat curves) cover the cache's *deep* batches
-    only (`rank --deep-fraction`); statistics that mix iterates use one token set throughout:
-    `deep=True` pools every `z_n` over the deep batches. `restricted(family)` gives a view on one
-    prompt family's tokens that shares the iterates (and the per-position KL) with its parent.
-    With `deep_only` every statistic uses the deep batches and no other batch is replayed (the repeat
-    curves need nothing else).
+    `z_0, z_1` (the plateau CKA, delta_0, the junction) cover all prompts; `z_2` covers the cache's
+    second-visit batches (all of them by default; `rank --visit-fraction`), and the deeper iterates
+    `z_3..z_n` (for `delta_{n>=2}`, `r_{n>=1}`, the n^2 fit and the repeat curves) its *deep* batches
+    (`rank --deep-fraction`). Statistics that mix iterates use one token set throughout: `visit=True`
+    pools `z_0, z_1` over the second-visit batches, `deep=True` pools every `z_n` over the deep batches.
+    `restricted(family)` gives a view on one prompt family's tokens that shares the iterates (and the
+    per-position KL) with its parent. With `deep_only` every statistic uses the deep batches and no other
+    batch is replayed (the repeat curves need nothing else).
     """
 
     def __init__(self, cache: ActivationCache, start: int, end: int, settings: ProbeSettings, deep_only: bool = False):
@@ -81,10 +86,11 @@ class Trajectory:
         batches = cache.batches
         self._states: list[list[torch.Tensor | None]] = [[b.hidden[start] for b in batches], [b.hidden[end] for b in batches]]
         self.all_deep = all(b.deep for b in batches)
+        self.all_visit = all(b.visit for b in batches)
         self.selection = [b.valid for b in batches]
         self.kl_keep = [torch.ones(b.kl_index.shape[0], dtype=torch.bool) for b in batches]
         self._pooled: dict[tuple[int, bool], torch.Tensor] = {}
-        self._cka: dict[bool, torch.Tensor] = {}
+        self._cka: dict[Any, torch.Tensor] = {}
         self._kl: dict[tuple[int, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def restricted(self, family: str) -> "Trajectory":
@@ -99,44 +105,75 @@ class Trajectory:
             view.kl_keep.append(rows[batch.kl_index[:, 0]].cpu() if batch.kl_index.numel() else torch.zeros(0, dtype=torch.bool))
         return view
 
-    def _deep(self, n: int, deep: bool) -> bool:
-        return (deep or n >= 3 or self.deep_only) and not self.all_deep
+    def _tokens(self, n: int, deep: bool = False, visit: bool = False) -> int:
+        """The token set of a statistic of `z_n`: DEEP for n >= 3 (or `deep`), VISIT for n = 2 (or `visit`),
+        else ALL; a set that holds every batch is ALL."""
+        if deep or n >= 3 or self.deep_only:
+            return ALL if self.all_deep else DEEP
+        if visit or n == 2:
+            return ALL if self.all_visit else VISIT
+        return ALL
+
+    @staticmethod
+    def _holds(batch: Any, tokens: int) -> bool:
+        return tokens == ALL or (batch.deep if tokens == DEEP else batch.visit)
 
     def states(self, n: int) -> list[torch.Tensor | None]:
-        """Per-batch `z_n` (`[B, T, d]` each; None for non-deep batches when n >= 3)."""
+        """Per-batch `z_n` (`[B, T, d]` each; None for batches outside the second-visit share when n = 2 and
+        outside the deep share when n >= 3)."""
         while len(self._states) <= n:
             step = len(self._states)
             self._states.append([
                 self.cache.block(b, self.start, self.end, z, self.settings.alpha)  # step >= 2: repeated visits
-                if z is not None and ((step <= 2 and not self.deep_only) or b.deep) else None
+                if z is not None and ((step == 2 and b.visit and not self.deep_only) or b.deep) else None
                 for b, z in zip(self.cache.batches, self._states[-1])
             ])
         return self._states[n]
 
-    def z(self, n: int, deep: bool = False) -> torch.Tensor:
-        """`z_n` pooled over the selected tokens (of the deep batches if `deep` or n >= 3): `[N, d]`."""
-        key = (n, self._deep(n, deep))
+    def z(self, n: int, deep: bool = False, visit: bool = False) -> torch.Tensor:
+        """`z_n` pooled over the selected tokens of its token set (`_tokens`): `[N, d]`."""
+        key = (n, self._tokens(n, deep, visit))
         if key not in self._pooled:
-            use = [not key[1] or b.deep for b in self.cache.batches]
+            use = [self._holds(b, key[1]) for b in self.cache.batches]
             # A device-mapped model leaves each state where its last layer ran: pool on the mask's device.
             self._pooled[key] = torch.cat([s.to(m.device)[m] for s, m, u in zip(self.states(n), self.selection, use) if u])
         return self._pooled[key]
 
     def cka(self, deep: bool = False) -> torch.Tensor:
-        """CKA matrix between `z_0..z_2` (all prompts) or, with `deep`, `z_0..z_n` (deep batches)."""
-        deep = self._deep(0, deep) or (deep and self.all_deep)
+        """CKA matrix between `z_0..z_2` (second-visit batches) or, with `deep`, `z_0..z_n` (deep batches)."""
+        deep = deep or (self.deep_only and not self.all_deep)
         if deep not in self._cka:
             top = self.settings.iterations if deep else 2
-            zs = [self.z(n, deep=deep) for n in range(top + 1)]
+            zs = [self.z(n, deep=deep, visit=True) for n in range(top + 1)]
             self._cka[deep] = metrics.cka_matrix(
                 zs, debiased=self.settings.debiased_cka, dtype=self.settings.stats_dtype, tf32=self.settings.tf32
             )
         return self._cka[deep]
 
+    def plateau_cka(self) -> float:
+        """CKA(x_i, x_j) over every prompt's tokens (the plateau reads no iterate: no second-visit share)."""
+        if self.all_visit:
+            return float(self.cka()[0, 1])
+        if "plateau" not in self._cka:
+            self._cka["plateau"] = metrics.cka_matrix(
+                [self.z(0), self.z(1)], debiased=self.settings.debiased_cka, dtype=self.settings.stats_dtype,
+                tf32=self.settings.tf32,
+            )
+        return float(self._cka["plateau"][0, 1])
+
+    def first_steps(self) -> tuple[float, float, float]:
+        """`(delta_0, delta_1, r_0)`: delta_0 over every prompt; delta_1 and the ratio r_0 = delta_1 / delta_0
+        over the second-visit share (one token set for the ratio)."""
+        dtype = self.settings.stats_dtype
+        d0 = metrics.relative_step(self.z(0), self.z(1), dtype=dtype)
+        d0_visit = d0 if self.all_visit else metrics.relative_step(self.z(0, visit=True), self.z(1, visit=True), dtype=dtype)
+        d1 = metrics.relative_step(self.z(1, visit=True), self.z(2), dtype=dtype)
+        return d0, d1, _div(d1, d0_visit)
+
     def kl_per_position(self, visits: int = 2, deep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """KL(p_base || p_RYS) and top-1 agreement at the selected KL positions after `visits` passes
         through the block (2 = RYS). Each tail pass runs once per trajectory; views reuse it."""
-        deep = self._deep(visits, deep)
+        deep = self._tokens(visits, deep) == DEEP
         if (visits, deep) not in self._kl:
             batches, states = self.cache.batches, self.states(visits)
             use = [z is not None and (batch.deep or not deep) and batch.base_logits is not None and batch.kl_index.numel() > 0
@@ -201,9 +238,9 @@ def select_probes(names: list[str] | None) -> list[str]:
 @register_probe("update", "delta_n = ||z_{n+1}-z_n|| / ||z_n|| and r_n = delta_{n+1}/delta_n")
 def probe_update(t: Trajectory) -> Numbers:
     n_max, dtype = t.settings.iterations, t.settings.stats_dtype
-    full = [metrics.relative_step(t.z(n), t.z(n + 1), dtype=dtype) for n in (0, 1)]
+    delta_0, delta_1, r_0 = t.first_steps()
     deep = [metrics.relative_step(t.z(n, deep=True), t.z(n + 1, deep=True), dtype=dtype) for n in range(n_max)]
-    out = {"delta_0": full[0], "delta_1": full[1], "r_0": _div(full[1], full[0])}
+    out = {"delta_0": delta_0, "delta_1": delta_1, "r_0": r_0}
     out.update({f"delta_{n}": deep[n] for n in range(2, n_max)})
     out.update({f"r_{n}": _div(deep[n + 1], deep[n]) for n in range(1, n_max - 1)})
     return out
@@ -213,7 +250,7 @@ def probe_update(t: Trajectory) -> Numbers:
 def probe_cka(t: Trajectory) -> Numbers:
     m, md = t.cka(), t.cka(deep=True)
     n_max = t.settings.iterations
-    out = {"cka_plateau": float(m[0, 1]), "cka_step_0": float(m[0, 1]), "cka_step_1": float(m[1, 2])}
+    out = {"cka_plateau": t.plateau_cka(), "cka_step_0": float(m[0, 1]), "cka_step_1": float(m[1, 2])}
     out.update({f"cka_step_{n}": float(md[n, n + 1]) for n in range(2, n_max)})
     out.update({"cka_drift_1": 1.0 - float(m[1, 0]), "cka_drift_2": 1.0 - float(m[2, 0])})
     out.update({f"cka_drift_{n}": 1.0 - float(md[n, 0]) for n in range(3, n_max + 1)})
@@ -238,7 +275,7 @@ def probe_residual_force(t: Trajectory) -> Numbers:
 
 @register_probe("stationarity", "second pass vs first: ||S1||/||S0|| and cos(S0, S1)")
 def probe_stationarity(t: Trajectory) -> Numbers:
-    stat = metrics.stationarity(t.z(0), t.z(1), t.z(2), dtype=t.settings.stats_dtype)
+    stat = metrics.stationarity(t.z(0, visit=True), t.z(1, visit=True), t.z(2), dtype=t.settings.stats_dtype)
     return {"stat_ratio": stat.norm_ratio, "stat_cos": stat.cosine}
 
 
@@ -430,11 +467,8 @@ def window_workers(workers: int, model: nn.Module) -> int:
 
 def score_inputs(t: Trajectory) -> Numbers:
     """Only what `score` reads (all on `z_0..z_2`): plateau CKA, delta_0, r_0, D_dec, D_KL."""
-    dtype = t.settings.stats_dtype
-    d0 = metrics.relative_step(t.z(0), t.z(1), dtype=dtype)
-    d1 = metrics.relative_step(t.z(1), t.z(2), dtype=dtype)
-    m = t.cka()
-    out = {"cka_plateau": float(m[0, 1]), "delta_0": d0, "r_0": _div(d1, d0), "d_dec": 1.0 - float(m[2, 1])}
+    d0, _, r_0 = t.first_steps()
+    out = {"cka_plateau": t.plateau_cka(), "delta_0": d0, "r_0": r_0, "d_dec": 1.0 - float(t.cka()[2, 1])}
     kl, _ = t.kl_per_position(2)
     if kl.numel():
         out["d_kl"] = float(kl.mean())
