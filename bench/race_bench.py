@@ -93,11 +93,13 @@ def main() -> None:
     raced_windows = {r["window"].split("x")[0] for r in raced.rows}
     rows = [r for r in rows if r["window"] in raced_windows]  # an earlier sweep may hold more windows
     exhaustive_source = "this process" if not args.exhaustive else f"{args.exhaustive} (its own timings)"
+    exhaustive_scoring = float(summary.get("timings", {}).get("scoring_s", math.nan))
     if args.exhaustive and args.time_sample:
         sample = random.Random(0).sample([str(r["window"]) for r in rows], min(args.time_sample, len(rows)))
         timed = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "time_sample",
                               **{**common, "windows": sample, "max_width": None})
         per_window = float(timed.summary["timings"]["windows_s"]) / len(sample)
+        exhaustive_scoring = timed.summary["timings"].get("scoring_s", math.nan) / len(sample) * len(rows)
         exhaustive_s = per_window * len(rows)
         exhaustive_source = f"{len(sample)} random windows swept on every item here, {per_window:.2f} s each"
         print(f"time sample: {len(sample)} windows, {per_window:.2f} s per window")
@@ -119,6 +121,8 @@ def main() -> None:
         "windows_s_exhaustive": exhaustive_s, "windows_s_exhaustive_from": exhaustive_source,
         "windows_s_race": race_s, "time_ratio": race_s / exhaustive_s,
         "base_s_race": raced.summary["timings"]["base_eval_s"],
+        # lm-eval's scoring inside each side's window time (CPU work the GPU waits for)
+        "scoring_s_exhaustive": exhaustive_scoring, "scoring_s_race": raced.summary["timings"].get("scoring_s", math.nan),
         "exhaustive_best": best["window"], "exhaustive_best_combined_z": best["combined_z"],
         "exhaustive_best_mean_difference": best_d, "race_best": race_best["window"],
         "race_best_interval": [race_best["race_lower"], race_best["race_upper"]],
@@ -133,6 +137,8 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| item-evaluations | {result['items_exhaustive']} | {result['items_race']} | {result['items_ratio']:.3f} |")
     print(f"| window time (s) | {exhaustive_s:.1f} | {race_s:.1f} | {result['time_ratio']:.3f} |")
+    print(f"| of it lm-eval scoring (s) | {exhaustive_scoring:.1f} | {result['scoring_s_race']:.1f} | "
+          f"{result['scoring_s_race'] / exhaustive_scoring if exhaustive_scoring else math.nan:.3f} |")
     print(f"| best window | {best['window']} (z {best['combined_z']:+.2f}, d {best_d:+.4f}) | {race_best['window']} "
           f"[{race_best['race_lower']:+.4f}, {race_best['race_upper']:+.4f}] | kept: {kept}, inside: {held} |")
     print(f"| positive windows | {len(positives)} | {len(called)} | all found: {result['positives_found']} |")

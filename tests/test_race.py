@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from statistics import NormalDist
 
 import numpy as np
@@ -295,3 +296,28 @@ def test_race_killed_inside_a_look_resumes_to_the_same_rows(loaded, tmp_path, mo
     assert {r["window"]: r["race_reason"] for r in resumed.rows} == {r["window"]: r["race_reason"] for r in whole.rows}
     assert {r["window"]: r["race_estimate"] for r in resumed.rows} == pytest.approx(
         {r["window"]: r["race_estimate"] for r in whole.rows})
+
+
+def test_sweep_and_race_record_the_seconds_of_lm_eval_scoring(loaded, tmp_path, monkeypatch):
+    """`timings.scoring_s` is the time spent in lm-eval's scoring of the windows (`WindowScorer` calls), measured
+    here from outside those calls, and part of `windows_s`; a race adds up its looks' scorers."""
+    from rys_forge.research.window_scorer import WindowScorer
+
+    spans: list[float] = []
+    original = WindowScorer.__call__
+
+    def timed(self, run):
+        start = time.perf_counter()
+        try:
+            return original(self, run)
+        finally:
+            spans.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(WindowScorer, "__call__", timed)
+    for name, kwargs in (("full", {}), ("race", {"race": RaceSettings(looks=3), "order": WINDOWS})):
+        spans.clear()
+        timings = _sweep(loaded, tmp_path / name, **kwargs).summary["timings"]
+        # the exhaustive sweep scores each window once; a race once per look it ran
+        assert len(spans) == len(WINDOWS) if name == "full" else len(spans) >= len(WINDOWS)
+        assert 0.8 * sum(spans) - 1e-3 <= timings["scoring_s"] <= sum(spans) < timings["windows_s"], name
+        assert "scoring_s" not in timings.get("race", {})

@@ -335,6 +335,7 @@ class _Racer:
     seconds: dict[str, float] = field(default_factory=dict)
     positive: set[str] = field(default_factory=set)
     spent: int = 0
+    scoring_s: float = 0.0
 
     def add(self, key: str, look: int, docs: dict[str, list[str]], values: dict[str, dict[str, float]]) -> None:
         """One look's values of one window (from the engine or the log): tally the paired differences."""
@@ -415,6 +416,7 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
             position += len(chunk)
         return True
     finally:
+        racer.scoring_s += scorer.seconds
         engine.release()
 
 
@@ -427,7 +429,8 @@ def race_cached_windows(
 
     Each window's final row goes to ``on_record`` when it stops (dropped, completed or budget); windows
     finished in an earlier session are not in ``todo`` but their logged looks still count for the best
-    lower bound. Returns the race's totals (item-evaluations spent and the exhaustive equivalent).
+    lower bound. Returns the race's totals (item-evaluations spent and the exhaustive equivalent, and the seconds
+    of lm-eval scoring, ``scoring_s``).
     """
     lm.engine.release()
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
@@ -459,4 +462,4 @@ def race_cached_windows(
              drop_z=settings.drop_z, margin=settings.margin)
     return {"spent_this_session": racer.spent - sum(len(v) for vals in logged.values() for v in vals.values()),
             "spent": racer.spent, "exhaustive": len(windows) * sum(task_items.values()),
-            "stopped_by_budget": "budget" in stopped}
+            "stopped_by_budget": "budget" in stopped, "scoring_s": racer.scoring_s}

@@ -229,12 +229,14 @@ def _scored_base(ctx: _Context, engine: str, pending: bool, batch_tokens: int, p
 
 
 def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo: list[tuple[Window, Visits]],
-                      total: int, num_layers: int, progress: bool, race: RaceSettings | None) -> tuple[float, Any]:
+                      total: int, num_layers: int, progress: bool,
+                      race: RaceSettings | None) -> tuple[float, Any, float | None]:
     """Every (window, visits) in ``todo`` with the base run's engine (raced when ``race``); returns the
-    seconds taken and the race's totals (None without a race)."""
+    seconds taken, the race's totals (None without a race) and the seconds of lm-eval scoring in them (the
+    cached engine's; None with the lm-eval engine)."""
     started = time.perf_counter()
     reported = list(base)
-    totals = None
+    totals, scoring = None, None
     with progress_bar(progress, total, total - len(todo), "racing windows" if race else "evaluating windows") as advance:
         if base_run.lm is not None and race is not None:
             from rys_forge.research.race import race_cached_windows
@@ -244,15 +246,16 @@ def _evaluate_windows(ctx: _Context, base_run: _Base, base: dict[str, Any], todo
                                          limit=ctx.limit, seed=ctx.seed, settings=race,
                                          folder=ctx.folder.path if ctx.folder else None,
                                          on_record=lambda record: _finish_window(ctx, record, advance))
+            scoring = totals.pop("scoring_s")
         elif base_run.lm is not None:
             from rys_forge.research.sweep_engine import score_cached_windows
 
-            score_cached_windows(base_run.lm, ctx.task_objects or [], todo, base_run.run, base, reported,
-                                 limit=ctx.limit, seed=ctx.seed,
-                                 on_record=lambda record: _finish_window(ctx, record, advance))
+            scoring = score_cached_windows(base_run.lm, ctx.task_objects or [], todo, base_run.run, base, reported,
+                                           limit=ctx.limit, seed=ctx.seed,
+                                           on_record=lambda record: _finish_window(ctx, record, advance))
         else:
             _lm_eval_windows(ctx, todo, base_run.run, reported, num_layers, advance)
-    return time.perf_counter() - started, totals
+    return time.perf_counter() - started, totals, scoring
 
 
 def _check_race(race: RaceSettings | None, engine: str) -> None:
@@ -263,10 +266,12 @@ def _check_race(race: RaceSettings | None, engine: str) -> None:
         raise UsageError("--race runs in one process (each look needs every window's results); drop torchrun")
 
 
-def _engine_timings(base_run: _Base) -> dict[str, Any]:
-    """The measured cost of one batch that cut this session's batches (cached engine only)."""
+def _engine_timings(base_run: _Base, scoring: float | None) -> dict[str, Any]:
+    """The measured cost of one batch that cut this session's batches, and the seconds of lm-eval scoring inside
+    the windows' time (CPU work the engine waits for; cached engine only)."""
     engine = getattr(base_run.lm, "engine", None)
-    return {"batch_overhead_tokens": engine.batch_overhead_tokens} if engine is not None else {}
+    out = {"batch_overhead_tokens": engine.batch_overhead_tokens} if engine is not None else {}
+    return {**out, "scoring_s": scoring} if scoring is not None else out
 
 
 def _race_summary(race: RaceSettings, totals: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -380,7 +385,7 @@ def sweep_windows(
         todo_all = _ordered([(w, v) for w, v in plan_items if v.key(w) not in ctx.done], seed, order)
         todo = shard.take(todo_all)  # under torchrun: this process's share
         base_run, base = _scored_base(ctx, engine, bool(todo), batch_tokens, progress, shard)
-        sweep_seconds, race_totals = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress, race)
+        sweep_seconds, race_totals, scoring = _evaluate_windows(ctx, base_run, base, todo, len(plan_items), num_layers, progress, race)
         out = Path(out_dir) if out_dir else None
         if shard.parallel:
             shard.barrier()
@@ -390,7 +395,7 @@ def sweep_windows(
             return SweepResult(rows=rows, base={}, summary={"shard": {"rank": shard.rank, "world": shard.world}}, out_dir=out)
         timings = {"base_eval_s": base_run.seconds, "base_reused": base_run.reused, "windows_s": sweep_seconds,
                    "windows_evaluated_this_session": len(todo_all), "processes": shard.world,
-                   "total_s": time.perf_counter() - started, **_engine_timings(base_run)}
+                   "total_s": time.perf_counter() - started, **_engine_timings(base_run, scoring)}
         if race is not None and race_totals is not None:
             timings["race"] = _race_summary(race, race_totals, rows)
         settings = {**fingerprint, "tasks_requested": tasks, "min_width": min_width, "max_width": max_width}

@@ -414,7 +414,7 @@ def score_cached_windows(
     lm: Any, task_objects: Sequence[Any], todo: Sequence[tuple[Window, Visits]], base_run: dict[str, Any],
     base: dict[str, Any], reported: Sequence[str], *, limit: int | None, seed: int,
     on_record: Callable[[dict[str, Any]], None],
-) -> None:
+) -> float:
     """Every (window, visits) in ``todo`` through the engine of ``lm`` (:func:`capturing_lm`, after its base
     pass), scored with lm-eval's task code; the cache is released afterwards. Every scale of every window
     replays from the one base pass.
@@ -427,10 +427,13 @@ def score_cached_windows(
         limit, seed: the base run's ``limit``; the paired bootstrap's seed.
         on_record: receives each window's row (:func:`rys_forge.research.sweep_rows.window_record`) as it
             finishes.
+
+    Returns:
+        The seconds spent in lm-eval's scoring (``WindowScorer.seconds``), part of the windows' time.
     """
     if not todo:  # nothing left to score (a resumed or empty share): just free the cache
         lm.engine.release()
-        return
+        return 0.0
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
     trimmed = trim_run(base_run, keep)
     scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
@@ -447,3 +450,4 @@ def score_cached_windows(
         lm.engine.run([(w.start, w.end, v.repeats, v.alpha) for w, v in todo], on_done=finish)
     finally:
         lm.engine.release()
+    return scorer.seconds

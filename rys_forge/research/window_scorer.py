@@ -8,6 +8,7 @@ turned into what ``simple_evaluate`` reports for the same loglikelihoods: lm-eva
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ class WindowScorer:
         base_items: the base run's ``items`` (document hashes are copied from there).
         only_docs: task -> document ids (as strings) to score; None: every document of the run (a race scores
             the documents of one look, with ``instances`` those documents' requests).
+
+    ``seconds`` adds up the time spent in calls (lm-eval's filters and ``process_results``: CPU work that a GPU
+    waits for between windows).
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class WindowScorer:
     ):
         from lm_eval.api.metrics import mean, stderr_for_metric
 
+        self.seconds = 0.0
         by_task: dict[str, list[tuple[Any, int]]] = defaultdict(list)
         for index, inst in enumerate(instances):
             by_task[inst.task_name].append((inst, index))
@@ -90,6 +95,7 @@ class WindowScorer:
             ))
 
     def __call__(self, run: Any) -> dict[str, Any]:
+        started = time.perf_counter()
         results: dict[str, dict[str, Any]] = {}
         items: dict[str, dict[str, dict[str, Any]]] = {}
         for plan in self.plans:
@@ -118,6 +124,7 @@ class WindowScorer:
                 f"{metric}_stderr,{filt}": _plain(plan.stderr(values)) if plan.stderr and len(values) > 1 else "N/A",
             }
             items[name] = {filt: per_item}
+        self.seconds += time.perf_counter() - started
         return {"results": results, "items": items}
 
 
