@@ -312,6 +312,22 @@ def test_visit_fraction_computes_z2_on_its_share_only(gemma, monkeypatch):
     assert probe_window(same, 2, 5, names, ProbeSettings()) == every
 
 
+def test_visit_fraction_keeps_a_second_visit_in_every_family(tiny_model_dirs, tmp_path):
+    """`--overlap` compares the score's inputs per prompt family: the visit share holds at least one prompt of each
+    family, so a small share still gives every family its r_0 and D_dec."""
+    out = tmp_path / "overlap"
+    result = CliRunner().invoke(main, [
+        "rank", "--model", str(tiny_model_dirs["qwen3"]), "--out", str(out), "--prompts-per-family", "4",
+        "--max-tokens", "12", "--jacobian", "none", "--no-progress", "--top-k", "3", "--overlap", "math,code",
+        "--visit-fraction", "0.1", "--kl-fraction", "0.1", "--deep-fraction", "0.1"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads((out / "summary.json").read_text())["prompts"]
+    assert counts["deep_tokens"] < counts["visit_tokens"] < counts["tokens"]  # a share, larger than the deep one
+    for row in json.loads((out / "windows.json").read_text()):
+        for family in ("math", "code"):
+            assert math.isfinite(row[f"r_0@{family}"]) and math.isfinite(row[f"d_dec@{family}"])
+
+
 def test_visit_fraction_must_hold_the_deep_and_kl_shares(tiny_model_dirs, tmp_path):
     for settings in (RankSettings(visit_fraction=0.4), RankSettings(visit_fraction=0.6, kl_fraction=0.8, deep_fraction=0.5)):
         with pytest.raises(UsageError, match="--visit-fraction .* below the deep or KL share"):

@@ -268,12 +268,18 @@ def _kl_prompts(by_length: Sequence[int], deep_set: Sequence[int], kl_fraction: 
     return deep | set(_evenly(rest, count - len(deep_set)))
 
 
-def _visit_prompts(by_length: Sequence[int], needed: set[int], visit_fraction: float) -> set[int]:
+def _visit_prompts(by_length: Sequence[int], needed: set[int], visit_fraction: float, families: Sequence[str]) -> set[int]:
     """The prompts whose second visit `z_2` is replayed: every prompt in `needed` (the deep and KL prompts,
-    which replay from `z_2`) and others spread evenly over lengths, `round(visit_fraction * n)` in all."""
-    count = round(visit_fraction * len(by_length))
-    rest = [k for k in by_length if k not in needed]
-    return needed | set(_evenly(rest, max(0, count - len(needed))))
+    which replay from `z_2`) and, per prompt family, others spread evenly over lengths up to
+    `round(visit_fraction * n_family)` (at least one a family, so that per-family statistics, `rank --overlap`,
+    have a second visit)."""
+    chosen = set(needed)
+    for family in dict.fromkeys(families):
+        members = [k for k in by_length if families[k] == family]
+        count = max(1, round(visit_fraction * len(members)))
+        rest = [k for k in members if k not in needed]
+        chosen |= set(_evenly(rest, max(0, count - (len(members) - len(rest)))))
+    return chosen
 
 
 @torch.no_grad()
@@ -321,7 +327,7 @@ def cache_activations(
     families = list(families) if families is not None else ["prompts"] * len(texts)
     encoded = tokenize(tokenizer, texts, max_tokens)
     chunks = _batch_plan([len(ids) for ids in encoded["input_ids"]], batch_size, kl_positions, deep_fraction, kl_fraction,
-                         visit_fraction)
+                         visit_fraction, families)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches: list[CachedBatch] = []
     started = time.perf_counter()
@@ -388,7 +394,7 @@ def mark_outliers(batches: Sequence[CachedBatch], num_layers: int, factor: float
 
 def _batch_plan(
     lengths: Sequence[int], batch_size: int, kl_positions: int, deep_fraction: float, kl_fraction: float,
-    visit_fraction: float = 1.0,
+    visit_fraction: float = 1.0, families: Sequence[str] | None = None,
 ) -> list[tuple[list[int], bool, bool, bool]]:
     """`(prompt indices, visit, deep, kl)` per padded batch: prompts sorted by token count, split into the
     second-visit share and the rest, the deep share and the rest, the KL share and the rest, then cut into
@@ -403,7 +409,8 @@ def _batch_plan(
     deep_set = [k for k, d in zip(by_length, is_deep) if d]
     deep_members = set(deep_set)
     kl_set = _kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0)
-    visit_set = _visit_prompts(by_length, deep_members | (kl_set if kl_positions > 0 else set()), visit_fraction)
+    visit_set = _visit_prompts(by_length, deep_members | (kl_set if kl_positions > 0 else set()), visit_fraction,
+                               families if families is not None else ["prompts"] * len(lengths))
     groups = [
         ([k for k in by_length if (k in visit_set) == visit and (k in deep_members) == deep and (k in kl_set) == kl], visit, deep, kl)
         for visit in (True, False) for deep in (True, False) for kl in (True, False)
