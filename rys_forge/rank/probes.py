@@ -23,7 +23,7 @@ from torch import nn
 
 from rys_forge.errors import UsageError
 from rys_forge.rank import metrics
-from rys_forge.rank.activations import ActivationCache
+from rys_forge.rank.activations import ActivationCache, CachedBatch
 
 __all__ = [
     "JACOBIAN_DESCRIPTION",
@@ -89,7 +89,7 @@ class Trajectory:
         self.all_visit = all(b.visit for b in batches)
         self.selection = [b.valid for b in batches]
         self.kl_keep = [torch.ones(b.kl_index.shape[0], dtype=torch.bool) for b in batches]
-        self._pooled: dict[tuple[int, bool], torch.Tensor] = {}
+        self._pooled: dict[tuple[int, int], torch.Tensor] = {}
         self._cka: dict[Any, torch.Tensor] = {}
         self._kl: dict[tuple[int, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
@@ -115,7 +115,7 @@ class Trajectory:
         return ALL
 
     @staticmethod
-    def _holds(batch: Any, tokens: int) -> bool:
+    def _holds(batch: CachedBatch, tokens: int) -> bool:
         return tokens == ALL or (batch.deep if tokens == DEEP else batch.visit)
 
     def states(self, n: int) -> list[torch.Tensor | None]:
