@@ -142,7 +142,7 @@ def time_rank(model, tokenizer, prompts, settings, windows, ids, args) -> tuple[
 
 #: Score inputs from the second visit (`--visit-fraction`) and diagnostics from the deeper iterates (never inputs
 #: of the score): how well the fast run keeps them.
-DEEP_DIAGNOSTICS = ("r_0", "d_dec", "delta_2", "r_1", "cka_drift_4", "n2_a", "n2_r2_pure")
+DIAGNOSTICS = ("r_0", "d_dec", "delta_2", "r_1", "cka_drift_4", "n2_a", "n2_r2_pure")
 
 
 def compare_with_reference(model, tokenizer, prompts, settings, fast_runs, args) -> dict:
@@ -172,7 +172,7 @@ def compare_with_reference(model, tokenizer, prompts, settings, fast_runs, args)
             "top10_overlap": len(top(fast.rows) & top(ref.rows)),
             "spearman_score": rho(a, "score"),
             "spearman_d_kl": rho(a, "d_kl"),
-            **{f"spearman_{key}": rho(a, key) for key in DEEP_DIAGNOSTICS},
+            **{f"spearman_{key}": rho(a, key) for key in DIAGNOSTICS},
         }
         for key in ("cka_plateau", "delta_0", "r_0", "d_dec", "d_kl", "score"):
             row[f"max_abs_diff_{key}"] = max(abs(a[k][key] - b[k][key]) for k in b)
@@ -258,8 +258,8 @@ def main() -> None:
                             stats_dtype=args.stats_dtype, jacobian="top", jacobian_top=args.jacobian_top,
                             jacobian_prompts=1, jacobian_tokens=64, jacobian_iters=8)
     results["settings"] = {k: v for k, v in settings.__dict__.items() if k != "windows"}
-    variants = [settings] + [RankSettings(**{**settings.__dict__, "deep_fraction": f}) for f in args.also_deep]
-    for spec in args.also:
+    variants = [settings]
+    for spec in [f"deep_fraction={f}" for f in args.also_deep] + args.also:  # --also-deep F is --also deep_fraction=F
         changes = dict(part.split("=") for part in spec.split(","))
         variants.append(RankSettings(**{**settings.__dict__, **{k: float(v) for k, v in changes.items()}}))
     for variant in variants:
@@ -316,7 +316,7 @@ def print_table(results: dict, peak: float, tokens: int, n_windows: int, fwd: fl
         print(f"{'full-fidelity rank (s)':52s} {ref['seconds']:12.1f}")
         for v in ref["variants"]:
             print(f"  visit {v['visit_fraction']:g}, deep {v['deep_fraction']:g}: top-10 overlap {v['top10_overlap']}, Spearman score {v['spearman_score']:.4f}, "
-                  f"D_KL {v['spearman_d_kl']:.4f}; " + ", ".join(f"{k} {v['spearman_' + k]:.3f}" for k in DEEP_DIAGNOSTICS))
+                  f"D_KL {v['spearman_d_kl']:.4f}; " + ", ".join(f"{k} {v['spearman_' + k]:.3f}" for k in DIAGNOSTICS))
             print(f"    max |diff| plateau CKA / delta_0 / d_dec: {v['max_abs_diff_cka_plateau']:.2e} / "
                   f"{v['max_abs_diff_delta_0']:.2e} / {v['max_abs_diff_d_dec']:.2e}")
 

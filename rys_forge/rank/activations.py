@@ -394,7 +394,7 @@ def mark_outliers(batches: Sequence[CachedBatch], num_layers: int, factor: float
 
 def _batch_plan(
     lengths: Sequence[int], batch_size: int, kl_positions: int, deep_fraction: float, kl_fraction: float,
-    visit_fraction: float = 1.0, families: Sequence[str] | None = None,
+    visit_fraction: float, families: Sequence[str],
 ) -> list[tuple[list[int], bool, bool, bool]]:
     """`(prompt indices, visit, deep, kl)` per padded batch: prompts sorted by token count, split into the
     second-visit share and the rest, the deep share and the rest, the KL share and the rest, then cut into
@@ -409,8 +409,7 @@ def _batch_plan(
     deep_set = [k for k, d in zip(by_length, is_deep) if d]
     deep_members = set(deep_set)
     kl_set = _kl_prompts(by_length, deep_set, kl_fraction if kl_positions > 0 else 1.0)
-    visit_set = _visit_prompts(by_length, deep_members | (kl_set if kl_positions > 0 else set()), visit_fraction,
-                               families if families is not None else ["prompts"] * len(lengths))
+    visit_set = _visit_prompts(by_length, deep_members | (kl_set if kl_positions > 0 else set()), visit_fraction, families)
     groups = [
         ([k for k in by_length if (k in visit_set) == visit and (k in deep_members) == deep and (k in kl_set) == kl], visit, deep, kl)
         for visit in (True, False) for deep in (True, False) for kl in (True, False)
