@@ -94,6 +94,7 @@ def main() -> None:
     rows = [r for r in rows if r["window"] in raced_windows]  # an earlier sweep may hold more windows
     exhaustive_source = "this process" if not args.exhaustive else f"{args.exhaustive} (its own timings)"
     exhaustive_scoring = float(summary.get("timings", {}).get("scoring_s", math.nan))
+    sample_drift = math.nan
     if args.exhaustive and args.time_sample:
         sample = random.Random(0).sample([str(r["window"]) for r in rows], min(args.time_sample, len(rows)))
         timed = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "time_sample",
@@ -103,6 +104,11 @@ def main() -> None:
         exhaustive_s = per_window * len(rows)
         exhaustive_source = f"{len(sample)} random windows swept on every item here, {per_window:.2f} s each"
         print(f"time sample: {len(sample)} windows, {per_window:.2f} s per window")
+        # the same windows in the committed sweep: this process's engine must reproduce them (bf16: up to a few items)
+        committed = {str(r["window"]): r for r in rows}
+        sample_drift = max(abs(mean_paired_difference(r, tasks) - mean_paired_difference(committed[str(r["window"])], tasks))
+                           for r in timed.rows)
+        print(f"time sample against the committed rows: max |mean paired difference change| {sample_drift:.4f}")
 
     by_window = {r["window"]: r for r in raced.rows}
     ranked = [r for r in rows if math.isfinite(r.get("combined_z", math.nan))]
@@ -119,6 +125,7 @@ def main() -> None:
         "items_exhaustive": race_info["exhaustive"], "items_race": race_info["spent"],
         "items_ratio": race_info["spent"] / race_info["exhaustive"],
         "windows_s_exhaustive": exhaustive_s, "windows_s_exhaustive_from": exhaustive_source,
+        "time_sample_max_difference_change": sample_drift,
         "windows_s_race": race_s, "time_ratio": race_s / exhaustive_s,
         "base_s_race": raced.summary["timings"]["base_eval_s"],
         # lm-eval's scoring inside each side's window time (CPU work the GPU waits for)

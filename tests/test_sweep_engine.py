@@ -17,10 +17,11 @@ from rys_forge.models import load_model
 from rys_forge.plan import LayerPlan, Window
 from rys_forge.research.sweep_engine import LoglikelihoodEngine
 from test_repeat import materialised_reference
+from tiny import MODEL_TYPES
 
 pytest.importorskip("lm_eval")
 
-from rys_forge.research import sweep_engine  # noqa: E402
+from rys_forge.research import engine_batching, sweep_engine  # noqa: E402
 from rys_forge.errors import TaskError, UsageError  # noqa: E402
 from rys_forge.research.sweep import sweep_windows  # noqa: E402
 
@@ -129,7 +130,7 @@ def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, interrupt_scorin
         assert a["tasks"] == b["tasks"]
     # the summary records the measured batch cost that cut the batches (16384: sweep_windows' batch_tokens)
     recorded = json.loads((tmp_path / "fresh" / "summary.json").read_text())["timings"]["batch_overhead_tokens"]
-    assert recorded == sweep_engine.batch_overhead(loaded.model, 16384)
+    assert recorded == engine_batching.batch_overhead(loaded.model, 16384)
     keys = [json.loads(line)["key"] for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert sorted(keys) == sorted(f"{w}x2" for w in WINDOWS)
 
@@ -183,7 +184,7 @@ def test_cut_by_length_minimises_padding_plus_batch_overhead():
         overhead = int(rng.choice([0, 5, 30, 500]))
         cap = int(rng.integers(1, 120)) if trial % 2 else sum(lengths) * max(lengths)
         items = [100 + k for k in range(len(lengths))]
-        batches = sweep_engine.cut_by_length(items, lengths, cap, overhead)
+        batches = engine_batching.cut_by_length(items, lengths, cap, overhead)
         assert [k for batch in batches for k in batch] == items
         first = [items.index(batch[0]) for batch in batches]
         assert all(len(b) * lengths[f] <= max(cap, lengths[f]) for b, f in zip(batches, first))
@@ -210,11 +211,48 @@ def test_batches_follow_their_overhead_and_give_the_same_numbers(tiny_model_dirs
     assert 0 <= measured.batch_overhead_tokens <= 10_000
     forwards = []
     with monkeypatch.context() as patch:
-        patch.setattr(sweep_engine, "run_decoder", lambda *a, **k: forwards.append(a))
-        assert sweep_engine.batch_overhead(model, 10_000) == measured.batch_overhead_tokens and not forwards  # cached
-        sweep_engine.batch_overhead(model, 20_000)
+        patch.setattr(engine_batching, "run_decoder", lambda *a, **k: forwards.append(a))
+        assert engine_batching.batch_overhead(model, 10_000) == measured.batch_overhead_tokens and not forwards  # cached
+        engine_batching.batch_overhead(model, 20_000)
         assert forwards  # another batch size is measured (the counter sees the forwards)
     reference, _ = _reference(model, requests)
     for engine in (tight, loose, measured):
         run = engine.run([None])[0]
         np.testing.assert_allclose(run.loglikelihood, reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, monkeypatch, tmp_path):
+    """Two-visit windows share the layers `i..L-1` from their cached `x_j`: in one batch they run stacked (fewer
+    layer calls), and every window's numbers are still those of its own materialised model; 3-visit and damped
+    windows, which run alone, give what an engine that never stacks gives."""
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path))
+    model = load_model(str(tiny_model_dirs[model_type])).model
+    n = model.config.num_hidden_layers
+    requests = _requests(model.config.vocab_size)
+    windows = [(1, 3, 2), (0, 2, 2), None, (2, n, 2), (1, 4, 3), (1, 4, 2), (0, 3, 2, 0.5), (3, n, 2)]
+    stacked = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9)
+    alone = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=1, batch_overhead_tokens=0)
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in stacked.layers]
+    try:
+        done: list[int] = []
+        runs = stacked.run(windows, on_done=lambda k, run: done.append(k))
+        stacked_calls = len(calls)
+        calls.clear()
+        single = alone.run(windows)
+        alone_calls = len(calls)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(done) == list(range(len(windows))) and all(run.seconds >= 0 for run in runs)
+    # one pass: capture (n) + the five 2-visit windows from their lowest start (n) + 3 visits (n - 1 + 3) + damped (n)
+    assert stacked_calls == n + n + (n - 1 + 3) + n, stacked_calls
+    assert alone_calls > stacked_calls + n
+    for window, run, lone in zip(windows, runs, single):
+        if window is not None and len(window) == 3:
+            order = LayerPlan.from_windows([Window(window[0], window[1])], n, window[2]).order
+            ll, greedy = _reference(model, requests, order)
+            np.testing.assert_allclose(run.loglikelihood, ll, rtol=1e-5, atol=1e-4)
+            assert (run.is_greedy == greedy).all()
+        np.testing.assert_allclose(run.loglikelihood, lone.loglikelihood, rtol=1e-5, atol=1e-4)

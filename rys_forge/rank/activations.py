@@ -180,6 +180,31 @@ def replay_layers(
     return z
 
 
+def tile_layer_kwargs(kwargs: dict[str, Any], rows: int, copies: int,
+                      memo: dict[tuple[int, int], Any] | None = None) -> dict[str, Any]:
+    """A layer's keyword arguments for ``copies`` batches of ``rows`` rows stacked along the batch: every tensor
+    of 2 or more dimensions whose first is ``rows`` (masks, rotary tables, position ids) is repeated along it;
+    the rest (broadcast rows, cache positions, flags) is kept. ``memo`` (by tensor id) tiles a tensor shared by
+    several layers once per count of copies."""
+    memo = {} if memo is None else memo
+
+    def tile(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if copies == 1 or value.dim() < 2 or value.shape[0] != rows:
+                return value
+            key = (id(value), copies)
+            if key not in memo:
+                memo[key] = (value, value.repeat(copies, *([1] * (value.dim() - 1))))
+            return memo[key][1]
+        if isinstance(value, (tuple, list)):
+            return type(value)(tile(v) for v in value)
+        if isinstance(value, dict):
+            return {k: tile(v) for k, v in value.items()}
+        return value
+
+    return {k: tile(v) for k, v in kwargs.items()}
+
+
 @contextmanager
 def capture_layer_inputs(model: nn.Module, spec: ArchSpec) -> Iterator[dict[int, tuple[torch.Tensor, dict[str, Any]]]]:
     """While active, every forward fills the yielded dict: `k -> (x_k, kwargs of layer k)` for each decoder

@@ -396,8 +396,8 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
                 affordable = 0
             if affordable == 0:
                 return False
-            chunk = keys[position:position + min(affordable, 8)]
-            clock = [time.perf_counter()]
+            # with a time budget, chunks of 8 windows; else every affordable window in one call (stacked replays)
+            chunk = keys[position:position + (min(affordable, 8) if settings.budget_seconds is not None else affordable)]
 
             def finish(index: int, run: Any, chunk: list[str] = chunk) -> None:
                 scored = scorer(run)
@@ -407,9 +407,7 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
                     items = scored["items"][task][filt]
                     values[task] = {d: float(items[d]["values"][metric]) for d in look.docs[task]}
                 racer.add(chunk[index], k, look.docs, values)
-                now = time.perf_counter()
-                racer.seconds[chunk[index]] = racer.seconds.get(chunk[index], 0.0) + now - clock[0]
-                clock[0] = now
+                racer.seconds[chunk[index]] = racer.seconds.get(chunk[index], 0.0) + run.seconds
 
             engine.run([(racer.windows[key][0].start, racer.windows[key][0].end, racer.windows[key][1]) for key in chunk],
                        on_done=finish)

@@ -21,9 +21,7 @@ requests form several cache groups, each captured again for every group of windo
 
 from __future__ import annotations
 
-import math
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from rys_forge.rank.activations import capture_layer_inputs, head_logits, replay_layers, run_decoder
+from rys_forge.rank.activations import capture_layer_inputs, head_logits, replay_layers, run_decoder, tile_layer_kwargs
 from rys_forge.architectures import get_path, spec_for_model
 from rys_forge.errors import TaskError
 from rys_forge.plan import Window
 from rys_forge.repeat import scaled_visit
+from rys_forge.research.engine_batching import batch_overhead, cut_by_length
 from rys_forge.research.sweep_rows import Visits, trim_run, window_record  # trim_run: race imports it here
 from rys_forge.research.window_scorer import WindowScorer
 
 __all__ = [
-    "CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "batch_overhead", "cut_by_length", "WindowRun", "WindowScorer", "capturing_lm", "check_cached_tasks",
+    "CACHED_OUTPUT_TYPES", "LoglikelihoodEngine", "WindowRun", "WindowScorer", "capturing_lm", "check_cached_tasks",
     "leaf_tasks", "score_cached_windows", "trim_run", "uncached_tasks",
 ]
 
@@ -55,6 +54,7 @@ class WindowRun:
 
     loglikelihood: np.ndarray  # float64 [N]
     is_greedy: np.ndarray  # bool [N]
+    seconds: float = 0.0  # the engine's wall time for this window (a stack's time shared by its windows)
 
     def as_responses(self) -> list[tuple[float, bool]]:
         return [(float(a), bool(b)) for a, b in zip(self.loglikelihood, self.is_greedy)]
@@ -70,82 +70,6 @@ class _Batch:
     owner: torch.Tensor  # [K] request index (0..N-1) of each position
     hidden: list[torch.Tensor] | None = None
     layer_kwargs: list[dict[str, Any]] | None = None
-
-
-def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: int, overhead: int) -> list[list[int]]:
-    """Cut ``items`` (sorted by ``lengths``, longest first) into consecutive batches of at most
-    ``max(batch_tokens, longest)`` padded tokens that minimise padded tokens plus ``overhead`` per batch.
-
-    Exact over cuts at length changes (a DP over the runs of equal length, O(runs^2)); a run of groups
-    too big for one batch is split greedily at the batch limit.
-    """
-    runs: list[tuple[int, int]] = []  # (length, count), longest first
-    for length in lengths:
-        if runs and runs[-1][0] == length:
-            runs[-1] = (length, runs[-1][1] + 1)
-        else:
-            runs.append((length, 1))
-    best, start = [0.0] + [float("inf")] * len(runs), [0] * (len(runs) + 1)
-    for end in range(1, len(runs) + 1):
-        rows = 0
-        for first in range(end - 1, -1, -1):  # the group runs[first:end], padded to runs[first]'s length
-            rows += runs[first][1]
-            longest = runs[first][0]
-            per_batch = max(1, max(batch_tokens, longest) // longest)
-            cost = best[first] + rows * longest + -(-rows // per_batch) * overhead
-            if cost < best[end]:
-                best[end], start[end] = cost, first
-    bounds, end = [], len(runs)
-    while end > 0:
-        bounds.append((start[end], end))
-        end = start[end]
-    offsets = np.cumsum([0] + [count for _, count in runs]).tolist()
-    batches: list[list[int]] = []
-    for first, end in reversed(bounds):
-        group = list(range(offsets[first], offsets[end]))
-        while group:
-            per_batch = max(1, max(batch_tokens, lengths[group[0]]) // lengths[group[0]])
-            batches.append([items[k] for k in group[:per_batch]])
-            group = group[per_batch:]
-    return batches
-
-
-_OVERHEADS: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
-
-
-@torch.no_grad()
-def batch_overhead(model: nn.Module, batch_tokens: int) -> int:
-    """The fixed cost of one forward batch of ``model``, in tokens: a forward of 8 tokens against one of
-    ``probe`` tokens (``batch_tokens`` on a GPU, where small batches cost their launches; 512 on a CPU),
-    the fastest of three (two) after a warm-up; ``t_small / ((t_big - t_small) / (probe - 8))``, at most
-    ``batch_tokens``, rounded to a power of 2 (so that timing noise rarely changes the batches of two runs).
-    Measured once per model and batch size."""
-    known = _OVERHEADS.setdefault(model, {})
-    if batch_tokens not in known:
-        spec = spec_for_model(model)
-        device = next(model.parameters()).device
-        probe = max(64, batch_tokens if device.type == "cuda" else min(batch_tokens, 512))
-        length = min(256, probe)
-
-        def fastest(rows: int, tokens: int, repeats: int) -> float:
-            ids = torch.ones((rows, tokens), dtype=torch.long, device=device)
-            times = []
-            for _ in range(repeats + 1):  # the first is a warm-up
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                run_decoder(model, spec, ids, torch.ones_like(ids))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            return min(times[1:])
-
-        small, big = fastest(1, 8, 3), fastest(probe // length, length, 2)
-        per_token = max(big - small, 1e-12) / max(1, (probe // length) * length - 8)
-        tokens = min(batch_tokens, small / per_token)
-        rounded = 0 if tokens < 1 else int(2 ** round(math.log2(tokens)))  # a power of 2: stable across runs
-        known[batch_tokens] = min(batch_tokens, rounded)
-    return known[batch_tokens]
 
 
 class LoglikelihoodEngine:
@@ -197,6 +121,7 @@ class LoglikelihoodEngine:
         if batch_overhead_tokens is None:
             batch_overhead_tokens = batch_overhead(model, batch_tokens)
         self.batch_overhead_tokens = batch_overhead_tokens
+        self.batch_tokens = batch_tokens
         batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens)
         hidden_size = int(model.config.get_text_config().hidden_size)
         width = next(model.parameters()).element_size()
@@ -278,7 +203,11 @@ class LoglikelihoodEngine:
         """Results for each entry of ``windows``: ``None`` is the base model, ``(i, j, visits)`` the
         repeat of layers ``i..j-1`` ``visits`` times, ``(i, j, visits, alpha)`` with the repeated visits at
         residual scale ``alpha``. ``on_done(index, run)`` is called as each finishes (in groups of
-        ``group_size`` windows when the cache needs several groups)."""
+        ``group_size`` windows when the cache needs several groups).
+
+        Two-visit windows at full scale run layers ``i..L-1`` from the cached ``x_j``: on a batch smaller than
+        ``batch_tokens`` several of them are stacked along the batch (:meth:`_stacked_on_batch`). On a GPU a
+        window's results are handed to ``on_done`` while the next window's layers run."""
         for w in windows:
             if w is not None:
                 i, j, n, *alpha = w
@@ -287,29 +216,73 @@ class LoglikelihoodEngine:
         results: list[WindowRun | None] = [None] * len(windows)
         groups = self.groups
         step = max(1, len(windows) if len(groups) == 1 else group_size)
+        clock = [time.perf_counter()]
 
-        def finish(k: int) -> None:
-            results[k] = self._finish(*acc.pop(k))
-            if on_done:
-                on_done(k, results[k])
+        def deliver(copied: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]], Any]) -> None:
+            stack, outputs, event = copied
+            if event is not None:
+                event.synchronize()
+            now = time.perf_counter()
+            share, clock[0] = (now - clock[0]) / len(stack), now
+            for k, (ll, misses) in sorted(zip(stack, outputs), key=lambda pair: pair[0]):  # in the order given
+                results[k] = WindowRun(ll.numpy(), (misses == 0).numpy(), share)
+                if on_done:
+                    on_done(k, results[k])
 
-        for start in range(0, len(windows), step):
-            todo = range(start, min(start + step, len(windows)))
+        for first in range(0, len(windows), step):
+            todo = list(range(first, min(first + step, len(windows))))
             acc = {k: self._accumulators() for k in todo}
+            stacks = self._stacks(windows, todo)
+            pending = None
             for group in groups:
                 for batch in group:
                     if batch.hidden is None:
                         self._capture(batch)
-                for k in todo:
+                for stack in stacks:
                     for batch in group:
-                        self._window_on_batch(batch, windows[k], *acc[k])
-                    if len(groups) == 1:  # everything cached: each window is final right away
-                        finish(k)
+                        self._stacked_on_batch(batch, [windows[k] for k in stack], [acc[k] for k in stack])
+                    if len(groups) == 1:  # everything cached: the stack is final; hand over the previous one
+                        copied = self._copy_out(stack, [acc.pop(k) for k in stack])
+                        if pending is not None:
+                            deliver(pending)
+                        pending = copied
                 if len(groups) > 1:
                     self._release(group)
-            for k in list(acc):
-                finish(k)
+            if pending is not None:
+                deliver(pending)
+            if acc:
+                deliver(self._copy_out(list(acc), list(acc.values())))
         return results  # type: ignore[return-value]
+
+    def _stacks(self, windows: Sequence[tuple[int, ...] | None], todo: list[int]) -> list[list[int]]:
+        """``todo`` in stacks replayed together: two-visit windows at full scale (layers ``i..L-1`` from
+        ``x_j``) by start, as many as the smallest batch can stack; every other window alone. In order of
+        each stack's first window in ``todo``."""
+        tokens = min(b.input_ids.numel() for b in self.batches) if self.batches else self.batch_tokens
+        size = max(1, min(32, self.batch_tokens // max(1, tokens)))
+
+        def plain(w: tuple[int, ...] | None) -> bool:
+            return w is not None and w[2] == 2 and (len(w) == 3 or float(w[3]) == 1.0)
+
+        together = sorted((k for k in todo if plain(windows[k])), key=lambda k: windows[k][0])  # type: ignore[index]
+        stacks = [together[a : a + size] for a in range(0, len(together), size)]
+        stacks += [[k] for k in todo if not plain(windows[k])]
+        return sorted(stacks, key=min)
+
+    def _copy_out(self, stack: list[int], accs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, ...]:
+        """Start copying a stack's accumulators to the host; the event (on a GPU) marks them done."""
+        if self.device.type != "cuda":
+            return stack, [(ll.cpu(), misses.cpu()) for ll, misses in accs], None
+        outputs = []
+        for ll, misses in accs:
+            host = (torch.empty(ll.shape, dtype=ll.dtype, pin_memory=True),
+                    torch.empty(misses.shape, dtype=misses.dtype, pin_memory=True))
+            host[0].copy_(ll, non_blocking=True)
+            host[1].copy_(misses, non_blocking=True)
+            outputs.append(host)
+        event = torch.cuda.Event()
+        event.record()
+        return stack, outputs, event
 
     def _accumulators(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -336,9 +309,32 @@ class LoglikelihoodEngine:
             z = replay_layers(self.layers, batch.layer_kwargs, j, self.num_layers, z)
         self._score(batch, z, ll, misses)
 
-    @staticmethod
-    def _finish(ll: torch.Tensor, misses: torch.Tensor) -> WindowRun:
-        return WindowRun(ll.cpu().numpy(), (misses == 0).cpu().numpy())
+    def _stacked_on_batch(self, batch: _Batch, windows: list[tuple[int, ...] | None],
+                          accs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A stack of two-visit windows on one batch, as many at a time as fit ``batch_tokens``: rows of each
+        window's ``x_j`` join the stacked stream at its start layer ``i`` and run the layers up to ``L-1``."""
+        assert batch.hidden is not None and batch.layer_kwargs is not None
+        rows = batch.input_ids.shape[0]
+        per_pass = max(1, self.batch_tokens // batch.input_ids.numel())
+        for a in range(0, len(windows), per_pass):
+            part, part_accs = windows[a : a + per_pass], accs[a : a + per_pass]
+            if len(part) == 1:
+                self._window_on_batch(batch, part[0], *part_accs[0])
+                continue
+            starts = sorted({w[0] for w in part})  # type: ignore[index]
+            z: torch.Tensor | None = None
+            memo: dict[tuple[int, int], Any] = {}
+            for p, start in enumerate(starts):
+                joining = [batch.hidden[w[1]] for w in part if w[0] == start]  # type: ignore[index]
+                z = torch.cat(([z] if z is not None else []) + joining)
+                end = starts[p + 1] if p + 1 < len(starts) else self.num_layers
+                copies = z.shape[0] // rows
+                for k in range(start, end):
+                    out = self.layers[k](z, **tile_layer_kwargs(batch.layer_kwargs[k], rows, copies, memo))
+                    z = out[0] if isinstance(out, tuple) else out
+            assert z is not None
+            for r, (ll, misses) in enumerate(part_accs):  # rows in order of start: the part's order
+                self._score(batch, z[r * rows : (r + 1) * rows], ll, misses)
 
     def release(self) -> None:
         """Drop every cached activation (and the damped visit copies)."""
@@ -437,14 +433,11 @@ def score_cached_windows(
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
     trimmed = trim_run(base_run, keep)
     scorer = WindowScorer(leaf_tasks(task_objects), lm.instances, limit, keep, base_run["items"])
-    clock = [time.perf_counter()]
 
     def finish(index: int, run: WindowRun) -> None:
-        (window, visits), rys_run, now = todo[index], scorer(run), time.perf_counter()
-        record = window_record(window, visits.repeats, trimmed, rys_run, reported, seed, now - clock[0],
-                               alpha=visits.alpha, substeps=visits.substeps)
-        clock[0] = now
-        on_record(record)
+        (window, visits), rys_run = todo[index], scorer(run)
+        on_record(window_record(window, visits.repeats, trimmed, rys_run, reported, seed, run.seconds,
+                                alpha=visits.alpha, substeps=visits.substeps))
 
     try:
         lm.engine.run([(w.start, w.end, v.repeats, v.alpha) for w, v in todo], on_done=finish)
