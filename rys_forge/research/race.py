@@ -382,8 +382,9 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
         return True
     cost = sum(len(ids) for ids in look.docs.values())
     pad = lm.tokenizer.pad_token_id
+    stacked = sum(racer.windows[key][1] == 2 for key in keys)  # two-visit windows share their batches' passes
     engine = LoglikelihoodEngine(lm.model, [lm.request_tokens[i] for i in look.requests], max_length=lm.max_length,
-                                 pad_id=pad if pad is not None else 0, **lm.engine_kwargs)
+                                 pad_id=pad if pad is not None else 0, windows=max(1, stacked), **lm.engine_kwargs)
     scorer = WindowScorer(leaf_tasks(task_objects), [lm.instances[i] for i in look.requests], limit, racer.keep,
                           {}, only_docs={t: set(ids) for t, ids in look.docs.items()})
     try:

@@ -35,7 +35,7 @@ from rys_forge.architectures import get_path, spec_for_model
 from rys_forge.errors import TaskError
 from rys_forge.plan import Window
 from rys_forge.repeat import scaled_visit
-from rys_forge.research.engine_batching import batch_overhead, cut_by_length
+from rys_forge.research.engine_batching import batch_overhead, cut_by_length, stack_size
 from rys_forge.research.sweep_rows import Visits, trim_run, window_record  # trim_run: race imports it here
 from rys_forge.research.window_scorer import WindowScorer
 
@@ -88,6 +88,8 @@ class LoglikelihoodEngine:
             launch, batches hold requests of nearly one length.
         max_cache_bytes: activation cache budget (None: 60% of free GPU memory, or 8 GiB on CPU).
         head_chunk: continuation positions per LM-head call (bounds the `[K, V]` float32 logits).
+        windows: how many two-visit windows a run will stack (a race's look): batches are cut for them (a
+            batch's fixed cost is shared by the windows stacked on it; :func:`cut_by_length`).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class LoglikelihoodEngine:
         batch_overhead_tokens: int | None = None,
         max_cache_bytes: int | None = None,
         head_chunk: int = 2048,
+        windows: int = 1,
     ):
         self.model = model
         self.spec = spec_for_model(model)
@@ -122,7 +125,7 @@ class LoglikelihoodEngine:
             batch_overhead_tokens = batch_overhead(model, batch_tokens)
         self.batch_overhead_tokens = batch_overhead_tokens
         self.batch_tokens = batch_tokens
-        batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens)
+        batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens, windows)
         hidden_size = int(model.config.get_text_config().hidden_size)
         width = next(model.parameters()).element_size()
         per_token = (self.num_layers + 1) * hidden_size * width
@@ -256,10 +259,11 @@ class LoglikelihoodEngine:
 
     def _stacks(self, windows: Sequence[tuple[int, ...] | None], todo: list[int]) -> list[list[int]]:
         """``todo`` in stacks replayed together: two-visit windows at full scale (layers ``i..L-1`` from
-        ``x_j``) by start, as many as the smallest batch can stack; every other window alone. In order of
-        each stack's first window in ``todo``."""
-        tokens = min(b.input_ids.numel() for b in self.batches) if self.batches else self.batch_tokens
-        size = max(1, min(32, self.batch_tokens // max(1, tokens)))
+        ``x_j``) by start, as many as a batch of the mean size can stack (one for a sweep's full batches, so
+        that each window's scoring overlaps the next); every other window alone. In order of each stack's
+        first window in ``todo``."""
+        mean = sum(b.input_ids.numel() for b in self.batches) / len(self.batches) if self.batches else self.batch_tokens
+        size = stack_size(int(mean), self.batch_tokens)  # full batches (a sweep): one window at a time
 
         def plain(w: tuple[int, ...] | None) -> bool:
             return w is not None and w[2] == 2 and (len(w) == 3 or float(w[3]) == 1.0)
@@ -315,7 +319,7 @@ class LoglikelihoodEngine:
         window's ``x_j`` join the stacked stream at its start layer ``i`` and run the layers up to ``L-1``."""
         assert batch.hidden is not None and batch.layer_kwargs is not None
         rows = batch.input_ids.shape[0]
-        per_pass = max(1, self.batch_tokens // batch.input_ids.numel())
+        per_pass = stack_size(batch.input_ids.numel(), self.batch_tokens)
         for a in range(0, len(windows), per_pass):
             part, part_accs = windows[a : a + per_pass], accs[a : a + per_pass]
             if len(part) == 1:
