@@ -8,7 +8,6 @@ engine against the same sweep through lm-eval's ``HFLM`` (one full run per windo
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from tiny import MODEL_TYPES
 
 pytest.importorskip("lm_eval")
 
-from rys_forge.research import engine_batching, sweep_engine  # noqa: E402
+from rys_forge.research import engine_batching  # noqa: E402
 from rys_forge.errors import TaskError, UsageError  # noqa: E402
 from rys_forge.research.sweep import sweep_windows  # noqa: E402
 
@@ -194,49 +193,6 @@ def test_cut_by_length_minimises_padding_plus_batch_overhead():
         assert cost == reference if trial % 2 == 0 else reference <= cost <= 1.02 * reference
 
 
-def _stacked_cost(batches: list[list[int]], lengths: list[int], cap: int, overhead: int, windows: int) -> float:
-    """Per window: padded tokens, plus ``overhead`` for each layer pass, a pass serving up to ``cap // tokens``
-    (at most 32) stacked windows."""
-    total = 0.0
-    for rows, longest in batches:
-        stack = max(1, min(32, cap // (rows * longest)))
-        total += rows * longest + overhead * math.ceil(windows / stack) / windows
-    return total
-
-
-def test_cut_for_stacked_windows_is_optimal_and_pads_less():
-    """With many windows stacked on each batch a pass's overhead is shared, so the cut pads less than for one
-    window. Against brute force over every cut at a length change, each part cut into batches of every even
-    size within the limit: never worse."""
-    rng = np.random.default_rng(1)
-    padded = {1: 0, 40: 0}
-    for trial in range(200):
-        lengths = sorted(rng.integers(1, 40, rng.integers(2, 10)).tolist(), reverse=True)
-        overhead, windows = int(rng.choice([30, 500])), int(rng.choice([2, 7, 40]))
-        cap = int(rng.integers(40, 400))
-        items = list(range(len(lengths)))
-        batches = engine_batching.cut_by_length(items, lengths, cap, overhead, windows)
-        assert [k for batch in batches for k in batch] == items
-        assert all(len(b) * lengths[b[0]] <= max(cap, lengths[b[0]]) for b in batches)
-        changes = [k for k in range(1, len(lengths)) if lengths[k] != lengths[k - 1]]
-        best = math.inf
-        for mask in range(1 << len(changes)):
-            cuts = [0] + [c for n, c in enumerate(changes) if mask >> n & 1] + [len(lengths)]
-            cost = 0.0
-            for a, b in zip(cuts, cuts[1:]):
-                rows, longest = b - a, lengths[a]
-                cost += min(_stacked_cost([(min(size, rows - k), longest) for k in range(0, rows, size)], lengths, cap,
-                                          overhead, windows)
-                            for size in range(1, max(1, max(cap, longest) // longest) + 1))
-            best = min(best, cost)
-        # the brute force pads a part's every batch to the part's longest (the DP's model); a batch's own longest can only be shorter
-        assert _stacked_cost([(len(b), lengths[b[0]]) for b in batches], lengths, cap, overhead, windows) <= best + 1e-9, trial
-        for w in padded:
-            cut = engine_batching.cut_by_length(items, lengths, cap, overhead, w)
-            padded[w] += sum(len(b) * lengths[b[0]] for b in cut)
-    assert padded[40] < padded[1]
-
-
 def test_batches_follow_their_overhead_and_give_the_same_numbers(tiny_model_dirs, monkeypatch, tmp_path):
     """With no batch overhead every batch holds one length (no padding); with a huge one, the fewest batches
     the limit allows (a race's early look on a GPU). The measured overhead is cached per model. Batching
@@ -275,8 +231,9 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
     n = model.config.num_hidden_layers
     requests = _requests(model.config.vocab_size)
     windows = [(1, 3, 2), (0, 2, 2), None, (2, n, 2), (1, 4, 3), (1, 4, 2), (0, 3, 2, 0.5), (3, n, 2)]
-    stacked = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9)
-    alone = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=1, batch_overhead_tokens=0)
+    stacked = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9,
+                                   stack=32)
+    alone = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9)
     calls = []
     hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in stacked.layers]
     try:

@@ -27,42 +27,12 @@ def stack_size(tokens: int, batch_tokens: int) -> int:
     return max(1, min(MAX_STACK, batch_tokens // max(1, tokens)))
 
 
-_STACKS = np.arange(1, MAX_STACK + 1)
-
-
-def _group_cut(rows: int, longest: int, batch_tokens: int, windows: int,
-               tables: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
-    """``(passes per window, rows per batch)`` of the best even cut of ``rows`` requests padded to ``longest``
-    into batches within the limit, when ``windows`` windows are stacked on each batch as far as
-    :func:`stack_size` allows (one window: the fewest batches; else the fewest passes, then the fewest batches).
-    ``tables`` caches each length's candidate sizes and their passes per full batch."""
-    limit = max(1, max(batch_tokens, longest) // longest)
-    if windows == 1:
-        return float(-(-rows // limit)), limit
-
-    def share(batch_rows: np.ndarray) -> np.ndarray:
-        stacks = np.clip(batch_tokens // np.maximum(batch_rows * longest, 1), 1, MAX_STACK)
-        return np.ceil(windows / stacks) / windows
-
-    if longest not in tables:
-        sizes = np.unique(np.clip(batch_tokens // (_STACKS * longest), 1, limit))
-        tables[longest] = (sizes, share(sizes))
-    sizes, full_share = tables[longest]
-    full, rest = np.divmod(rows, sizes)
-    passes = full * full_share + np.where(rest > 0, share(rest), 0.0)
-    best = int(np.lexsort((-sizes, passes))[0])
-    return float(passes[best]), int(sizes[best])
-
-
-def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: int, overhead: int,
-                  windows: int = 1) -> list[list[int]]:
+def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: int, overhead: int) -> list[list[int]]:
     """Cut ``items`` (sorted by ``lengths``, longest first) into consecutive batches of at most
-    ``max(batch_tokens, longest)`` padded tokens that minimise padded tokens plus ``overhead`` per layer pass.
+    ``max(batch_tokens, longest)`` padded tokens that minimise padded tokens plus ``overhead`` per batch.
 
-    With ``windows > 1`` (that many two-visit windows, stacked on a batch as far as :func:`stack_size` allows)
-    a batch's passes are shared by the windows stacked on it: small batches cost less overhead per window, so
-    the cut pads less. A DP over cuts at length changes (the runs of equal length, O(runs^2)); a group is cut
-    into batches of even size (the fewest for one window, else the size of fewest passes).
+    Exact over cuts at length changes (a DP over the runs of equal length, O(runs^2)); a run of groups
+    too big for one batch is split greedily at the batch limit.
     """
     runs: list[tuple[int, int]] = []  # (length, count), longest first
     for length in lengths:
@@ -70,8 +40,7 @@ def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: in
             runs[-1] = (length, runs[-1][1] + 1)
         else:
             runs.append((length, 1))
-    best, start = [0.0] + [float("inf")] * len(runs), [(0, 1)] * (len(runs) + 1)
-    tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    best, start = [0.0] + [float("inf")] * len(runs), [0] * (len(runs) + 1)
     real = np.cumsum([0] + [length * count for length, count in runs]).tolist()  # unpadded tokens of runs[:r]
     for end in range(1, len(runs) + 1):
         rows = 0
@@ -79,21 +48,24 @@ def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: in
             rows += runs[first][1]
             longest = runs[first][0]
             # any cut costs at least its unpadded tokens, and a longer group pads more: none beats best[end]
-            if real[end] + rows * longest - (real[end] - real[first]) >= best[end]:
+            if real[first] + rows * longest >= best[end]:
                 break
-            passes, size = _group_cut(rows, longest, batch_tokens, windows, tables)
-            cost = best[first] + rows * longest + passes * overhead
+            per_batch = max(1, max(batch_tokens, longest) // longest)
+            cost = best[first] + rows * longest + -(-rows // per_batch) * overhead
             if cost < best[end]:
-                best[end], start[end] = cost, (first, size)
+                best[end], start[end] = cost, first
     bounds, end = [], len(runs)
     while end > 0:
-        bounds.append((start[end][0], end, start[end][1]))
-        end = start[end][0]
+        bounds.append((start[end], end))
+        end = start[end]
     offsets = np.cumsum([0] + [count for _, count in runs]).tolist()
     batches: list[list[int]] = []
-    for first, end, size in reversed(bounds):
-        group = [items[k] for k in range(offsets[first], offsets[end])]
-        batches.extend(group[k : k + size] for k in range(0, len(group), size))
+    for first, end in reversed(bounds):
+        group = list(range(offsets[first], offsets[end]))
+        while group:
+            per_batch = max(1, max(batch_tokens, lengths[group[0]]) // lengths[group[0]])
+            batches.append([items[k] for k in group[:per_batch]])
+            group = group[per_batch:]
     return batches
 
 

@@ -375,6 +375,7 @@ def _logged_values(folder: Path | None) -> dict[tuple[str, int], dict[str, dict[
 def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look, k: int, keys: list[str],
                 limit: int | None, settings: RaceSettings, started: float) -> bool:
     """Evaluate ``keys`` on look ``k``'s documents (in chunks, checking the budget); False if it ran out."""
+    from rys_forge.research.engine_batching import MAX_STACK
     from rys_forge.research.sweep_engine import LoglikelihoodEngine, leaf_tasks
     from rys_forge.research.window_scorer import WindowScorer
 
@@ -382,9 +383,8 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
         return True
     cost = sum(len(ids) for ids in look.docs.values())
     pad = lm.tokenizer.pad_token_id
-    stacked = sum(racer.windows[key][1] == 2 for key in keys)  # two-visit windows share their batches' passes
     engine = LoglikelihoodEngine(lm.model, [lm.request_tokens[i] for i in look.requests], max_length=lm.max_length,
-                                 pad_id=pad if pad is not None else 0, windows=max(1, stacked), **lm.engine_kwargs)
+                                 pad_id=pad if pad is not None else 0, stack=MAX_STACK, **lm.engine_kwargs)
     scorer = WindowScorer(leaf_tasks(task_objects), [lm.instances[i] for i in look.requests], limit, racer.keep,
                           {}, only_docs={t: set(ids) for t, ids in look.docs.items()})
     try:

@@ -88,8 +88,9 @@ class LoglikelihoodEngine:
             launch, batches hold requests of nearly one length.
         max_cache_bytes: activation cache budget (None: 60% of free GPU memory, or 8 GiB on CPU).
         head_chunk: continuation positions per LM-head call (bounds the `[K, V]` float32 logits).
-        windows: how many two-visit windows a run will stack (a race's look): batches are cut for them (a
-            batch's fixed cost is shared by the windows stacked on it; :func:`cut_by_length`).
+        stack: at most this many two-visit windows run stacked on a batch (:meth:`run`). 1 (a sweep): one window
+            at a time, so that on a GPU each window's scoring overlaps the next window's layers; a race's small
+            looks stack up to :data:`~rys_forge.research.engine_batching.MAX_STACK`.
     """
 
     def __init__(
@@ -103,7 +104,7 @@ class LoglikelihoodEngine:
         batch_overhead_tokens: int | None = None,
         max_cache_bytes: int | None = None,
         head_chunk: int = 2048,
-        windows: int = 1,
+        stack: int = 1,
     ):
         self.model = model
         self.spec = spec_for_model(model)
@@ -125,7 +126,8 @@ class LoglikelihoodEngine:
             batch_overhead_tokens = batch_overhead(model, batch_tokens)
         self.batch_overhead_tokens = batch_overhead_tokens
         self.batch_tokens = batch_tokens
-        batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens, windows)
+        self.stack = stack
+        batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens)
         hidden_size = int(model.config.get_text_config().hidden_size)
         width = next(model.parameters()).element_size()
         per_token = (self.num_layers + 1) * hidden_size * width
@@ -259,11 +261,10 @@ class LoglikelihoodEngine:
 
     def _stacks(self, windows: Sequence[tuple[int, ...] | None], todo: list[int]) -> list[list[int]]:
         """``todo`` in stacks replayed together: two-visit windows at full scale (layers ``i..L-1`` from
-        ``x_j``) by start, as many as a batch of the mean size can stack (one for a sweep's full batches, so
-        that each window's scoring overlaps the next); every other window alone. In order of each stack's
-        first window in ``todo``."""
-        mean = sum(b.input_ids.numel() for b in self.batches) / len(self.batches) if self.batches else self.batch_tokens
-        size = stack_size(int(mean), self.batch_tokens)  # full batches (a sweep): one window at a time
+        ``x_j``) by start, as many as the smallest batch can stack and ``stack`` allows; every other window
+        alone. In order of each stack's first window in ``todo``."""
+        smallest = min(b.input_ids.numel() for b in self.batches) if self.batches else self.batch_tokens
+        size = min(self.stack, stack_size(smallest, self.batch_tokens))
 
         def plain(w: tuple[int, ...] | None) -> bool:
             return w is not None and w[2] == 2 and (len(w) == 3 or float(w[3]) == 1.0)
