@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_options import add_model_options  # bench/ is on sys.path when a bench runs as a script
+
 
 def mean_paired_difference(row: dict[str, Any], tasks: list[str]) -> float:
     """An exhaustive row's mean over tasks of its mean per-item difference from the base (the race's estimate)."""
@@ -46,12 +48,7 @@ def rank_order(path: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--tasks", default="rys_arc_easy,rys_piqa")
-    parser.add_argument("--limit", type=int, default=200)
+    add_model_options(parser, model="smollm2-135m")
     parser.add_argument("--windows", default=None, help="comma list (default: every window of --max-width or less)")
     parser.add_argument("--max-width", type=int, default=None)
     parser.add_argument("--looks", type=int, default=6)

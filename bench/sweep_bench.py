@@ -20,15 +20,12 @@ import os
 import time
 from pathlib import Path
 
+from bench_options import add_model_options  # bench/ is on sys.path when a bench runs as a script
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma-3-270m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--tasks", default="rys_arc_easy,rys_piqa")
-    parser.add_argument("--limit", type=int, default=200)
+    add_model_options(parser, model="gemma-3-270m")
     parser.add_argument("--windows", default="6:10,13:15,0:2")
     parser.add_argument("--batch-size", default="64", help="lm-eval batch size of the lm-eval engine")
     args = parser.parse_args()
