@@ -257,3 +257,9 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
             np.testing.assert_allclose(run.loglikelihood, ll, rtol=1e-5, atol=1e-4)
             assert (run.is_greedy == greedy).all()
         np.testing.assert_allclose(run.loglikelihood, lone.loglikelihood, rtol=1e-5, atol=1e-4)
+    # a cache too small for every batch (groups captured again per group of windows): stacked, the same numbers
+    grouped = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=40, batch_overhead_tokens=0,
+                                  max_cache_bytes=4096, stack=32)
+    assert len(grouped.groups) > 1
+    for run, again in zip(runs, grouped.run(windows, group_size=3)):
+        np.testing.assert_allclose(again.loglikelihood, run.loglikelihood, rtol=1e-5, atol=1e-4)
