@@ -91,7 +91,7 @@ def main() -> None:
     rows = [r for r in rows if r["window"] in raced_windows]  # an earlier sweep may hold more windows
     exhaustive_source = "this process" if not args.exhaustive else f"{args.exhaustive} (its own timings)"
     exhaustive_scoring = float(summary.get("timings", {}).get("scoring_s", math.nan))
-    sample_drift = math.nan
+    sample_drift = by_depth_s = math.nan
     if args.exhaustive and args.time_sample:
         sample = random.Random(0).sample([str(r["window"]) for r in rows], min(args.time_sample, len(rows)))
         timed = sweep_windows(loaded.model, loaded.tokenizer, out_dir=out / "time_sample",
@@ -99,6 +99,15 @@ def main() -> None:
         per_window = float(timed.summary["timings"]["windows_s"]) / len(sample)
         exhaustive_scoring = timed.summary["timings"].get("scoring_s", math.nan) / len(sample) * len(rows)
         exhaustive_s = per_window * len(rows)
+        # a window replays layers i..L-1: scaled by the replayed depth, the sample's time stands for every window
+        # (a ratio estimator; the plain mean above is off by the sample's mean depth against the population's)
+        layers = loaded.model.config.get_text_config().num_hidden_layers
+
+        def depth(window: str) -> int:
+            return layers - int(window.split(":")[0])
+
+        by_depth_s = float(timed.summary["timings"]["windows_s"]) * sum(depth(str(r["window"])) for r in rows) / sum(
+            depth(w) for w in sample)
         exhaustive_source = f"{len(sample)} random windows swept on every item here, {per_window:.2f} s each"
         print(f"time sample: {len(sample)} windows, {per_window:.2f} s per window")
         # the same windows in the committed sweep: this process's engine must reproduce them (bf16: up to a few items)
@@ -124,6 +133,7 @@ def main() -> None:
         "windows_s_exhaustive": exhaustive_s, "windows_s_exhaustive_from": exhaustive_source,
         "time_sample_max_difference_change": sample_drift,
         "windows_s_race": race_s, "time_ratio": race_s / exhaustive_s,
+        "windows_s_exhaustive_by_depth": by_depth_s, "time_ratio_by_depth": race_s / by_depth_s,
         "base_s_race": raced.summary["timings"]["base_eval_s"],
         # lm-eval's scoring inside each side's window time (CPU work the GPU waits for)
         "scoring_s_exhaustive": exhaustive_scoring, "scoring_s_race": raced.summary["timings"].get("scoring_s", math.nan),
@@ -141,6 +151,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| item-evaluations | {result['items_exhaustive']} | {result['items_race']} | {result['items_ratio']:.3f} |")
     print(f"| window time (s) | {exhaustive_s:.1f} | {race_s:.1f} | {result['time_ratio']:.3f} |")
+    if math.isfinite(by_depth_s):
+        print(f"| the same, exhaustive scaled by replayed depth (s) | {by_depth_s:.1f} | {race_s:.1f} | "
+              f"{race_s / by_depth_s:.3f} |")
     print(f"| of it lm-eval scoring (s) | {exhaustive_scoring:.1f} | {result['scoring_s_race']:.1f} | "
           f"{result['scoring_s_race'] / exhaustive_scoring if exhaustive_scoring else math.nan:.3f} |")
     print(f"| best window | {best['window']} (z {best['combined_z']:+.2f}, d {best_d:+.4f}) | {race_best['window']} "
