@@ -44,6 +44,9 @@ __all__ = [
     "leaf_tasks", "score_cached_windows", "trim_run", "uncached_tasks",
 ]
 
+#: Attention implementations whose layer arguments stack along the batch (:func:`tile_layer_kwargs`).
+STACKED_ATTENTION = ("eager", "sdpa")
+
 #: lm-eval output types the cached engine can answer.
 CACHED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 
@@ -54,7 +57,9 @@ class WindowRun:
 
     loglikelihood: np.ndarray  # float64 [N]
     is_greedy: np.ndarray  # bool [N]
-    seconds: float = 0.0  # the engine's wall time for this window (a stack's time shared by its windows)
+    # the engine's wall time for this window: since the previous stack's results, shared by its stack's windows
+    # (on a GPU it includes the previous stack's scoring, which runs while this stack's layers do)
+    seconds: float = 0.0
 
     def as_responses(self) -> list[tuple[float, bool]]:
         return [(float(a), bool(b)) for a, b in zip(self.loglikelihood, self.is_greedy)]
@@ -126,6 +131,8 @@ class LoglikelihoodEngine:
             batch_overhead_tokens = batch_overhead(model, batch_tokens)
         self.batch_overhead_tokens = batch_overhead_tokens
         self.batch_tokens = batch_tokens
+        if not (isinstance(stack, int) and stack >= 1):
+            raise ValueError(f"stack must be a positive integer, got {stack!r}")
         self.stack = stack
         batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens)
         hidden_size = int(model.config.get_text_config().hidden_size)
@@ -230,7 +237,7 @@ class LoglikelihoodEngine:
             now = time.perf_counter()
             share, clock[0] = (now - clock[0]) / len(stack), now
             for k, (ll, misses) in sorted(zip(stack, outputs), key=lambda pair: pair[0]):  # in the order given
-                results[k] = WindowRun(ll.numpy(), (misses == 0).numpy(), share)
+                results[k] = WindowRun(ll.numpy().copy(), (misses == 0).numpy(), share)  # pinned blocks go back
                 if on_done:
                     on_done(k, results[k])
 
@@ -265,6 +272,8 @@ class LoglikelihoodEngine:
         alone. In order of each stack's first window in ``todo``."""
         smallest = min(b.input_ids.numel() for b in self.batches) if self.batches else self.batch_tokens
         size = min(self.stack, stack_size(smallest, self.batch_tokens))
+        if getattr(self.model.config, "_attn_implementation", "eager") not in STACKED_ATTENTION:
+            size = 1  # other kernels take masks that are not batch-major tensors (flex's BlockMask)
 
         def plain(w: tuple[int, ...] | None) -> bool:
             return w is not None and w[2] == 2 and (len(w) == 3 or float(w[3]) == 1.0)
@@ -286,7 +295,7 @@ class LoglikelihoodEngine:
             host[1].copy_(misses, non_blocking=True)
             outputs.append(host)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the copies' stream, not the current device's
         return stack, outputs, event
 
     def _accumulators(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,9 +336,10 @@ class LoglikelihoodEngine:
                 self._window_on_batch(batch, part[0], *part_accs[0])
                 continue
             starts = sorted({w[0] for w in part})  # type: ignore[index]
+            order = [r for start in starts for r, w in enumerate(part) if w[0] == start]  # type: ignore[index]
             z: torch.Tensor | None = None
-            memo: dict[tuple[int, int], Any] = {}
             for p, start in enumerate(starts):
+                memo: dict[tuple[int, int], Any] = {}  # this phase's tiled arguments only
                 joining = [batch.hidden[w[1]] for w in part if w[0] == start]  # type: ignore[index]
                 z = torch.cat(([z] if z is not None else []) + joining)
                 end = starts[p + 1] if p + 1 < len(starts) else self.num_layers
@@ -338,8 +348,8 @@ class LoglikelihoodEngine:
                     out = self.layers[k](z, **tile_layer_kwargs(batch.layer_kwargs[k], rows, copies, memo))
                     z = out[0] if isinstance(out, tuple) else out
             assert z is not None
-            for r, (ll, misses) in enumerate(part_accs):  # rows in order of start: the part's order
-                self._score(batch, z[r * rows : (r + 1) * rows], ll, misses)
+            for r, index in enumerate(order):  # the stacked rows are in order of joining
+                self._score(batch, z[r * rows : (r + 1) * rows], *part_accs[index])
 
     def release(self) -> None:
         """Drop every cached activation (and the damped visit copies)."""
