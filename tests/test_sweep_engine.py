@@ -266,3 +266,26 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
     assert len(grouped.groups) > 1
     for run, again in zip(runs, grouped.run(windows, group_size=3)):
         np.testing.assert_allclose(again.loglikelihood, run.loglikelihood, rtol=1e-5, atol=1e-4)
+
+
+def test_tile_layer_kwargs_repeats_only_batch_major_tensors():
+    """Batch-major tensors (2+ dimensions, first = the batch's rows) are repeated along the batch, in nested tuples
+    and dicts too; broadcast rows, 1-D positions and flags are kept; one tensor shared by layers is tiled once."""
+    from rys_forge.rank.activations import tile_layer_kwargs
+
+    mask = torch.arange(2 * 1 * 3 * 3.0).reshape(2, 1, 3, 3)
+    cos = torch.randn(1, 3, 4)
+    positions = torch.arange(2)  # 1-D, of length rows by coincidence: not a batch
+    kwargs = {"attention_mask": mask, "position_embeddings": (cos, torch.randn(2, 3, 4)), "cache_position": positions,
+              "masks": {"sliding": mask}, "use_cache": False, "past_key_values": None}
+    memo: dict = {}
+    tiled = tile_layer_kwargs(kwargs, rows=2, copies=3, memo=memo)
+    assert tiled["attention_mask"].shape == (6, 1, 3, 3)
+    assert torch.equal(tiled["attention_mask"][4:], mask) and torch.equal(tiled["attention_mask"][:2], mask)
+    assert tiled["position_embeddings"][0] is cos and tiled["position_embeddings"][1].shape == (6, 3, 4)
+    assert tiled["cache_position"] is positions and tiled["use_cache"] is False and tiled["past_key_values"] is None
+    assert tiled["masks"]["sliding"] is tiled["attention_mask"]  # the shared mask tiled once
+    again = tile_layer_kwargs(kwargs, rows=2, copies=3, memo=memo)
+    assert again["attention_mask"] is tiled["attention_mask"]
+    assert tile_layer_kwargs(kwargs, rows=2, copies=2, memo=memo)["attention_mask"].shape == (4, 1, 3, 3)
+    assert tile_layer_kwargs(kwargs, rows=2, copies=1)["attention_mask"] is mask
