@@ -344,9 +344,9 @@ class LoglikelihoodEngine:
                 z = torch.cat(([z] if z is not None else []) + joining)
                 end = starts[p + 1] if p + 1 < len(starts) else self.num_layers
                 copies = z.shape[0] // rows
-                for k in range(start, end):
-                    out = self.layers[k](z, **tile_layer_kwargs(batch.layer_kwargs[k], rows, copies, memo))
-                    z = out[0] if isinstance(out, tuple) else out
+                tiled = [tile_layer_kwargs(kwargs, rows, copies, memo) if start <= k < end else kwargs
+                         for k, kwargs in enumerate(batch.layer_kwargs)]
+                z = replay_layers(self.layers, tiled, start, end, z)
             assert z is not None
             for r, index in enumerate(order):  # the stacked rows are in order of joining
                 self._score(batch, z[r * rows : (r + 1) * rows], *part_accs[index])
