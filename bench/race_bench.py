@@ -143,7 +143,7 @@ def main() -> None:
         "best_kept": kept, "best_inside_race_best_interval": held,
         "exhaustive_positive": positives, "race_positive": sorted(called),
         "positives_found": all(any(p == w.split("x")[0] for w in called) for p in positives),
-        "race_windows": race_info["windows"],
+        "race_windows": race_info["windows"], "race_looks": race_info.get("looks") or [],
     }
     (out / "race_bench.json").write_text(json.dumps(result, indent=2))
     print()
@@ -159,6 +159,19 @@ def main() -> None:
     print(f"| best window | {best['window']} (z {best['combined_z']:+.2f}, d {best_d:+.4f}) | {race_best['window']} "
           f"[{race_best['race_lower']:+.4f}, {race_best['race_upper']:+.4f}] | kept: {kept}, inside: {held} |")
     print(f"| positive windows | {len(positives)} | {len(called)} | all found: {result['positives_found']} |")
+    print_looks(race_info.get("looks") or [])
+
+
+def print_looks(looks: list[dict]) -> None:
+    """Where the race's time went, per look: its engine's batches and padding, building it, running it."""
+    print()
+    print("| look | windows | requests | batches | padding | setup (s) | engine (s) | of it scoring (s) | ms per window |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for look in looks:
+        padding = 1 - look["tokens"] / max(look["padded_tokens"], 1)
+        per_window = 1000 * look["engine_s"] / max(look["windows"], 1)
+        print(f"| {look['look'] + 1} | {look['windows']} | {look['requests']} | {look['batches']} | {padding:.1%} | "
+              f"{look['setup_s']:.2f} | {look['engine_s']:.1f} | {look['scoring_s']:.1f} | {per_window:.1f} |")
 
 
 if __name__ == "__main__":

@@ -321,3 +321,11 @@ def test_sweep_and_race_record_the_seconds_of_lm_eval_scoring(loaded, tmp_path, 
         assert len(spans) == len(WINDOWS) if name == "full" else len(spans) >= len(WINDOWS)
         assert 0.8 * sum(spans) - 1e-3 <= timings["scoring_s"] <= sum(spans) < timings["windows_s"], name
         assert "scoring_s" not in timings.get("race", {})
+    # per look: the windows the log holds, the engine's real and padded tokens, scoring inside the engine's time
+    looks = timings["race"]["looks"]
+    logged = [json.loads(line) for line in (tmp_path / "race" / "race.jsonl").read_text().splitlines()]
+    assert [look["windows"] for look in looks] == [sum(rec["look"] == k for rec in logged) for k in range(len(looks))]
+    assert sum(look["scoring_s"] for look in looks) == pytest.approx(timings["scoring_s"])
+    for look in looks:
+        assert 0 < look["tokens"] <= look["padded_tokens"] and look["batches"] >= 1 and look["requests"] >= 1
+        assert look["setup_s"] >= 0 and look["scoring_s"] <= look["engine_s"] < timings["windows_s"]

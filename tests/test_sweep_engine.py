@@ -235,17 +235,19 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
     stacked = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9,
                                    stack=32)
     alone = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9)
-    calls = []
+    calls, head_calls = [], []
     hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in stacked.layers]
+    hooks.append(model.lm_head.register_forward_pre_hook(lambda *_: head_calls.append(1)))
     try:
         done: list[int] = []
         started = time.perf_counter()
         runs = stacked.run(windows, on_done=lambda k, run: done.append(k))
         wall = time.perf_counter() - started
-        stacked_calls = len(calls)
+        stacked_calls, stacked_heads = len(calls), len(head_calls)
         calls.clear()
+        head_calls.clear()
         single = alone.run(windows)
-        alone_calls = len(calls)
+        alone_calls, alone_heads = len(calls), len(head_calls)
     finally:
         for hook in hooks:
             hook.remove()
@@ -253,6 +255,7 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
     # one pass: capture (n) + the five 2-visit windows from their lowest start (n) + 3 visits (n - 1 + 3) + damped (n)
     assert stacked_calls == n + n + (n - 1 + 3) + n, stacked_calls
     assert alone_calls > stacked_calls + n
+    assert (stacked_heads, alone_heads) == (4, 8)  # one head call for the stack's five windows (one batch)
     for window, run, lone in zip(windows, runs, single):
         if window is not None and len(window) == 3:
             order = LayerPlan.from_windows([Window(window[0], window[1])], n, window[2]).order
@@ -260,12 +263,14 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
             np.testing.assert_allclose(run.loglikelihood, ll, rtol=1e-5, atol=1e-4)
             assert (run.is_greedy == greedy).all()
         np.testing.assert_allclose(run.loglikelihood, lone.loglikelihood, rtol=1e-5, atol=1e-4)
-    # a cache too small for every batch (groups captured again per group of windows): stacked, the same numbers
+    # a cache too small for every batch (groups captured again per group of windows), head calls of 7 positions
+    # straddling the stacked windows: the same numbers
     grouped = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=40, batch_overhead_tokens=0,
-                                  max_cache_bytes=4096, stack=32)
+                                  max_cache_bytes=4096, stack=32, head_chunk=7)
     assert len(grouped.groups) > 1
     for run, again in zip(runs, grouped.run(windows, group_size=3)):
         np.testing.assert_allclose(again.loglikelihood, run.loglikelihood, rtol=1e-5, atol=1e-4)
+        assert (again.is_greedy == run.is_greedy).all()
 
 
 def test_tile_layer_kwargs_repeats_only_batch_major_tensors():

@@ -336,6 +336,7 @@ class _Racer:
     positive: set[str] = field(default_factory=set)
     spent: int = 0
     scoring_s: float = 0.0
+    looks: list[dict[str, Any]] = field(default_factory=list)  # what each look's engine did, and its seconds
 
     def add(self, key: str, look: int, docs: dict[str, list[str]], values: dict[str, dict[str, float]]) -> None:
         """One look's values of one window (from the engine or the log): tally the paired differences."""
@@ -383,10 +384,15 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
         return True
     cost = sum(len(ids) for ids in look.docs.values())
     pad = lm.tokenizer.pad_token_id
+    setup_started, scoring_before = time.perf_counter(), racer.scoring_s
     engine = LoglikelihoodEngine(lm.model, [lm.request_tokens[i] for i in look.requests], max_length=lm.max_length,
                                  pad_id=pad if pad is not None else 0, stack=MAX_STACK, **lm.engine_kwargs)
     scorer = WindowScorer(leaf_tasks(task_objects), [lm.instances[i] for i in look.requests], limit, racer.keep,
                           {}, only_docs={t: set(ids) for t, ids in look.docs.items()})
+    record = {"look": k, "windows": 0, "requests": len(look.requests), "batches": len(engine.batches),
+              "tokens": int(sum(int(b.attention_mask.sum()) for b in engine.batches)),
+              "padded_tokens": int(sum(b.input_ids.numel() for b in engine.batches)),
+              "setup_s": time.perf_counter() - setup_started, "engine_s": 0.0}
     try:
         position = 0
         while position < len(keys):
@@ -410,12 +416,16 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
                 racer.add(chunk[index], k, look.docs, values)
                 racer.seconds[chunk[index]] = racer.seconds.get(chunk[index], 0.0) + run.seconds
 
+            engine_started = time.perf_counter()
             engine.run([(racer.windows[key][0].start, racer.windows[key][0].end, racer.windows[key][1]) for key in chunk],
                        on_done=finish)
+            record["engine_s"] += time.perf_counter() - engine_started
+            record["windows"] += len(chunk)
             position += len(chunk)
         return True
     finally:
         racer.scoring_s += scorer.seconds
+        racer.looks.append({**record, "scoring_s": racer.scoring_s - scoring_before})
         engine.release()
 
 
@@ -429,7 +439,9 @@ def race_cached_windows(
     Each window's final row goes to ``on_record`` when it stops (dropped, completed or budget); windows
     finished in an earlier session are not in ``todo`` but their logged looks still count for the best
     lower bound. Returns the race's totals (item-evaluations spent and the exhaustive equivalent, and the seconds
-    of lm-eval scoring, ``scoring_s``).
+    of lm-eval scoring, ``scoring_s``) and ``looks``: per look of this session, its windows, requests, batches,
+    real and padded tokens, and the seconds of building its engine (``setup_s``), of the engine's runs
+    (``engine_s``, lm-eval's scoring included) and of that scoring (``scoring_s``).
     """
     lm.engine.release()
     keep = {t: f"{base[t]['metric']},{base[t]['filter']}" for t in reported}
@@ -461,4 +473,4 @@ def race_cached_windows(
              drop_z=settings.drop_z, margin=settings.margin)
     return {"spent_this_session": racer.spent - sum(len(v) for vals in logged.values() for v in vals.values()),
             "spent": racer.spent, "exhaustive": len(windows) * sum(task_items.values()),
-            "stopped_by_budget": "budget" in stopped, "scoring_s": racer.scoring_s}
+            "stopped_by_budget": "budget" in stopped, "scoring_s": racer.scoring_s, "looks": racer.looks}

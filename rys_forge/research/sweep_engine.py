@@ -196,14 +196,23 @@ class LoglikelihoodEngine:
             batch.hidden = batch.layer_kwargs = None
 
     @torch.no_grad()
-    def _score(self, batch: _Batch, z: torch.Tensor, ll: torch.Tensor, misses: torch.Tensor) -> None:
-        for f in range(0, batch.rows.numel(), self.head_chunk):
-            rows, cols = batch.rows[f : f + self.head_chunk], batch.cols[f : f + self.head_chunk]
-            targets, owner = batch.targets[f : f + self.head_chunk], batch.owner[f : f + self.head_chunk]
-            logits = head_logits(self.model, self.spec, z[rows, cols])
-            token_ll = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            ll.index_add_(0, owner, token_ll.double())
-            misses.index_add_(0, owner, (logits.argmax(-1) != targets).int())
+    def _score(self, batch: _Batch, z: torch.Tensor, ll: torch.Tensor, misses: torch.Tensor, order: list[int]) -> None:
+        """Score ``z`` (``[len(order) * rows, T, d]``: copies of the batch's stream) into ``ll``/``misses``
+        (``[W, n_requests]``): copy ``c`` into row ``order[c]``. The LM head runs over every copy's
+        continuation positions together, ``head_chunk`` positions a call."""
+        rows, positions = batch.input_ids.shape[0], batch.rows.numel()
+        copy = torch.arange(len(order), device=self.device).repeat_interleave(positions)
+        position = torch.arange(positions, device=self.device).repeat(len(order))
+        z_rows, z_cols = copy * rows + batch.rows[position], batch.cols[position]
+        targets = batch.targets[position]
+        owner = torch.tensor(order, device=self.device)[copy] * self.n_requests + batch.owner[position]
+        ll_flat, misses_flat = ll.view(-1), misses.view(-1)
+        for f in range(0, z_rows.numel(), self.head_chunk):
+            part = slice(f, f + self.head_chunk)
+            logits = head_logits(self.model, self.spec, z[z_rows[part], z_cols[part]])
+            token_ll = logits.gather(1, targets[part, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            ll_flat.index_add_(0, owner[part], token_ll.double())
+            misses_flat.index_add_(0, owner[part], (logits.argmax(-1) != targets[part]).int())
 
     @torch.no_grad()
     def run(
@@ -230,31 +239,32 @@ class LoglikelihoodEngine:
         step = max(1, len(windows) if len(groups) == 1 else group_size)
         clock = [time.perf_counter()]
 
-        def deliver(copied: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]], Any]) -> None:
-            stack, outputs, event = copied
+        def deliver(copied: tuple[list[list[int]], list[tuple[torch.Tensor, torch.Tensor]], Any]) -> None:
+            stacks, outputs, event = copied
             if event is not None:
                 event.synchronize()
             now = time.perf_counter()
-            share, clock[0] = (now - clock[0]) / len(stack), now
-            for k, (ll, misses) in sorted(zip(stack, outputs), key=lambda pair: pair[0]):  # in the order given
-                results[k] = WindowRun(ll.numpy().copy(), (misses == 0).numpy(), share)  # pinned blocks go back
+            share, clock[0] = (now - clock[0]) / sum(len(stack) for stack in stacks), now
+            rows = sorted((k, ll[r], misses[r])
+                          for stack, (ll, misses) in zip(stacks, outputs) for r, k in enumerate(stack))
+            for k, ll, misses in rows:  # in the order given; copied, so the pinned blocks go back
+                results[k] = WindowRun(ll.numpy().copy(), (misses == 0).numpy(), share)
                 if on_done:
                     on_done(k, results[k])
 
         for first in range(0, len(windows), step):
-            todo = list(range(first, min(first + step, len(windows))))
-            acc = {k: self._accumulators() for k in todo}
-            stacks = self._stacks(windows, todo)
+            stacks = self._stacks(windows, list(range(first, min(first + step, len(windows)))))
+            acc = {s: self._accumulators(len(stack)) for s, stack in enumerate(stacks)}
             pending = None
             for group in groups:
                 for batch in group:
                     if batch.hidden is None:
                         self._capture(batch)
-                for stack in stacks:
+                for s, stack in enumerate(stacks):
                     for batch in group:
-                        self._stacked_on_batch(batch, [windows[k] for k in stack], [acc[k] for k in stack])
+                        self._stacked_on_batch(batch, [windows[k] for k in stack], *acc[s])
                     if len(groups) == 1:  # everything cached: the stack is final; hand over the previous one
-                        copied = self._copy_out(stack, [acc.pop(k) for k in stack])
+                        copied = self._copy_out([stack], [acc.pop(s)])
                         if pending is not None:
                             deliver(pending)
                         pending = copied
@@ -263,7 +273,7 @@ class LoglikelihoodEngine:
             if pending is not None:
                 deliver(pending)
             if acc:
-                deliver(self._copy_out(list(acc), list(acc.values())))
+                deliver(self._copy_out([stacks[s] for s in acc], list(acc.values())))
         return results  # type: ignore[return-value]
 
     def _stacks(self, windows: Sequence[tuple[int, ...] | None], todo: list[int]) -> list[list[int]]:
@@ -283,10 +293,11 @@ class LoglikelihoodEngine:
         stacks += [[k] for k in todo if not plain(windows[k])]
         return sorted(stacks, key=min)
 
-    def _copy_out(self, stack: list[int], accs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, ...]:
-        """Start copying a stack's accumulators to the host; the event (on a GPU) marks them done."""
+    def _copy_out(self, stacks: list[list[int]], accs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, ...]:
+        """Start copying stacks' accumulators (``[len(stack), n_requests]`` each) to the host; the event (on a
+        GPU) marks them done."""
         if self.device.type != "cuda":
-            return stack, [(ll.cpu(), misses.cpu()) for ll, misses in accs], None
+            return stacks, [(ll.cpu(), misses.cpu()) for ll, misses in accs], None
         outputs = []
         for ll, misses in accs:
             host = (torch.empty(ll.shape, dtype=ll.dtype, pin_memory=True),
@@ -296,12 +307,13 @@ class LoglikelihoodEngine:
             outputs.append(host)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))  # the copies' stream, not the current device's
-        return stack, outputs, event
+        return stacks, outputs, event
 
-    def _accumulators(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _accumulators(self, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-likelihoods and missed greedy tokens of ``windows`` windows: ``[windows, n_requests]``."""
         return (
-            torch.zeros(self.n_requests, dtype=torch.float64, device=self.device),
-            torch.zeros(self.n_requests, dtype=torch.int32, device=self.device),
+            torch.zeros((windows, self.n_requests), dtype=torch.float64, device=self.device),
+            torch.zeros((windows, self.n_requests), dtype=torch.int32, device=self.device),
         )
 
     def _repeated_layers(self, alpha: float) -> Sequence[nn.Module]:
@@ -310,7 +322,9 @@ class LoglikelihoodEngine:
             self._scaled[alpha] = [scaled_visit(layer, k, alpha, self.spec) for k, layer in enumerate(self.layers)]
         return self._scaled[alpha] if alpha != 1.0 else self.layers
 
-    def _window_on_batch(self, batch: _Batch, window: tuple[int, ...] | None, ll, misses) -> None:
+    def _window_on_batch(self, batch: _Batch, window: tuple[int, ...] | None, ll: torch.Tensor,
+                         misses: torch.Tensor) -> None:
+        """One window on one batch, scored into row 0 of ``ll``/``misses``."""
         assert batch.hidden is not None and batch.layer_kwargs is not None
         if window is None:
             z = batch.hidden[self.num_layers]
@@ -321,19 +335,20 @@ class LoglikelihoodEngine:
             for _ in range(visits - 1):
                 z = replay_layers(repeated, batch.layer_kwargs, i, j, z)
             z = replay_layers(self.layers, batch.layer_kwargs, j, self.num_layers, z)
-        self._score(batch, z, ll, misses)
+        self._score(batch, z, ll, misses, [0])
 
-    def _stacked_on_batch(self, batch: _Batch, windows: list[tuple[int, ...] | None],
-                          accs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """A stack of two-visit windows on one batch, as many at a time as fit ``batch_tokens``: rows of each
-        window's ``x_j`` join the stacked stream at its start layer ``i`` and run the layers up to ``L-1``."""
+    def _stacked_on_batch(self, batch: _Batch, windows: list[tuple[int, ...] | None], ll: torch.Tensor,
+                          misses: torch.Tensor) -> None:
+        """A stack of two-visit windows on one batch (window ``w`` scored into row ``w`` of ``ll``/``misses``), as
+        many at a time as fit ``batch_tokens``: rows of each window's ``x_j`` join the stacked stream at its start
+        layer ``i`` and run the layers up to ``L-1``."""
         assert batch.hidden is not None and batch.layer_kwargs is not None
         rows = batch.input_ids.shape[0]
         per_pass = stack_size(batch.input_ids.numel(), self.batch_tokens)
         for a in range(0, len(windows), per_pass):
-            part, part_accs = windows[a : a + per_pass], accs[a : a + per_pass]
+            part, part_ll, part_misses = windows[a : a + per_pass], ll[a : a + per_pass], misses[a : a + per_pass]
             if len(part) == 1:
-                self._window_on_batch(batch, part[0], *part_accs[0])
+                self._window_on_batch(batch, part[0], part_ll, part_misses)
                 continue
             starts = sorted({w[0] for w in part})  # type: ignore[index]
             order = [r for start in starts for r, w in enumerate(part) if w[0] == start]  # type: ignore[index]
@@ -348,8 +363,7 @@ class LoglikelihoodEngine:
                          for k, kwargs in enumerate(batch.layer_kwargs)]
                 z = replay_layers(self.layers, tiled, start, end, z)
             assert z is not None
-            for r, index in enumerate(order):  # the stacked rows are in order of joining
-                self._score(batch, z[r * rows : (r + 1) * rows], *part_accs[index])
+            self._score(batch, z, part_ll, part_misses, order)  # the stacked rows are in order of joining
 
     def release(self) -> None:
         """Drop every cached activation (and the damped visit copies)."""
