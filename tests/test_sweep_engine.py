@@ -129,9 +129,9 @@ def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, interrupt_scorin
     fresh = _sweep(loaded, tmp_path / "fresh", "cached")
     for a, b in zip(resumed.rows, fresh.rows):
         assert a["tasks"] == b["tasks"]
-    # the summary records the measured batch cost that cut the batches (16384: sweep_windows' batch_tokens)
-    recorded = json.loads((tmp_path / "fresh" / "summary.json").read_text())["timings"]["batch_overhead_tokens"]
-    assert recorded == engine_batching.batch_overhead(loaded.model, 16384)
+    # the summary records how the batches were laid out: packed rows (eager attention), and their padding
+    recorded = json.loads((tmp_path / "fresh" / "summary.json").read_text())["timings"]
+    assert recorded["packed"] is True and "batch_overhead_tokens" not in recorded and 0 <= recorded["padding"] < 0.5
     keys = [json.loads(line)["key"] for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert sorted(keys) == sorted(f"{w}x2" for w in WINDOWS)
 
@@ -194,6 +194,43 @@ def test_cut_by_length_minimises_padding_plus_batch_overhead():
         assert cost == reference if trial % 2 == 0 else reference <= cost <= 1.02 * reference
 
 
+def _fewest_rows(lengths: list[int], row_length: int) -> int:
+    """The fewest rows of ``row_length`` tokens holding every sequence whole (brute force over placements)."""
+    best = len(lengths)
+
+    def place(k: int, rows: list[int]) -> None:
+        nonlocal best
+        if len(rows) >= best:
+            return
+        if k == len(lengths):
+            best = len(rows)
+            return
+        for r in range(len(rows)):
+            if rows[r] + lengths[k] <= row_length:
+                rows[r] += lengths[k]
+                place(k + 1, rows)
+                rows[r] -= lengths[k]
+        place(k + 1, rows + [lengths[k]])
+
+    place(0, [])
+    return best
+
+
+def test_pack_rows_keeps_sequences_whole_within_rows_and_near_the_fewest_rows():
+    """Every sequence in exactly one row, no row over its length, and at most 11/9 of the fewest rows plus 6/9
+    (best fit decreasing's bound) against brute force; a sequence longer than a row is refused."""
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        row_length = int(rng.integers(4, 60))
+        lengths = rng.integers(1, row_length + 1, rng.integers(1, 9)).tolist()
+        rows = engine_batching.pack_rows(lengths, row_length)
+        assert sorted(k for row in rows for k in row) == list(range(len(lengths)))
+        assert all(sum(lengths[k] for k in row) <= row_length for row in rows)
+        assert len(rows) <= 11 / 9 * _fewest_rows(lengths, row_length) + 6 / 9
+    with pytest.raises(ValueError, match="does not fit"):
+        engine_batching.pack_rows([3, 9], 8)
+
+
 def test_batches_follow_their_overhead_and_give_the_same_numbers(tiny_model_dirs, monkeypatch, tmp_path):
     """With no batch overhead every batch holds one length (no padding); with a huge one, the fewest batches
     the limit allows (a race's early look on a GPU). The measured overhead is cached per model. Batching
@@ -202,13 +239,14 @@ def test_batches_follow_their_overhead_and_give_the_same_numbers(tiny_model_dirs
     model = load_model(str(tiny_model_dirs["llama"])).model
     requests = _requests(model.config.vocab_size)
     lengths = [len((c + t)[-(MAX_LENGTH + 1):]) - 1 for c, t in requests]
-    tight = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=0)
+    tight = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=0,
+                                pack=False)
     loose = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000,
-                                batch_overhead_tokens=10**9)
+                                batch_overhead_tokens=10**9, pack=False)
     assert len(loose.batches) == 1 and len(tight.batches) == len(set(lengths)) > 1
     for batch in tight.batches:
         assert {lengths[k] for k in batch.owner.tolist()} == {batch.input_ids.shape[1]}
-    measured = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000)
+    measured = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, pack=False)
     assert 0 <= measured.batch_overhead_tokens <= 10_000
     forwards = []
     with monkeypatch.context() as patch:
@@ -235,6 +273,7 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
     stacked = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9,
                                    stack=32)
     alone = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9)
+    assert stacked.packed and sum(b.input_ids.shape[0] for b in stacked.batches) < len(requests)  # rows shared
     calls, head_calls = [], []
     hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in stacked.layers]
     hooks.append(model.lm_head.register_forward_pre_hook(lambda *_: head_calls.append(1)))

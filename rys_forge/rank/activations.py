@@ -234,9 +234,14 @@ def capture_layer_inputs(model: nn.Module, spec: ArchSpec) -> Iterator[dict[int,
             handle.remove()
 
 
-def run_decoder(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """The decoder stack alone (embeddings, layers, final norm): no full-vocabulary logits for every token."""
-    get_path(model, spec.layers_path.rsplit(".", 1)[0])(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def run_decoder(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> None:
+    """The decoder stack alone (embeddings, layers, final norm): no full-vocabulary logits for every token. With
+    ``position_ids`` restarting at 0 and no ``attention_mask``, rows hold packed sequences (transformers keeps
+    attention within each)."""
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    get_path(model, spec.layers_path.rsplit(".", 1)[0])(input_ids=input_ids, attention_mask=attention_mask,
+                                                        use_cache=False, **extra)
 
 
 def head_logits(model: nn.Module, spec: ArchSpec, x_last: torch.Tensor) -> torch.Tensor:

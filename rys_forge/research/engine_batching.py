@@ -1,12 +1,16 @@
-"""How the cached engine cuts requests into forward batches: padded tokens against a per-batch cost measured on
-the model (`sweep`, `sweep --race`)."""
+"""How the cached engine lays requests out in forward batches (`sweep`, `sweep --race`): packed into rows of
+whole sequences (:func:`pack_rows`; attention kept within each sequence by its position ids), or one request a row,
+cut by padded tokens against a per-batch cost measured on the model (:func:`cut_by_length`)."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +19,9 @@ from torch import nn
 from rys_forge.architectures import spec_for_model
 from rys_forge.rank.activations import run_decoder
 
-__all__ = ["MAX_STACK", "batch_overhead", "cut_by_length", "stack_size"]
+__all__ = [
+    "MAX_STACK", "EngineBatch", "batch_overhead", "cut_by_length", "lay_out", "make_batch", "pack_rows", "stack_size",
+]
 
 
 #: The most two-visit windows the engine stacks along one batch.
@@ -25,6 +31,88 @@ MAX_STACK = 32
 def stack_size(tokens: int, batch_tokens: int) -> int:
     """How many windows run stacked on a batch of ``tokens`` padded tokens: as many as fit ``batch_tokens``."""
     return max(1, min(MAX_STACK, batch_tokens // max(1, tokens)))
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into rows of at most ``row_length`` tokens, whole sequences only: best fit,
+    longest first (each sequence goes to the open row it fills most tightly). Rows in order of creation."""
+    if any(n > row_length for n in lengths):
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit rows of {row_length}")
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, row), sorted: the open rows
+    for k in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        at = bisect.bisect_left(room, (lengths[k], -1))
+        if at < len(room):
+            left, row = room.pop(at)
+        else:
+            left, row = row_length, len(rows)
+            rows.append([])
+        rows[row].append(k)
+        if left - lengths[k] > 0:
+            bisect.insort(room, (left - lengths[k], row))
+    return rows
+
+
+@dataclass
+class EngineBatch:
+    """One forward batch of the cached engine, and (once captured) its layer inputs."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None  # [B, T] padding mask of one-request rows; None when packed
+    position_ids: torch.Tensor | None  # [B, T] positions within each packed sequence; None when not packed
+    rows: torch.Tensor  # [K] row of each continuation position
+    cols: torch.Tensor  # [K] position whose logits predict the target
+    targets: torch.Tensor  # [K] continuation token
+    owner: torch.Tensor  # [K] request index (0..N-1) of each position
+    tokens: int  # real (unpadded) tokens
+    hidden: list[torch.Tensor] | None = None
+    layer_kwargs: list[dict[str, Any]] | None = None
+
+
+def lay_out(lengths: Sequence[int], batch_tokens: int, packed: bool, overhead: int) -> list[list[list[int]]]:
+    """Batches of rows of request indices: rows packed as long as the longest request (:func:`pack_rows`), as many
+    a batch as fit ``batch_tokens``; else one request a row, cut by length against ``overhead``
+    (:func:`cut_by_length`)."""
+    if not lengths:
+        return []
+    if packed:
+        row_length = max(lengths)
+        rows = pack_rows(lengths, row_length)
+        per_batch = max(1, batch_tokens // row_length)
+        return [rows[a : a + per_batch] for a in range(0, len(rows), per_batch)]
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    return [[[k] for k in batch] for batch in cut_by_length(order, [lengths[k] for k in order], batch_tokens, overhead)]
+
+
+def make_batch(batch: list[list[int]], inputs: list[list[int]], conts: list[list[int]], pad_id: int, packed: bool,
+               device: torch.device) -> EngineBatch:
+    """One batch's tensors: its rows' sequences one after another (position ids restarting at 0 for each
+    sequence and for the padding after them when packed), and where each continuation token is predicted."""
+    length = max(sum(len(inputs[k]) for k in row) for row in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    positions = torch.zeros((len(batch), length), dtype=torch.long)
+    rows, cols, targets, owner = [], [], [], []
+    for r, row in enumerate(batch):
+        offset = 0
+        for k in row:
+            seq, cont = inputs[k], conts[k]
+            ids[r, offset : offset + len(seq)] = torch.tensor(seq)
+            mask[r, offset : offset + len(seq)] = 1
+            positions[r, offset : offset + len(seq)] = torch.arange(len(seq))
+            for o, token in enumerate(cont):
+                rows.append(r)
+                cols.append(offset + len(seq) - len(cont) + o)
+                targets.append(token)
+                owner.append(k)
+            offset += len(seq)
+        positions[r, offset:] = torch.arange(length - offset)  # the padding: a sequence of its own
+
+    def to(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return EngineBatch(ids.to(device), None if packed else mask.to(device), positions.to(device) if packed else None,
+                       to(rows), to(cols), to(targets), to(owner), int(mask.sum()))
 
 
 def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: int, overhead: int) -> list[list[int]]:

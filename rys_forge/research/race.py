@@ -390,8 +390,7 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
     scorer = WindowScorer(leaf_tasks(task_objects), [lm.instances[i] for i in look.requests], limit, racer.keep,
                           {}, only_docs={t: set(ids) for t, ids in look.docs.items()})
     record = {"look": k, "windows": 0, "requests": len(look.requests), "batches": len(engine.batches),
-              "tokens": int(sum(int(b.attention_mask.sum()) for b in engine.batches)),
-              "padded_tokens": int(sum(b.input_ids.numel() for b in engine.batches)),
+              "tokens": engine.tokens, "padded_tokens": engine.padded_tokens,
               "setup_s": time.perf_counter() - setup_started, "engine_s": 0.0}
     try:
         position = 0

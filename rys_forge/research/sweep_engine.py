@@ -35,7 +35,7 @@ from rys_forge.architectures import get_path, spec_for_model
 from rys_forge.errors import TaskError
 from rys_forge.plan import Window
 from rys_forge.repeat import scaled_visit
-from rys_forge.research.engine_batching import batch_overhead, cut_by_length, stack_size
+from rys_forge.research.engine_batching import EngineBatch, batch_overhead, lay_out, make_batch, stack_size
 from rys_forge.research.sweep_rows import Visits, trim_run, window_record  # trim_run: race imports it here
 from rys_forge.research.window_scorer import WindowScorer
 
@@ -65,18 +65,6 @@ class WindowRun:
         return [(float(a), bool(b)) for a, b in zip(self.loglikelihood, self.is_greedy)]
 
 
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    rows: torch.Tensor  # [K] row of each continuation position
-    cols: torch.Tensor  # [K] position whose logits predict the target
-    targets: torch.Tensor  # [K] continuation token
-    owner: torch.Tensor  # [K] request index (0..N-1) of each position
-    hidden: list[torch.Tensor] | None = None
-    layer_kwargs: list[dict[str, Any]] | None = None
-
-
 class LoglikelihoodEngine:
     """Continuation log-likelihoods of lm-eval token requests under the base model and any window repeat.
 
@@ -86,9 +74,12 @@ class LoglikelihoodEngine:
         max_length: ``HFLM.max_length`` (inputs are left-truncated to it, as ``HFLM`` does).
         pad_id: padding token id (right padding; causal attention never sees it).
         batch_tokens: padded tokens per forward batch.
-        batch_overhead_tokens: what one more forward batch costs, in padded tokens (None: measured once per
-            model, :func:`batch_overhead`): requests are cut into batches minimising padded tokens plus this
-            per batch (:func:`cut_by_length`). A GPU pays a fixed launch cost per batch, so a small request
+        pack: pack requests into rows of whole sequences as long as the longest request (:func:`pack_rows`;
+            transformers keeps attention within each sequence, from the position ids restarting at 0): almost no
+            padding. None: with eager or sdpa attention. Else each request has a row of its own, padded:
+        batch_overhead_tokens: (not packed) what one more forward batch costs, in padded tokens (None: measured
+            once per model, :func:`batch_overhead`): requests are cut into batches minimising padded tokens plus
+            this per batch (:func:`cut_by_length`). A GPU pays a fixed launch cost per batch, so a small request
             set (a race's early look) goes in a few padded batches; on a CPU, where a token costs more than a
             launch, batches hold requests of nearly one length.
         max_cache_bytes: activation cache budget (None: 60% of free GPU memory, or 8 GiB on CPU).
@@ -110,6 +101,7 @@ class LoglikelihoodEngine:
         max_cache_bytes: int | None = None,
         head_chunk: int = 2048,
         stack: int = 1,
+        pack: bool | None = None,
     ):
         self.model = model
         self.spec = spec_for_model(model)
@@ -126,15 +118,16 @@ class LoglikelihoodEngine:
             full = (list(context) + list(continuation))[-(max_length + 1) :]
             inputs.append(full[:-1])
             conts.append(list(continuation))
-        order = sorted(range(len(inputs)), key=lambda k: -len(inputs[k]))
-        if batch_overhead_tokens is None:
-            batch_overhead_tokens = batch_overhead(model, batch_tokens)
-        self.batch_overhead_tokens = batch_overhead_tokens
         self.batch_tokens = batch_tokens
         if not (isinstance(stack, int) and stack >= 1):
             raise ValueError(f"stack must be a positive integer, got {stack!r}")
         self.stack = stack
-        batches = cut_by_length(order, [len(inputs[k]) for k in order], batch_tokens, batch_overhead_tokens)
+        attention = getattr(model.config, "_attn_implementation", "eager")
+        self.packed = attention in STACKED_ATTENTION if pack is None else bool(pack)
+        self.batch_overhead_tokens = batch_overhead_tokens
+        if not self.packed and self.batch_overhead_tokens is None:
+            self.batch_overhead_tokens = batch_overhead(model, batch_tokens)
+        batches = lay_out([len(seq) for seq in inputs], batch_tokens, self.packed, self.batch_overhead_tokens or 0)
         hidden_size = int(model.config.get_text_config().hidden_size)
         width = next(model.parameters()).element_size()
         per_token = (self.num_layers + 1) * hidden_size * width
@@ -145,58 +138,44 @@ class LoglikelihoodEngine:
             else:
                 max_cache_bytes = 8 << 30
         # Consecutive batches form cache groups whose activations fit the budget.
-        self.batches: list[_Batch] = []
+        self.batches: list[EngineBatch] = []
         self._scaled: dict[float, list[nn.Module]] = {}  # alpha -> every layer as a damped visit
         self._bounds = [0]
         used = 0
         for batch in batches:
-            size = len(batch) * len(inputs[batch[0]]) * per_token
+            size = len(batch) * max(sum(len(inputs[k]) for k in row) for row in batch) * per_token
             if used and used + size > max_cache_bytes:
                 self._bounds.append(len(self.batches))
                 used = 0
-            self.batches.append(self._make_batch(batch, inputs, conts, pad_id))
+            self.batches.append(make_batch(batch, inputs, conts, pad_id, self.packed, self.device))
             used += size
         self._bounds.append(len(self.batches))
+        self.tokens = sum(b.tokens for b in self.batches)  # real (unpadded) tokens of every batch
 
     @property
-    def groups(self) -> list[list[_Batch]]:
+    def groups(self) -> list[list[EngineBatch]]:
         """Batches cached together (one group when everything fits: captured once and kept)."""
         b = self._bounds
         return [self.batches[b[k] : b[k + 1]] for k in range(len(b) - 1)]
 
-    def _make_batch(self, batch: list[int], inputs: list[list[int]], conts: list[list[int]], pad_id: int) -> _Batch:
-        length = len(inputs[batch[0]])
-        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        rows, cols, targets, owner = [], [], [], []
-        for r, k in enumerate(batch):
-            seq, cont = inputs[k], conts[k]
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-            for offset, token in enumerate(cont):
-                rows.append(r)
-                cols.append(len(seq) - len(cont) + offset)
-                targets.append(token)
-                owner.append(k)
-
-        def to(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        return _Batch(ids.to(self.device), mask.to(self.device), to(rows), to(cols), to(targets), to(owner))
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens of every batch, padding included (``tokens``: without it)."""
+        return sum(batch.input_ids.numel() for batch in self.batches)
 
     @torch.no_grad()
-    def _capture(self, batch: _Batch) -> None:
+    def _capture(self, batch: EngineBatch) -> None:
         with capture_layer_inputs(self.model, self.spec) as captured:
-            run_decoder(self.model, self.spec, batch.input_ids, batch.attention_mask)
+            run_decoder(self.model, self.spec, batch.input_ids, batch.attention_mask, batch.position_ids)
             batch.hidden = [captured[k][0] for k in range(self.num_layers + 1)]
             batch.layer_kwargs = [captured[k][1] for k in range(self.num_layers)]
 
-    def _release(self, batches: Sequence[_Batch]) -> None:
+    def _release(self, batches: Sequence[EngineBatch]) -> None:
         for batch in batches:
             batch.hidden = batch.layer_kwargs = None
 
     @torch.no_grad()
-    def _score(self, batch: _Batch, z: torch.Tensor, ll: torch.Tensor, misses: torch.Tensor, order: list[int]) -> None:
+    def _score(self, batch: EngineBatch, z: torch.Tensor, ll: torch.Tensor, misses: torch.Tensor, order: list[int]) -> None:
         """Score ``z`` (``[len(order) * rows, T, d]``: copies of the batch's stream) into ``ll``/``misses``
         (``[W, n_requests]``): copy ``c`` into row ``order[c]``. The LM head runs over every copy's
         continuation positions together, ``head_chunk`` positions a call."""
@@ -322,7 +301,7 @@ class LoglikelihoodEngine:
             self._scaled[alpha] = [scaled_visit(layer, k, alpha, self.spec) for k, layer in enumerate(self.layers)]
         return self._scaled[alpha] if alpha != 1.0 else self.layers
 
-    def _window_on_batch(self, batch: _Batch, window: tuple[int, ...] | None, ll: torch.Tensor,
+    def _window_on_batch(self, batch: EngineBatch, window: tuple[int, ...] | None, ll: torch.Tensor,
                          misses: torch.Tensor) -> None:
         """One window on one batch, scored into row 0 of ``ll``/``misses``."""
         assert batch.hidden is not None and batch.layer_kwargs is not None
@@ -337,7 +316,7 @@ class LoglikelihoodEngine:
             z = replay_layers(self.layers, batch.layer_kwargs, j, self.num_layers, z)
         self._score(batch, z, ll, misses, [0])
 
-    def _stacked_on_batch(self, batch: _Batch, windows: list[tuple[int, ...] | None], ll: torch.Tensor,
+    def _stacked_on_batch(self, batch: EngineBatch, windows: list[tuple[int, ...] | None], ll: torch.Tensor,
                           misses: torch.Tensor) -> None:
         """A stack of two-visit windows on one batch (window ``w`` scored into row ``w`` of ``ll``/``misses``), as
         many at a time as fit ``batch_tokens``: rows of each window's ``x_j`` join the stacked stream at its start
