@@ -97,24 +97,16 @@ SOURCE_LINE = re.compile(r"(\.py):\d+:")  # warnings name the source line of the
 # ----------------------------------------------------------------------------------------------- run
 
 
+#: The environment every command of the comparison runs in: offline, one thread, no colour, fixed hashing.
+FIXED_ENV = {
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "MPLBACKEND": "Agg", "COLUMNS": "160",
+    "NO_COLOR": "1", "TERM": "dumb",
+}
+
+
 def _env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        RYS_FORGE_CACHE=str(cache / "rys"),
-        HF_DATASETS_CACHE=str(cache / "datasets"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONHASHSEED="0",
-        MPLBACKEND="Agg",
-        COLUMNS="160",
-        NO_COLOR="1",
-        TERM="dumb",
-    )
-    return env
+    return {**os.environ, **FIXED_ENV, "RYS_FORGE_CACHE": str(cache / "rys"), "HF_DATASETS_CACHE": str(cache / "datasets")}
 
 
 def _sha256(path: Path) -> str:

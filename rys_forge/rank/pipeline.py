@@ -22,7 +22,7 @@ import math
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -95,17 +95,10 @@ class RankSettings:
     visit_fraction: float = 1.0
 
     def probe_settings(self) -> ProbeSettings:
-        return ProbeSettings(
-            iterations=self.iterations,
-            debiased_cka=self.debiased_cka,
-            mmd_samples=self.mmd_samples,
-            jacobian_k=self.jacobian_k,
-            jacobian_iters=self.jacobian_iters,
-            stats_dtype=torch.float64 if self.stats_dtype == "float64" else torch.float32,
-            tf32=self.stats_dtype == "tf32",
-            seed=self.seed,
-            alpha=float(self.alpha),
-        )
+        """The probes' knobs: the fields of the same name, and the statistics dtype as a torch dtype (+ TF32)."""
+        named = {f.name: getattr(self, f.name) for f in fields(ProbeSettings) if f.name not in ("stats_dtype", "tf32")}
+        return ProbeSettings(**{**named, "alpha": float(self.alpha)}, tf32=self.stats_dtype == "tf32",
+                             stats_dtype=torch.float64 if self.stats_dtype == "float64" else torch.float32)
 
     def validate(self) -> None:
         if not 2 <= self.iterations <= 8:
