@@ -324,7 +324,7 @@ def test_sweep_and_race_record_the_seconds_of_lm_eval_scoring(loaded, tmp_path, 
     # per look: the windows the log holds, the engine's real and padded tokens, scoring inside the engine's time
     looks = timings["race"]["looks"]
     logged = [json.loads(line) for line in (tmp_path / "race" / "race.jsonl").read_text().splitlines()]
-    assert [look["windows"] for look in looks] == [sum(rec["look"] == k for rec in logged) for k in range(len(looks))]
+    assert [look["windows"] for look in looks] == [sum(rec["look"] == look["look"] for rec in logged) for look in looks]
     assert sum(look["scoring_s"] for look in looks) == pytest.approx(timings["scoring_s"])
     for look in looks:
         assert 0 < look["tokens"] <= look["padded_tokens"] and look["batches"] >= 1 and look["requests"] >= 1

@@ -38,13 +38,13 @@ def _requests(vocab: int, seed: int = 3) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def _reference(model, requests, order=None) -> tuple[np.ndarray, np.ndarray]:
+def _reference(model, requests, order=None, max_length: int = MAX_LENGTH) -> tuple[np.ndarray, np.ndarray]:
     """Sum of continuation log-probs and greedy match, one sequence at a time, on a materialised model."""
     ref = materialised_reference(model, order) if order is not None else model
     lls, greedy = [], []
     with torch.no_grad():
         for ctx, cont in requests:
-            full = (ctx + cont)[-(MAX_LENGTH + 1) :]
+            full = (ctx + cont)[-(max_length + 1) :]
             inp = torch.tensor([full[:-1]])
             logprobs = torch.log_softmax(ref(inp).logits[0].double(), dim=-1)[-len(cont) :]
             target = torch.tensor(cont)
@@ -131,7 +131,7 @@ def test_cached_sweep_resumes_after_interrupt(loaded, tmp_path, interrupt_scorin
         assert a["tasks"] == b["tasks"]
     # the summary records how the batches were laid out: packed rows (eager attention), and their padding
     recorded = json.loads((tmp_path / "fresh" / "summary.json").read_text())["timings"]
-    assert recorded["packed"] is True and "batch_overhead_tokens" not in recorded and 0 <= recorded["padding"] < 0.5
+    assert recorded["packed"] is True and 0 <= recorded["padding"] < 0.5
     keys = [json.loads(line)["key"] for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert sorted(keys) == sorted(f"{w}x2" for w in WINDOWS)
 
@@ -229,6 +229,15 @@ def test_pack_rows_keeps_sequences_whole_within_rows_and_near_the_fewest_rows():
         assert len(rows) <= 11 / 9 * _fewest_rows(lengths, row_length) + 6 / 9
     with pytest.raises(ValueError, match="does not fit"):
         engine_batching.pack_rows([3, 9], 8)
+    # lay_out: requests up to the cap packed (rows as long as the longest of them), longer ones alone
+    lengths = [5, 40, 3, 33, 12, 32, 7]
+    layout = engine_batching.lay_out(lengths, batch_tokens=64, row_cap=32, overhead=0)
+    assert sorted(k for rows, _ in layout for row in rows for k in row) == list(range(len(lengths)))
+    for rows, packed in layout:
+        assert packed == all(lengths[k] <= 32 for row in rows for k in row)
+        assert packed or all(len(row) == 1 for row in rows)
+        assert not packed or all(sum(lengths[k] for k in row) <= 32 for row in rows)
+    assert all(not packed for rows, packed in engine_batching.lay_out(lengths, 64, 0, 0))
 
 
 def test_batches_follow_their_overhead_and_give_the_same_numbers(tiny_model_dirs, monkeypatch, tmp_path):
@@ -310,6 +319,49 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
     for run, again in zip(runs, grouped.run(windows, group_size=3)):
         np.testing.assert_allclose(again.loglikelihood, run.loglikelihood, rtol=1e-5, atol=1e-4)
         assert (again.is_greedy == run.is_greedy).all()
+
+
+@pytest.mark.parametrize("model_type,attn", [("llama", "sdpa"), ("gemma3_text", "eager")])
+def test_requests_longer_than_the_row_cap_get_rows_of_their_own(tiny_model_dirs, model_type, attn, monkeypatch,
+                                                                tmp_path):
+    """Requests longer than ``hidden_size`` tokens (32 here) are not packed (a packed row's attention grows with
+    its length): one engine holds packed and one-request batches, and both give the materialised model's numbers,
+    stacked too."""
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path))
+    model = load_model(str(tiny_model_dirs[model_type]), attn_implementation=attn).model
+    g = torch.Generator().manual_seed(5)
+    requests = _requests(model.config.vocab_size) + [
+        (torch.randint(4, model.config.vocab_size, (n,), generator=g).tolist(), [7, 9]) for n in (40, 55, 61)]
+    engine = LoglikelihoodEngine(model, requests, max_length=80, batch_tokens=400, stack=8)
+    assert engine.packed and engine.row_cap == model.config.hidden_size == 32
+    kinds = {(b.position_ids is not None, b.input_ids.shape[1] > 32) for b in engine.batches}
+    assert kinds == {(True, False), (False, True)}  # packed short rows, long requests alone
+    n = model.config.num_hidden_layers
+    windows = [None, (1, 3, 2), (2, 4, 2), (0, n, 2)]
+    for window, run in zip(windows, engine.run(windows)):
+        order = LayerPlan.from_windows([Window(window[0], window[1])], n, 2).order if window else None
+        ll, greedy = _reference(model, requests, order, max_length=80)
+        np.testing.assert_allclose(run.loglikelihood, ll, rtol=1e-5, atol=1e-4)
+        assert (run.is_greedy == greedy).all()
+
+
+def test_packing_is_refused_when_the_model_does_not_mask_sequences_apart(tiny_model_dirs, monkeypatch, tmp_path):
+    """If a model's forward built no mask from the packed position ids, its sequences would attend to each other:
+    the capture stops with a one-line error instead. And a continuation that leaves no context token is refused."""
+    monkeypatch.setenv("RYS_FORGE_CACHE", str(tmp_path))
+    from rys_forge.research import sweep_engine
+
+    model = load_model(str(tiny_model_dirs["llama"]), attn_implementation="sdpa").model
+    requests = _requests(model.config.vocab_size)
+    real = sweep_engine.run_decoder
+    monkeypatch.setattr(sweep_engine, "run_decoder", lambda m, spec, ids, mask, positions=None: real(m, spec, ids, mask))
+    with pytest.raises(TaskError, match="did not mask packed sequences apart"):
+        LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH).run([None])
+    monkeypatch.setattr(sweep_engine, "run_decoder", real)
+    with pytest.raises(TaskError, match="leaves no context token"):
+        LoglikelihoodEngine(model, [([], [5, 6])], max_length=MAX_LENGTH)
+    with pytest.raises(TaskError, match="leaves no context token"):
+        LoglikelihoodEngine(model, [([4, 5], list(range(4, 4 + MAX_LENGTH + 1)))], max_length=MAX_LENGTH)
 
 
 def test_tile_layer_kwargs_repeats_only_batch_major_tensors():

@@ -65,29 +65,36 @@ class EngineBatch:
     targets: torch.Tensor  # [K] continuation token
     owner: torch.Tensor  # [K] request index (0..N-1) of each position
     tokens: int  # real (unpadded) tokens
+    shared_rows: bool  # packed, and some row holds more than one sequence (its padding counts as one)
     hidden: list[torch.Tensor] | None = None
     layer_kwargs: list[dict[str, Any]] | None = None
 
 
-def lay_out(lengths: Sequence[int], batch_tokens: int, packed: bool, overhead: int) -> list[list[list[int]]]:
-    """Batches of rows of request indices: rows packed as long as the longest request (:func:`pack_rows`), as many
-    a batch as fit ``batch_tokens``; else one request a row, cut by length against ``overhead``
-    (:func:`cut_by_length`)."""
-    if not lengths:
-        return []
-    if packed:
-        row_length = max(lengths)
-        rows = pack_rows(lengths, row_length)
+def lay_out(lengths: Sequence[int], batch_tokens: int, row_cap: int, overhead: int) -> list[tuple[list[list[int]], bool]]:
+    """Batches of rows of request indices, each with whether its rows are packed: requests of at most ``row_cap``
+    tokens packed into rows as long as the longest of them (:func:`pack_rows`), as many a batch as fit
+    ``batch_tokens``; longer requests (all with ``row_cap`` 0) one a row, cut by length against ``overhead``
+    (:func:`cut_by_length`). A packed row attends over its whole length (``T^2`` per row), so the cap bounds
+    what packing adds to the attention's work."""
+    short = [k for k, n in enumerate(lengths) if n <= row_cap]
+    out: list[tuple[list[list[int]], bool]] = []
+    if short:
+        row_length = max(lengths[k] for k in short)
+        rows = [[short[k] for k in row] for row in pack_rows([lengths[k] for k in short], row_length)]
         per_batch = max(1, batch_tokens // row_length)
-        return [rows[a : a + per_batch] for a in range(0, len(rows), per_batch)]
-    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
-    return [[[k] for k in batch] for batch in cut_by_length(order, [lengths[k] for k in order], batch_tokens, overhead)]
+        out += [(rows[a : a + per_batch], True) for a in range(0, len(rows), per_batch)]
+    long = sorted((k for k, n in enumerate(lengths) if n > row_cap), key=lambda k: -lengths[k])
+    if long:
+        cut = cut_by_length(long, [lengths[k] for k in long], batch_tokens, overhead)
+        out += [([[k] for k in batch], False) for batch in cut]
+    return out
 
 
 def make_batch(batch: list[list[int]], inputs: list[list[int]], conts: list[list[int]], pad_id: int, packed: bool,
                device: torch.device) -> EngineBatch:
     """One batch's tensors: its rows' sequences one after another (position ids restarting at 0 for each
-    sequence and for the padding after them when packed), and where each continuation token is predicted."""
+    sequence and for the padding after them when packed), and where each continuation token is predicted
+    (``conts[k]`` are the last tokens of ``inputs[k]`` plus the one after it)."""
     length = max(sum(len(inputs[k]) for k in row) for row in batch)
     ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -111,8 +118,9 @@ def make_batch(batch: list[list[int]], inputs: list[list[int]], conts: list[list
     def to(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
+    shared = packed and any(len(row) > 1 or sum(len(inputs[k]) for k in row) < length for row in batch)
     return EngineBatch(ids.to(device), None if packed else mask.to(device), positions.to(device) if packed else None,
-                       to(rows), to(cols), to(targets), to(owner), int(mask.sum()))
+                       to(rows), to(cols), to(targets), to(owner), int(mask.sum()), shared)
 
 
 def cut_by_length(items: Sequence[int], lengths: Sequence[int], batch_tokens: int, overhead: int) -> list[list[int]]:

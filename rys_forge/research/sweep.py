@@ -267,14 +267,14 @@ def _check_race(race: RaceSettings | None, engine: str) -> None:
 
 
 def _engine_timings(base_run: _Base, scoring: float | None) -> dict[str, Any]:
-    """How the base engine laid out its batches (packed rows, or cut by the measured cost of one batch) and the
+    """How the base engine laid out its batches (packed rows, and/or cut by the measured cost of one batch) and the
     share of padding, and the seconds of lm-eval scoring inside the windows' time (CPU work the engine waits
     for; cached engine only)."""
     engine = getattr(base_run.lm, "engine", None)
     out: dict[str, Any] = {}
     if engine is not None:
         out["packed"] = engine.packed
-        if not engine.packed:
+        if engine.batch_overhead_tokens is not None:  # measured: some requests had rows of their own
             out["batch_overhead_tokens"] = engine.batch_overhead_tokens
         out["padding"] = 1 - engine.tokens / engine.padded_tokens if engine.padded_tokens else 0.0
     return {**out, "scoring_s": scoring} if scoring is not None else out

@@ -74,9 +74,10 @@ class LoglikelihoodEngine:
         max_length: ``HFLM.max_length`` (inputs are left-truncated to it, as ``HFLM`` does).
         pad_id: padding token id (right padding; causal attention never sees it).
         batch_tokens: padded tokens per forward batch.
-        pack: pack requests into rows of whole sequences as long as the longest request (:func:`pack_rows`;
-            transformers keeps attention within each sequence, from the position ids restarting at 0): almost no
-            padding. None: with eager or sdpa attention. Else each request has a row of its own, padded:
+        pack: pack requests of at most ``hidden_size`` tokens into rows of whole sequences as long as the longest
+            of them (:func:`pack_rows`; transformers keeps attention within each sequence, from the position ids
+            restarting at 0): almost no padding. None: with eager or sdpa attention. Longer requests, or all
+            without packing, have a row of their own, padded:
         batch_overhead_tokens: (not packed) what one more forward batch costs, in padded tokens (None: measured
             once per model, :func:`batch_overhead`): requests are cut into batches minimising padded tokens plus
             this per batch (:func:`cut_by_length`). A GPU pays a fixed launch cost per batch, so a small request
@@ -116,6 +117,9 @@ class LoglikelihoodEngine:
             if not continuation:
                 raise TaskError("an lm-eval request has an empty continuation")
             full = (list(context) + list(continuation))[-(max_length + 1) :]
+            if len(full) <= len(continuation):
+                raise TaskError(f"an lm-eval request's continuation ({len(continuation)} tokens) leaves no context "
+                                f"token within max_length {max_length}")
             inputs.append(full[:-1])
             conts.append(list(continuation))
         self.batch_tokens = batch_tokens
@@ -125,10 +129,11 @@ class LoglikelihoodEngine:
         attention = getattr(model.config, "_attn_implementation", "eager")
         self.packed = attention in STACKED_ATTENTION if pack is None else bool(pack)
         self.batch_overhead_tokens = batch_overhead_tokens
-        if not self.packed and self.batch_overhead_tokens is None:
-            self.batch_overhead_tokens = batch_overhead(model, batch_tokens)
-        batches = lay_out([len(seq) for seq in inputs], batch_tokens, self.packed, self.batch_overhead_tokens or 0)
         hidden_size = int(model.config.get_text_config().hidden_size)
+        self.row_cap = hidden_size if self.packed else 0  # a row's attention then adds at most ~1/6 of a layer's work
+        if any(len(seq) > self.row_cap for seq in inputs) and self.batch_overhead_tokens is None:
+            self.batch_overhead_tokens = batch_overhead(model, batch_tokens)
+        batches = lay_out([len(seq) for seq in inputs], batch_tokens, self.row_cap, self.batch_overhead_tokens or 0)
         width = next(model.parameters()).element_size()
         per_token = (self.num_layers + 1) * hidden_size * width
         if max_cache_bytes is None:
@@ -142,12 +147,13 @@ class LoglikelihoodEngine:
         self._scaled: dict[float, list[nn.Module]] = {}  # alpha -> every layer as a damped visit
         self._bounds = [0]
         used = 0
-        for batch in batches:
-            size = len(batch) * max(sum(len(inputs[k]) for k in row) for row in batch) * per_token
+        for batch, packed in batches:
+            length = max(sum(len(inputs[k]) for k in row) for row in batch)
+            size = len(batch) * length * (per_token + 2 * length * width)  # + up to two cached [B, 1, T, T] masks
             if used and used + size > max_cache_bytes:
                 self._bounds.append(len(self.batches))
                 used = 0
-            self.batches.append(make_batch(batch, inputs, conts, pad_id, self.packed, self.device))
+            self.batches.append(make_batch(batch, inputs, conts, pad_id, packed, self.device))
             used += size
         self._bounds.append(len(self.batches))
         self.tokens = sum(b.tokens for b in self.batches)  # real (unpadded) tokens of every batch
@@ -169,6 +175,9 @@ class LoglikelihoodEngine:
             run_decoder(self.model, self.spec, batch.input_ids, batch.attention_mask, batch.position_ids)
             batch.hidden = [captured[k][0] for k in range(self.num_layers + 1)]
             batch.layer_kwargs = [captured[k][1] for k in range(self.num_layers)]
+        if batch.shared_rows and batch.layer_kwargs[0].get("attention_mask") is None:
+            raise TaskError(f"{type(self.model).__name__} did not mask packed sequences apart (no attention mask "
+                            "from its position ids); run the engine with pack=False")
 
     def _release(self, batches: Sequence[EngineBatch]) -> None:
         for batch in batches:
