@@ -10,6 +10,11 @@ block through the in-memory repeat's scaled visits (:func:`rys_forge.repeat.scal
 cache. The LM head (262k rows on gemma) runs only at continuation positions, in float32, where lm-eval's
 ``HFLM`` runs it at every position.
 
+Batches (`rys_forge.research.engine_batching`): requests are packed into rows of whole sequences, each sequence's
+position ids restarting at 0 (transformers then masks the sequences apart), so almost no token is padding;
+long requests and other attention kernels get a row each. A race's small looks stack several two-visit windows
+along a batch (they share the layers `i..L-1` from their cached `x_j`) and score them with one LM-head call.
+
 Requests are scored with lm-eval's own task code (`rys_forge.research.window_scorer`: filters, ``process_results``,
 ``aggregation``, ``stderr_for_metric``), so a window's metrics are what ``simple_evaluate`` reports for
 the same loglikelihoods (tested). Only loglikelihood-type tasks (``multiple_choice``,
