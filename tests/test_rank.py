@@ -334,6 +334,9 @@ def test_visit_fraction_must_hold_the_deep_and_kl_shares(tiny_model_dirs, tmp_pa
             settings.validate()
     RankSettings(visit_fraction=0.5, kl_fraction=0.25, deep_fraction=0.5).validate()
     RankSettings(visit_fraction=0.5, kl_positions=0).validate()  # no KL: only the deep share counts
+    RankSettings(visit_fraction=0.5, probes=["cka", "update"]).validate()  # the KL probe is off: likewise
+    with pytest.raises(UsageError, match="below the deep or KL share"):
+        RankSettings(visit_fraction=0.5, probes=["cka", "kl"]).validate()
     run = CliRunner().invoke(main, ["rank", "--model", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "r"),
                                     "--visit-fraction", "0.3"])
     _one_line_error(run, "--visit-fraction 0.3 is below the deep or KL share (1.0)")

@@ -114,7 +114,8 @@ class RankSettings:
         for name in ("deep_fraction", "kl_fraction", "visit_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed (0, 1]")
-        replayed = max(self.deep_fraction, self.kl_fraction if self.kl_positions > 0 else 0.0)
+        kl_replayed = self.kl_positions > 0 and (not self.probes or "kl" in self.probes)
+        replayed = max(self.deep_fraction, self.kl_fraction if kl_replayed else 0.0)
         if self.visit_fraction < replayed:
             raise UsageError(f"--visit-fraction {self.visit_fraction} is below the deep or KL share ({replayed}): those "
                              f"prompts replay from z_2; use --visit-fraction {replayed} or more")
