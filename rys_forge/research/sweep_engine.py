@@ -83,7 +83,7 @@ class LoglikelihoodEngine:
             of them (:func:`pack_rows`; transformers keeps attention within each sequence, from the position ids
             restarting at 0): almost no padding. None: with eager or sdpa attention. Longer requests, or all
             without packing, have a row of their own, padded:
-        batch_overhead_tokens: (not packed) what one more forward batch costs, in padded tokens (None: measured
+        batch_overhead_tokens: (rows of their own) what one more forward batch costs, in padded tokens (None: measured
             once per model, :func:`batch_overhead`): requests are cut into batches minimising padded tokens plus
             this per batch (:func:`cut_by_length`). A GPU pays a fixed launch cost per batch, so a small request
             set (a race's early look) goes in a few padded batches; on a CPU, where a token costs more than a
