@@ -168,9 +168,8 @@ def print_looks(looks: list[dict]) -> None:
     print("| look | windows | requests | batches | padding | setup (s) | engine (s) | of it scoring (s) | ms per window |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for look in looks:
-        padding = 1 - look["tokens"] / max(look["padded_tokens"], 1)
         per_window = 1000 * look["engine_s"] / max(look["windows"], 1)
-        print(f"| {look['look'] + 1} | {look['windows']} | {look['requests']} | {look['batches']} | {padding:.1%} | "
+        print(f"| {look['look'] + 1} | {look['windows']} | {look['requests']} | {look['batches']} | {look['padding']:.1%} | "
               f"{look['setup_s']:.2f} | {look['engine_s']:.1f} | {look['scoring_s']:.1f} | {per_window:.1f} |")
 
 

@@ -279,9 +279,8 @@ def test_stacked_windows_match_materialised_repeat(tiny_model_dirs, model_type, 
     n = model.config.num_hidden_layers
     requests = _requests(model.config.vocab_size)
     windows = [(1, 3, 2), (0, 2, 2), None, (2, n, 2), (1, 4, 3), (1, 4, 2), (0, 3, 2, 0.5), (3, n, 2)]
-    stacked = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9,
-                                   stack=32)
-    alone = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, batch_overhead_tokens=10**9)
+    stacked = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000, stack=32)
+    alone = LoglikelihoodEngine(model, requests, max_length=MAX_LENGTH, batch_tokens=10_000)  # both packed: one batch
     assert stacked.packed and sum(b.input_ids.shape[0] for b in stacked.batches) < len(requests)  # rows shared
     calls, head_calls = [], []
     hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in stacked.layers]

@@ -384,13 +384,13 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
         return True
     cost = sum(len(ids) for ids in look.docs.values())
     pad = lm.tokenizer.pad_token_id
-    setup_started, scoring_before = time.perf_counter(), racer.scoring_s
+    setup_started = time.perf_counter()
     engine = LoglikelihoodEngine(lm.model, [lm.request_tokens[i] for i in look.requests], max_length=lm.max_length,
                                  pad_id=pad if pad is not None else 0, stack=MAX_STACK, **lm.engine_kwargs)
     scorer = WindowScorer(leaf_tasks(task_objects), [lm.instances[i] for i in look.requests], limit, racer.keep,
                           {}, only_docs={t: set(ids) for t, ids in look.docs.items()})
     record = {"look": k, "windows": 0, "requests": len(look.requests), "batches": len(engine.batches),
-              "tokens": engine.tokens, "padded_tokens": engine.padded_tokens,
+              "tokens": engine.tokens, "padded_tokens": engine.padded_tokens, "padding": engine.padding,
               "setup_s": time.perf_counter() - setup_started, "engine_s": 0.0}
     try:
         position = 0
@@ -424,7 +424,7 @@ def _score_look(lm: Any, task_objects: Sequence[Any], racer: _Racer, look: _Look
         return True
     finally:
         racer.scoring_s += scorer.seconds
-        racer.looks.append({**record, "scoring_s": racer.scoring_s - scoring_before})
+        racer.looks.append({**record, "scoring_s": scorer.seconds})
         engine.release()
 
 

@@ -276,7 +276,7 @@ def _engine_timings(base_run: _Base, scoring: float | None) -> dict[str, Any]:
         out["packed"] = engine.packed
         if engine.batch_overhead_tokens is not None:  # measured: some requests had rows of their own
             out["batch_overhead_tokens"] = engine.batch_overhead_tokens
-        out["padding"] = 1 - engine.tokens / engine.padded_tokens if engine.padded_tokens else 0.0
+        out["padding"] = engine.padding
     return {**out, "scoring_s": scoring} if scoring is not None else out
 
 

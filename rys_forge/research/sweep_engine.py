@@ -131,8 +131,9 @@ class LoglikelihoodEngine:
         if not (isinstance(stack, int) and stack >= 1):
             raise ValueError(f"stack must be a positive integer, got {stack!r}")
         self.stack = stack
-        attention = getattr(model.config, "_attn_implementation", "eager")
-        self.packed = attention in STACKED_ATTENTION if pack is None else bool(pack)
+        # eager/sdpa layer arguments are batch-major tensors: windows stack along the batch, and rows can be packed
+        self.stackable = getattr(model.config, "_attn_implementation", "eager") in STACKED_ATTENTION
+        self.packed = self.stackable if pack is None else bool(pack)
         self.batch_overhead_tokens = batch_overhead_tokens
         hidden_size = int(model.config.get_text_config().hidden_size)
         self.row_cap = hidden_size if self.packed else 0  # a row's attention then adds at most ~1/6 of a layer's work
@@ -153,12 +154,12 @@ class LoglikelihoodEngine:
         self._bounds = [0]
         used = 0
         for batch, packed in batches:
-            length = max(sum(len(inputs[k]) for k in row) for row in batch)
-            size = len(batch) * length * (per_token + 2 * length * width)  # + up to two cached [B, 1, T, T] masks
+            made = make_batch(batch, inputs, conts, pad_id, packed, self.device)
+            size = made.input_ids.numel() * (per_token + 2 * made.input_ids.shape[1] * width)  # + two [B,1,T,T] masks
             if used and used + size > max_cache_bytes:
                 self._bounds.append(len(self.batches))
                 used = 0
-            self.batches.append(make_batch(batch, inputs, conts, pad_id, packed, self.device))
+            self.batches.append(made)
             used += size
         self._bounds.append(len(self.batches))
         self.tokens = sum(b.tokens for b in self.batches)  # real (unpadded) tokens of every batch
@@ -173,6 +174,11 @@ class LoglikelihoodEngine:
     def padded_tokens(self) -> int:
         """Tokens of every batch, padding included (``tokens``: without it)."""
         return sum(batch.input_ids.numel() for batch in self.batches)
+
+    @property
+    def padding(self) -> float:
+        """The share of the batches' tokens that is padding."""
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
 
     @torch.no_grad()
     def _capture(self, batch: EngineBatch) -> None:
@@ -275,7 +281,7 @@ class LoglikelihoodEngine:
         alone. In order of each stack's first window in ``todo``."""
         smallest = min(b.input_ids.numel() for b in self.batches) if self.batches else self.batch_tokens
         size = min(self.stack, stack_size(smallest, self.batch_tokens))
-        if getattr(self.model.config, "_attn_implementation", "eager") not in STACKED_ATTENTION:
+        if not self.stackable:
             size = 1  # other kernels take masks that are not batch-major tensors (flex's BlockMask)
 
         def plain(w: tuple[int, ...] | None) -> bool:
