@@ -11,6 +11,8 @@ The handful of functions a notebook user needs::
 
 from __future__ import annotations
 
+import sys
+import types
 from importlib.metadata import PackageNotFoundError, version
 
 from rys_forge.errors import RysForgeError
@@ -34,16 +36,33 @@ _LAZY = {  # public name -> module holding it; everything that imports torch loa
 }
 
 
+#: Public functions that share their name with the submodule that holds them (`rys_forge.verify.verify`, ...).
+_SHADOWED = frozenset(name for name, module in _LAZY.items() if module == f"rys_forge.{name}")
+
+
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(name)
     import importlib
 
     value = getattr(importlib.import_module(_LAZY[name]), name)
-    # `verify`, `evaluate` and `publish` are also submodule names: importing the submodule set the
-    # package attribute to the module; the public name is the function.
-    globals()[name] = value
+    globals()[name] = value  # the dict itself: `_Package.__setattr__` keeps modules, not functions, out
     return value
+
+
+class _Package(types.ModuleType):
+    """The package module: Python's import system binds every loaded submodule as an attribute of its package
+    (`rys_forge.verify` = the module), which would hide the public function of that name from then on (and
+    `build` loads `rys_forge.verify`). Those bindings are dropped for the shadowed names; the submodules stay
+    importable (`from rys_forge.verify import ...`, `importlib.import_module`)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 try:

@@ -18,6 +18,15 @@ def test_help_lists_commands():
     assert "half-open" in result.output
 
 
+def test_model_help_names_every_built_in_model():
+    from rys_forge.models import BUILTIN_MODELS
+
+    result = CliRunner().invoke(main, ["rank", "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    for name in BUILTIN_MODELS:
+        assert name in result.output, name
+
+
 def test_info_on_tiny_model(tiny_model_dirs):
     result = _run(["info", "--model", str(tiny_model_dirs["gemma3_text"]), "--window", "2:5"])
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ an unwritable eval --out fails before any work; library noise stays out of the u
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
@@ -103,7 +104,7 @@ def test_eval_records_absolute_paths_and_hides_lm_eval_notices(tiny, tmp_path, m
 
 
 def _no_model_loads(monkeypatch):
-    import rys_forge.evaluate.harness as harness
+    from rys_forge.evaluate import harness
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the output location was checked")
@@ -204,7 +205,7 @@ def test_early_signal_is_one_line(tiny, tmp_path, signum, delay, code, word):
 def test_sigterm_runs_the_cleanups_written_for_ctrl_c(tmp_path, monkeypatch):
     """SIGTERM is raised as `Terminated` (a KeyboardInterrupt) in the command, so `finally` blocks and
     `except KeyboardInterrupt` cleanups run (a temporary export folder is removed, as on Ctrl-C)."""
-    import rys_forge.publish as publish
+    publish = importlib.import_module("rys_forge.publish")
 
     staging = tmp_path / ".export.tmp-1"
     seen = []
@@ -240,7 +241,7 @@ def test_interrupt_inside_a_finaliser_is_not_lost(tmp_path, monkeypatch, signum,
     """A signal that lands while Python runs a `__del__` (garbage collection during the lazy imports, as CI
     once hit) is "unraisable": Python prints "Exception ignored" and carries on. The command must still stop
     with its one line and exit code, not print a traceback and finish as if never interrupted."""
-    import rys_forge.publish as publish
+    publish = importlib.import_module("rys_forge.publish")
 
     finished = []
 
@@ -269,7 +270,7 @@ def test_interrupt_inside_a_finaliser_is_not_lost(tmp_path, monkeypatch, signum,
     (errno.ENOSPC, "no space left"), (errno.EACCES, "permission denied"), (errno.EROFS, "read-only"),
 ])
 def test_os_errors_name_the_file_and_what_to_do(tmp_path, monkeypatch, code, fragment):
-    import rys_forge.publish as publish
+    publish = importlib.import_module("rys_forge.publish")
 
     def write_card(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(tmp_path / "export" / "README.md"))
@@ -280,7 +281,7 @@ def test_os_errors_name_the_file_and_what_to_do(tmp_path, monkeypatch, code, fra
 
 def test_wrapped_os_error_is_not_unexpected(tmp_path, monkeypatch):
     """A library that wraps the OSError (`raise RuntimeError(...) from exc`, or Rust's `(os error 28)`)."""
-    import rys_forge.publish as publish
+    publish = importlib.import_module("rys_forge.publish")
 
     def write_card(*args, **kwargs):
         raise RuntimeError("safetensors: failed to write: No space left on device (os error 28)")
@@ -355,7 +356,7 @@ def test_repeats_one_is_refused(tiny, tmp_path):
 
 def test_credentials_in_urls_are_redacted(tmp_path, monkeypatch):
     """A Hub endpoint with credentials (HF_ENDPOINT=https://user:token@host) never reaches the terminal."""
-    import rys_forge.publish as publish
+    publish = importlib.import_module("rys_forge.publish")
     from rys_forge.errors import RysForgeError, first_line
 
     secret = "hf_" + "s3cr3t" * 6

@@ -5,6 +5,7 @@ threshold, unverified exports are not evaluated, SIGTERM leaves no staging folde
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -154,7 +155,7 @@ def healed(export, tmp_path_factory):
 
 
 def test_heal_force_keeps_the_old_adapter_when_the_new_one_fails(healed, tmp_path, monkeypatch):
-    import rys_forge.heal as heal_module
+    heal_module = importlib.import_module("rys_forge.heal")
     from rys_forge.heal import HealSettings
 
     folder = _copy(healed[0], tmp_path / "healed")
@@ -183,7 +184,7 @@ def test_heal_force_replaces_its_own_adapter_once_the_new_one_passed(healed, tmp
 
 
 def test_heal_force_refuses_a_heal_folder_it_did_not_write(export, tmp_path, monkeypatch):
-    import rys_forge.heal as heal_module
+    heal_module = importlib.import_module("rys_forge.heal")
 
     folder = _copy(export, tmp_path / "ll")
     (folder / "heal").mkdir()

@@ -27,7 +27,7 @@ from rys_forge.errors import (
     redact,
 )
 
-MODEL_HELP = "Model: built-in name (gemma-3-270m, smollm2-135m), local folder, .gguf file or hub id."
+MODEL_HELP = "Model: built-in name (gemma-3-270m, smollm2-135m, qwen2.5-coder-1.5b), local folder, .gguf file or hub id."
 
 #: Library warnings that are not the user's business: transformers' notices about its own keyword
 #: renames, raised from inside transformers' calls. Matched by message (from its start); rys-forge's own
