@@ -10,6 +10,8 @@ import errno
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -180,3 +182,15 @@ def output_problem(path: str | Path, folder: bool = False) -> str | None:
     os.close(handle)
     os.unlink(name)
     return None
+
+
+@contextmanager
+def well_formed(path: str | Path, what: str) -> Iterator[None]:
+    """Reading a rys-forge JSON file whose values a person may have edited (`what`, e.g. "an evaluation report"):
+    a value of the wrong type (a list where an object belongs, text where a number belongs) raises UsageError
+    naming the file, not a traceback."""
+    try:
+        yield
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise UsageError(f"{path} is not {what} as rys-forge writes it ({type(exc).__name__}: {first_line(exc)});"
+                         " write it again with the command that made it") from None

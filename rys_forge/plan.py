@@ -196,10 +196,14 @@ class LayerPlan:
         try:
             order = data["layer_order"]
             num_layers = int(data["base_num_layers"])
+            repeats = int(data.get("repeats", 2))
         except (KeyError, TypeError, ValueError) as exc:
             raise WindowError(f"stored plan lacks a valid field: {exc}") from None
+        if not (isinstance(order, list) and all(isinstance(k, int) and not isinstance(k, bool) for k in order)):
+            raise WindowError(f"stored plan's layer_order must be a list of layer indices, got {order!r}")
         windows = data.get("windows") or []
-        repeats = int(data.get("repeats", 2))
+        if not (isinstance(windows, list) and all(isinstance(w, str) for w in windows)):
+            raise WindowError(f"stored plan's windows must be a list of 'i:j' strings, got {windows!r}")
         scales = data.get("residual_scales")
         if scales is not None and not (isinstance(scales, list) and all(_is_number(a) for a in scales)):
             raise WindowError(f"stored plan's residual_scales must be a list of numbers, got {scales!r}")

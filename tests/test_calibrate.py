@@ -147,3 +147,24 @@ def test_cli_calibrate_then_validate(tmp_path):
     assert "In-sample" in result.output
     bad = runner.invoke(main, ["calibrate", str(sweep), str(tmp_path / "nope"), "-o", str(tmp_path / "x.json")])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "x.json").exists()
+
+
+def test_calibrate_replaces_only_an_earlier_calibration(tmp_path):
+    """`--out` on an existing file: an earlier calibrate output is replaced; anything else (the rank run's own
+    table, a user's file) is refused before any work and left as it was."""
+    rows = _windows(n_layers=5)
+    rank, sweep = _folders(tmp_path, "s", "m", rows, np.arange(len(rows), dtype=float))
+    table = (rank / "windows.json").read_text()
+    with pytest.raises(UsageError, match="not a score config rys-forge calibrate wrote"):
+        calibrate_score(sweep, rank, out=rank / "windows.json", trials=5, folds=0)
+    assert (rank / "windows.json").read_text() == table
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    with pytest.raises(UsageError, match="not a score config"):
+        calibrate_score(sweep, rank, out=notes, trials=5, folds=0)
+    assert notes.read_text() == '{"mine": 1}\n'
+    out = tmp_path / "score.json"
+    first = calibrate_score(sweep, rank, out=out, trials=5, folds=0, seed=1)
+    second = calibrate_score(sweep, rank, out=out, trials=5, folds=0, seed=2)
+    assert json.loads(out.read_text())["search"]["seed"] == 2 and first.report["search"]["seed"] == 1
+    assert second.config == ScoreConfig.from_json(out)

@@ -368,3 +368,41 @@ def test_credentials_in_urls_are_redacted(tmp_path, monkeypatch):
     line = _one_line(_run(["publish", tmp_path, "--repo-id", "me/model"]), 1, "https://***@hub.example.com/api/models")
     assert secret not in line and "bob" not in line
     assert secret not in first_line(ValueError(f"GET https://x:{secret}@h/ failed"))
+
+
+def test_resume_without_out_is_refused(tiny, tmp_path, monkeypatch):
+    """`--resume` continues the run in --out: without --out it would start a new run folder under ./runs."""
+    monkeypatch.chdir(tmp_path)
+    _one_line(_run(["rank", "--model", tiny, "--resume", "--prompts-per-family", "1"]), 2, "--resume needs --out")
+    _one_line(_run(["sweep", "--model", tiny, "--tasks", "rys_arc_easy", "--resume"]), 2, "--resume needs --out")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [["eval", "{export}", "--tasks", "rys_arc_easy"],
+                                     ["learn-score", "--run", "a", "x", "y", "--run", "b", "x", "y", "-o", "{out}"],
+                                     ["calibrate", "x", "y", "-o", "{out}"], ["rank", "--model", "{model}"],
+                                     ["validate", "x", "y"], ["heal", "x", "--data", "y"], ["sweep", "--tasks", "t"]])
+def test_negative_seed_is_refused_by_every_command(tiny, tmp_path, command):
+    args = [str(a).format(export=tmp_path, out=tmp_path / "o.json", model=tiny) for a in command]
+    _one_line(_run([*args, "--seed", "-1"]), 2, "--seed")
+
+
+def test_eval_and_validate_do_not_replace_a_file_they_did_not_write(tiny, tmp_path, monkeypatch):
+    _no_model_loads(monkeypatch)
+    mine = tmp_path / "e" / "eval.json"
+    mine.parent.mkdir()
+    mine.write_text('{"mine": 1}\n')
+    args = ["eval", "--model", tiny, "--window", "2:4", "--tasks", "rys_arc_easy", "--limit", "2", "--out", mine.parent]
+    _one_line(_run(args), 2, "not an eval report rys-forge wrote")
+    assert mine.read_text() == '{"mine": 1}\n'
+    notes = tmp_path / "v" / "validation.json"
+    notes.parent.mkdir()
+    notes.write_text("notes\n")
+    from rys_forge.research.validate import check_options
+
+    from rys_forge.errors import UsageError
+    with pytest.raises(UsageError, match="validate did not write it"):
+        check_options(0.1, 10, 0, 10, notes)
+    assert notes.read_text() == "notes\n"
+    notes.write_text('{"rys_forge_validation": 1}\n')
+    check_options(0.1, 10, 0, 10, notes)  # an earlier report: replaced by the next run

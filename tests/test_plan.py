@@ -50,6 +50,15 @@ def test_roundtrip_and_tampered_dict():
         LayerPlan.from_order([0, 1, 12], 10)
 
 
+@pytest.mark.parametrize("field,value", [("layer_order", "x"), ("layer_order", [0, "1"]), ("layer_order", [True]),
+                                         ("windows", 5), ("windows", [[2, 6]]), ("repeats", "two")])
+def test_stored_plan_with_a_value_of_the_wrong_type_is_a_window_error(field, value):
+    """A hand-edited `rys.plan` gives WindowError (one line in the CLI), not a ValueError from int()."""
+    data = {**LayerPlan.from_windows(["2:6"], 10).to_dict(), field: value}
+    with pytest.raises(WindowError, match="stored plan"):
+        LayerPlan.from_dict(data)
+
+
 def test_all_windows_counts():
     assert len(all_windows(18)) == 153
     assert len(all_windows(30)) == 435

@@ -263,6 +263,29 @@ def test_card_reports_tampering_and_rejects_foreign_eval_or_rank(export, rank_ru
         render_card(export, tmp_path)
 
 
+@pytest.mark.parametrize("report", [[1, 2], {"rows": 5}, {"rows": [1]}, {"settings": 5, "rows": []}])
+def test_card_refuses_an_eval_report_of_the_wrong_shape_in_one_line(export, report):
+    (export / "eval.json").write_text(json.dumps(report))
+    try:
+        with pytest.raises(UsageError, match="eval.json is not an evaluation report as rys-forge writes it"):
+            render_card(export)
+    finally:
+        (export / "eval.json").unlink()
+
+
+@pytest.mark.parametrize("file,content", [("summary.json", []), ("summary.json", {"architecture": 5}),
+                                          ("summary.json", {"architecture": {"num_layers": "x"}}),
+                                          ("windows.json", [1, 2])])
+def test_card_refuses_a_rank_run_of_the_wrong_shape_in_one_line(export, rank_run, tmp_path, file, content):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(rank_run, run)
+    (run / file).write_text(json.dumps(content))
+    with pytest.raises(UsageError, match="is not a rank run folder as rys-forge writes it"):
+        render_card(export, run)
+
+
 # --------------------------------------------------------------------------- stub Hub
 
 

@@ -71,7 +71,7 @@ def info(model_name: str, dtype: str, device: str, windows: tuple[str, ...], rep
 @click.option("--stats-dtype", type=click.Choice(["float64", "float32", "tf32"]), default="float64", show_default=True, help="Arithmetic of the statistics (tf32: float32 with TF32 tensor-core CKA products on CUDA).")
 @click.option("--attn", default="eager", show_default=True, help="Attention backend (eager or sdpa); eager is exact on CPU.")
 @click.option("--matmul", type=click.Choice(["auto", "float32", "bf16"]), default="auto", show_default=True, help="CPU matrix products of a float32 model: float32, or bf16 (inputs rounded to bfloat16, float32 accumulation; residual stream and statistics stay float32/float64; a whole rank run about 1.8x faster on a Xeon with AMX; scores within 1%). auto: bf16 where a model-sized product runs >= 1.3x faster, else float32. Stored in the run folder.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every subsample.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of every subsample.")
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Residual scale of the repeated visits: probe the damped block map (each repeated visit adds alpha x its attention and MLP updates; as `build --alpha`).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="CPU: windows probed at once, one torch thread each (0: auto, up to 4; the numbers do not change).")
 @click.option("--out", default=None, type=click.Path(), callback=output_check(folder=True), help="Run folder (default: runs/rank-<model>-<time>).")
@@ -115,6 +115,10 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     prompts = load_prompts(families=split(families) or None, path=prompts_file,
                            limit_per_family=per_family_limit(prompts_file, prompts_per_family))
     check_windows(windows)
+    if resume and out is None:
+        from rys_forge.errors import UsageError
+
+        raise UsageError("--resume needs --out DIR (the run folder to continue)")
     shard, out, device = run_setup("rank", model_name, out, device)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter, **placement)
     with resumable("rank", out):
@@ -218,7 +222,7 @@ def verify(folder: str, model_name: str | None, dtype: str, device: str, placeme
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--out", default=None, type=click.Path(), help="Folder for eval.json (an export folder gets one anyway).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of lm-eval and the bootstrap.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of lm-eval and the bootstrap.")
 @click.option("--adapter", default=None, help="With --model: PEFT adapter merged into the model first (an export records its own).")
 @click.option("--no-heal", is_flag=True, help="Ignore TARGET's heal adapter (evaluate the plain export only).")
 def eval_command(target: str | None, model_name: str | None, windows: tuple[str, ...], repeats: int, alpha: float | None,
@@ -263,7 +267,7 @@ def eval_command(target: str | None, model_name: str | None, windows: tuple[str,
               help="second: one adapter per repeated visit (2nd, 3rd, ...); all: one per visit of every repeated layer.")
 @click.option("--modules", default=None, help="Comma list of linear layers to adapt, e.g. q_proj,v_proj (default: every linear layer).")
 @click.option("--kl-weight", default=0.0, show_default=True, type=float, help="Weight of KL(unhealed || healed) added to the loss.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of LoRA initialisation and batch order.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of LoRA initialisation and batch order.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
 @click.option("--dtype", default="float32", show_default=True, help="dtype of the export while training (LoRA weights stay float32).")
 @click.option("--force", is_flag=True, help="Replace FOLDER/heal if rys-forge wrote it; the old adapter stays until the new one passed verification.")

@@ -80,6 +80,8 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
         return
     if not tasks:
         raise UsageError("Missing option '--tasks' (a comma list of tasks)")
+    if resume and out is None:
+        raise UsageError("--resume needs --out DIR (the run folder to continue)")
     sweep_visits(repeats, alphas, substeps, race)  # bad scales: one line before anything loads
     race_settings = RaceSettings.from_options(race, budget, race_alpha, race_looks, drop_confidence, race_margin,
                                               race_growth)
@@ -119,7 +121,7 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
 @click.option("--out", default=None, type=click.Path(), callback=output_check(folder=True), help="Where validation.json and plots go (default: SWEEP_RUN/validation).")
 @click.option("--top-fraction", default=0.1, show_default=True, type=float, help="Top share of windows by score (the seeds' decile).")
 @click.option("--permutations", default=10000, show_default=True, type=int, help="Draws for the CKA-matched baseline.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the permutation test.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the permutation test.")
 @click.option("--score-config", default=None, type=click.Path(), help="Re-score the rank rows with these constants (e.g. from calibrate).")
 @click.option("--learned-score", default=None, type=click.Path(), help="Judge this learned score (from learn-score) instead of the rank run's score.")
 def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float, permutations: int, seed: int,
@@ -146,12 +148,12 @@ def validate(rank_run: str, sweep_run: str, out: str | None, top_fraction: float
 @click.command()
 @click.argument("sweep_run", type=click.Path())
 @click.argument("rank_run", type=click.Path())
-@click.option("--out", "-o", required=True, type=click.Path(), callback=output_check(folder=False), help="Where the fitted score config (JSON) goes.")
+@click.option("--out", "-o", required=True, type=click.Path(), callback=output_check(folder=False), help="Where the fitted score config (JSON) goes; an existing file must be an earlier calibrate output.")
 @click.option("--target", default="combined_z", show_default=True, help="Sweep column: combined_z, mean_delta or delta:<task>.")
 @click.option("--repeats", default=2, show_default=True, type=int, help="Sweep rows with this many visits.")
 @click.option("--trials", default=2000, show_default=True, type=int, help="Random candidates of the search (per fit).")
 @click.option("--folds", default=5, show_default=True, type=int, help="Folds of the cross-validated Spearman (0: none).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the search and the folds.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the search and the folds.")
 def calibrate(sweep_run: str, rank_run: str, out: str, target: str, repeats: int, trials: int, folds: int, seed: int) -> None:
     """Fit the score constants on a calibration model (its sweep and rank runs); freeze them for others.
 
@@ -176,7 +178,7 @@ def calibrate(sweep_run: str, rank_run: str, out: str, target: str, repeats: int
 @click.option("--repeats", default=None, type=int, help="Sweep rows with this many visits (default: 2 if present).")
 @click.option("--penalty", default=None, type=float, help="Fixed ridge penalty (default: chosen by inner cross-validation).")
 @click.option("--top-fraction", default=0.1, show_default=True, type=float, help="Top share of windows for the positives count.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the inner cross-validation folds.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the inner cross-validation folds.")
 def learn_score(runs: tuple[tuple[str, str, str], ...], out: str, report: str | None, target: str, transform: str,
                 repeats: int | None, penalty: float | None, top_fraction: float, seed: int) -> None:
     """Learn a window score from every probe column of several models' rank runs and sweeps.

@@ -45,6 +45,7 @@ from rys_forge.evaluate.report import (
     EvalReport,
     check_writable,
     format_table,
+    is_eval_report,
     report_path,
     write_texts_atomically,
 )
@@ -399,6 +400,9 @@ def _report_destinations(options: _Options, subject: Subject) -> list[Path]:
             say(options.progress, f"not writing {in_folder} ({problem}); the report goes to {destinations[0]}")
     destinations = list(dict.fromkeys(p.expanduser().resolve() for p in destinations))
     check_writable(destinations)
+    for path in destinations:
+        if path.exists() and not is_eval_report(path):
+            raise UsageError(f"{path} exists and is not an eval report rys-forge wrote; choose another --out or remove it")
     return destinations
 
 

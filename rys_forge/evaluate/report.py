@@ -114,6 +114,15 @@ class EvalReport:
         return target
 
 
+def is_eval_report(path: Path) -> bool:
+    """Whether ``path`` holds an ``eval.json`` rys-forge wrote (its format marker), the only kind eval replaces."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "rys_forge_eval" in data
+
+
 def report_path(path: str | Path) -> Path:
     """``path`` itself when it names a ``.json`` file, else ``path/eval.json``."""
     path = Path(path).expanduser()

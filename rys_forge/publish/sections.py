@@ -27,7 +27,7 @@ from rys_forge.artifacts import (
     read_json,
     read_verification,
 )
-from rys_forge.errors import UsageError, VerificationError
+from rys_forge.errors import UsageError, VerificationError, well_formed
 from rys_forge.plan import LayerPlan
 from rys_forge.publish.numbers import (
     ParameterCount,
@@ -362,7 +362,11 @@ def eval_section(folder: Path, plan: LayerPlan) -> str:
     path = folder / EVAL_FILE
     if not path.is_file():
         return "Not evaluated yet (`rys-forge eval` writes `eval.json` into the export folder)."
-    data = read_json(path, "evaluation report")
+    with well_formed(path, "an evaluation report"):
+        return _eval_text(path, read_json(path, "evaluation report"), plan)
+
+
+def _eval_text(path: Path, data: dict[str, Any], plan: LayerPlan) -> str:
     settings = data.get("settings") or {}
     stored = (settings.get("plan") or {}).get("layer_order")
     if stored is not None and [int(k) for k in stored] != list(plan.order):
@@ -442,8 +446,12 @@ def probe_section(run: Path, plan: LayerPlan) -> tuple[str, dict[str, Path]]:
     summary_file, windows_file = run / SUMMARY_FILE, run / WINDOWS_FILE
     if not summary_file.is_file() or not windows_file.is_file():
         raise UsageError(f"{run} is not a rank run folder (it needs summary.json and windows.json from `rys-forge rank`)")
-    summary = read_json(summary_file, "rank summary")
-    rows = read_json(windows_file, "rank table")
+    with well_formed(run, "a rank run folder"):
+        return _probe_text(run, read_json(summary_file, "rank summary"), read_json(windows_file, "rank table"), plan)
+
+
+def _probe_text(run: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
+                plan: LayerPlan) -> tuple[str, dict[str, Path]]:
     layers = (summary.get("architecture") or {}).get("num_layers")
     if layers is not None and int(layers) != plan.num_layers:
         raise UsageError(f"rank run {run} is for a model with {layers} layers, this export's base has {plan.num_layers}")

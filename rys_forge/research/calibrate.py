@@ -253,3 +253,15 @@ def _check_options(trials: int, folds: int, seed: int, repeats: int, out: str | 
             raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     if out is not None:
         check_writable([Path(out)])
+        if Path(out).exists() and not _is_earlier_calibration(Path(out)):
+            raise UsageError(f"--out {out} exists and is not a score config rys-forge calibrate wrote; choose another"
+                             " name or remove it")
+
+
+def _is_earlier_calibration(path: Path) -> bool:
+    """Whether ``path`` is a file calibrate wrote (its format marker), the only kind ``-o`` may replace."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("rys_forge_calibration") == CALIBRATION_FORMAT

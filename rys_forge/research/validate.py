@@ -62,6 +62,8 @@ from rys_forge.stats import (bottom_mask, correlation, evaluations_to_best, hype
 __all__ = ["ValidationReport", "check_options", "model_label", "read_rank_run", "validate_runs"]
 
 VALIDATION_FILE = "validation.json"
+#: The figures written beside it.
+FIGURES = ("evaluations_to_best.png", "score_vs_outcome.png")
 #: Rank-row columns that are not probes.
 _NOT_PREDICTORS = frozenset({"probe_s"})
 _ALPHA = 0.05
@@ -137,6 +139,19 @@ def check_options(top_fraction: float, n_permutations: int, seed: int, cka_bins:
             raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     if out is not None:
         check_writable([Path(out)])
+        if Path(out).exists() and not _is_earlier_validation(Path(out)):
+            raise UsageError(f"{out} exists and rys-forge validate did not write it; choose another --out or remove"
+                             " it")
+
+
+def _is_earlier_validation(path: Path) -> bool:
+    """Whether ``path`` is a ``validation.json`` that validate wrote (its format marker): only such a report (and
+    the figures beside it) is replaced."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "rys_forge_validation" in data
 
 
 def _model_names(info: Any) -> set[str]:
@@ -454,7 +469,7 @@ def _figures(report: ValidationReport, joined: Sequence[dict[str, Any]], outcome
     from rys_forge.plots import best_so_far_curves, outcome_scatter
 
     best_so_far_curves({name: o["evaluations"].get("curve") for name, o in report.outcomes.items()},
-                       out / "evaluations_to_best.png")
+                       out / FIGURES[0])
     panels = []
     for name, column in outcomes_raw.items():
         spearman = report.correlations.get(score_key, {}).get(name, {}).get("spearman")
@@ -464,4 +479,4 @@ def _figures(report: ValidationReport, joined: Sequence[dict[str, Any]], outcome
             "y": [column.get(r["window"], (None, False))[0] for r in joined],
             "positive": [column.get(r["window"], (None, False))[1] for r in joined],
         })
-    outcome_scatter(panels, score_key, out / "score_vs_outcome.png")
+    outcome_scatter(panels, score_key, out / FIGURES[1])
