@@ -174,6 +174,16 @@ def relative_files(folder: str | Path) -> list[str]:
                   if stat.S_ISREG((Path(current) / name).lstat().st_mode))
 
 
+def json_marker(path: str | Path, key: str) -> Any:
+    """The value of `key` at the top level of the JSON object in `path` (a format marker such as
+    `rys_forge_eval`); None when the file cannot be read, is not JSON, is not an object or has no such key."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def json_keys(folder: str | Path, key: str) -> list[str]:
     """Where the top-level `*.json` files of `folder` hold `key`, at their top level or one level down, as
     `file.json:key` / `file.json:section.key` (files that are not JSON objects are skipped)."""

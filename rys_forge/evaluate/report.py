@@ -21,7 +21,7 @@ from typing import Any
 
 from rys_forge.artifacts import EVAL_FILE
 from rys_forge.errors import OutputError, RysForgeError, os_error_message, output_problem
-from rys_forge.files import json_safe
+from rys_forge.files import json_marker, json_safe
 from rys_forge.stats import is_finite_number
 
 __all__ = [
@@ -116,11 +116,7 @@ class EvalReport:
 
 def is_eval_report(path: Path) -> bool:
     """Whether ``path`` holds an ``eval.json`` rys-forge wrote (its format marker), the only kind eval replaces."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "rys_forge_eval" in data
+    return json_marker(path, "rys_forge_eval") is not None
 
 
 def report_path(path: str | Path) -> Path:

@@ -27,7 +27,7 @@ from scipy import stats as scipy_stats
 
 from rys_forge.errors import RysForgeError, UsageError, os_error_message
 from rys_forge.evaluate.report import check_writable
-from rys_forge.files import json_safe, write_atomic
+from rys_forge.files import json_marker, json_safe, write_atomic
 from rys_forge.rank.score import SCORE_INPUTS, ScoreConfig, score_terms
 from rys_forge.research.sweep import read_sweep
 from rys_forge.research.sweep_outputs import outcome_columns
@@ -253,15 +253,6 @@ def _check_options(trials: int, folds: int, seed: int, repeats: int, out: str | 
             raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     if out is not None:
         check_writable([Path(out)])
-        if Path(out).exists() and not _is_earlier_calibration(Path(out)):
+        if Path(out).exists() and json_marker(out, "rys_forge_calibration") != CALIBRATION_FORMAT:
             raise UsageError(f"--out {out} exists and is not a score config rys-forge calibrate wrote; choose another"
                              " name or remove it")
-
-
-def _is_earlier_calibration(path: Path) -> bool:
-    """Whether ``path`` is a file calibrate wrote (its format marker), the only kind ``-o`` may replace."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("rys_forge_calibration") == CALIBRATION_FORMAT

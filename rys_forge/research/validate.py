@@ -52,7 +52,7 @@ from scipy import stats as scipy_stats
 from rys_forge.errors import RysForgeError, UsageError, os_error_message
 from rys_forge.evaluate import format_p, format_significant
 from rys_forge.evaluate.report import check_writable
-from rys_forge.files import json_safe, write_atomic
+from rys_forge.files import json_marker, json_safe, write_atomic
 from rys_forge.rank import LearnedScore, order_rows, read_rank_run, score
 from rys_forge.research.sweep import read_sweep
 from rys_forge.research.sweep_outputs import POSITIVE_P, POSITIVE_RULES, headline_outcome, outcome_columns
@@ -62,8 +62,6 @@ from rys_forge.stats import (bottom_mask, correlation, evaluations_to_best, hype
 __all__ = ["ValidationReport", "check_options", "model_label", "read_rank_run", "validate_runs"]
 
 VALIDATION_FILE = "validation.json"
-#: The figures written beside it.
-FIGURES = ("evaluations_to_best.png", "score_vs_outcome.png")
 #: Rank-row columns that are not probes.
 _NOT_PREDICTORS = frozenset({"probe_s"})
 _ALPHA = 0.05
@@ -139,19 +137,9 @@ def check_options(top_fraction: float, n_permutations: int, seed: int, cka_bins:
             raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     if out is not None:
         check_writable([Path(out)])
-        if Path(out).exists() and not _is_earlier_validation(Path(out)):
+        if Path(out).exists() and json_marker(out, "rys_forge_validation") is None:  # only its own report is replaced
             raise UsageError(f"{out} exists and rys-forge validate did not write it; choose another --out or remove"
                              " it")
-
-
-def _is_earlier_validation(path: Path) -> bool:
-    """Whether ``path`` is a ``validation.json`` that validate wrote (its format marker): only such a report (and
-    the figures beside it) is replaced."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "rys_forge_validation" in data
 
 
 def _model_names(info: Any) -> set[str]:
@@ -469,7 +457,7 @@ def _figures(report: ValidationReport, joined: Sequence[dict[str, Any]], outcome
     from rys_forge.plots import best_so_far_curves, outcome_scatter
 
     best_so_far_curves({name: o["evaluations"].get("curve") for name, o in report.outcomes.items()},
-                       out / FIGURES[0])
+                       out / "evaluations_to_best.png")
     panels = []
     for name, column in outcomes_raw.items():
         spearman = report.correlations.get(score_key, {}).get(name, {}).get("spearman")
@@ -479,4 +467,4 @@ def _figures(report: ValidationReport, joined: Sequence[dict[str, Any]], outcome
             "y": [column.get(r["window"], (None, False))[0] for r in joined],
             "positive": [column.get(r["window"], (None, False))[1] for r in joined],
         })
-    outcome_scatter(panels, score_key, out / FIGURES[1])
+    outcome_scatter(panels, score_key, out / "score_vs_outcome.png")
