@@ -299,16 +299,19 @@ def print_verification(report: dict) -> None:
         click.echo(f"llama.cpp: {m['llamacpp']}")
 
 
-def run_setup(command: str, model_name: str, out: str | None, device: str) -> tuple[Any, str, str]:
+def run_setup(command: str, model_name: str, out: str | None, device: str, resume: bool) -> tuple[Any, str, str]:
     """Shard, run folder and device of a `rank` / `sweep` process. Under torchrun (WORLD_SIZE > 1) the
     process group is initialised and each process gets its device; the run folder must then be given,
-    since every process writes into the same one. Default folder: runs/<command>-<model>-<time>."""
+    since every process writes into the same one, as it must with `--resume` (the folder to continue).
+    Default folder: runs/<command>-<model>-<time>."""
     import datetime
     import re
 
     from rys_forge.distributed import init_from_environment
     from rys_forge.errors import UsageError
 
+    if out is None and resume:
+        raise UsageError("--resume needs --out DIR (the run folder to continue)")
     if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError(f"a window-parallel {command} (torchrun) needs --out: one run folder shared by all processes")
     shard, device = init_from_environment(device)  # under torchrun: one process per device, windows split

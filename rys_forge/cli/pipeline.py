@@ -115,11 +115,7 @@ def rank(model_name: str, dtype: str, device: str, windows: tuple[str, ...], min
     prompts = load_prompts(families=split(families) or None, path=prompts_file,
                            limit_per_family=per_family_limit(prompts_file, prompts_per_family))
     check_windows(windows)
-    if resume and out is None:
-        from rys_forge.errors import UsageError
-
-        raise UsageError("--resume needs --out DIR (the run folder to continue)")
-    shard, out, device = run_setup("rank", model_name, out, device)
+    shard, out, device = run_setup("rank", model_name, out, device, resume)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn, adapter=adapter, **placement)
     with resumable("rank", out):
         result = rank_windows(

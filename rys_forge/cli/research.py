@@ -80,13 +80,11 @@ def sweep(model_name: str, dtype: str, device: str, tasks: str | None, windows: 
         return
     if not tasks:
         raise UsageError("Missing option '--tasks' (a comma list of tasks)")
-    if resume and out is None:
-        raise UsageError("--resume needs --out DIR (the run folder to continue)")
     sweep_visits(repeats, alphas, substeps, race)  # bad scales: one line before anything loads
     race_settings = RaceSettings.from_options(race, budget, race_alpha, race_looks, drop_confidence, race_margin,
                                               race_growth)
     order = [str(r["window"]) for r in read_rank_run(Path(order_from))[0]] if order_from else None
-    shard, out, device = run_setup("sweep", model_name, out, device)
+    shard, out, device = run_setup("sweep", model_name, out, device, resume)
     loaded = load_model(model_name, dtype=dtype, device=device, attn_implementation=attn_implementation, **placement)
     with resumable("sweep", out):
         result = sweep_windows(

@@ -100,6 +100,10 @@ class RankSettings:
         return ProbeSettings(**{**named, "alpha": float(self.alpha)}, tf32=self.stats_dtype == "tf32",
                              stats_dtype=torch.float64 if self.stats_dtype == "float64" else torch.float32)
 
+    def kl_positions_probed(self) -> int:
+        """KL positions per prompt the base pass picks: `kl_positions`, or 0 when the KL probe is not selected."""
+        return self.kl_positions if "kl" in select_probes(self.probes) else 0
+
     def validate(self) -> None:
         if not 2 <= self.iterations <= 8:
             raise UsageError(f"--iterations {self.iterations} is out of range; allowed 2..8 (z_2 is needed for r_0)")
@@ -114,8 +118,7 @@ class RankSettings:
         for name in ("deep_fraction", "kl_fraction", "visit_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; allowed (0, 1]")
-        kl_replayed = self.kl_positions > 0 and (not self.probes or "kl" in self.probes)
-        replayed = max(self.deep_fraction, self.kl_fraction if kl_replayed else 0.0)
+        replayed = max(self.deep_fraction, self.kl_fraction if self.kl_positions_probed() else 0.0)
         if self.visit_fraction < replayed:
             raise UsageError(f"--visit-fraction {self.visit_fraction} is below the deep or KL share ({replayed}): those "
                              f"prompts replay from z_2; use --visit-fraction {replayed} or more")
@@ -220,7 +223,7 @@ def rank_windows(
         started = time.perf_counter()
         done = folder.finished() if folder else {}
         shard.barrier()  # every process reads the same finished windows before any of them probes
-        cache = _base_pass(model, tokenizer, prompts, settings, probes)
+        cache = _base_pass(model, tokenizer, prompts, settings)
         todo = [w for w in windows if "probe_s" not in done.get(str(w), {})]  # jacobian-only records do not count
         mine = shard.take(todo)  # this process's share
         window_seconds = _probe_windows(cache, mine, len(windows), probes, settings, done, folder, progress, workers)
@@ -257,12 +260,11 @@ def _run_matmul(mode: str, model: nn.Module, out_dir: str | Path | None, resume:
     return resolve_matmul(mode, model)
 
 
-def _base_pass(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], settings: RankSettings,
-               probes: list[str]) -> ActivationCache:
+def _base_pass(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], settings: RankSettings) -> ActivationCache:
     """The one cached base pass of a run, with the run's prompt budget, KL positions and shares."""
     return cache_activations(
         model, tokenizer, [p.text for p in prompts], [p.family for p in prompts], max_tokens=settings.max_tokens,
-        batch_size=settings.batch_size, kl_positions=settings.kl_positions if "kl" in probes else 0,
+        batch_size=settings.batch_size, kl_positions=settings.kl_positions_probed(),
         seed=settings.seed, deep_fraction=settings.deep_fraction, kl_fraction=settings.kl_fraction,
         outlier_factor=settings.outlier_factor, visit_fraction=settings.visit_fraction,
     )

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rys_forge.errors import UsageError, output_problem
-from rys_forge.files import json_safe, write_atomic
+from rys_forge.files import json_marker, json_safe, write_atomic
 from rys_forge.rank.learned import TRANSFORMS, LearnedScore, feature_table, per_model, row_features, window_depth
 from rys_forge.research.sweep import read_sweep
 from rys_forge.research.sweep_outputs import outcome_columns, read_sweep_table
@@ -375,11 +375,7 @@ def _is_earlier(path: Path, flag: str) -> bool:
         except UsageError:
             return False
         return True
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get(REPORT_KEY) == 1
+    return json_marker(path, REPORT_KEY) == 1
 
 
 def learn_score(runs: Sequence[tuple[str, str | Path, str | Path]], *, out: str | Path | None = None,
